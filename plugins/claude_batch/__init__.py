@@ -1,0 +1,1 @@
+"""claude-batch: the Claude Message Batches API for Apache Airflow 3."""

@@ -1,0 +1,183 @@
+"""ClaudeBatchSensor: wait for one batch or many, deferrable by default or in poke mode."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from functools import cached_property
+from typing import Any
+
+from airflow.sdk import BaseSensorOperator, Context
+from airflow.sdk.exceptions import AirflowException, AirflowSkipException
+
+from claude_batch.hooks import ClaudeBatchHook
+from claude_batch.poller import BatchSnapshot
+from claude_batch.triggers import (
+    DEFAULT_MAX_POLL_INTERVAL,
+    DEFAULT_MIN_POLL_INTERVAL,
+    ClaudeBatchTrigger,
+)
+
+
+class ClaudeBatchFailed(AirflowException):
+    """The batches ended in a way the task's policy does not accept."""
+
+
+def apply_completion_policy(
+    snapshots: list[BatchSnapshot], fail_on_partial: bool, log: Any
+) -> dict[str, Any]:
+    """Judge ended batches and return a summary for XCom.
+
+    Every batch canceled before anything ran: the task is skipped. Some requests errored,
+    expired or were canceled: the task succeeds and says so (the ledger retries them), or fails
+    when ``fail_on_partial`` is set. Canceled and expired are reported by name, never as success.
+
+    :param snapshots: the batches as they ended.
+    :param fail_on_partial: fail instead of reporting partial failures.
+    :param log: the task's logger.
+    """
+    summary = {
+        "batch_ids": [snap.id for snap in snapshots],
+        "outcomes": {snap.id: snap.outcome for snap in snapshots},
+        "request_counts": {
+            key: sum(getattr(snap, key) for snap in snapshots)
+            for key in ("succeeded", "errored", "canceled", "expired")
+        },
+    }
+    counts = summary["request_counts"]
+    total = sum(counts.values())
+    if total and counts["canceled"] == total:
+        raise AirflowSkipException(f"Every request was canceled ({total:,}) in batches {summary['batch_ids']}.")
+    failed = total - counts["succeeded"]
+    if failed:
+        by_batch = {snap.id: snap.outcome for snap in snapshots if snap.outcome != "succeeded"}
+        message = (
+            f"{failed:,} of {total:,} requests did not succeed (errored={counts['errored']:,}, "
+            f"expired={counts['expired']:,}, canceled={counts['canceled']:,}); batches: {by_batch}"
+        )
+        if fail_on_partial:
+            raise ClaudeBatchFailed(message)
+        log.warning("%s. They go back to the ledger for retry; the successful results are kept.", message)
+    else:
+        log.info("All %s requests succeeded in %d batch(es).", f"{total:,}", len(snapshots))
+    return summary
+
+
+def handle_trigger_event(event: dict[str, Any] | None, fail_on_partial: bool, log: Any) -> dict[str, Any]:
+    """Turn a :class:`ClaudeBatchTrigger` event into a summary or a clear failure."""
+    if not event or "status" not in event:
+        raise ClaudeBatchFailed(f"Unexpected trigger event: {event!r}")
+    if event["status"] == "error":
+        raise ClaudeBatchFailed(event["message"])
+    if event["status"] == "timeout":
+        raise ClaudeBatchFailed(event["message"])
+    snapshots = [BatchSnapshot.from_dict(item) for item in event["batches"]]
+    return apply_completion_policy(snapshots, fail_on_partial, log)
+
+
+class ClaudeBatchSensor(BaseSensorOperator):
+    """Wait until Claude message batches have ended.
+
+    :param batch_ids: one batch id or a list (e.g. the ids a mapped submit returned). Templated.
+    :param conn_id: the ``anthropic`` connection.
+    :param deferrable: wait in the triggerer (default) instead of poking from a worker.
+    :param batch_timeout: seconds from each batch's submission before giving up and cancelling it.
+    :param min_poll_interval: the first polling interval (deferrable mode); backs off from here.
+    :param max_poll_interval: the ceiling of the polling interval.
+    :param fail_on_partial: fail when any request errored, expired or was canceled.
+    """
+
+    template_fields: Sequence[str] = ("batch_ids", "conn_id")
+
+    def __init__(
+        self,
+        *,
+        batch_ids: str | list[str],
+        conn_id: str = "anthropic_default",
+        deferrable: bool = True,
+        batch_timeout: float | None = None,
+        min_poll_interval: float = DEFAULT_MIN_POLL_INTERVAL,
+        max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL,
+        fail_on_partial: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("poke_interval", min_poll_interval)
+        super().__init__(**kwargs)
+        self.batch_ids = batch_ids
+        self.conn_id = conn_id
+        self.deferrable = deferrable
+        self.batch_timeout = batch_timeout
+        self.min_poll_interval = min_poll_interval
+        self.max_poll_interval = max_poll_interval
+        self.fail_on_partial = fail_on_partial
+
+    @cached_property
+    def hook(self) -> ClaudeBatchHook:
+        return ClaudeBatchHook(conn_id=self.conn_id)
+
+    def _ids(self) -> list[str]:
+        ids = [self.batch_ids] if isinstance(self.batch_ids, str) else list(self.batch_ids or [])
+        if not ids:
+            raise ClaudeBatchFailed("No batch ids to wait for.")
+        return ids
+
+    def execute(self, context: Context) -> Any:
+        if not self.deferrable:
+            return super().execute(context)
+        self.defer(
+            trigger=ClaudeBatchTrigger(
+                batch_ids=self._ids(),
+                conn_id=self.conn_id,
+                timeout=self.batch_timeout,
+                min_poll_interval=self.min_poll_interval,
+                max_poll_interval=self.max_poll_interval,
+            ),
+            method_name="execute_complete",
+        )
+
+    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        return handle_trigger_event(event, self.fail_on_partial, self.log)
+
+    def poke(self, context: Context) -> Any:
+        snapshots = [BatchSnapshot.from_batch(batch) for batch in self._find(self._ids())]
+        now = datetime.now(UTC)
+        pending = [snap for snap in snapshots if not snap.ended]
+        for snap in pending[:5]:
+            self.log.info("%s", snap.progress_line(now))
+        if not pending:
+            from airflow.sdk import PokeReturnValue
+
+            return PokeReturnValue(is_done=True, xcom_value=apply_completion_policy(snapshots, self.fail_on_partial, self.log))
+        if self.batch_timeout is not None:
+            overdue = [
+                s.id for s in pending if datetime.fromisoformat(s.created_at) + timedelta(seconds=self.batch_timeout) < now
+            ]
+            if overdue:
+                for batch_id in overdue:
+                    self.hook.cancel_batch(batch_id)
+                raise ClaudeBatchFailed(f"Batch(es) {overdue} did not end within {self.batch_timeout:.0f} s; cancelled.")
+        return False
+
+    def _find(self, batch_ids: list[str]):
+        """The batches, learned from ``list`` pages where possible (few ids: one retrieve each)."""
+        if len(batch_ids) <= 2:
+            return [self.hook.retrieve_batch(batch_id) for batch_id in batch_ids]
+        wanted = set(batch_ids)
+        found = {}
+        after_id = None
+        for _ in range(5):
+            page = self.hook.list_page(after_id)
+            found.update({batch.id: batch for batch in page.data if batch.id in wanted})
+            if len(found) == len(wanted) or not page.has_more or not page.data:
+                break
+            after_id = page.data[-1].id
+        for batch_id in wanted - found.keys():
+            found[batch_id] = self.hook.retrieve_batch(batch_id)
+        return [found[batch_id] for batch_id in batch_ids]
+
+    def on_kill(self) -> None:
+        for batch_id in self._ids():
+            try:
+                self.hook.cancel_batch(batch_id)
+            except Exception as exc:
+                self.log.warning("Could not cancel batch %s: %s", batch_id, exc)

@@ -1,0 +1,171 @@
+"""Object storage for staged shards, results, state and reports.
+
+A thin layer over fsspec (s3fs for ``s3://`` roots, the local filesystem otherwise) so the
+plain-Python core streams to and from S3 without Airflow, while Airflow tasks build the same
+store from an ``aws`` connection. Every key is resolved under the configured root: a relative
+part may not climb out of it.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import IO, Any
+
+import fsspec
+import orjson
+
+# Characters kept as they are in a key segment; anything else (``:``, ``+``, spaces from a
+# run_id or a user's value) is percent-encoded so one segment stays one directory.
+_SAFE_SEGMENT = re.compile(r"[^A-Za-z0-9._=-]")
+
+
+class UnsafePathError(ValueError):
+    """A relative path that would leave the store's root."""
+
+
+def safe_segment(value: str) -> str:
+    """Encode ``value`` as a single, safe path segment (no ``/``, no ``..``)."""
+    encoded = _SAFE_SEGMENT.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), value)
+    if encoded in {"", ".", ".."}:
+        raise UnsafePathError(f"{value!r} is not a usable path segment")
+    return encoded
+
+
+class ObjectStore:
+    """A root URI (``s3://bucket/prefix`` or a local directory) and the filesystem behind it.
+
+    :param root: ``s3://bucket/prefix``, ``file:///dir`` or a plain local path.
+    :param storage_options: fsspec options, e.g. ``key``, ``secret``, ``endpoint_url``.
+    """
+
+    def __init__(self, root: str, **storage_options: Any) -> None:
+        protocol, path = fsspec.core.split_protocol(root)
+        protocol = protocol or "file"
+        if protocol == "file":
+            storage_options.setdefault("auto_mkdir", True)
+        self.protocol = protocol
+        self.fs = fsspec.filesystem(protocol, **storage_options)
+        self.root_path = path.rstrip("/")
+        self.root = f"{protocol}://{self.root_path}"
+
+    @classmethod
+    def from_airflow(cls, root: str, aws_conn_id: str | None = "aws_default") -> ObjectStore:
+        """Build the store from an Airflow ``aws`` connection (credentials and endpoint)."""
+        if not root.startswith("s3://") or aws_conn_id is None:
+            return cls(root)
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+        hook = S3Hook(aws_conn_id=aws_conn_id)
+        credentials = hook.get_credentials()
+        options: dict[str, Any] = {"key": credentials.access_key, "secret": credentials.secret_key}
+        if credentials.token:
+            options["token"] = credentials.token
+        endpoint = hook.conn_config.endpoint_url
+        if endpoint:
+            options["endpoint_url"] = endpoint
+        if hook.conn_region_name:
+            options["client_kwargs"] = {"region_name": hook.conn_region_name}
+        return cls(root, **options)
+
+    def _path(self, relpath: str) -> str:
+        normalised = posixpath.normpath("/" + relpath).lstrip("/")
+        if relpath.startswith("/") or normalised.startswith("..") or normalised in {"", "."}:
+            raise UnsafePathError(f"{relpath!r} is outside the store root")
+        if normalised != relpath.strip("/"):
+            raise UnsafePathError(f"{relpath!r} is not a normalised relative path")
+        return f"{self.root_path}/{normalised}"
+
+    def uri(self, relpath: str) -> str:
+        """The full URI of ``relpath`` under the root."""
+        return f"{self.protocol}://{self._path(relpath)}"
+
+    @contextmanager
+    def open(self, relpath: str, mode: str = "rb", **kwargs: Any) -> Iterator[IO[bytes]]:
+        """Open an object for streaming; a write becomes visible only when the file closes."""
+        with self.fs.open(self._path(relpath), mode, **kwargs) as handle:
+            yield handle
+
+    def exists(self, relpath: str) -> bool:
+        return self.fs.exists(self._path(relpath))
+
+    def size(self, relpath: str) -> int:
+        return int(self.fs.size(self._path(relpath)))
+
+    def read_bytes(self, relpath: str) -> bytes:
+        return self.fs.cat_file(self._path(relpath))
+
+    def write_bytes(self, relpath: str, data: bytes) -> None:
+        self.fs.pipe_file(self._path(relpath), data)
+
+    def read_json(self, relpath: str) -> Any:
+        return orjson.loads(self.read_bytes(relpath))
+
+    def read_json_or_none(self, relpath: str) -> Any | None:
+        try:
+            return self.read_json(relpath)
+        except FileNotFoundError:
+            return None
+
+    def write_json(self, relpath: str, value: Any) -> None:
+        self.write_bytes(relpath, orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+
+    def delete(self, relpath: str) -> None:
+        try:
+            self.fs.rm_file(self._path(relpath))
+        except FileNotFoundError:
+            pass
+
+    def list(self, relpath: str) -> list[str]:
+        """Relative paths of the objects directly under ``relpath`` (sorted)."""
+        prefix = self._path(relpath)
+        try:
+            names = self.fs.ls(prefix, detail=False)
+        except FileNotFoundError:
+            return []
+        root = self.root_path + "/"
+        return sorted(name[len(root):] if name.startswith(root) else name for name in names)
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The S3 layout of one DAG run (DESIGN.md): ``<root>/<dag_id>/<run_id>/...``.
+
+    :param store: the object store holding the root.
+    :param dag_id: the DAG id.
+    :param run_id: the DAG run id (encoded into one safe segment).
+    """
+
+    store: ObjectStore
+    dag_id: str
+    run_id: str
+
+    @property
+    def prefix(self) -> str:
+        return f"{safe_segment(self.dag_id)}/{safe_segment(self.run_id)}"
+
+    def _rel(self, name: str) -> str:
+        return f"{self.prefix}/{name}"
+
+    @property
+    def manifest(self) -> str:
+        return self._rel("manifest.json")
+
+    @property
+    def report(self) -> str:
+        return self._rel("report.json")
+
+    def requests(self, part: int) -> str:
+        return self._rel(f"requests/part-{part:05d}.jsonl")
+
+    def state(self, part: int) -> str:
+        return self._rel(f"state/part-{part:05d}.json")
+
+    def results_jsonl(self, part: int) -> str:
+        return self._rel(f"results/part-{part:05d}.jsonl")
+
+    def results_parquet(self, part: int) -> str:
+        return self._rel(f"results/part-{part:05d}.parquet")

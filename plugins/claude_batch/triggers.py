@@ -1,0 +1,158 @@
+"""ClaudeBatchTrigger: wait for batches in the triggerer, holding no worker slot.
+
+Small and serialisable (a handful of primitives); all the polling is done by the process-wide
+:class:`~claude_batch.poller.BatchPoller`, so a thousand of these cost one ``list`` call per
+round, not a thousand ``retrieve`` calls. After a triggerer restart the trigger is rebuilt from
+its kwargs and simply subscribes again: every fact it needs is on the API side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import anthropic
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from claude_batch.hooks import explain_api_error, is_transient, shared_async_client
+from claude_batch.poller import BatchSnapshot, shared_poller
+
+DEFAULT_MIN_POLL_INTERVAL = 30.0
+DEFAULT_MAX_POLL_INTERVAL = 600.0
+DEFAULT_MAX_CONSECUTIVE_ERRORS = 10
+
+
+class ClaudeBatchTrigger(BaseTrigger):
+    """Fires once every batch has ended, timed out, or could not be polled.
+
+    :param batch_ids: the batches to wait for.
+    :param conn_id: the ``anthropic`` connection.
+    :param timeout: seconds after each batch's creation before the wait gives up and cancels
+        what has not ended (``None``: wait until the API ends it, at most 24 hours).
+    :param min_poll_interval: the first polling interval; it backs off from here.
+    :param max_poll_interval: the ceiling of the polling interval.
+    :param max_consecutive_errors: failed poll rounds in a row before giving up.
+    """
+
+    def __init__(
+        self,
+        batch_ids: list[str],
+        conn_id: str = "anthropic_default",
+        timeout: float | None = None,
+        min_poll_interval: float = DEFAULT_MIN_POLL_INTERVAL,
+        max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL,
+        max_consecutive_errors: int = DEFAULT_MAX_CONSECUTIVE_ERRORS,
+    ) -> None:
+        super().__init__()
+        self.batch_ids = list(batch_ids)
+        self.conn_id = conn_id
+        self.timeout = timeout
+        self.min_poll_interval = min_poll_interval
+        self.max_poll_interval = max(max_poll_interval, min_poll_interval)
+        self.max_consecutive_errors = max_consecutive_errors
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "batch_ids": self.batch_ids,
+                "conn_id": self.conn_id,
+                "timeout": self.timeout,
+                "min_poll_interval": self.min_poll_interval,
+                "max_poll_interval": self.max_poll_interval,
+                "max_consecutive_errors": self.max_consecutive_errors,
+            },
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        poller = shared_poller(self.conn_id)
+        ended: dict[str, BatchSnapshot] = {}
+        latest: dict[str, BatchSnapshot] = {}
+        failures = 0
+        with poller.subscribe(self.batch_ids, self.min_poll_interval, self.max_poll_interval) as subscription:
+            while True:
+                found = await subscription.next_round()
+                if found.missing:
+                    yield self._error(f"Batch(es) {sorted(found.missing)} not found: deleted, or in another workspace.")
+                    return
+                if found.error is not None:
+                    failures += 1
+                    fatal = not is_transient(found.error)
+                    if fatal or failures >= self.max_consecutive_errors:
+                        reason = explain_api_error(found.error, self.conn_id, "polling batches")
+                        yield self._error(f"Gave up after {failures} failed poll round(s): {reason}")
+                        return
+                    self.log.warning("Polling failed (%s); round %d of %d tolerated.", found.error, failures, self.max_consecutive_errors)
+                    continue
+                failures = 0
+                latest.update(found.snapshots)
+                newly_ended = {key for key, snap in found.snapshots.items() if snap.ended}
+                ended.update({key: found.snapshots[key] for key in newly_ended})
+                subscription.forget(newly_ended)
+                self._log_progress(latest)
+                if len(ended) == len(self.batch_ids):
+                    yield TriggerEvent(
+                        {"status": "success", "batches": [ended[key].to_dict() for key in self.batch_ids]}
+                    )
+                    return
+                overdue = self._overdue(latest, ended)
+                if overdue:
+                    await self._cancel(overdue)
+                    yield TriggerEvent(
+                        {
+                            "status": "timeout",
+                            "message": (
+                                f"Batch(es) {overdue} did not end within {self.timeout:.0f} s of submission; "
+                                "cancellation was requested."
+                            ),
+                            "batches": [snap.to_dict() for snap in latest.values()],
+                        }
+                    )
+                    return
+
+    def _overdue(self, latest: dict[str, BatchSnapshot], ended: dict[str, BatchSnapshot]) -> list[str]:
+        if self.timeout is None:
+            return []
+        now = time.time()
+        return [
+            key
+            for key, snap in latest.items()
+            if key not in ended and datetime.fromisoformat(snap.created_at).timestamp() + self.timeout < now
+        ]
+
+    def _log_progress(self, latest: dict[str, BatchSnapshot]) -> None:
+        now = datetime.now(UTC)
+        snaps = list(latest.values())
+        if len(snaps) <= 5:
+            for snap in snaps:
+                self.log.info("%s", snap.progress_line(now))
+            return
+        done = sum(snap.ended for snap in snaps)
+        totals = {k: sum(getattr(s, k) for s in snaps) for k in ("processing", "succeeded", "errored", "canceled", "expired")}
+        oldest = min(snaps, key=lambda snap: snap.created_at)
+        self.log.info(
+            "%d of %d batches ended; requests %s; oldest pending: %s",
+            done,
+            len(self.batch_ids),
+            totals,
+            oldest.progress_line(now),
+        )
+
+    def _error(self, message: str) -> TriggerEvent:
+        return TriggerEvent({"status": "error", "message": message, "batch_ids": self.batch_ids})
+
+    async def _cancel(self, batch_ids: list[str]) -> None:
+        client = await shared_async_client(self.conn_id)
+        for batch_id in batch_ids:
+            try:
+                await client.messages.batches.cancel(batch_id)
+                self.log.info("Requested cancellation of batch %s.", batch_id)
+            except anthropic.APIError as exc:
+                self.log.warning("Could not cancel batch %s: %s", batch_id, exc)
+
+    async def on_kill(self) -> None:
+        """Cancel the batches when the deferred task is killed (Airflow 3.3 calls this)."""
+        await asyncio.shield(self._cancel(self.batch_ids))

@@ -1,0 +1,110 @@
+"""Shared fixtures: real servers on loopback (moto S3, the Claude emulator, PostgreSQL).
+
+Tests that need PostgreSQL skip with a clear reason when it is not running, unless
+``REQUIRE_SERVICES=1`` (as ``.ci/run`` sets), in which case they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+# Never let a test reach the real API or real AWS.
+os.environ.pop("ANTHROPIC_API_KEY", None)
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+EMULATOR_API_KEY = "sk-ant-test-emulator-key-0123456789"
+POSTGRES_HOST, POSTGRES_PORT = "127.0.0.1", 5432
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def require_service(name: str, host: str, port: int) -> None:
+    """Skip (or fail under REQUIRE_SERVICES=1) when a local service is not reachable."""
+    if _port_open(host, port):
+        return
+    message = f"{name} is not reachable on {host}:{port}"
+    if os.environ.get("REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{message}, and REQUIRE_SERVICES=1 requires it")
+    pytest.skip(f"{message}; start it or set REQUIRE_SERVICES=1 to make this a failure")
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """A moto S3 server on a free loopback port for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_store(moto_endpoint: str):
+    """An :class:`ObjectStore` on a fresh moto bucket."""
+    import boto3
+
+    from claude_batch.storage import ObjectStore
+
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return ObjectStore(
+        f"s3://{bucket}/claude-batch",
+        key="testing",
+        secret="testing",
+        endpoint_url=moto_endpoint,
+        client_kwargs={"region_name": "us-east-1"},
+    )
+
+
+@pytest.fixture(scope="session")
+def emulator_server():
+    """One Claude API emulator for the session; tests reset it through ``emulator``."""
+    from claude_batch.emulator import EmulatorServer
+
+    with EmulatorServer(api_key=EMULATOR_API_KEY, time_scale=60.0, processing_seconds=30.0, seed=0) as emu:
+        yield emu
+
+
+@pytest.fixture
+def emulator(emulator_server):
+    """The session's emulator, reset to no batches, no faults and zeroed stats."""
+    emulator_server.reset()
+    yield emulator_server
+    emulator_server.reset()
+
+
+@pytest.fixture
+def postgres_dsn() -> Iterator[str]:
+    """A fresh schema in the local ``test`` database, dropped afterwards."""
+    require_service("PostgreSQL", POSTGRES_HOST, POSTGRES_PORT)
+    import psycopg2
+
+    schema = f"t_{uuid.uuid4().hex[:10]}"
+    base = f"postgresql://postgres@{POSTGRES_HOST}:{POSTGRES_PORT}/test"
+    with psycopg2.connect(base) as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{base}?options=-csearch_path%3D{schema}"
+    finally:
+        conn = psycopg2.connect(base)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        conn.close()
