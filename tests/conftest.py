@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +21,12 @@ os.environ.pop("ANTHROPIC_API_KEY", None)
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+# Airflow reads its configuration at import: point it at a test home before any test imports it.
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("AIRFLOW_HOME", str(REPO / ".airflow" / "test"))
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
+os.environ.setdefault("AIRFLOW__CORE__PARALLELISM", "4")
 
 EMULATOR_API_KEY = "sk-ant-test-emulator-key-0123456789"
 POSTGRES_HOST, POSTGRES_PORT = "127.0.0.1", 5432
@@ -59,7 +68,6 @@ def moto_endpoint() -> Iterator[str]:
 def s3_store(moto_endpoint: str):
     """An :class:`ObjectStore` on a fresh moto bucket."""
     import boto3
-
     from claude_batch.storage import ObjectStore
 
     bucket = f"test-{uuid.uuid4().hex[:12]}"
@@ -108,3 +116,36 @@ def postgres_dsn() -> Iterator[str]:
         with conn.cursor() as cur:
             cur.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         conn.close()
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> str:
+    """An initialised Airflow metadata database (SQLite under the test AIRFLOW_HOME)."""
+    home = Path(os.environ["AIRFLOW_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [str(Path(sys.executable).parent / "airflow"), "db", "migrate"],
+        check=True,
+        capture_output=True,
+        env=os.environ.copy(),
+    )
+    return str(home)
+
+
+@pytest.fixture
+def aws_conn(moto_endpoint, monkeypatch) -> str:
+    """``aws_default`` as an environment connection to the moto server."""
+    import json
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_AWS_DEFAULT",
+        json.dumps(
+            {
+                "conn_type": "aws",
+                "login": "testing",
+                "password": "testing",
+                "extra": {"endpoint_url": moto_endpoint, "region_name": "us-east-1"},
+            }
+        ),
+    )
+    return "aws_default"

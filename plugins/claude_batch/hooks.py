@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from datetime import datetime
 from typing import Any
@@ -284,8 +285,10 @@ def _describe(exc: BaseException | None) -> str:
 
 # --- one async client per connection and event loop ------------------------------------------
 
-_shared_clients: dict[tuple[str, int], anthropic.AsyncAnthropic] = {}
-_shared_locks: dict[tuple[str, int], asyncio.Lock] = {}
+# Keyed by the loop object (weakly), not id(loop): a closed loop's id can be reused.
+_shared_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, anthropic.AsyncAnthropic]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 async def shared_async_client(conn_id: str) -> anthropic.AsyncAnthropic:
@@ -293,15 +296,13 @@ async def shared_async_client(conn_id: str) -> anthropic.AsyncAnthropic:
 
     :param conn_id: the Airflow connection id.
     """
-    key = (conn_id, id(asyncio.get_running_loop()))
-    client = _shared_clients.get(key)
-    if client is not None:
-        return client
-    lock = _shared_locks.setdefault(key, asyncio.Lock())
-    async with lock:
-        if key not in _shared_clients:
-            _shared_clients[key] = await ClaudeBatchHook(conn_id=conn_id).get_async_conn()
-        return _shared_clients[key]
+    clients = _shared_clients.setdefault(asyncio.get_running_loop(), {})
+    client = clients.get(conn_id)
+    if client is None:
+        client = await ClaudeBatchHook(conn_id=conn_id).get_async_conn()
+        # Another trigger may have built one while this one awaited the connection lookup.
+        client = clients.setdefault(conn_id, client)
+    return client
 
 
 async def aiter_list_pages(

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import random
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -291,15 +292,14 @@ class BatchPoller:
         return found
 
 
-_pollers: dict[tuple[str, int], BatchPoller] = {}
+_pollers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, BatchPoller]] = weakref.WeakKeyDictionary()
 
 
 def shared_poller(conn_id: str) -> BatchPoller:
     """The one poller for ``conn_id`` on the running event loop."""
     from claude_batch.hooks import shared_async_client
 
-    key = (conn_id, id(asyncio.get_running_loop()))
-    poller = _pollers.get(key)
-    if poller is None:
-        poller = _pollers[key] = BatchPoller(lambda: shared_async_client(conn_id))
-    return poller
+    pollers = _pollers.setdefault(asyncio.get_running_loop(), {})
+    if conn_id not in pollers:
+        pollers[conn_id] = BatchPoller(lambda: shared_async_client(conn_id))
+    return pollers[conn_id]

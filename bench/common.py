@@ -1,0 +1,123 @@
+"""Shared benchmark plumbing: servers in their own processes, fresh-process measurements."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+BIN = Path(sys.executable).parent
+API_KEY = "sk-ant-bench-emulator-key-0123456789"
+
+
+def scale() -> str:
+    """``small`` (default, minutes) or ``full`` (the sizes the issues name)."""
+    return os.environ.get("BENCH_SCALE", "small")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def emulator_process(**options: object) -> Iterator[str]:
+    """The emulator in its own process (its memory is not ours); yields its base URL."""
+    args = [str(BIN / "claude-batch-emulator"), "--host", "127.0.0.1", "--port", "0", "--api-key", API_KEY]
+    for key, value in options.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        match = re.search(r"http://127\.0\.0\.1:\d+", line)
+        if not match:
+            raise RuntimeError(f"emulator did not start: {line!r}")
+        yield match.group(0)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextmanager
+def moto_process() -> Iterator[str]:
+    """A moto S3 server in its own process; yields its endpoint URL."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+
+
+def run_isolated(module: str, function: str, **kwargs: object) -> dict:
+    """Run ``module.function(**kwargs)`` in a fresh interpreter; it returns a JSON-able dict."""
+    code = (
+        "import json, sys, importlib; "
+        f"result = getattr(importlib.import_module({module!r}), {function!r})(**json.loads(sys.argv[1])); "
+        "print('@@RESULT@@' + json.dumps(result))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(kwargs)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    for line in out.stdout.splitlines():
+        if line.startswith("@@RESULT@@"):
+            return json.loads(line[len("@@RESULT@@"):])
+    raise RuntimeError(f"{module}.{function} failed:\n{out.stderr[-3000:]}")
+
+
+def write_results(name: str, rows: list[dict], markdown: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps({"scale": scale(), "rows": rows}, indent=2))
+    (RESULTS / f"{name}.md").write_text(markdown + "\n")
+    print(markdown)
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(col, "")) for col in columns) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:,.2f}" if value < 100 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)

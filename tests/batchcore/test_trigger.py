@@ -1,0 +1,134 @@
+"""The trigger and shared poller against the emulator, on real event loops."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from airflow.sdk.exceptions import AirflowSkipException
+from airflow.utils.module_loading import import_string
+from claude_batch.hooks import ClaudeBatchHook
+from claude_batch.poller import BatchSnapshot
+from claude_batch.sensors import ClaudeBatchFailed, handle_trigger_event
+from claude_batch.triggers import ClaudeBatchTrigger
+
+from tests.batchcore.conftest import make_requests
+
+HOUR = 3600.0
+
+
+def _create(count: int, n: int = 1) -> list[str]:
+    client = ClaudeBatchHook().conn
+    return [client.messages.batches.create(requests=make_requests(n, prefix=f"b{i}_")).id for i in range(count)]
+
+
+async def _first_event(trigger: ClaudeBatchTrigger, timeout: float = 30):
+    return await asyncio.wait_for(anext(trigger.run()), timeout)
+
+
+class _Log:
+    def __init__(self):
+        self.lines = []
+
+    def info(self, *args):
+        self.lines.append(args[0] % args[1:])
+
+    warning = info
+
+
+def test_trigger_serialises_to_primitives_and_resumes_in_a_new_process_loop(anthropic_conn):
+    anthropic_conn.configure(processing_seconds=2 * HOUR)
+    ids = _create(3, n=4)
+    trigger = ClaudeBatchTrigger(batch_ids=ids, min_poll_interval=0.1, max_poll_interval=0.3)
+    classpath, kwargs = trigger.serialize()
+    assert json.loads(json.dumps(kwargs)) == kwargs
+
+    async def first_triggerer():
+        task = asyncio.create_task(_first_event(trigger))
+        await asyncio.sleep(0.5)  # a few rounds while the batches are in progress
+        task.cancel()  # the triggerer goes away
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(first_triggerer())
+    anthropic_conn.advance(2 * HOUR + 60)
+    resumed = import_string(classpath)(**kwargs)
+    event = asyncio.run(_first_event(resumed))
+    assert event.payload["status"] == "success"
+    snapshots = [BatchSnapshot.from_dict(item) for item in event.payload["batches"]]
+    assert [s.id for s in snapshots] == ids
+    assert all(s.outcome == "succeeded" and s.succeeded == 4 for s in snapshots)
+    summary = handle_trigger_event(event.payload, fail_on_partial=False, log=_Log())
+    assert summary["request_counts"]["succeeded"] == 12
+
+
+def test_many_triggers_share_one_list_call_per_round(anthropic_conn):
+    anthropic_conn.configure(processing_seconds=HOUR)
+    ids = _create(60)
+    before = anthropic_conn.stats()["http_requests"]
+
+    async def main():
+        triggers = [ClaudeBatchTrigger(batch_ids=[i], min_poll_interval=0.2, max_poll_interval=0.2) for i in ids]
+        tasks = [asyncio.create_task(_first_event(t)) for t in triggers]
+        await asyncio.sleep(1.0)  # about five rounds while nothing has ended
+        anthropic_conn.advance(HOUR + 60)
+        return await asyncio.gather(*tasks)
+
+    events = asyncio.run(main())
+    assert all(e.payload["status"] == "success" for e in events)
+    after = anthropic_conn.stats()["http_requests"]
+    lists = after.get("list", 0) - before.get("list", 0)
+    retrieves = after.get("retrieve", 0) - before.get("retrieve", 0)
+    assert retrieves == 0
+    assert 2 <= lists <= 12, lists  # one call per round for all 60, not 60 per round
+
+
+def test_expired_batch_is_reported_as_expired_not_success(anthropic_conn):
+    anthropic_conn.configure(processing_seconds=30 * HOUR)  # longer than the 24 h expiry
+    (batch_id,) = _create(1, n=5)
+    anthropic_conn.advance(24 * HOUR + 60)
+    event = asyncio.run(_first_event(ClaudeBatchTrigger(batch_ids=[batch_id], min_poll_interval=0.1)))
+    (snap,) = [BatchSnapshot.from_dict(item) for item in event.payload["batches"]]
+    assert snap.outcome == "expired" and snap.expired == 5
+    with pytest.raises(ClaudeBatchFailed, match="expired=5"):
+        handle_trigger_event(event.payload, fail_on_partial=True, log=_Log())
+    log = _Log()
+    handle_trigger_event(event.payload, fail_on_partial=False, log=log)
+    assert "did not succeed" in log.lines[0] and "expired" in log.lines[0]
+
+
+def test_cancelled_batch_skips(anthropic_conn):
+    anthropic_conn.configure(processing_seconds=HOUR)
+    (batch_id,) = _create(1, n=3)
+    ClaudeBatchHook().cancel_batch(batch_id)
+    anthropic_conn.advance(HOUR + 60)
+    event = asyncio.run(_first_event(ClaudeBatchTrigger(batch_ids=[batch_id], min_poll_interval=0.1)))
+    assert event.payload["batches"][0]["canceled"] == 3
+    with pytest.raises(AirflowSkipException, match="canceled"):
+        handle_trigger_event(event.payload, fail_on_partial=False, log=_Log())
+
+
+def test_missing_batch_is_an_error_event(anthropic_conn):
+    event = asyncio.run(_first_event(ClaudeBatchTrigger(batch_ids=["msgbatch_doesnotexist"], min_poll_interval=0.1)))
+    assert event.payload["status"] == "error" and "not found" in event.payload["message"]
+
+
+def test_timeout_from_submission_cancels(monkeypatch):
+    # emulated time at wall-clock speed, so the batch's created_at matches our clock
+    from claude_batch.emulator import EmulatorServer
+
+    from tests.conftest import EMULATOR_API_KEY
+
+    with EmulatorServer(api_key=EMULATOR_API_KEY, time_scale=1.0, processing_seconds=HOUR) as emu:
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_ANTHROPIC_DEFAULT",
+            json.dumps({"conn_type": "anthropic", "host": emu.base_url, "password": EMULATOR_API_KEY}),
+        )
+        (batch_id,) = _create(1, n=2)
+        trigger = ClaudeBatchTrigger(batch_ids=[batch_id], timeout=1.0, min_poll_interval=0.3, max_poll_interval=0.3)
+        event = asyncio.run(_first_event(trigger))
+        assert event.payload["status"] == "timeout" and batch_id in event.payload["message"]
+        assert ClaudeBatchHook().retrieve_batch(batch_id).cancel_initiated_at is not None
+        with pytest.raises(ClaudeBatchFailed, match="did not end within"):
+            handle_trigger_event(event.payload, fail_on_partial=False, log=_Log())
