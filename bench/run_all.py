@@ -1,0 +1,55 @@
+"""Run every benchmark under bench/ and gather their tables into bench/RESULTS.md.
+
+``make bench`` runs the small sizes (minutes); ``make soak`` sets BENCH_SCALE=full.
+A benchmark that fails is reported in the file, and the command exits non-zero.
+"""
+
+from __future__ import annotations
+
+import importlib
+import platform
+import sys
+import time
+import traceback
+from datetime import UTC, datetime
+
+from bench.common import REPO, RESULTS, scale
+
+BENCHMARKS = [
+    "bench.bench_submit",
+    "bench.bench_trigger",
+    "bench.bench_staging",
+    "bench.bench_collect",
+    "bench.bench_load",
+    "bench.bench_emulator_memory",
+]
+
+
+def main() -> int:
+    sections, failed = [], []
+    for name in BENCHMARKS:
+        if not (REPO / (name.replace(".", "/") + ".py")).exists():
+            continue
+        print(f"== {name}", flush=True)
+        started = time.perf_counter()
+        try:
+            importlib.import_module(name).main()
+        except Exception:
+            failed.append(name)
+            sections.append(f"### {name}: FAILED\n\n```\n{traceback.format_exc()[-2000:]}\n```")
+            continue
+        stem = name.rsplit(".", 1)[1].removeprefix("bench_")
+        table = RESULTS / f"{stem}.md"
+        body = table.read_text() if table.exists() else "(no table written)"
+        sections.append(f"{body}\n_{name}, {time.perf_counter() - started:.0f} s_")
+    header = (
+        f"# Benchmark results\n\nScale `{scale()}`, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
+        f"Python {platform.python_version()}, {platform.machine()}, 2 cores. "
+        "Re-run with `make bench` (or `make soak` for the full sizes).\n"
+    )
+    (REPO / "bench" / "RESULTS.md").write_text(header + "\n" + "\n\n".join(sections) + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
