@@ -1,0 +1,425 @@
+"""Deterministic answers that satisfy a JSON schema, with values taken from the prompt text.
+
+Given a schema and the user's text, ``SchemaAnswerer`` builds a value that validates against
+the schema (types, enums, const, bounds, lengths, required and nested properties, arrays,
+``$ref``/``$defs``, ``anyOf``/``oneOf``/``allOf``) and is plausible for the text:
+
+- enum: the value that best matches the text (its words, or hint keywords: a ticket about a
+  "refund" or "invoice" picks "billing", one about a "crash" picks "bug"); if nothing matches,
+  a neutral value ("other", "unknown", "neutral"...) or a stable pick from the text's hash;
+- number / integer: a number from the text within the bounds, preferring one near a word of
+  the field name ("total: $1,250.00" for ``total_amount``); ratings follow the text's mood;
+- boolean: whether the field's words occur in the text (not negated);
+- string: ``Label: value`` pairs found in the text, dates, e-mails and URLs for their formats,
+  otherwise a short excerpt, trimmed to maxLength.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import zlib
+from typing import Any
+
+WORD_RE = re.compile(r"[a-z0-9]+")
+_DATE_RE = re.compile(r"\b\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?\b")
+_TIME_RE = re.compile(r"\b\d{1,2}:\d{2}(?::\d{2})?\b")
+_NUMBER_RE = re.compile(r"(?<![\w.])[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\w])")
+_EMAIL_RE = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+_URL_RE = re.compile(r"https?://[^\s\"'<>]+")
+_SENTENCE_RE = re.compile(r"[^.!?\n]+[.!?]?")
+_CAMEL_RE = re.compile(r"([a-z0-9])([A-Z])")
+
+MAX_DEPTH = 8
+DEFAULT_MAX_STRING = 200
+# Words that say nothing about a field's content.
+_NAME_STOPWORDS = frozenset(
+    {"the", "a", "an", "of", "is", "has", "have", "was", "are", "requires", "needs", "needed", "should", "value"}
+)
+# Fallback enum values when nothing in the text points anywhere.
+_NEUTRAL_LABELS = ("other", "unknown", "neutral", "general", "none", "unclear", "n/a", "misc", "medium", "normal")
+_EXCERPT_FIELDS = frozenset(
+    {"summary", "reason", "reasoning", "explanation", "rationale", "justification", "comment", "notes", "description"}
+)
+_RATING_FIELDS = frozenset({"rating", "score", "stars", "sentiment", "satisfaction", "nps"})
+
+# Hint keywords per label word. Matched against the text's words (or phrases, with spaces).
+DEFAULT_LABEL_HINTS: dict[str, tuple[str, ...]] = {
+    "billing": ("refund", "invoice", "charge", "charged", "overcharged", "payment", "paid", "pay", "bill",
+                "billed", "price", "pricing", "subscription", "receipt", "fee", "credit card", "money"),
+    "payment": ("paid", "pay", "card", "invoice", "transfer", "charge"),
+    "refund": ("refund", "money back", "reimburse", "chargeback"),
+    "invoice": ("invoice", "bill", "amount due", "remit"),
+    "bug": ("crash", "crashes", "crashed", "error", "errors", "bug", "broken", "exception", "fails", "failing",
+            "failed", "freeze", "freezes", "glitch", "not working", "doesn't work", "stack trace"),
+    "technical": ("crash", "error", "bug", "broken", "not working", "install", "api", "server", "timeout"),
+    "feature": ("feature", "would like", "please add", "wish", "suggest", "suggestion", "could you add",
+                "support for", "it would be nice", "request"),
+    "account": ("login", "log in", "password", "sign in", "signin", "locked", "account", "2fa", "username",
+                "email address", "profile"),
+    "access": ("login", "log in", "password", "locked out", "permission", "access"),
+    "shipping": ("shipping", "delivery", "delivered", "package", "parcel", "tracking", "courier", "arrived",
+                 "shipment", "shipped"),
+    "delivery": ("delivery", "delivered", "package", "arrived", "late", "courier"),
+    "cancellation": ("cancel", "cancellation", "unsubscribe", "terminate", "close my account"),
+    "cancel": ("cancel", "unsubscribe", "terminate"),
+    "positive": ("great", "love", "loved", "excellent", "amazing", "happy", "fantastic", "perfect", "good",
+                 "recommend", "awesome", "wonderful", "best", "pleased"),
+    "negative": ("terrible", "awful", "hate", "bad", "disappointed", "disappointing", "worst", "poor", "angry",
+                 "broken", "useless", "horrible", "unacceptable", "frustrated"),
+    "neutral": ("okay", "ok", "fine", "average", "decent"),
+    "urgent": ("urgent", "asap", "immediately", "critical", "emergency", "outage", "down", "right now"),
+    "high": ("urgent", "asap", "immediately", "critical", "emergency", "outage", "blocking", "production"),
+    "critical": ("critical", "outage", "down", "emergency", "data loss"),
+    "low": ("minor", "whenever", "no rush", "small", "cosmetic", "typo"),
+    "question": ("how do", "how can", "what is", "question", "wondering", "can i", "?"),
+    "complaint": ("complain", "complaint", "unhappy", "disappointed", "unacceptable"),
+    "praise": ("thank", "thanks", "great", "love", "excellent"),
+    "spam": ("winner", "lottery", "click here", "free money", "viagra"),
+}
+
+
+def name_words(name: str) -> tuple[str, ...]:
+    """``totalAmount`` / ``total_amount`` -> ("total", "amount"), without filler words."""
+    spaced = _CAMEL_RE.sub(r"\1 \2", name).lower()
+    return tuple(word for word in WORD_RE.findall(spaced) if word not in _NAME_STOPWORDS)
+
+
+def stable_index(text: str, size: int) -> int:
+    return zlib.crc32(text.encode()) % size if size else 0
+
+
+@functools.lru_cache(maxsize=4096)
+def _phrase_pattern(phrase: str) -> re.Pattern:
+    return re.compile(r"(?<![a-z0-9])" + re.escape(phrase) + r"(?![a-z0-9])")
+
+
+class SchemaAnswerer:
+    """Builds values for schemas from one prompt text. Create one per request."""
+
+    def __init__(self, text: str, label_hints: dict[str, tuple[str, ...]] | None = None) -> None:
+        self.text = text
+        self.lower = text.lower()
+        self.words = frozenset(WORD_RE.findall(self.lower))
+        self.label_hints = DEFAULT_LABEL_HINTS if label_hints is None else label_hints
+        self._prefixes: frozenset[str] | None = None
+        self._numbers: list[tuple[float, bool, int]] | None = None
+        self._mood: int | None = None
+
+    # ---- text helpers -------------------------------------------------------------------------
+    def _word_prefixes(self) -> frozenset[str]:
+        if self._prefixes is None:
+            self._prefixes = frozenset(word[:4] for word in self.words if len(word) >= 4)
+        return self._prefixes
+
+    def has_word(self, word: str) -> bool:
+        """The word occurs, exactly, as a plural, or sharing its stem (bill ~ billing ~ billed)."""
+        if word in self.words or word + "s" in self.words:
+            return True
+        return len(word) >= 5 and word[:4] in self._word_prefixes() and any(
+            candidate.startswith(word[: max(4, len(word) - 3)]) for candidate in self.words
+        )
+
+    def has_phrase(self, phrase: str) -> bool:
+        if " " not in phrase and phrase.isalnum():
+            return phrase in self.words
+        return bool(_phrase_pattern(phrase).search(self.lower))
+
+    def numbers(self) -> list[tuple[float, bool, int]]:
+        """(value, is_integer, position) for the numbers in the text, dates and times left out."""
+        if self._numbers is None:
+            masked = _TIME_RE.sub(lambda m: " " * len(m.group()), _DATE_RE.sub(lambda m: " " * len(m.group()), self.text))
+            found = []
+            for match in _NUMBER_RE.finditer(masked):
+                literal = match.group().replace(",", "")
+                try:
+                    value = float(literal)
+                except ValueError:
+                    continue
+                found.append((value, "." not in literal, match.start()))
+            self._numbers = found
+        return self._numbers
+
+    def mood(self) -> int:
+        """+1 positive, -1 negative, 0 neither, from hint words."""
+        if self._mood is None:
+            positive = sum(self.has_phrase(w) for w in self.label_hints.get("positive", ()))
+            negative = sum(self.has_phrase(w) for w in self.label_hints.get("negative", ()))
+            self._mood = (positive > negative) - (negative > positive)
+        return self._mood
+
+    def sentences(self) -> list[str]:
+        return [s.strip() for s in _SENTENCE_RE.findall(self.text) if s.strip()]
+
+    def labelled_value(self, words: tuple[str, ...]) -> str | None:
+        """The value in a ``Label: value`` line whose label contains one of ``words``."""
+        for word in words:
+            if len(word) < 3:
+                continue
+            pattern = re.compile(
+                r"(?<![a-z0-9])" + re.escape(word) + r"[a-z]*(?:[ \t][a-z#]+){0,3}[ \t]*[:=][ \t]*([^\n;]+)"
+            )
+            match = pattern.search(self.lower)
+            if match:
+                start, end = match.span(1)
+                value = self.text[start:end].strip()
+                value = re.split(r"\.\s|,\s(?=[A-Za-z ]+:)", value)[0].strip().rstrip(".")
+                if value:
+                    return value
+        return None
+
+    # ---- schema walk --------------------------------------------------------------------------
+    def answer(self, schema: Any) -> Any:
+        return self.value(schema, root=schema, name="", depth=0)
+
+    def value(self, schema: Any, *, root: Any, name: str, depth: int) -> Any:
+        if not isinstance(schema, dict):
+            return None
+        schema = self._resolve(schema, root)
+        if depth > MAX_DEPTH:
+            return self._minimal(schema)
+        if "const" in schema:
+            return schema["const"]
+        if isinstance(schema.get("enum"), list) and schema["enum"]:
+            return self.choose_enum(schema["enum"], name)
+        for combinator in ("anyOf", "oneOf"):
+            options = schema.get(combinator)
+            if isinstance(options, list) and options:
+                resolved = [self._resolve(option, root) for option in options if isinstance(option, dict)]
+                chosen = next((o for o in resolved if o.get("type") != "null"), resolved[0] if resolved else {})
+                merged = {k: v for k, v in schema.items() if k != combinator} | chosen
+                return self.value(merged, root=root, name=name, depth=depth + 1)
+        kind = self._type_of(schema)
+        if kind == "object":
+            return self._object(schema, root, depth)
+        if kind == "array":
+            return self._array(schema, root, name, depth)
+        if kind == "integer":
+            return int(self._number(schema, name, integer=True))
+        if kind == "number":
+            return self._number(schema, name, integer=False)
+        if kind == "boolean":
+            return self._boolean(name)
+        if kind == "string":
+            return self._string(schema, name)
+        return None
+
+    def _resolve(self, schema: dict, root: Any) -> dict:
+        for _ in range(MAX_DEPTH):
+            ref = schema.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#"):
+                target: Any = root
+                for part in ref[1:].split("/"):
+                    if not part:
+                        continue
+                    part = part.replace("~1", "/").replace("~0", "~")
+                    target = target.get(part) if isinstance(target, dict) else None
+                if not isinstance(target, dict):
+                    return {}
+                schema = {k: v for k, v in schema.items() if k != "$ref"} | target
+                continue
+            all_of = schema.get("allOf")
+            if isinstance(all_of, list):
+                merged = {k: v for k, v in schema.items() if k != "allOf"}
+                for part in all_of:
+                    if isinstance(part, dict):
+                        merged |= self._resolve(part, root)
+                schema = merged
+                continue
+            break
+        return schema
+
+    @staticmethod
+    def _type_of(schema: dict) -> str | None:
+        kind = schema.get("type")
+        if isinstance(kind, list):
+            kind = next((k for k in kind if k != "null"), "null")
+        if kind is None:
+            if "properties" in schema:
+                return "object"
+            if "items" in schema:
+                return "array"
+        return kind
+
+    def _minimal(self, schema: dict) -> Any:
+        kind = self._type_of(schema)
+        return {"object": {}, "array": [], "string": "", "integer": 0, "number": 0, "boolean": False}.get(kind)
+
+    def _object(self, schema: dict, root: Any, depth: int) -> dict:
+        properties = schema.get("properties")
+        if not isinstance(properties, dict):
+            return {}
+        return {
+            key: self.value(subschema, root=root, name=key, depth=depth + 1) for key, subschema in properties.items()
+        }
+
+    def _array(self, schema: dict, root: Any, name: str, depth: int) -> list:
+        items = schema.get("items")
+        items = self._resolve(items, root) if isinstance(items, dict) else {}
+        min_items = int(schema.get("minItems", 0))
+        max_items = schema.get("maxItems")
+        if isinstance(items.get("enum"), list) and items["enum"]:
+            values = self.matching_enum_values(items["enum"])
+            for value in items["enum"]:
+                if len(values) >= max(min_items, 1):
+                    break
+                if value not in values:
+                    values.append(value)
+            return values if max_items is None else values[: int(max_items)]
+        count = max(min_items, 1)
+        if max_items is not None:
+            count = min(count, int(max_items))
+        if self._type_of(items) == "string" and not items.get("format") and not items.get("enum"):
+            sentences = self.sentences() or [self.text[:80] or "item"]
+            return [
+                self._fit_string(sentences[i % len(sentences)] + ("" if i < len(sentences) else f" ({i})"), items)
+                for i in range(count)
+            ]
+        return [self.value(items, root=root, name=name, depth=depth + 1) for _ in range(count)]
+
+    # ---- leaves -------------------------------------------------------------------------------
+    def label_score(self, label: str) -> int:
+        lowered = label.lower()
+        parts = WORD_RE.findall(lowered)
+        score = 0
+        if lowered and self.has_phrase(lowered):
+            score += 3
+        for part in parts:
+            if len(part) >= 3 and self.has_word(part):
+                score += 2
+        for key in {"_".join(parts), *parts}:
+            for hint in self.label_hints.get(key, ()):
+                if self.has_phrase(hint):
+                    score += 2
+        return score
+
+    def matching_enum_values(self, values: list) -> list:
+        scored = [(self.label_score(v), i, v) for i, v in enumerate(values) if isinstance(v, str)]
+        return [v for score, _, v in sorted(scored, key=lambda t: (-t[0], t[1])) if score > 0]
+
+    def choose_enum(self, values: list, name: str) -> Any:
+        strings = [v for v in values if isinstance(v, str)]
+        if not strings:
+            numbers = {value for value, _, _ in self.numbers()}
+            return next((v for v in values if v in numbers), values[0])
+        best, best_score = None, 0
+        for value in strings:
+            score = self.label_score(value)
+            if score > best_score:
+                best, best_score = value, score
+        if best is not None:
+            return best
+        for neutral in _NEUTRAL_LABELS:
+            for value in strings:
+                if value.lower() == neutral:
+                    return value
+        return strings[stable_index(self.text, len(strings))]
+
+    def _number(self, schema: dict, name: str, *, integer: bool) -> float:
+        low, high = schema.get("minimum"), schema.get("maximum")
+        exclusive_low, exclusive_high = schema.get("exclusiveMinimum"), schema.get("exclusiveMaximum")
+
+        def fits(value: float) -> bool:
+            return (
+                (low is None or value >= low)
+                and (high is None or value <= high)
+                and (exclusive_low is None or value > exclusive_low)
+                and (exclusive_high is None or value < exclusive_high)
+            )
+
+        words = name_words(name)
+        if low is not None and high is not None and _RATING_FIELDS.intersection(words):
+            mood = self.mood()
+            value = high if mood > 0 else low if mood < 0 else (low + high) / 2
+            return round(value) if integer and fits(round(value)) else value
+
+        best: tuple[int, float] | None = None
+        for value, is_integer, position in self.numbers():
+            if integer and not is_integer:
+                continue
+            if not fits(value):
+                continue
+            context = self.lower[max(0, position - 40) : position]
+            score = sum(1 for word in words if len(word) >= 3 and word[:4] in context)
+            if best is None or score > best[0]:
+                best = (score, value)
+        if best is not None:
+            return int(best[1]) if integer else best[1]
+        return self._fallback_number(low, high, exclusive_low, exclusive_high, integer)
+
+    @staticmethod
+    def _fallback_number(low, high, exclusive_low, exclusive_high, integer: bool) -> float:
+        """A value inside the bounds: their middle, else the bound nearest to zero, else zero."""
+        step = 1 if integer else 0.5
+        lower = low if low is not None else exclusive_low + step if exclusive_low is not None else None
+        upper = high if high is not None else exclusive_high - step if exclusive_high is not None else None
+        if lower is not None and upper is not None:
+            value = (lower + upper) / 2
+        elif lower is not None:
+            value = max(lower, 0)
+        elif upper is not None:
+            value = min(upper, 0)
+        else:
+            value = 0
+        if integer:
+            return int(math.ceil(value) if lower is not None else math.floor(value))
+        return float(value)
+
+    def _boolean(self, name: str) -> bool:
+        words = [word for word in name_words(name) if len(word) >= 3]
+        if not words:
+            return False
+        for word in words:
+            if self.has_word(word):
+                negated = re.search(r"\b(?:not|no|never|without)\s+(?:\w+\s+)?" + re.escape(word[:4]), self.lower)
+                return not negated
+        return False
+
+    def _string(self, schema: dict, name: str) -> str:
+        fmt = schema.get("format")
+        if fmt in ("date", "date-time"):
+            match = _DATE_RE.search(self.text)
+            day = match.group()[:10] if match else "2024-01-01"
+            return day if fmt == "date" else f"{day}T00:00:00Z"
+        if fmt == "email":
+            match = _EMAIL_RE.search(self.text)
+            return match.group() if match else "user@example.com"
+        if fmt in ("uri", "url"):
+            match = _URL_RE.search(self.text)
+            return match.group() if match else "https://example.com/"
+        if fmt == "uuid":
+            digest = f"{zlib.crc32(self.text.encode()):08x}"
+            return f"{digest}-0000-4000-8000-000000000000"
+        words = name_words(name)
+        candidate: str | None = None
+        pattern = schema.get("pattern")
+        if isinstance(pattern, str):
+            try:
+                compiled = re.compile(pattern)
+            except re.error:
+                compiled = None
+            if compiled is not None:
+                for token in re.findall(r"[^\s,;]+", self.text):
+                    if compiled.search(token.strip(".")):
+                        return self._fit_string(token.strip("."), schema)
+        if not _EXCERPT_FIELDS.intersection(words):
+            candidate = self.labelled_value(words)
+        if candidate is None:
+            sentences = self.sentences()
+            candidate = next(
+                (s for s in sentences if any(len(w) >= 4 and self.has_phrase(w) and w in s.lower() for w in words)),
+                sentences[0] if sentences else "n/a",
+            )
+        return self._fit_string(candidate, schema)
+
+    @staticmethod
+    def _fit_string(text: str, schema: dict) -> str:
+        max_length = int(schema.get("maxLength", DEFAULT_MAX_STRING))
+        min_length = int(schema.get("minLength", 0))
+        if len(text) > max_length:
+            text = text[:max_length].rstrip() if max_length > 0 else ""
+            text = text if len(text) >= min_length else text.ljust(min_length, ".")
+        if len(text) < min_length:
+            text = text.ljust(min_length, ".")
+        return text

@@ -1,0 +1,339 @@
+"""The emulator's HTTP face: a Starlette app serving the Message Batches API and the admin API.
+
+API (auth by ``x-api-key`` or ``Authorization: Bearer``, ``anthropic-version`` required):
+  POST   /v1/messages/batches                  create
+  GET    /v1/messages/batches                  list (limit, after_id, before_id)
+  GET    /v1/messages/batches/{id}             retrieve
+  POST   /v1/messages/batches/{id}/cancel      cancel
+  DELETE /v1/messages/batches/{id}             delete
+  GET    /v1/messages/batches/{id}/results     results (JSONL stream)
+  POST   /v1/messages                          messages
+  POST   /v1/messages/count_tokens             count_tokens
+Admin (same API key):
+  GET /_emulator/stats, GET|POST /_emulator/config, POST /_emulator/reset,
+  POST /_emulator/advance {"seconds": N}; GET /_emulator/health needs no key.
+
+Every response carries a ``request-id`` header; errors have the API's JSON error body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio.to_thread
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import ApiError, error_body
+from .ids import random_id, rfc3339
+from .parser import BodyError, RequestsBodyParser
+from .store import BatchBuilder, BatchStore, TooLarge
+from .validation import ItemError
+
+log = logging.getLogger(__name__)
+
+_VERSION_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_PARSE_CHUNK_BYTES = 1 << 20  # parse the create body in ~1 MB steps, off the event loop
+_RESULTS_CHUNK_BYTES = 64 * 1024
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+class CuttableStreamingResponse(StreamingResponse):
+    """A streaming response that can stop without finishing, so the client sees a broken body."""
+
+    def __init__(self, content: AsyncIterator[bytes], cut_state: dict, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._cut_state = cut_state
+
+    async def stream_response(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        async for chunk in self.body_iterator:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        if self._cut_state.get("cut"):
+            return  # no final empty chunk: the server closes the connection mid-body
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class RequestIdMiddleware:
+    """Gives every request an id (``request.state.request_id``) and every response the header."""
+
+    def __init__(self, app: ASGIApp, id_source: Callable[[], str]) -> None:
+        self.app = app
+        self.id_source = id_source
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = self.id_source()
+        scope.setdefault("state", {})["request_id"] = request_id
+        header = (b"request-id", request_id.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def _request_id(request: Request) -> str:
+    return getattr(request.state, "request_id", None) or "req_unknown"
+
+
+def _error_response(request: Request, error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(_request_id(request)), status_code=error.status, headers=error.headers)
+
+
+def _api_key_of(request: Request) -> str | None:
+    key = request.headers.get("x-api-key")
+    if key:
+        return key
+    authorization = request.headers.get("authorization", "")
+    if authorization[:7].lower() == "bearer ":
+        return authorization[7:].strip() or None
+    return None
+
+
+async def _json_object(request: Request) -> dict:
+    body = await request.body()
+    try:
+        value = orjson.loads(body) if body.strip() else {}
+    except orjson.JSONDecodeError as error:
+        raise ApiError(400, f"Request body is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise ApiError(400, "Request body must be a JSON object")
+    return value
+
+
+async def _drain(request: Request) -> None:
+    """Read and drop the rest of a body we refuse, so the client gets to read our answer."""
+    async for _ in request.stream():
+        pass
+
+
+def create_app(store: BatchStore, api_key: str) -> ASGIApp:
+    """The ASGI app serving ``store`` to clients that present ``api_key``."""
+
+    def base_url(request: Request) -> str:
+        return store.config.public_base_url or str(request.base_url).rstrip("/")
+
+    def endpoint(
+        name: str | None, handler: Callable[[Request], Awaitable[Response]], *, admin: bool = False
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """Wrap a handler with counting, auth, version check, latency and fault injection."""
+
+        async def wrapped(request: Request) -> Response:
+            if name is not None:
+                store.count_http(name)
+            try:
+                key = _api_key_of(request)
+                if key is None:
+                    raise ApiError(401, "x-api-key header is required")
+                if not hmac.compare_digest(key.encode(), api_key.encode()):
+                    raise ApiError(401, "invalid x-api-key")
+                if not admin:
+                    version = request.headers.get("anthropic-version")
+                    if not version:
+                        raise ApiError(400, "anthropic-version: header is required")
+                    if not _VERSION_RE.fullmatch(version):
+                        raise ApiError(400, f"anthropic-version: invalid version {version!r}")
+                if name is not None:
+                    latency = store.latency_for(name)
+                    if latency > 0:
+                        await asyncio.sleep(latency)
+                    store.check_faults(name)
+                return await handler(request)
+            except ApiError as error:
+                return _error_response(request, error)
+            except Exception:
+                log.exception("emulator failed on %s %s", request.method, request.url.path)
+                return _error_response(request, ApiError(500, "Internal server error (emulator bug)."))
+
+        return wrapped
+
+    # ---- batches ------------------------------------------------------------------------------
+    async def create(request: Request) -> Response:
+        config = store.config
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > config.max_body_bytes:
+            await _drain(request)
+            raise _too_large(config.max_body_bytes)
+        builder = store.new_builder()
+        parser = RequestsBodyParser()
+        pending = bytearray()
+        received = 0
+        failure: ApiError | None = None
+        async for chunk in request.stream():
+            received += len(chunk)
+            if failure is not None:
+                continue  # keep reading, so the client finishes sending and sees our answer
+            if received > config.max_body_bytes:
+                failure = _too_large(config.max_body_bytes)
+                continue
+            pending += chunk
+            if len(pending) >= _PARSE_CHUNK_BYTES:
+                data = bytes(pending)
+                pending.clear()
+                failure = await anyio.to_thread.run_sync(_parse_step, parser, builder, data, False)
+        if failure is None:
+            data = bytes(pending)
+            if len(data) >= _PARSE_CHUNK_BYTES // 4:
+                failure = await anyio.to_thread.run_sync(_parse_step, parser, builder, data, True)
+            else:
+                failure = _parse_step(parser, builder, data, True)
+        if failure is not None:
+            raise failure
+        batch = store.commit(builder)
+        return JSONResponse(store.retrieve(batch.id, base_url(request)))
+
+    async def list_batches(request: Request) -> Response:
+        query = request.query_params
+        raw_limit = query.get("limit", "20")
+        try:
+            limit = int(raw_limit)
+        except ValueError:
+            raise ApiError(400, f"limit: Input should be a valid integer, got {raw_limit!r}") from None
+        if not 1 <= limit <= 1000:
+            raise ApiError(400, "limit: Input should be between 1 and 1000")
+        after_id, before_id = query.get("after_id"), query.get("before_id")
+        if after_id and before_id:
+            raise ApiError(400, "after_id and before_id cannot both be given")
+        page = store.list(limit=limit, after_id=after_id or None, before_id=before_id or None, base_url=base_url(request))
+        return JSONResponse(page)
+
+    async def retrieve(request: Request) -> Response:
+        return JSONResponse(store.retrieve(request.path_params["batch_id"], base_url(request)))
+
+    async def cancel(request: Request) -> Response:
+        return JSONResponse(store.cancel(request.path_params["batch_id"], base_url(request)))
+
+    async def delete(request: Request) -> Response:
+        return JSONResponse(store.delete(request.path_params["batch_id"]))
+
+    async def results(request: Request) -> Response:
+        batch, cut = store.results_source(request.path_params["batch_id"])
+        cut_state: dict[str, bool] = {}
+
+        async def body() -> AsyncIterator[bytes]:
+            lines_allowed = cut[0] if cut else None
+            parts: list[bytes] = []
+            size = served = 0
+            for line in store.result_lines(batch):
+                if lines_allowed is not None and served >= lines_allowed:
+                    if cut[1]:
+                        parts.append(line[: max(1, len(line) // 2)])
+                    cut_state["cut"] = True
+                    break
+                parts.append(line + b"\n")
+                size += len(line) + 1
+                served += 1
+                if size >= _RESULTS_CHUNK_BYTES:
+                    yield b"".join(parts)
+                    store.count_results_served(len(parts))
+                    parts, size = [], 0
+                    await asyncio.sleep(0)  # let other requests in between chunks
+            if parts:
+                complete_lines = sum(1 for part in parts if part.endswith(b"\n"))
+                yield b"".join(parts)
+                store.count_results_served(complete_lines)
+
+        return CuttableStreamingResponse(body(), cut_state, media_type="application/binary")
+
+    # ---- real-time ----------------------------------------------------------------------------
+    async def messages(request: Request) -> Response:
+        return JSONResponse(store.create_message(await _json_object(request)))
+
+    async def count_tokens(request: Request) -> Response:
+        return JSONResponse(store.count_tokens(await _json_object(request)))
+
+    # ---- admin --------------------------------------------------------------------------------
+    async def stats(request: Request) -> Response:
+        return JSONResponse(store.stats())
+
+    async def get_config(request: Request) -> Response:
+        return JSONResponse(store.config.to_dict() | {"seed": store.seed})
+
+    async def set_config(request: Request) -> Response:
+        changes = await _json_object(request)
+        try:
+            store.configure(**changes)
+        except (ValueError, TypeError, KeyError) as error:
+            raise ApiError(400, f"config: {error}") from None
+        return JSONResponse(store.config.to_dict() | {"seed": store.seed})
+
+    async def reset(request: Request) -> Response:
+        store.reset()
+        return JSONResponse({"status": "reset"})
+
+    async def advance(request: Request) -> Response:
+        body = await _json_object(request)
+        try:
+            now = store.advance(float(body.get("seconds", 0)))
+        except (ValueError, TypeError) as error:
+            raise ApiError(400, f"seconds: {error}") from None
+        return JSONResponse({"emulated_now": rfc3339(now)})
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        body = error_body(error_type, message, _request_id(request))
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    routes = [
+        Route("/v1/messages/batches", endpoint("create", create), methods=["POST"]),
+        Route("/v1/messages/batches", endpoint("list", list_batches), methods=["GET"]),
+        Route("/v1/messages/batches/{batch_id}", endpoint("retrieve", retrieve), methods=["GET"]),
+        Route("/v1/messages/batches/{batch_id}", endpoint("delete", delete), methods=["DELETE"]),
+        Route("/v1/messages/batches/{batch_id}/cancel", endpoint("cancel", cancel), methods=["POST"]),
+        Route("/v1/messages/batches/{batch_id}/results", endpoint("results", results), methods=["GET"]),
+        Route("/v1/messages", endpoint("messages", messages), methods=["POST"]),
+        Route("/v1/messages/count_tokens", endpoint("count_tokens", count_tokens), methods=["POST"]),
+        Route("/_emulator/stats", endpoint(None, stats, admin=True), methods=["GET"]),
+        Route("/_emulator/config", endpoint(None, get_config, admin=True), methods=["GET"]),
+        Route("/_emulator/config", endpoint(None, set_config, admin=True), methods=["POST"]),
+        Route("/_emulator/reset", endpoint(None, reset, admin=True), methods=["POST"]),
+        Route("/_emulator/advance", endpoint(None, advance, admin=True), methods=["POST"]),
+        Route("/_emulator/health", health, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    return RequestIdMiddleware(app, lambda: random_id("req_", store.request_id_rng))
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"Request body exceeds the batch size limit of {limit} bytes.")
+
+
+def _parse_step(parser: RequestsBodyParser, builder: BatchBuilder, data: bytes, final: bool) -> ApiError | None:
+    """Feed one piece of the create body; returns the error to answer with, if any."""
+    try:
+        for item in parser.feed(data):
+            builder.add(item)
+        if final:
+            for item in parser.finish():
+                builder.add(item)
+    except TooLarge as error:
+        return ApiError(413, str(error))
+    except (BodyError, ItemError) as error:
+        return ApiError(400, str(error))
+    return None
