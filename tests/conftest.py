@@ -6,6 +6,7 @@ Tests that need PostgreSQL skip with a clear reason when it is not running, unle
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -26,6 +27,20 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("AIRFLOW_HOME", str(REPO / ".airflow" / "test"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
+# dag.test() runs only DAGs found in a bundle: the project's dags/ and the tests' own.
+os.environ.setdefault(
+    "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST",
+    json.dumps(
+        [
+            {
+                "name": name,
+                "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
+                "kwargs": {"path": str(path), "refresh_interval": 0},
+            }
+            for name, path in (("dags-folder", REPO / "dags"), ("test-dags", REPO / "tests" / "dags"))
+        ]
+    ),
+)
 os.environ.setdefault("AIRFLOW__CORE__PARALLELISM", "4")
 
 EMULATOR_API_KEY = "sk-ant-test-emulator-key-0123456789"
@@ -135,8 +150,6 @@ def airflow_db() -> str:
 @pytest.fixture
 def aws_conn(moto_endpoint, monkeypatch) -> str:
     """``aws_default`` as an environment connection to the moto server."""
-    import json
-
     monkeypatch.setenv(
         "AIRFLOW_CONN_AWS_DEFAULT",
         json.dumps(

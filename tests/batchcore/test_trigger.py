@@ -7,7 +7,7 @@ import json
 
 import pytest
 from airflow.sdk.exceptions import AirflowSkipException
-from airflow.utils.module_loading import import_string
+from airflow.sdk.module_loading import import_string
 from claude_batch.hooks import ClaudeBatchHook
 from claude_batch.poller import BatchSnapshot
 from claude_batch.sensors import ClaudeBatchFailed, handle_trigger_event
@@ -52,7 +52,7 @@ def test_trigger_serialises_to_primitives_and_resumes_in_a_new_process_loop(anth
             await task
 
     asyncio.run(first_triggerer())
-    anthropic_conn.advance(2 * HOUR + 60)
+    anthropic_conn.advance(4 * HOUR)
     resumed = import_string(classpath)(**kwargs)
     event = asyncio.run(_first_event(resumed))
     assert event.payload["status"] == "success"
@@ -72,7 +72,7 @@ def test_many_triggers_share_one_list_call_per_round(anthropic_conn):
         triggers = [ClaudeBatchTrigger(batch_ids=[i], min_poll_interval=0.2, max_poll_interval=0.2) for i in ids]
         tasks = [asyncio.create_task(_first_event(t)) for t in triggers]
         await asyncio.sleep(1.0)  # about five rounds while nothing has ended
-        anthropic_conn.advance(HOUR + 60)
+        anthropic_conn.advance(3 * HOUR)
         return await asyncio.gather(*tasks)
 
     events = asyncio.run(main())
@@ -85,12 +85,12 @@ def test_many_triggers_share_one_list_call_per_round(anthropic_conn):
 
 
 def test_expired_batch_is_reported_as_expired_not_success(anthropic_conn):
-    anthropic_conn.configure(processing_seconds=30 * HOUR)  # longer than the 24 h expiry
+    anthropic_conn.configure(processing_seconds=10_000 * HOUR)  # far beyond the 24 h expiry
     (batch_id,) = _create(1, n=5)
     anthropic_conn.advance(24 * HOUR + 60)
     event = asyncio.run(_first_event(ClaudeBatchTrigger(batch_ids=[batch_id], min_poll_interval=0.1)))
     (snap,) = [BatchSnapshot.from_dict(item) for item in event.payload["batches"]]
-    assert snap.outcome == "expired" and snap.expired == 5
+    assert snap.outcome == "expired" and snap.expired == 5 and snap.ended_at is not None
     with pytest.raises(ClaudeBatchFailed, match="expired=5"):
         handle_trigger_event(event.payload, fail_on_partial=True, log=_Log())
     log = _Log()
@@ -102,7 +102,7 @@ def test_cancelled_batch_skips(anthropic_conn):
     anthropic_conn.configure(processing_seconds=HOUR)
     (batch_id,) = _create(1, n=3)
     ClaudeBatchHook().cancel_batch(batch_id)
-    anthropic_conn.advance(HOUR + 60)
+    anthropic_conn.advance(3 * HOUR)
     event = asyncio.run(_first_event(ClaudeBatchTrigger(batch_ids=[batch_id], min_poll_interval=0.1)))
     assert event.payload["batches"][0]["canceled"] == 3
     with pytest.raises(AirflowSkipException, match="canceled"):
