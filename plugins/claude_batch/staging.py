@@ -1,0 +1,1021 @@
+"""Staging: stream extracted rows into request shards on S3, with a manifest.
+
+Each shard ``requests/part-NNNNN.jsonl`` holds lines ``{"custom_id", "params"}`` (exactly what
+the Batches API create takes per request), at most ``max_requests_per_shard`` of them and at
+most ``max_shard_bytes``. Beside it, ``requests/part-NNNNN.keys.parquet`` maps each custom_id
+back to its record key (custom_ids may be hashes of the key). Rows that cannot be sent are never
+dropped: each goes to ``requests/rejects.jsonl`` with the row, its ledger key and a reason, and
+the ledger records it as ``dead``. ``manifest.json`` lists shards, counts, bytes, checksums, the
+prompt version, the models and a token and cost estimate.
+
+Memory stays flat: rows are processed in chunks, lines are buffered a megabyte at a time, and
+duplicate detection keeps 16 bytes per key (a sorted array of 64-bit key hashes and row numbers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import string
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from itertools import islice, repeat
+from operator import itemgetter
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from claude_batch.contracts import CUSTOM_ID_PATTERN, MAX_BATCH_BYTES, MAX_REQUESTS_PER_BATCH, custom_id_for
+from claude_batch.costs import (
+    CHARS_PER_TOKEN,
+    REQUEST_OVERHEAD_TOKENS,
+    CacheSetting,
+    CostEstimate,
+    ModelEstimate,
+    PriceTable,
+    default_prices,
+)
+from claude_batch.storage import RunLayout
+from claude_batch.workloads import Workload
+
+MANIFEST_FORMAT = 1
+DEFAULT_MAX_SHARD_BYTES = 128 * 1000 * 1000
+# The create body wraps the lines in {"requests": [...]}: keep a margin under the API's 256 MB.
+MAX_SHARD_BYTES_LIMIT = int(MAX_BATCH_BYTES * 0.9)
+_S3_BLOCK_SIZE = 8 * 1024 * 1024
+# C0 controls other than tab, newline and carriage return, DEL, and lone surrogates (what
+# invalid UTF-8 becomes under surrogateescape): one scan finds any of them.
+_BAD_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_SURROGATES = re.compile(r"[\ud800-\udfff]")
+# custom_id_for's rule for keys used as they are (tests check the two agree); anything else
+# goes through custom_id_for itself.
+_AS_IS_CUSTOM_ID = re.compile(r"^(?!k_[0-9a-f]{40}$)[a-zA-Z0-9_-]{1,64}$")
+_HASHED_SHAPE = r"^k_[0-9a-f]{40}$"
+# custom_ids are plain ASCII ([a-zA-Z0-9_-]), so they go between fixed quotes unescaped.
+_LINE_HEAD = b'{"custom_id":"'
+_BINARY = (bytes, bytearray, memoryview)
+
+SHARD_KEYS_SCHEMA = pa.schema(
+    [
+        ("custom_id", pa.string()),
+        ("record_key", pa.string()),
+        ("row_number", pa.int64()),
+        ("model", pa.string()),
+    ]
+)
+
+
+class StagingError(RuntimeError):
+    """Staging cannot go on (bad limits, a workload routing to models without a price)."""
+
+
+@dataclass(frozen=True)
+class StagingLimits:
+    """Shard limits: the API allows 100,000 requests and 256 MB per batch.
+
+    :param max_requests_per_shard: requests per shard (1..100,000).
+    :param max_shard_bytes: bytes per shard, at most 90% of 256 MB.
+    """
+
+    max_requests_per_shard: int = MAX_REQUESTS_PER_BATCH
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_requests_per_shard <= MAX_REQUESTS_PER_BATCH:
+            raise StagingError(f"max_requests_per_shard must be 1..{MAX_REQUESTS_PER_BATCH}")
+        if not 1024 <= self.max_shard_bytes <= MAX_SHARD_BYTES_LIMIT:
+            raise StagingError(f"max_shard_bytes must be 1024..{MAX_SHARD_BYTES_LIMIT}")
+
+
+@dataclass(frozen=True)
+class ShardManifest:
+    """One staged shard. Paths are relative to the run's prefix."""
+
+    part: int
+    requests: str
+    keys: str
+    count: int
+    bytes: int
+    sha256: str
+    models: dict[str, int]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What staging produced for one run (``manifest.json``)."""
+
+    workload: str
+    prompt_version: str
+    dag_id: str
+    run_id: str
+    cache_setting: CacheSetting
+    key_field: str
+    models: list[str]
+    extracted_rows: int
+    staged_requests: int
+    rejected_rows: int
+    rejected_by_reason: dict[str, int]
+    rejects: str
+    shards: list[ShardManifest]
+    limits: dict[str, int]
+    estimate: dict[str, Any]
+    created_at: str
+    format: int = MANIFEST_FORMAT
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
+        values = dict(data)
+        values["shards"] = [ShardManifest(**shard) for shard in data["shards"]]
+        return cls(**values)
+
+    def shard(self, part: int) -> ShardManifest:
+        for shard in self.shards:
+            if shard.part == part:
+                return shard
+        raise KeyError(f"no shard part {part} in the manifest of run {self.run_id!r}")
+
+
+def shard_keys_path(layout: RunLayout, part: int) -> str:
+    """``requests/part-NNNNN.keys.parquet``: the custom_id -> record key map of a shard."""
+    return f"{layout.prefix}/requests/part-{part:05d}.keys.parquet"
+
+
+def rejects_path(layout: RunLayout) -> str:
+    """``requests/rejects.jsonl``: every row staging could not send, with the reason."""
+    return f"{layout.prefix}/requests/rejects.jsonl"
+
+
+def _relative(layout: RunLayout, path: str) -> str:
+    return path[len(layout.prefix) + 1 :]
+
+
+def _full(layout: RunLayout, relative: str) -> str:
+    return f"{layout.prefix}/{relative}"
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, _BINARY):
+        return {"$bytes_hex": bytes(value).hex()}
+    return str(value)
+
+
+def _jsonable_row(row: Mapping[str, Any]) -> bytes:
+    """The row as JSON, whatever it holds (bytes as hex, lone surrogates escaped)."""
+    try:
+        return orjson.dumps(
+            dict(row), default=_json_default, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+        )
+    except (orjson.JSONEncodeError, TypeError):
+        cleaned = {
+            str(k): (v.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(v, str) else v)
+            for k, v in row.items()
+        }
+        return orjson.dumps(cleaned, default=_json_default, option=orjson.OPT_SORT_KEYS)
+
+
+def _describe_bad_char(text: str) -> tuple[str, str]:
+    """(reason_code, description) for the first control character or lone surrogate."""
+    surrogate = _SURROGATES.search(text)
+    control = _CONTROL_CHARS.search(text)
+    if surrogate is not None and (control is None or surrogate.start() < control.start()):
+        return (
+            "invalid_utf8",
+            f"invalid UTF-8 (lone surrogate U+{ord(surrogate.group()):04X} at character {surrogate.start()})",
+        )
+    if control is None:
+        return "invalid_utf8", "text that is not valid UTF-8"
+    return (
+        "control_character",
+        f"control character U+{ord(control.group()):04X} at character {control.start()}",
+    )
+
+
+def _rows_with_control_chars(contents: list[str]) -> list[int]:
+    """Indexes of the contents holding a control character other than tab, newline or CR, or DEL.
+
+    One numpy pass over the chunk's text instead of a regex per row (Python's ``re`` scans a
+    character class at a few nanoseconds a character; this is a small fraction of that).
+    """
+    joined = "\n".join(contents)
+    ascii_only = joined.isascii()
+    data = np.frombuffer(joined.encode("utf-8", "surrogatepass"), dtype=np.uint8)
+    suspects = np.flatnonzero((data < 32) | (data == 127))
+    if suspects.size == 0:
+        return []
+    values = data[suspects]
+    bad = suspects[(values != 9) & (values != 10) & (values != 13)]
+    if bad.size == 0:
+        return []
+    # Byte offset -> row: each content is followed by one separator byte.
+    if ascii_only:
+        lengths = np.fromiter((len(c) + 1 for c in contents), dtype=np.int64, count=len(contents))
+    else:
+        lengths = np.fromiter(
+            (len(c.encode("utf-8", "surrogatepass")) + 1 for c in contents),
+            dtype=np.int64,
+            count=len(contents),
+        )
+    ends = np.cumsum(lengths)
+    return sorted(set(np.searchsorted(ends, bad, side="right").tolist()))
+
+
+def _keys_not_usable_as_is(keys: list[Any]) -> list[int]:
+    """Indexes of keys that are not text usable as a custom_id as they are (NULL, ints, hashes...).
+
+    pyarrow's RE2 checks the whole chunk at once; keys pyarrow cannot take as text fall back
+    to a Python check.
+    """
+    try:
+        array = pa.array(keys, type=pa.string())
+    except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeEncodeError):
+        return [i for i, key in enumerate(keys) if type(key) is not str or not _AS_IS_CUSTOM_ID.match(key)]
+    usable = pc.and_(
+        pc.match_substring_regex(array, CUSTOM_ID_PATTERN.pattern),
+        pc.invert(pc.match_substring_regex(array, _HASHED_SHAPE)),
+    )
+    return np.flatnonzero(~pc.fill_null(usable, False).to_numpy(zero_copy_only=False)).tolist()
+
+
+class _BackgroundIO:
+    """Runs shard hashing and writing on one worker thread, in order.
+
+    hashlib and file/S3 writes release the GIL, so the main thread keeps rendering meanwhile;
+    at most ``depth`` jobs wait, which bounds the memory they hold.
+    """
+
+    def __init__(self, depth: int = 4) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="claude-batch-staging")
+        self._pending: deque[Future[Any]] = deque()
+        self._depth = depth
+
+    def submit(self, fn: Any, *args: Any) -> None:
+        self._pending.append(self._pool.submit(fn, *args))
+        while len(self._pending) > self._depth:
+            self._pending.popleft().result()
+
+    def drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        try:
+            self.drain()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+class _ShardWriter:
+    """One shard being written: the JSONL lines and the keys sidecar, streamed to the store.
+
+    ``count`` and ``bytes`` are tracked on the main thread; the writes happen on the I/O thread.
+    """
+
+    def __init__(self, layout: RunLayout, part: int) -> None:
+        self.part = part
+        self.path = layout.requests(part)
+        self.keys_path = shard_keys_path(layout, part)
+        self.count = 0
+        self.bytes = 0
+        self.models: dict[str, int] = {}
+        self._sha = hashlib.sha256()
+        self._stack = ExitStack()
+        self._handle: Any = None
+        self._keys_writer: pq.ParquetWriter | None = None
+
+    def open(self, layout: RunLayout) -> None:
+        self._handle = self._stack.enter_context(
+            layout.store.open(self.path, "wb", block_size=_S3_BLOCK_SIZE)
+        )
+        keys_handle = self._stack.enter_context(
+            layout.store.open(self.keys_path, "wb", block_size=_S3_BLOCK_SIZE)
+        )
+        self._keys_writer = self._stack.enter_context(pq.ParquetWriter(keys_handle, SHARD_KEYS_SCHEMA))
+
+    def write(self, data: bytes, keys: pa.RecordBatch) -> None:
+        self._sha.update(data)
+        self._handle.write(data)
+        assert self._keys_writer is not None
+        self._keys_writer.write_batch(keys)
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def manifest(self, layout: RunLayout) -> ShardManifest:
+        return ShardManifest(
+            part=self.part,
+            requests=_relative(layout, self.path),
+            keys=_relative(layout, self.keys_path),
+            count=self.count,
+            bytes=self.bytes,
+            sha256=self._sha.hexdigest(),
+            models=dict(sorted(self.models.items())),
+        )
+
+
+@dataclass
+class _Rejections:
+    """Rejected rows, streamed to ``requests/rejects.jsonl``."""
+
+    handle: Any
+    count: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
+    synthetic_keys: dict[str, int] = field(default_factory=dict)
+
+    def add(
+        self,
+        row_number: int,
+        record_key: str | None,
+        ledger_key: str | None,
+        code: str,
+        reason: str,
+        row_json: bytes,
+    ) -> None:
+        if ledger_key is None:
+            # No usable key: name the item by its content, so a re-run finds the same ledger row.
+            ledger_key = self.unique(f"{code}#{hashlib.sha256(row_json).hexdigest()[:16]}")
+        line = orjson.dumps(
+            {
+                "row_number": row_number,
+                "record_key": record_key,
+                "ledger_key": ledger_key,
+                "status": "dead",
+                "reason_code": code,
+                "reason": f"row {row_number}: {reason}",
+            }
+        )
+        self.handle.write(line[:-1] + b',"row":' + row_json + b"}\n")
+        self.count += 1
+        self.by_reason[code] = self.by_reason.get(code, 0) + 1
+
+    def unique(self, key: str) -> str:
+        """Identical rows without a usable key get ``-2``, ``-3``... so each stays one item."""
+        seen = self.synthetic_keys.get(key, 0) + 1
+        self.synthetic_keys[key] = seen
+        return key if seen == 1 else f"{key}-{seen}"
+
+
+class _SeenKeys:
+    """Which record keys this extract has already produced, in 16 bytes per key.
+
+    Keys are remembered by their 64-bit hash; a collision (about 1 in 10^7 at a million keys)
+    would mark a row as a duplicate, which is reported, never silently dropped.
+    """
+
+    def __init__(self) -> None:
+        self._hashes = np.empty(0, dtype=np.int64)
+        self._rows = np.empty(0, dtype=np.int64)
+
+    def repeated(self, keys: list[str], row_numbers: list[int]) -> list[tuple[int, int]]:
+        """(index, first row with the same key) for each key seen before, in this chunk or earlier."""
+        if not keys:
+            return []
+        hashes = np.fromiter(map(hash, keys), dtype=np.int64, count=len(keys))
+        rows = np.asarray(row_numbers, dtype=np.int64)
+        unique, first_index, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+        first_row = rows[first_index]
+        if len(self._hashes):
+            position = np.searchsorted(self._hashes, unique)
+            clipped = np.minimum(position, len(self._hashes) - 1)
+            known = self._hashes[clipped] == unique
+            first_row = np.where(known, self._rows[clipped], first_row)
+        else:
+            position = np.zeros(len(unique), dtype=np.int64)
+            known = np.zeros(len(unique), dtype=bool)
+        fresh = ~known
+        self._hashes = np.insert(self._hashes, position[fresh], unique[fresh])
+        self._rows = np.insert(self._rows, position[fresh], first_row[fresh])
+        first_of_each = first_row[inverse]
+        repeats = np.flatnonzero(first_of_each != rows)
+        return list(zip(repeats.tolist(), first_of_each[repeats].tolist(), strict=True))
+
+
+class _Chunk:
+    """Parallel columns of the rows still alive in one chunk; ``drop`` removes rows from all."""
+
+    def __init__(self, rows: list[Mapping[str, Any]], first_row: int) -> None:
+        self.rows = rows
+        self.numbers = list(range(first_row, first_row + len(rows)))
+        self.keys: list[Any] = []
+        self.custom_ids: list[str] = []
+        self.fields: dict[str, list[Any]] = {}
+        self.contents: list[str] = []
+        self.models: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def drop(self, indexes: set[int]) -> None:
+        if not indexes:
+            return
+        keep = [index for index in range(len(self.rows)) if index not in indexes]
+        size = len(self.rows)
+        for name in ("rows", "numbers", "keys", "custom_ids", "contents", "models"):
+            column = getattr(self, name)
+            if len(column) == size:
+                setattr(self, name, [column[index] for index in keep])
+        self.fields = {name: [column[index] for index in keep] for name, column in self.fields.items()}
+
+
+def _column(rows: list[Mapping[str, Any]], name: str) -> list[Any]:
+    """One field of every row (None where a row lacks it)."""
+    try:
+        return list(map(itemgetter(name), rows))
+    except (KeyError, TypeError):
+        return [row.get(name) for row in rows]
+
+
+class _Stager:
+    def __init__(
+        self,
+        workload: Workload,
+        layout: RunLayout,
+        key_field: str,
+        cache_setting: CacheSetting,
+        prices: PriceTable,
+        limits: StagingLimits,
+        assumed_cache_hit_rate: float,
+    ) -> None:
+        self.workload = workload
+        self.layout = layout
+        self.key_field = key_field
+        self.cache_setting = cache_setting
+        self.prices = prices
+        self.limits = limits
+        self.assumed_cache_hit_rate = assumed_cache_hit_rate
+        self.encoder = workload.encoder(cache_setting)
+        self.text_fields = set(workload.required_text_fields)
+        self.strip_controls = workload.control_characters == "strip"
+        self.max_tokens = workload.max_tokens
+        self.prefix_tokens = workload.prefix_tokens
+        self.template_parts = [
+            (literal, name)
+            for literal, name, _spec, _conv in string.Formatter().parse(workload.user_template)
+        ]
+        self.allowed_models = set(workload.models)
+        for model in self.allowed_models:
+            if prices.find(model) is None:
+                raise StagingError(f"workload {workload.name!r} uses model {model!r}, which has no price")
+        # The longest user content (in characters, ~4 a token) that fits each model's window.
+        self.max_content_chars = {
+            model: (
+                prices.for_model(model).context_window
+                - self.max_tokens
+                - self.prefix_tokens
+                - REQUEST_OVERHEAD_TOKENS
+            )
+            * CHARS_PER_TOKEN
+            for model in self.allowed_models
+        }
+        self._prefixes: dict[str, bytes] = {}
+        self.chars_by_model: dict[str, int] = {}
+        self.count_by_model: dict[str, int] = {}
+        self.rows_seen = 0
+        self.seen = _SeenKeys()
+        self.writers: list[_ShardWriter] = []
+        self.shard: _ShardWriter | None = None
+        self.io = _BackgroundIO()
+        self.stack = ExitStack()
+        rejects_handle = self.stack.enter_context(layout.store.open(rejects_path(layout), "wb"))
+        self.rejections = _Rejections(rejects_handle)
+
+    # -- per chunk ------------------------------------------------------------------------
+
+    def add_chunk(self, rows: list[Mapping[str, Any]]) -> None:
+        """Check, render and encode a chunk of rows, then hand the lines to the shards.
+
+        Every step runs over whole columns (C-level maps, numpy, pyarrow); rows with bad input
+        leave through the slow paths, each rejected with its reason.
+        """
+        chunk = _Chunk(rows, self.rows_seen + 1)
+        self.rows_seen += len(rows)
+        self._keys(chunk)
+        self._duplicates(chunk)
+        self._fields(chunk)
+        self._render(chunk)
+        self._control_characters(chunk)
+        self._models_and_sizes(chunk)
+        self._encode_and_write(chunk)
+
+    def _keys(self, chunk: _Chunk) -> None:
+        """A usable record key and its custom_id for each row."""
+        keys = _column(chunk.rows, self.key_field)
+        custom_ids = keys
+        drop: set[int] = set()
+        unusual = _keys_not_usable_as_is(keys)
+        if unusual:
+            custom_ids = list(keys)
+            for index in unusual:
+                key, custom_id = self._slow_key(chunk.numbers[index], chunk.rows[index], keys[index])
+                if key is None:
+                    drop.add(index)
+                else:
+                    keys[index], custom_ids[index] = key, custom_id
+        chunk.keys, chunk.custom_ids = keys, custom_ids
+        chunk.drop(drop)
+
+    def _duplicates(self, chunk: _Chunk) -> None:
+        """The first row with a key is the item; later rows with the same key are rejected."""
+        drop = set()
+        for index, first in self.seen.repeated(chunk.keys, chunk.numbers):
+            self._reject_duplicate(chunk.numbers[index], chunk.keys[index], first, chunk.rows[index])
+            drop.add(index)
+        chunk.drop(drop)
+
+    def _fields(self, chunk: _Chunk) -> None:
+        """Template fields as text: required ones present and not blank, NULL optional ones empty."""
+        drop: set[int] = set()
+        for _literal, name in self.template_parts:
+            if name is None or name in chunk.fields:
+                continue
+            column = _column(chunk.rows, name)
+            kinds = set(map(type, column))
+            if name in self.text_fields:
+                if kinds != {str} or "" in column or any(map(str.isspace, column)):
+                    for index, value in enumerate(column):
+                        if index in drop or (type(value) is str and value and not value.isspace()):
+                            continue
+                        ok, text = self._slow_text(
+                            chunk.numbers[index], chunk.keys[index], chunk.rows[index], name, value
+                        )
+                        if ok:
+                            column[index] = text
+                        else:
+                            drop.add(index)
+            elif None in column:
+                column = ["" if value is None else value for value in column]
+            if kinds != {str}:
+                # What str.format_map does with a plain {field}: format(value, "").
+                column = [value if type(value) is str else format(value, "") for value in column]
+            chunk.fields[name] = column
+        chunk.drop(drop)
+
+    def _render(self, chunk: _Chunk) -> None:
+        """The user content: the template's literal parts and field columns joined per row."""
+        parts: list[Any] = []
+        for literal, name in self.template_parts:
+            if literal:
+                parts.append(repeat(literal, len(chunk)))
+            if name is not None:
+                parts.append(chunk.fields[name])
+        chunk.contents = list(map("".join, zip(*parts, strict=False)))
+
+    def _control_characters(self, chunk: _Chunk) -> None:
+        drop = set()
+        for index in _rows_with_control_chars(chunk.contents):
+            content = self._slow_control(
+                chunk.numbers[index], chunk.keys[index], chunk.rows[index], chunk.contents[index]
+            )
+            if content is None:
+                drop.add(index)
+            else:
+                chunk.contents[index] = content
+        chunk.drop(drop)
+
+    def _models_and_sizes(self, chunk: _Chunk) -> None:
+        """The model of each request, and whether the content fits its context window."""
+        drop: set[int] = set()
+        if self.workload.route is None:
+            chunk.models = [self.workload.model] * len(chunk)
+        else:
+            models = [self._route(chunk.numbers[i], chunk.keys[i], chunk.rows[i]) for i in range(len(chunk))]
+            drop.update(index for index, model in enumerate(models) if model is None)
+            chunk.models = [model or "" for model in models]
+        lengths = list(map(len, chunk.contents))
+        if lengths and max(lengths) > min(self.max_content_chars.values()):
+            for index, length in enumerate(lengths):
+                model = chunk.models[index]
+                if index not in drop and length > self.max_content_chars[model]:
+                    drop.add(index)
+                    self._reject(
+                        chunk.numbers[index], chunk.keys[index], chunk.keys[index], "too_long",
+                        f"text too long for {model}: about {length // CHARS_PER_TOKEN} tokens of content, with the "
+                        f"prompt and max_tokens {self.max_tokens}, exceeds the context window", chunk.rows[index],
+                    )  # fmt: skip
+        chunk.drop(drop)
+
+    def _encode_and_write(self, chunk: _Chunk) -> None:
+        """Serialise the custom_ids and contents, check line sizes, and write the lines.
+
+        A line is ``head + custom_id JSON + per-model prefix + content JSON + suffix``; the parts
+        are joined once per shard slice, so no per-line bytes object is ever built.
+        """
+        dumps = orjson.dumps
+        drop: set[int] = set()
+        try:
+            content_jsons: list[bytes] = list(map(dumps, chunk.contents))
+        except orjson.JSONEncodeError:
+            encoded = self._slow_encode(chunk)
+            drop = {index for index, data in enumerate(encoded) if data is None}
+            content_jsons = [data or b'""' for data in encoded]
+        id_jsons = list(map(str.encode, chunk.custom_ids))
+        prefix_of = self._quoted_prefix
+        if self.workload.route is None:
+            prefix = prefix_of(self.workload.model)
+            prefixes: list[bytes] = [prefix] * len(chunk)
+            fixed = len(_LINE_HEAD) + len(self.encoder.suffix) + len(prefix)
+        else:
+            prefixes = [prefix_of(model) for model in chunk.models]
+            fixed = len(_LINE_HEAD) + len(self.encoder.suffix)
+        sizes = np.fromiter(map(len, id_jsons), dtype=np.int64, count=len(chunk)) + np.fromiter(
+            map(len, content_jsons), dtype=np.int64, count=len(chunk)
+        )
+        sizes += fixed
+        if self.workload.route is not None:
+            sizes += np.fromiter(map(len, prefixes), dtype=np.int64, count=len(chunk))
+        max_line = self.limits.max_shard_bytes
+        for index in np.flatnonzero(sizes > max_line).tolist():
+            if index not in drop:
+                drop.add(index)
+                self._reject(
+                    chunk.numbers[index], chunk.keys[index], chunk.keys[index], "request_too_large",
+                    f"request is {int(sizes[index])} bytes, over the shard limit of {max_line}", chunk.rows[index],
+                )  # fmt: skip
+        if drop:
+            keep = [index for index in range(len(chunk)) if index not in drop]
+            id_jsons = [id_jsons[i] for i in keep]
+            prefixes = [prefixes[i] for i in keep]
+            content_jsons = [content_jsons[i] for i in keep]
+            sizes = sizes[keep]
+            chunk.drop(drop)
+        if self.workload.route is None:
+            if len(chunk):
+                model = self.workload.model
+                self.chars_by_model[model] = self.chars_by_model.get(model, 0) + sum(map(len, chunk.contents))
+                self.count_by_model[model] = self.count_by_model.get(model, 0) + len(chunk)
+        else:
+            for model, content in zip(chunk.models, chunk.contents, strict=True):
+                self.chars_by_model[model] = self.chars_by_model.get(model, 0) + len(content)
+                self.count_by_model[model] = self.count_by_model.get(model, 0) + 1
+        self._write(chunk, id_jsons, prefixes, content_jsons, sizes)
+
+    def _write(
+        self,
+        chunk: _Chunk,
+        id_jsons: list[bytes],
+        prefixes: list[bytes],
+        content_jsons: list[bytes],
+        sizes: np.ndarray,
+    ) -> None:
+        """Split the chunk's lines over shards by count and bytes, and queue the writes."""
+        max_requests = self.limits.max_requests_per_shard
+        max_bytes = self.limits.max_shard_bytes
+        suffix = self.encoder.suffix
+        start = 0
+        while start < len(chunk):
+            shard = self.shard
+            if shard is None or shard.count >= max_requests:
+                shard = self._next_shard()
+            cumulative = np.cumsum(sizes[start : start + max_requests - shard.count])
+            fit = int(np.searchsorted(cumulative, max_bytes - shard.bytes, side="right"))
+            if fit == 0:
+                if shard.count == 0:  # cannot happen: longer lines were rejected
+                    raise StagingError(f"a {sizes[start]}-byte line does not fit an empty shard")
+                self._next_shard()
+                continue
+            end = start + fit
+            parts: list[bytes] = [_LINE_HEAD] * (5 * fit)
+            parts[1::5] = id_jsons[start:end]
+            parts[2::5] = prefixes[start:end]
+            parts[3::5] = content_jsons[start:end]
+            parts[4::5] = [suffix] * fit
+            data = b"".join(parts)
+            models = chunk.models[start:end]
+            batch = pa.record_batch(
+                [
+                    pa.array(chunk.custom_ids[start:end], pa.string()),
+                    pa.array(chunk.keys[start:end], pa.string()),
+                    pa.array(chunk.numbers[start:end], pa.int64()),
+                    pa.array(models, pa.string()),
+                ],
+                schema=SHARD_KEYS_SCHEMA,
+            )
+            shard.count += fit
+            shard.bytes += len(data)
+            for model, count in Counter(models).items():
+                shard.models[model] = shard.models.get(model, 0) + count
+            self.io.submit(shard.write, data, batch)
+            start = end
+
+    # -- the slow paths (bad input, rare) -------------------------------------------------
+
+    def _slow_key(self, row_number: int, row: Mapping[str, Any], raw: Any) -> tuple[str | None, str]:
+        key_field = self.key_field
+        if raw is None:
+            reason = "is NULL" if key_field in row else "is missing"
+            self._reject(row_number, None, None, "null_key", f"record key {key_field!r} {reason}", row)
+            return None, ""
+        if isinstance(raw, _BINARY):
+            try:
+                raw = bytes(raw).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                self._reject(
+                    row_number, None, None, "invalid_key",
+                    f"record key is not valid UTF-8 ({exc.reason} at byte {exc.start})", row,
+                )  # fmt: skip
+                return None, ""
+        key = raw if isinstance(raw, str) else str(raw)
+        if not key or key.isspace():
+            self._reject(row_number, None, None, "empty_key", f"record key {key_field!r} is empty", row)
+            return None, ""
+        if _BAD_CHARS.search(key):
+            _code, what = _describe_bad_char(key)
+            self._reject(row_number, None, None, "invalid_key", f"record key holds {what}", row)
+            return None, ""
+        return key, custom_id_for(key)
+
+    def _slow_text(
+        self, row_number: int, key: str, row: Mapping[str, Any], name: str, value: Any
+    ) -> tuple[bool, Any]:
+        """(True, the value as usable text), or (False, None) after rejecting the row."""
+        if value is None:
+            code, what = ("null_text", "is NULL") if name in row else ("missing_field", "is missing")
+            self._reject(row_number, key, key, code, f"field {name!r} {what}", row)
+            return False, None
+        if isinstance(value, _BINARY):
+            try:
+                value = bytes(value).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                self._reject(
+                    row_number, key, key, "invalid_utf8",
+                    f"field {name!r} is not valid UTF-8 ({exc.reason} at byte {exc.start})", row,
+                )  # fmt: skip
+                return False, None
+        elif not isinstance(value, str):
+            return True, value  # numbers and dates are rendered by the template as they are
+        if not value or value.isspace():
+            self._reject(row_number, key, key, "empty_text", f"field {name!r} is empty", row)
+            return False, None
+        return True, value
+
+    def _slow_control(self, row_number: int, key: str, row: Mapping[str, Any], content: str) -> str | None:
+        """The content with control characters stripped (policy ``strip``), or None after rejecting."""
+        if self.strip_controls and not _SURROGATES.search(content):
+            stripped = _CONTROL_CHARS.sub("", content)
+            if stripped.strip():
+                return stripped
+            self._reject(
+                row_number,
+                key,
+                key,
+                "empty_text",
+                "the text is empty once control characters are stripped",
+                row,
+            )
+            return None
+        where = "the rendered text"
+        for name in self.workload.template_fields:
+            value = row.get(name)
+            if isinstance(value, str) and _BAD_CHARS.search(value):
+                where = f"field {name!r}"
+                break
+        code, what = _describe_bad_char(content)
+        self._reject(row_number, key, key, code, f"{where} holds {what}", row)
+        return None
+
+    def _slow_encode(self, chunk: _Chunk) -> list[bytes | None]:
+        """Encode content by content; None marks a rejected row (text orjson refuses)."""
+        encoded: list[bytes | None] = []
+        for index, content in enumerate(chunk.contents):
+            try:
+                encoded.append(orjson.dumps(content))
+            except orjson.JSONEncodeError:
+                code, what = _describe_bad_char(content)
+                where = "the rendered text"
+                row = chunk.rows[index]
+                for name in self.workload.template_fields:
+                    value = row.get(name)
+                    if isinstance(value, str) and _SURROGATES.search(value):
+                        where = f"field {name!r}"
+                        break
+                key = chunk.keys[index]
+                self._reject(chunk.numbers[index], key, key, code, f"{where} holds {what}", row)
+                encoded.append(None)
+        return encoded  # type: ignore[return-value]
+
+    def _quoted_prefix(self, model: str) -> bytes:
+        """The bytes from the custom_id's closing quote to the content's opening quote."""
+        prefix = self._prefixes.get(model)
+        if prefix is None:
+            prefix = self._prefixes[model] = b'"' + self.encoder.prefix(model)
+        return prefix
+
+    def _route(self, row_number: int, key: str, row: Mapping[str, Any]) -> str | None:
+        assert self.workload.route is not None
+        try:
+            model = self.workload.route(row)
+        except Exception as exc:  # a user's rule failing on one row must not abort the run
+            self._reject(
+                row_number,
+                key,
+                key,
+                "routing_error",
+                f"routing rule failed: {type(exc).__name__}: {exc}",
+                row,
+            )
+            return None
+        if model not in self.allowed_models:
+            self._reject(
+                row_number,
+                key,
+                key,
+                "routing_error",
+                f"routing rule chose {model!r}, not in route_models",
+                row,
+            )
+            return None
+        return model
+
+    def _reject(
+        self,
+        row_number: int,
+        record_key: str | None,
+        ledger_key: str | None,
+        code: str,
+        reason: str,
+        row: Mapping[str, Any],
+    ) -> None:
+        self.rejections.add(row_number, record_key, ledger_key, code, reason, _jsonable_row(row))
+
+    def _reject_duplicate(self, row_number: int, key: str, first_row: int, row: Mapping[str, Any]) -> None:
+        row_json = _jsonable_row(row)
+        # The first row with the key is the item; each later one is its own ledger item.
+        ledger_key = self.rejections.unique(f"{key}#dup-{hashlib.sha256(row_json).hexdigest()[:12]}")
+        self.rejections.add(
+            row_number, key, ledger_key, "duplicate_key",
+            f"duplicate record key {key!r}: row {first_row} has the same key and is the one sent", row_json,
+        )  # fmt: skip
+
+    def _next_shard(self) -> _ShardWriter:
+        if self.shard is not None:
+            self.io.submit(self.shard.close)
+        shard = _ShardWriter(self.layout, len(self.writers))
+        self.writers.append(shard)
+        self.io.submit(shard.open, self.layout)
+        self.shard = shard
+        return shard
+
+    # -- the end --------------------------------------------------------------------------
+
+    def finish(self) -> Manifest:
+        if self.shard is not None:
+            self.io.submit(self.shard.close)
+            self.shard = None
+        self.io.close()
+        self.stack.close()
+        shards = [writer.manifest(self.layout) for writer in self.writers]
+        self._delete_stale_parts(shards)
+        estimate = CostEstimate(self.cache_setting, self.assumed_cache_hit_rate)
+        expected_output = self.workload.expected_output_tokens or self.max_tokens
+        for model, count in sorted(self.count_by_model.items()):
+            estimate.per_model[model] = ModelEstimate(
+                requests=count,
+                prefix_tokens_per_request=self.prefix_tokens,
+                variable_input_tokens=-(-self.chars_by_model[model] // CHARS_PER_TOKEN)
+                + REQUEST_OVERHEAD_TOKENS * count,
+                max_output_tokens=self.max_tokens * count,
+                expected_output_tokens=expected_output * count,
+            )
+        manifest = Manifest(
+            workload=self.workload.name,
+            prompt_version=self.workload.prompt_version,
+            dag_id=self.layout.dag_id,
+            run_id=self.layout.run_id,
+            cache_setting=self.cache_setting,
+            key_field=self.key_field,
+            models=sorted(self.count_by_model),
+            extracted_rows=self.rows_seen,
+            staged_requests=sum(shard.count for shard in shards),
+            rejected_rows=self.rejections.count,
+            rejected_by_reason=dict(sorted(self.rejections.by_reason.items())),
+            rejects=_relative(self.layout, rejects_path(self.layout)),
+            shards=shards,
+            limits=asdict(self.limits),
+            estimate=estimate.to_dict(self.prices),
+            created_at=datetime.now(UTC).isoformat(),
+        )
+        if manifest.extracted_rows != manifest.staged_requests + manifest.rejected_rows:
+            raise StagingError(
+                f"staging lost rows: {manifest.extracted_rows} extracted, {manifest.staged_requests} staged, "
+                f"{manifest.rejected_rows} rejected"
+            )
+        self.layout.store.write_json(self.layout.manifest, manifest.to_dict())
+        return manifest
+
+    def _delete_stale_parts(self, shards: list[ShardManifest]) -> None:
+        """A re-run with fewer shards must not leave an earlier run's extra parts behind."""
+        keep = {path for shard in shards for path in (shard.requests, shard.keys)}
+        keep.add(_relative(self.layout, rejects_path(self.layout)))
+        for path in self.layout.store.list(f"{self.layout.prefix}/requests"):
+            if _relative(self.layout, path) not in keep:
+                self.layout.store.delete(path)
+
+    def abort(self) -> None:
+        try:
+            if self.shard is not None:
+                self.io.submit(self.shard.close)
+            self.io.close()
+        finally:
+            self.stack.close()
+
+
+def stage_requests(
+    rows: Iterable[Mapping[str, Any]],
+    workload: Workload,
+    layout: RunLayout,
+    *,
+    key_field: str,
+    cache_setting: CacheSetting,
+    prices: PriceTable | None = None,
+    limits: StagingLimits | None = None,
+    assumed_cache_hit_rate: float = 0.0,
+    chunk_rows: int = 10_000,
+) -> Manifest:
+    """Render rows into request shards and write the manifest; returns the manifest.
+
+    Re-running for the same run overwrites the same keys (and removes parts it no longer needs).
+
+    :param rows: the extracted rows, streamed (e.g. ``Warehouse.extract``).
+    :param workload: the task spec rendering each row.
+    :param layout: the run's S3 layout.
+    :param key_field: the row field holding the record key.
+    :param cache_setting: the run's resolved cache setting (``Workload.choose_cache_setting``).
+    :param prices: the price table (estimate, context windows).
+    :param limits: shard limits (default 100,000 requests, 128 MB).
+    :param assumed_cache_hit_rate: the hit rate the expected cost assumes (measured in recent runs).
+    :param chunk_rows: rows processed together (bounds memory, amortises duplicate detection).
+    """
+    stager = _Stager(
+        workload,
+        layout,
+        key_field,
+        cache_setting,
+        prices or default_prices(),
+        limits or StagingLimits(),
+        assumed_cache_hit_rate,
+    )
+    try:
+        iterator = iter(rows)
+        while chunk := list(islice(iterator, chunk_rows)):
+            stager.add_chunk(chunk)
+    except BaseException:
+        stager.abort()
+        raise
+    return stager.finish()
+
+
+def read_manifest(layout: RunLayout) -> Manifest | None:
+    """The run's manifest, or None when staging has not finished."""
+    data = layout.store.read_json_or_none(layout.manifest)
+    return None if data is None else Manifest.from_dict(data)
+
+
+def iter_shard_lines(layout: RunLayout, shard: ShardManifest, *, verify: bool = True) -> Iterator[bytes]:
+    """The shard's JSONL lines (without newlines), streamed; checks the sha256 at the end.
+
+    :param verify: raise ``StagingError`` when the bytes read do not match the manifest.
+    """
+    digest = hashlib.sha256()
+    size = 0
+    with layout.store.open(_full(layout, shard.requests), "rb") as handle:
+        for line in handle:
+            digest.update(line)
+            size += len(line)
+            yield line.rstrip(b"\n")
+    if verify and (digest.hexdigest() != shard.sha256 or size != shard.bytes):
+        raise StagingError(
+            f"shard {shard.requests} does not match its manifest checksum; it was changed or cut short"
+        )
+
+
+def iter_shard_requests(layout: RunLayout, shard: ShardManifest) -> Iterator[dict[str, Any]]:
+    """The shard's requests as dicts ``{"custom_id", "params"}``."""
+    for line in iter_shard_lines(layout, shard):
+        yield orjson.loads(line)
+
+
+def read_shard_keys(layout: RunLayout, shard: ShardManifest) -> pa.Table:
+    """The shard's custom_id -> record key map (columns of :data:`SHARD_KEYS_SCHEMA`)."""
+    with layout.store.open(_full(layout, shard.keys), "rb") as handle:
+        return pq.read_table(handle)
+
+
+def iter_rejections(layout: RunLayout, manifest: Manifest | None = None) -> Iterator[dict[str, Any]]:
+    """The rejected rows of the run (``row_number``, ``record_key``, ``ledger_key``, reason, row)."""
+    path = _full(layout, manifest.rejects) if manifest else rejects_path(layout)
+    if not layout.store.exists(path):
+        return
+    with layout.store.open(path, "rb") as handle:
+        for line in handle:
+            yield orjson.loads(line)
