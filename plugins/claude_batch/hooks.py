@@ -178,7 +178,7 @@ class ClaudeBatchHook(AnthropicHook):
         body_bytes: int,
         request_count: int,
         recover: Callable[[], MessageBatch | None],
-        max_attempts: int = 6,
+        max_attempts: int = 8,
     ) -> MessageBatch:
         """Create one batch from a streamed JSON body, never creating it twice.
 
