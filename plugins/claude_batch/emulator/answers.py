@@ -24,8 +24,10 @@ from typing import Any
 
 WORD_RE = re.compile(r"[a-z0-9]+")
 _DATE_RE = re.compile(r"\b\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?\b")
-_TIME_RE = re.compile(r"\b\d{1,2}:\d{2}(?::\d{2})?\b")
-_NUMBER_RE = re.compile(r"(?<![\w.])[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\w])")
+# Runs of digits and number punctuation; each is then read as a number, or skipped when it is
+# a date, a time or part of a word.
+_NUMERIC_RUN_RE = re.compile(r"\d[\d,.:\-]*")
+_NUMBER_RE = re.compile(r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 _EMAIL_RE = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 _URL_RE = re.compile(r"https?://[^\s\"'<>]+")
 _SENTENCE_RE = re.compile(r"[^.!?\n]+[.!?]?")
@@ -80,6 +82,7 @@ DEFAULT_LABEL_HINTS: dict[str, tuple[str, ...]] = {
 }
 
 
+@functools.lru_cache(maxsize=4096)
 def name_words(name: str) -> tuple[str, ...]:
     """``totalAmount`` / ``total_amount`` -> ("total", "amount"), without filler words."""
     spaced = _CAMEL_RE.sub(r"\1 \2", name).lower()
@@ -92,7 +95,35 @@ def stable_index(text: str, size: int) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def _phrase_pattern(phrase: str) -> re.Pattern:
-    return re.compile(r"(?<![a-z0-9])" + re.escape(phrase) + r"(?![a-z0-9])")
+    """Matches the phrase as whole words (a boundary is only required next to a letter or digit)."""
+    before = r"(?<![a-z0-9])" if phrase[:1].isalnum() else ""
+    after = r"(?![a-z0-9])" if phrase[-1:].isalnum() else ""
+    return re.compile(before + re.escape(phrase) + after)
+
+
+@functools.lru_cache(maxsize=4096)
+def _word_start_pattern(stem: str) -> re.Pattern:
+    return re.compile(r"(?<![a-z0-9])" + re.escape(stem))
+
+
+@functools.lru_cache(maxsize=4096)
+def _label_terms(label: str, hints_id: int) -> tuple[str, tuple[str, ...], frozenset[str], tuple[str, ...]]:
+    """(lowered label, its words, single-word hints, phrase hints) for scoring one enum value."""
+    hints = _HINT_TABLES[hints_id]
+    lowered = label.lower()
+    parts = tuple(WORD_RE.findall(lowered))
+    single: set[str] = set()
+    phrases: list[str] = []
+    for key in {"_".join(parts), *parts}:
+        for hint in hints.get(key, ()):
+            if hint.isalnum():
+                single.add(hint)
+            else:
+                phrases.append(hint)
+    return lowered, parts, frozenset(single), tuple(phrases)
+
+
+_HINT_TABLES: dict[int, dict[str, tuple[str, ...]]] = {}
 
 
 class SchemaAnswerer:
@@ -103,41 +134,46 @@ class SchemaAnswerer:
         self.lower = text.lower()
         self.words = frozenset(WORD_RE.findall(self.lower))
         self.label_hints = DEFAULT_LABEL_HINTS if label_hints is None else label_hints
-        self._prefixes: frozenset[str] | None = None
+        self._hints_id = id(self.label_hints)
+        _HINT_TABLES.setdefault(self._hints_id, self.label_hints)
         self._numbers: list[tuple[float, bool, int]] | None = None
         self._mood: int | None = None
 
     # ---- text helpers -------------------------------------------------------------------------
-    def _word_prefixes(self) -> frozenset[str]:
-        if self._prefixes is None:
-            self._prefixes = frozenset(word[:4] for word in self.words if len(word) >= 4)
-        return self._prefixes
-
     def has_word(self, word: str) -> bool:
-        """The word occurs, exactly, as a plural, or sharing its stem (bill ~ billing ~ billed)."""
+        """The word occurs, exactly, as a plural, or sharing its stem (billing ~ billed)."""
         if word in self.words or word + "s" in self.words:
             return True
-        return len(word) >= 5 and word[:4] in self._word_prefixes() and any(
-            candidate.startswith(word[: max(4, len(word) - 3)]) for candidate in self.words
-        )
+        if len(word) < 5:
+            return False
+        stem = word[: max(4, len(word) - 3)]
+        return stem in self.lower and bool(_word_start_pattern(stem).search(self.lower))
 
     def has_phrase(self, phrase: str) -> bool:
-        if " " not in phrase and phrase.isalnum():
+        if phrase.isalnum():
             return phrase in self.words
-        return bool(_phrase_pattern(phrase).search(self.lower))
+        # The substring test rejects most phrases cheaply; the pattern then checks word boundaries.
+        return phrase in self.lower and bool(_phrase_pattern(phrase).search(self.lower))
 
     def numbers(self) -> list[tuple[float, bool, int]]:
         """(value, is_integer, position) for the numbers in the text, dates and times left out."""
         if self._numbers is None:
-            masked = _TIME_RE.sub(lambda m: " " * len(m.group()), _DATE_RE.sub(lambda m: " " * len(m.group()), self.text))
             found = []
-            for match in _NUMBER_RE.finditer(masked):
-                literal = match.group().replace(",", "")
-                try:
-                    value = float(literal)
-                except ValueError:
+            text = self.text
+            for run in _NUMERIC_RUN_RE.finditer(text):
+                start, end = run.span()
+                if start and (text[start - 1].isalnum() or text[start - 1] in "_."):
+                    continue  # part of a word or an identifier, like v2 or A-113
+                if end < len(text) and (text[end].isalpha() or text[end] == "_"):
                     continue
-                found.append((value, "." not in literal, match.start()))
+                token = run.group().rstrip(",.:-")
+                if _NUMBER_RE.fullmatch(token) is None:
+                    continue  # a date, a time, a phone number...
+                literal = token.replace(",", "")
+                value = float(literal)
+                if start and text[start - 1] == "-" and (start < 2 or not text[start - 2].isalnum()):
+                    value = -value
+                found.append((value, "." not in literal, start))
             self._numbers = found
         return self._numbers
 
@@ -280,18 +316,17 @@ class SchemaAnswerer:
 
     # ---- leaves -------------------------------------------------------------------------------
     def label_score(self, label: str) -> int:
-        lowered = label.lower()
-        parts = WORD_RE.findall(lowered)
+        lowered, parts, single_hints, phrase_hints = _label_terms(label, self._hints_id)
         score = 0
         if lowered and self.has_phrase(lowered):
             score += 3
         for part in parts:
             if len(part) >= 3 and self.has_word(part):
                 score += 2
-        for key in {"_".join(parts), *parts}:
-            for hint in self.label_hints.get(key, ()):
-                if self.has_phrase(hint):
-                    score += 2
+        score += 2 * len(single_hints & self.words)
+        for hint in phrase_hints:
+            if self.has_phrase(hint):
+                score += 2
         return score
 
     def matching_enum_values(self, values: list) -> list:

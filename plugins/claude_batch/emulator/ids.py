@@ -8,6 +8,8 @@ from datetime import UTC, datetime
 
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _ID_BODY_LENGTH = 22
+# Maps each byte value to a base-62 character (slightly uneven, which does not matter for ids).
+_BYTE_TO_CHAR = bytes(ord(_ALPHABET[value % 62]) for value in range(256))
 
 
 def random_id(prefix: str, rng: random.Random) -> str:
@@ -17,13 +19,8 @@ def random_id(prefix: str, rng: random.Random) -> str:
 
 def derived_id(prefix: str, *parts: object) -> str:
     """A stable id derived from its parts, so re-downloaded results carry the same ids."""
-    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=16).digest()
-    number = int.from_bytes(digest, "big")
-    chars = []
-    for _ in range(_ID_BODY_LENGTH):
-        number, remainder = divmod(number, 62)
-        chars.append(_ALPHABET[remainder])
-    return prefix + "01" + "".join(chars)
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=_ID_BODY_LENGTH).digest()
+    return prefix + "01" + digest.translate(_BYTE_TO_CHAR).decode()
 
 
 def rfc3339(epoch_seconds: float) -> str:
