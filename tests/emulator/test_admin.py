@@ -95,6 +95,7 @@ def test_in_process_server_picks_a_free_port_and_stops(emu):
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+", server.base_url) and server.port != emu.port
         with anthropic.Anthropic(api_key="k", base_url=server.base_url, max_retries=0) as client:
             batch = client.messages.batches.create(requests=items(1))
+            assert batch.processing_status == "in_progress"  # a create always answers in_progress
             assert client.messages.batches.retrieve(batch.id).processing_status == "ended"
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.base_url}/_emulator/health", timeout=2)

@@ -108,6 +108,7 @@ def test_latency_slows_the_chosen_endpoint(client, emu):
     started = time.monotonic()
     client.messages.count_tokens(model="m", messages=[{"role": "user", "content": "hi"}])
     assert time.monotonic() - started < 0.3
+    assert emu.stats()["faults_injected"] == {"latency": 1}
 
 
 def test_errored_and_expired_requests_inside_a_batch(client, emu, http):

@@ -99,6 +99,15 @@ def test_numbers_outside_the_bounds_fall_back_inside():
     jsonschema.validate(answer, schema)
 
 
+def test_strings_are_excerpts_about_the_field():
+    schema = {
+        "type": "object",
+        "properties": {"shipping_note": {"type": "string"}, "summary": {"type": "string", "maxLength": 12}},
+    }
+    text = "Hello team. The shipping was late again! Thanks, Ann"
+    assert SchemaAnswerer(text).answer(schema) == {"shipping_note": "The shipping was late again!", "summary": "Hello team."}
+
+
 def test_rating_follows_the_mood_of_the_text():
     schema = {"type": "object", "properties": {"rating": {"type": "integer", "minimum": 1, "maximum": 5}}}
     assert SchemaAnswerer("Terrible, awful product, I hate it").answer(schema) == {"rating": 1}

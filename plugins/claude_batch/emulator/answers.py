@@ -188,6 +188,23 @@ class SchemaAnswerer:
     def sentences(self) -> list[str]:
         return [s.strip() for s in _SENTENCE_RE.findall(self.text) if s.strip()]
 
+    def sentence_with(self, words: tuple[str, ...]) -> str | None:
+        """The first sentence mentioning one of ``words``, else the first sentence."""
+        position = 0
+        for word in words:
+            if len(word) >= 4 and self.has_phrase(word):
+                found = _phrase_pattern(word).search(self.lower)
+                if found:
+                    position = found.start()
+                    break
+        # Back up to the start of the sentence holding that position, then take that sentence.
+        start = max(self.text.rfind(mark, 0, position) for mark in ".!?\n") + 1 if position else 0
+        for match in _SENTENCE_RE.finditer(self.text, start):
+            sentence = match.group().strip()
+            if sentence:
+                return sentence
+        return None
+
     def labelled_value(self, words: tuple[str, ...]) -> str | None:
         """The value in a ``Label: value`` line whose label contains one of ``words``."""
         for word in words:
@@ -441,11 +458,7 @@ class SchemaAnswerer:
         if not _EXCERPT_FIELDS.intersection(words):
             candidate = self.labelled_value(words)
         if candidate is None:
-            sentences = self.sentences()
-            candidate = next(
-                (s for s in sentences if any(len(w) >= 4 and self.has_phrase(w) and w in s.lower() for w in words)),
-                sentences[0] if sentences else "n/a",
-            )
+            candidate = self.sentence_with(words) or "n/a"
         return self._fit_string(candidate, schema)
 
     @staticmethod

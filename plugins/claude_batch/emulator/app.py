@@ -29,7 +29,7 @@ import anyio.to_thread
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -162,6 +162,8 @@ def create_app(store: BatchStore, api_key: str) -> ASGIApp:
                 return await handler(request)
             except ApiError as error:
                 return _error_response(request, error)
+            except ClientDisconnect:
+                return Response(status_code=499)  # nobody is listening any more
             except Exception:
                 log.exception("emulator failed on %s %s", request.method, request.url.path)
                 return _error_response(request, ApiError(500, "Internal server error (emulator bug)."))
@@ -201,7 +203,7 @@ def create_app(store: BatchStore, api_key: str) -> ASGIApp:
         if failure is not None:
             raise failure
         batch = store.commit(builder)
-        return JSONResponse(store.retrieve(batch.id, base_url(request)))
+        return JSONResponse(store.describe_new(batch, base_url(request)))
 
     async def list_batches(request: Request) -> Response:
         query = request.query_params

@@ -46,7 +46,7 @@ class EmulatorConfig:
 
     time_scale: float = 1.0  # emulated seconds per wall-clock second
     processing_seconds: float = 60.0  # emulated time a batch takes to process
-    processing_jitter: float = 0.1  # each batch takes processing_seconds * (1 +- jitter/2)... see store
+    processing_jitter: float = 0.1  # each batch takes processing_seconds * (1 +- jitter), seeded
     cancel_seconds: float = 5.0  # emulated time from cancel to ended
     expiry_seconds: float = DAY  # a batch expires this long after created_at
     archive_seconds: float = 29 * DAY  # results are gone this long after created_at

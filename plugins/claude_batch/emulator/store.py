@@ -362,7 +362,11 @@ class BatchStore:
             self.http_requests[endpoint] += 1
 
     def latency_for(self, endpoint: str) -> float:
-        return self.faults.latency_for(endpoint)
+        latency = self.faults.latency_for(endpoint)
+        if latency > 0:
+            with self._lock:
+                self.faults_injected["latency"] += 1
+        return latency
 
     def check_faults(self, endpoint: str) -> None:
         """Raise the injected HTTP fault or rate-limit error for this request, if any."""
@@ -453,6 +457,16 @@ class BatchStore:
         if batch is None:
             raise not_found(f"No Message Batch found with id {batch_id!r}.")
         return batch
+
+    def describe_new(self, batch: Batch, base_url: str) -> dict:
+        """The just-created batch as the create call answers it: always still in_progress."""
+        with self._lock:
+            return self._to_api(batch, batch.created_at, base_url) | {
+                "processing_status": "in_progress",
+                "request_counts": {"processing": batch.size, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0},
+                "ended_at": None,
+                "results_url": None,
+            }
 
     def retrieve(self, batch_id: str, base_url: str) -> dict:
         with self._lock:
