@@ -1,0 +1,861 @@
+"""The warehouse side: extract, the ledger, bulk loads, the accounting check and run history.
+
+Works on any DB-API connection through a :class:`Dialect`: DuckDB (the embedded default) and
+PostgreSQL here; Snowflake or Redshift fill the same seam later. Every value is a bound
+parameter and every identifier is validated and quoted, so no row content ever becomes SQL.
+Loads go through the bulk paths (COPY from a streamed CSV for PostgreSQL, registered Arrow
+tables for DuckDB) into temporary tables, then one set-based upsert, all in one transaction:
+a failure mid-load leaves nothing half-done.
+
+The ledger holds one row per (workload, record key, prompt version): ``pending`` once staged,
+``submitted`` once in a batch, then ``succeeded``, ``invalid`` (an answer that failed
+validation, retried once), ``retry`` (errored, expired or canceled, retried up to the attempt
+limit) or ``dead`` (``invalid_request_error``, rejected input, or out of attempts). Items due
+for retry are extracted again by the next run; items done for the prompt version never are.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from claude_batch.costs import PriceTable, default_prices
+from claude_batch.staging import Manifest, iter_rejections, read_shard_keys
+from claude_batch.storage import RunLayout
+from claude_batch.validation import iter_validated, validated_path
+from claude_batch.workloads import CacheObservation, Workload
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LEDGER_TABLE = "claude_batch_ledger"
+DEFAULT_RUNS_TABLE = "claude_batch_runs"
+DEFAULT_ATTEMPT_LIMIT = 3
+LEDGER_STATUSES = ("pending", "submitted", "succeeded", "invalid", "retry", "dead")
+FINAL_STATUSES = ("succeeded", "invalid", "retry", "dead")
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_RESULT_META_COLUMNS: list[tuple[str, pa.DataType]] = [
+    ("record_key", pa.string()),
+    ("prompt_version", pa.string()),
+    ("custom_id", pa.string()),
+    ("model", pa.string()),
+    ("batch_id", pa.string()),
+    ("output_json", pa.string()),
+]
+_RESULT_USAGE_COLUMNS: list[tuple[str, pa.DataType]] = [
+    ("input_tokens", pa.int64()),
+    ("output_tokens", pa.int64()),
+    ("cache_creation_input_tokens", pa.int64()),
+    ("cache_read_input_tokens", pa.int64()),
+    ("cost_usd", pa.float64()),
+]
+_OUTCOME_COLUMNS: list[tuple[str, pa.DataType]] = [
+    ("record_key", pa.string()),
+    ("status", pa.string()),
+    ("reason", pa.string()),
+    ("error_type", pa.string()),
+    ("batch_id", pa.string()),
+]
+_STAGED_COLUMNS: list[tuple[str, pa.DataType]] = [
+    ("record_key", pa.string()),
+    ("custom_id", pa.string()),
+    ("status", pa.string()),
+    ("last_error", pa.string()),
+]
+_KEY_COLUMNS: list[tuple[str, pa.DataType]] = [("record_key", pa.string())]
+
+
+class WarehouseError(RuntimeError):
+    """A warehouse step that cannot go on (bad identifiers, an unknown connection type)."""
+
+
+class AccountingError(RuntimeError):
+    """A run whose extracted items are not all accounted for; the message names the gap."""
+
+
+def _utcnow() -> datetime:
+    # Stored as naive UTC: both dialects' TIMESTAMP, no time-zone extension needed.
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def validate_identifier(name: str) -> str:
+    """``name`` if it is a plain SQL identifier, optionally schema-qualified (``schema.table``).
+
+    :param name: a table or column name from configuration (never from row content).
+    """
+    parts = name.split(".")
+    if not 1 <= len(parts) <= 2 or not all(_IDENTIFIER.match(part) for part in parts):
+        raise WarehouseError(
+            f"{name!r} is not a valid identifier (letters, digits, underscores; schema.table)"
+        )
+    return name
+
+
+# -- dialects -------------------------------------------------------------------------------
+
+
+class Dialect:
+    """What differs between warehouses: placeholders, types, transactions, streaming, bulk loads."""
+
+    name = "generic"
+    placeholder = "?"
+    _types: dict[str, str] = {
+        "string": "VARCHAR",
+        "int64": "BIGINT",
+        "double": "DOUBLE PRECISION",
+        "bool": "BOOLEAN",
+        "date32[day]": "DATE",
+        "timestamp[us]": "TIMESTAMP",
+    }
+
+    def quote(self, name: str) -> str:
+        """The validated identifier, double-quoted part by part."""
+        return ".".join(f'"{part}"' for part in validate_identifier(name).split("."))
+
+    def sql_type(self, arrow_type: pa.DataType) -> str:
+        try:
+            return self._types[str(arrow_type)]
+        except KeyError:
+            raise WarehouseError(f"no {self.name} column type for Arrow type {arrow_type}") from None
+
+    def query_text(self, sql: str) -> str:
+        """A user's SQL text as it must appear in a statement that also has parameters."""
+        return sql
+
+    @contextmanager
+    def transaction(self, conn: Any) -> Iterator[Any]:
+        """A cursor inside one transaction: committed on success, rolled back on any error."""
+        cursor = conn.cursor()
+        try:
+            yield cursor
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+        finally:
+            cursor.close()
+
+    def execute(self, cursor: Any, sql: str, params: Sequence[Any] = ()) -> None:
+        cursor.execute(sql, tuple(params))
+
+    def stream(
+        self, conn: Any, sql: str, params: Sequence[Any], chunk_rows: int
+    ) -> Iterator[list[dict[str, Any]]]:
+        """The query's rows as dicts, ``chunk_rows`` at a time."""
+        cursor = conn.cursor()
+        try:
+            cursor.execute(sql, tuple(params))
+            names = [column[0] for column in cursor.description]
+            while rows := cursor.fetchmany(chunk_rows):
+                yield [dict(zip(names, row, strict=True)) for row in rows]
+        finally:
+            cursor.close()
+
+    def create_temp_table(self, cursor: Any, name: str, columns: Sequence[tuple[str, pa.DataType]]) -> None:
+        body = ", ".join(f"{self.quote(column)} {self.sql_type(kind)}" for column, kind in columns)
+        self.execute(cursor, f"DROP TABLE IF EXISTS {self.quote(name)}")
+        self.execute(cursor, f"CREATE TEMPORARY TABLE {self.quote(name)} ({body})")
+
+    def drop_temp_table(self, cursor: Any, name: str) -> None:
+        self.execute(cursor, f"DROP TABLE IF EXISTS {self.quote(name)}")
+
+    def load_arrow(self, cursor: Any, table: str, data: pa.Table | pa.RecordBatch) -> int:
+        """Append ``data`` to ``table`` (same column names); the generic path is executemany."""
+        if data.num_rows == 0:
+            return 0
+        names = data.schema.names
+        marks = ", ".join([self.placeholder] * len(names))
+        columns = ", ".join(self.quote(name) for name in names)
+        rows = list(zip(*(data.column(i).to_pylist() for i in range(len(names))), strict=True))
+        cursor.executemany(f"INSERT INTO {self.quote(table)} ({columns}) VALUES ({marks})", rows)
+        return data.num_rows
+
+
+class DuckDBDialect(Dialect):
+    """DuckDB: Arrow tables registered on the connection, inserted set-wise."""
+
+    name = "duckdb"
+    placeholder = "?"
+    _types = {**Dialect._types, "string": "VARCHAR", "double": "DOUBLE"}
+
+    @contextmanager
+    def transaction(self, conn: Any) -> Iterator[Any]:
+        # A DuckDB "cursor" is a second connection with its own transaction: use conn itself.
+        conn.execute("BEGIN TRANSACTION")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def execute(self, cursor: Any, sql: str, params: Sequence[Any] = ()) -> None:
+        cursor.execute(sql, list(params))
+
+    def stream(
+        self, conn: Any, sql: str, params: Sequence[Any], chunk_rows: int
+    ) -> Iterator[list[dict[str, Any]]]:
+        relation = conn.sql(sql, params=list(params))
+        reader = relation.to_arrow_reader(chunk_rows) if hasattr(relation, "to_arrow_reader") else None
+        if reader is None:  # older DuckDB
+            reader = conn.execute(sql, list(params)).fetch_record_batch(chunk_rows)
+        for batch in reader:
+            if batch.num_rows:
+                yield batch.to_pylist()
+
+    def load_arrow(self, cursor: Any, table: str, data: pa.Table | pa.RecordBatch) -> int:
+        if data.num_rows == 0:
+            return 0
+        view = f"cb_arrow_{uuid.uuid4().hex[:12]}"
+        columns = ", ".join(self.quote(name) for name in data.schema.names)
+        cursor.register(view, data)
+        try:
+            cursor.execute(
+                f"INSERT INTO {self.quote(table)} ({columns}) SELECT {columns} FROM {self.quote(view)}"
+            )
+        finally:
+            cursor.unregister(view)
+        return data.num_rows
+
+
+class PostgresDialect(Dialect):
+    """PostgreSQL (psycopg2): COPY ... FROM STDIN of a CSV that pyarrow writes per batch."""
+
+    name = "postgres"
+    placeholder = "%s"
+    _types = {**Dialect._types, "string": "TEXT"}
+
+    def query_text(self, sql: str) -> str:
+        # psycopg2 interpolates client-side: a literal % must be doubled.
+        return sql.replace("%", "%%")
+
+    def stream(
+        self, conn: Any, sql: str, params: Sequence[Any], chunk_rows: int
+    ) -> Iterator[list[dict[str, Any]]]:
+        # A named (server-side) cursor: rows arrive chunk by chunk, never all at once.
+        cursor = conn.cursor(name=f"claude_batch_extract_{uuid.uuid4().hex[:12]}")
+        cursor.itersize = chunk_rows
+        try:
+            cursor.execute(sql, tuple(params))
+            names: list[str] | None = None
+            while rows := cursor.fetchmany(chunk_rows):
+                if names is None:
+                    names = [column[0] for column in cursor.description]
+                yield [dict(zip(names, row, strict=True)) for row in rows]
+        finally:
+            cursor.close()
+            conn.commit()  # ends the read transaction the named cursor needed
+
+    def create_temp_table(self, cursor: Any, name: str, columns: Sequence[tuple[str, pa.DataType]]) -> None:
+        body = ", ".join(f"{self.quote(column)} {self.sql_type(kind)}" for column, kind in columns)
+        self.execute(cursor, f"DROP TABLE IF EXISTS {self.quote(name)}")
+        self.execute(cursor, f"CREATE TEMPORARY TABLE {self.quote(name)} ({body}) ON COMMIT DROP")
+
+    def load_arrow(self, cursor: Any, table: str, data: pa.Table | pa.RecordBatch) -> int:
+        if data.num_rows == 0:
+            return 0
+        data = _without_nul_characters(data)
+        buffer = io.BytesIO()
+        pacsv.write_csv(data, buffer, pacsv.WriteOptions(include_header=False, quoting_style="needed"))
+        buffer.seek(0)
+        columns = ", ".join(self.quote(name) for name in data.schema.names)
+        # Unquoted empty fields are NULL, quoted "" is the empty string: pyarrow writes both so.
+        cursor.copy_expert(f"COPY {self.quote(table)} ({columns}) FROM STDIN WITH (FORMAT csv)", buffer)
+        return data.num_rows
+
+
+def _without_nul_characters(data: pa.Table | pa.RecordBatch) -> pa.Table | pa.RecordBatch:
+    """PostgreSQL text cannot hold U+0000: replace it (only model output could carry one)."""
+    columns = []
+    changed = False
+    for column in data.columns:
+        if pa.types.is_string(column.type) and pc.any(pc.match_substring(column, "\x00")).as_py():
+            column = pc.replace_substring(column, "\x00", "\ufffd")
+            changed = True
+        columns.append(column)
+    if not changed:
+        return data
+    return type(data).from_arrays(columns, schema=data.schema)
+
+
+def dialect_for(conn: Any) -> Dialect:
+    """The dialect of a DB-API connection (DuckDB or psycopg2)."""
+    module = type(conn).__module__.split(".")[0]
+    if module in ("duckdb", "_duckdb"):
+        return DuckDBDialect()
+    if module in ("psycopg2",):
+        return PostgresDialect()
+    raise WarehouseError(f"no dialect for connections of {type(conn).__module__}.{type(conn).__name__}")
+
+
+# -- what goes in and comes out -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where a workload's rows come from.
+
+    :param key_column: the record key column.
+    :param table: a table (or view) name; or ``query``: a trusted SQL query (from the DAG's code).
+    :param columns: the columns to extract (default: all).
+    :param interval_column: the timestamp column the data interval applies to (None: every row).
+    """
+
+    key_column: str
+    table: str | None = None
+    query: str | None = None
+    columns: tuple[str, ...] | None = None
+    interval_column: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.table is None) == (self.query is None):
+            raise WarehouseError("give exactly one of table or query")
+        validate_identifier(self.key_column)
+        if self.table is not None:
+            validate_identifier(self.table)
+        for column in self.columns or ():
+            validate_identifier(column)
+        if self.interval_column is not None:
+            validate_identifier(self.interval_column)
+
+
+@dataclass
+class LoadSummary:
+    """What one load wrote, for the run's report and history."""
+
+    run_id: str
+    rows: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+    results_upserted: int = 0
+    ledger_updated: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+@dataclass(frozen=True)
+class AccountingReport:
+    """The ledger's view of one run: ``extracted = succeeded + invalid + retry + dead``."""
+
+    run_id: str
+    extracted: int
+    by_status: dict[str, int]
+
+    @property
+    def accounted(self) -> int:
+        return sum(self.by_status.get(status, 0) for status in FINAL_STATUSES)
+
+
+class Warehouse:
+    """A connection, its dialect and the table names: every warehouse step of the data path.
+
+    :param conn: a DB-API connection (``duckdb.connect(...)`` or ``psycopg2.connect(...)``).
+    :param dialect: the dialect (default: detected from the connection).
+    :param ledger_table: the ledger table name (``schema.table`` allowed).
+    :param runs_table: the run-history table name.
+    :param attempt_limit: attempts before a retryable item is ``dead``.
+    :param schema: the schema holding the workloads' results tables (default: the connection's).
+    """
+
+    def __init__(
+        self,
+        conn: Any,
+        dialect: Dialect | None = None,
+        *,
+        ledger_table: str = DEFAULT_LEDGER_TABLE,
+        runs_table: str = DEFAULT_RUNS_TABLE,
+        attempt_limit: int = DEFAULT_ATTEMPT_LIMIT,
+        schema: str | None = None,
+    ) -> None:
+        self.conn = conn
+        self.dialect = dialect or dialect_for(conn)
+        self.ledger_table = validate_identifier(ledger_table)
+        self.runs_table = validate_identifier(runs_table)
+        self.attempt_limit = attempt_limit
+        self.schema = validate_identifier(schema) if schema else None
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _q(self, name: str) -> str:
+        return self.dialect.quote(name)
+
+    def _p(self, count: int = 1) -> str:
+        return ", ".join([self.dialect.placeholder] * count)
+
+    def results_table(self, workload: Workload) -> str:
+        return f"{self.schema}.{workload.results_table}" if self.schema else workload.results_table
+
+    def _results_columns(self, workload: Workload) -> list[tuple[str, pa.DataType]]:
+        columns = list(_RESULT_META_COLUMNS)
+        columns += [(column.name, column.arrow_type) for column in workload.output_columns]
+        columns += list(workload.rule_columns())
+        columns += _RESULT_USAGE_COLUMNS
+        return columns
+
+    def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self.dialect.transaction(self.conn) as cursor:
+            self.dialect.execute(cursor, sql, params)
+            return list(cursor.fetchall())
+
+    # -- tables -----------------------------------------------------------------------------
+
+    def ensure_tables(self, workload: Workload | None = None) -> None:
+        """Create the ledger, the run history and (given a workload) its results table.
+
+        Columns a newer schema adds are added to an existing results table.
+        """
+        d = self.dialect
+        text, big, double, ts = d.sql_type(pa.string()), "BIGINT", d.sql_type(pa.float64()), "TIMESTAMP"
+        statements = [
+            f"""CREATE TABLE IF NOT EXISTS {self._q(self.ledger_table)} (
+                workload {text} NOT NULL, record_key {text} NOT NULL, prompt_version {text} NOT NULL,
+                custom_id {text}, status {text} NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+                invalid_answers INTEGER NOT NULL DEFAULT 0, last_error {text}, batch_id {text},
+                run_id {text}, updated_at {ts} NOT NULL,
+                PRIMARY KEY (workload, record_key, prompt_version))""",
+            f"""CREATE TABLE IF NOT EXISTS {self._q(self.runs_table)} (
+                workload {text} NOT NULL, run_id {text} NOT NULL, prompt_version {text},
+                cache_setting {text}, extracted {big}, staged {big}, rejected {big}, succeeded {big},
+                invalid {big}, retry {big}, dead {big}, input_tokens {big}, output_tokens {big},
+                cache_creation_input_tokens {big}, cache_read_input_tokens {big}, cost_usd {double},
+                realtime_cost_usd {double}, recorded_at {ts} NOT NULL,
+                PRIMARY KEY (workload, run_id))""",
+        ]
+        if workload is not None:
+            table = self._q(self.results_table(workload))
+            columns = self._results_columns(workload) + [
+                ("run_id", pa.string()),
+                ("loaded_at", pa.timestamp("us")),
+            ]
+            body = ", ".join(f"{self._q(name)} {d.sql_type(kind)}" for name, kind in columns)
+            statements.append(
+                f"CREATE TABLE IF NOT EXISTS {table} ({body}, PRIMARY KEY (record_key, prompt_version))"
+            )
+            statements += [
+                f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {self._q(name)} {d.sql_type(kind)}"
+                for name, kind in columns
+            ]
+        with d.transaction(self.conn) as cursor:
+            for statement in statements:
+                d.execute(cursor, statement)
+
+    # -- extract ----------------------------------------------------------------------------
+
+    def extract_query(
+        self,
+        workload: Workload,
+        source: SourceSpec,
+        run_id: str,
+        interval: tuple[Any, Any] | None,
+    ) -> tuple[str, list[Any]]:
+        """The extract statement and its parameters (see :meth:`extract`)."""
+        p = self.dialect.placeholder
+        ledger = self._q(self.ledger_table)
+        key = f"src.{self._q(source.key_column)}"
+        key_text = f"CAST({key} AS {self.dialect.sql_type(pa.string())})"
+        columns = ", ".join(f"src.{self._q(c)}" for c in source.columns) if source.columns else "src.*"
+        origin = self._q(source.table) if source.table else f"({self.dialect.query_text(source.query or '')})"
+        params: list[Any] = []
+        wanted = []
+        if interval is not None and source.interval_column is not None:
+            stamp = f"src.{self._q(source.interval_column)}"
+            wanted.append(f"({stamp} >= {p} AND {stamp} < {p})")
+            params += [interval[0], interval[1]]
+        elif interval is None:
+            wanted.append("1 = 1")
+        else:
+            raise WarehouseError("an interval needs the source's interval_column")
+        wanted.append(
+            f"{key_text} IN (SELECT r.record_key FROM {ledger} r WHERE r.workload = {p} "
+            f"AND r.prompt_version = {p} AND r.status IN ('retry', 'invalid'))"
+        )
+        params += [workload.name, workload.prompt_version]
+        sql = (
+            f"SELECT {columns} FROM {origin} src WHERE ({' OR '.join(wanted)}) "
+            f"AND NOT EXISTS (SELECT 1 FROM {ledger} d WHERE d.workload = {p} AND d.prompt_version = {p} "
+            f"AND d.record_key = {key_text} AND (d.status IN ('succeeded', 'dead') "
+            f"OR (d.status IN ('pending', 'submitted') AND d.run_id <> {p})))"
+        )
+        params += [workload.name, workload.prompt_version, run_id]
+        return sql, params
+
+    def extract(
+        self,
+        workload: Workload,
+        source: SourceSpec,
+        run_id: str,
+        interval: tuple[Any, Any] | None = None,
+        *,
+        chunk_rows: int = 10_000,
+    ) -> Iterator[dict[str, Any]]:
+        """Stream the run's rows: the data interval, plus ledger items due for retry, minus done ones.
+
+        Done means ``succeeded`` or ``dead`` for this prompt version, or in flight (``pending``,
+        ``submitted``) for another run, which is what keeps an item from being paid for twice.
+
+        :param workload: the workload (name and prompt version select its ledger rows).
+        :param source: where the rows live.
+        :param run_id: this run's id (its own in-flight items are extracted again on a re-run).
+        :param interval: ``(start, end)``, half-open, compared with ``source.interval_column``;
+            None extracts every row.
+        :param chunk_rows: rows fetched per round trip.
+        """
+        sql, params = self.extract_query(workload, source, run_id, interval)
+        for chunk in self.dialect.stream(self.conn, sql, params, chunk_rows):
+            yield from chunk
+
+    # -- ledger -----------------------------------------------------------------------------
+
+    def register_staged(self, workload: Workload, layout: RunLayout, manifest: Manifest) -> int:
+        """Record the run's staged items as ``pending`` and its rejected rows as ``dead``.
+
+        Attempt counts of items seen before are kept. Returns the number of ledger rows written.
+
+        :param workload: the workload staged.
+        :param layout: the run's S3 layout.
+        :param manifest: the staging manifest.
+        """
+        d = self.dialect
+        temp = "cb_staged"
+        written = 0
+        with d.transaction(self.conn) as cursor:
+            d.create_temp_table(cursor, temp, _STAGED_COLUMNS)
+            for shard in manifest.shards:
+                keys = read_shard_keys(layout, shard)
+                size = keys.num_rows
+                written += d.load_arrow(
+                    cursor,
+                    temp,
+                    pa.table(
+                        {
+                            "record_key": keys.column("record_key"),
+                            "custom_id": keys.column("custom_id"),
+                            "status": pa.array(["pending"] * size, pa.string()),
+                            "last_error": pa.nulls(size, pa.string()),
+                        }
+                    ),
+                )
+            batch: list[dict[str, Any]] = []
+            for rejection in iter_rejections(layout, manifest):
+                batch.append(
+                    {
+                        "record_key": rejection["ledger_key"],
+                        "custom_id": None,
+                        "status": "dead",
+                        "last_error": rejection["reason"],
+                    }
+                )
+                if len(batch) >= 10_000:
+                    written += d.load_arrow(
+                        cursor, temp, pa.Table.from_pylist(batch, _schema(_STAGED_COLUMNS))
+                    )
+                    batch.clear()
+            written += d.load_arrow(cursor, temp, pa.Table.from_pylist(batch, _schema(_STAGED_COLUMNS)))
+            p = d.placeholder
+            d.execute(
+                cursor,
+                f"""INSERT INTO {self._q(self.ledger_table)} (workload, record_key, prompt_version, custom_id,
+                    status, attempts, invalid_answers, last_error, batch_id, run_id, updated_at)
+                SELECT {p}, s.record_key, {p}, s.custom_id, s.status, 0, 0, s.last_error, NULL, {p}, {p}
+                FROM {self._q(temp)} s
+                ON CONFLICT (workload, record_key, prompt_version) DO UPDATE SET
+                    custom_id = excluded.custom_id, status = excluded.status, last_error = excluded.last_error,
+                    run_id = excluded.run_id, updated_at = excluded.updated_at""",
+                [workload.name, workload.prompt_version, manifest.run_id, _utcnow()],
+            )
+            d.drop_temp_table(cursor, temp)
+        return written
+
+    def mark_submitted(
+        self, workload: Workload, layout: RunLayout, manifest: Manifest, part: int, batch_id: str
+    ) -> None:
+        """Record that shard ``part`` went out as ``batch_id`` (its items become ``submitted``).
+
+        :param part: the shard's part number.
+        :param batch_id: the batch the shard became.
+        """
+        d = self.dialect
+        temp = "cb_submitted"
+        keys = read_shard_keys(layout, manifest.shard(part)).select(["record_key"])
+        with d.transaction(self.conn) as cursor:
+            d.create_temp_table(cursor, temp, _KEY_COLUMNS)
+            d.load_arrow(cursor, temp, keys)
+            p = d.placeholder
+            d.execute(
+                cursor,
+                f"""UPDATE {self._q(self.ledger_table)} SET status = 'submitted', batch_id = {p}, updated_at = {p}
+                WHERE workload = {p} AND prompt_version = {p} AND run_id = {p} AND status = 'pending'
+                AND record_key IN (SELECT record_key FROM {self._q(temp)})""",
+                [batch_id, _utcnow(), workload.name, workload.prompt_version, manifest.run_id],
+            )
+            d.drop_temp_table(cursor, temp)
+
+    def requeue(self, workload: Workload, record_keys: Iterable[str]) -> int:
+        """Put dead or invalid items back to ``retry`` with fresh attempts (after fixing their cause)."""
+        d = self.dialect
+        temp = "cb_requeue"
+        keys = pa.table({"record_key": pa.array(list(record_keys), pa.string())})
+        with d.transaction(self.conn) as cursor:
+            d.create_temp_table(cursor, temp, _KEY_COLUMNS)
+            d.load_arrow(cursor, temp, keys)
+            p = d.placeholder
+            d.execute(
+                cursor,
+                f"""UPDATE {self._q(self.ledger_table)} SET status = 'retry', attempts = 0, invalid_answers = 0,
+                    updated_at = {p}
+                WHERE workload = {p} AND prompt_version = {p} AND status IN ('dead', 'invalid')
+                AND record_key IN (SELECT record_key FROM {self._q(temp)})""",
+                [_utcnow(), workload.name, workload.prompt_version],
+            )
+            d.drop_temp_table(cursor, temp)
+        return keys.num_rows
+
+    # -- load -------------------------------------------------------------------------------
+
+    def load_run(
+        self,
+        workload: Workload,
+        layout: RunLayout,
+        manifest: Manifest,
+        parts: Iterable[int] | None = None,
+        *,
+        batch_rows: int = 50_000,
+    ) -> LoadSummary:
+        """Upsert the valid rows and move every item's ledger row, in one transaction.
+
+        Reads ``validated/part-NNNNN.parquet`` for each part (default: every shard with a
+        validated part). Valid rows go to the results table keyed by (record key, prompt
+        version), so a re-run overwrites instead of duplicating. Each result moves its ledger
+        item: valid -> ``succeeded``; an invalid answer -> ``invalid`` once, then ``dead``;
+        ``invalid_request_error`` -> ``dead``; other errors, ``expired`` and ``canceled`` ->
+        ``retry`` until the attempt limit, then ``dead``. Only items still ``pending`` or
+        ``submitted`` for this run move, so loading twice changes nothing.
+
+        :param workload: the workload (its results table must exist: :meth:`ensure_tables`).
+        :param layout: the run's S3 layout.
+        :param manifest: the staging manifest.
+        :param parts: the shard parts to load (default: all with validated results).
+        :param batch_rows: rows per bulk batch.
+        """
+        d = self.dialect
+        if parts is None:
+            parts = [s.part for s in manifest.shards if layout.store.exists(validated_path(layout, s.part))]
+        results_columns = self._results_columns(workload)
+        result_names = [name for name, _ in results_columns]
+        summary = LoadSummary(manifest.run_id)
+        temp_results, temp_outcomes = "cb_results", "cb_outcomes"
+        with d.transaction(self.conn) as cursor:
+            d.create_temp_table(cursor, temp_results, results_columns)
+            d.create_temp_table(cursor, temp_outcomes, _OUTCOME_COLUMNS)
+            for part in parts:
+                for batch in iter_validated(layout, part, batch_rows):
+                    table = pa.Table.from_batches([batch])
+                    summary.rows += table.num_rows
+                    for status, count in _value_counts(table.column("status")).items():
+                        summary.by_status[status] = summary.by_status.get(status, 0) + count
+                    for name in (
+                        "input_tokens",
+                        "output_tokens",
+                        "cache_creation_input_tokens",
+                        "cache_read_input_tokens",
+                    ):
+                        setattr(
+                            summary,
+                            name,
+                            getattr(summary, name) + int(pc.sum(table.column(name)).as_py() or 0),
+                        )
+                    summary.cost_usd += float(pc.sum(table.column("cost_usd")).as_py() or 0.0)
+                    outcomes = pa.table(
+                        {
+                            "record_key": table.column("record_key"),
+                            "status": table.column("status"),
+                            "reason": table.column("reason"),
+                            "error_type": table.column("error_type"),
+                            "batch_id": table.column("batch_id"),
+                        }
+                    )
+                    d.load_arrow(cursor, temp_outcomes, outcomes)
+                    valid = table.filter(pc.equal(table.column("status"), "valid")).select(result_names)
+                    summary.results_upserted += d.load_arrow(cursor, temp_results, valid)
+            self._upsert_results(cursor, workload, temp_results, result_names, manifest.run_id)
+            summary.ledger_updated = self._apply_outcomes(cursor, workload, temp_outcomes, manifest.run_id)
+            d.drop_temp_table(cursor, temp_results)
+            d.drop_temp_table(cursor, temp_outcomes)
+        return summary
+
+    def _upsert_results(
+        self, cursor: Any, workload: Workload, temp: str, names: list[str], run_id: str
+    ) -> None:
+        d = self.dialect
+        p = d.placeholder
+        columns = ", ".join(self._q(name) for name in names)
+        updates = ", ".join(
+            f"{self._q(name)} = excluded.{self._q(name)}"
+            for name in [*names, "run_id", "loaded_at"]
+            if name not in ("record_key", "prompt_version")
+        )
+        d.execute(
+            cursor,
+            f"""INSERT INTO {self._q(self.results_table(workload))} ({columns}, run_id, loaded_at)
+            SELECT {columns}, {p}, {p} FROM {self._q(temp)}
+            ON CONFLICT (record_key, prompt_version) DO UPDATE SET {updates}""",
+            [run_id, _utcnow()],
+        )
+
+    def _apply_outcomes(self, cursor: Any, workload: Workload, temp: str, run_id: str) -> int:
+        d = self.dialect
+        p = d.placeholder
+        limit = int(self.attempt_limit)
+        # attempts counts this answer too, hence "+ 1 >= limit".
+        d.execute(
+            cursor,
+            f"""UPDATE {self._q(self.ledger_table)} AS l SET
+                status = CASE
+                    WHEN o.status = 'valid' THEN 'succeeded'
+                    WHEN o.status = 'invalid' THEN CASE
+                        WHEN l.invalid_answers >= 1 OR l.attempts + 1 >= {p} THEN 'dead' ELSE 'invalid' END
+                    WHEN o.status = 'errored' AND o.error_type = 'invalid_request_error' THEN 'dead'
+                    WHEN l.attempts + 1 >= {p} THEN 'dead'
+                    ELSE 'retry' END,
+                attempts = l.attempts + 1,
+                invalid_answers = l.invalid_answers + CASE WHEN o.status = 'invalid' THEN 1 ELSE 0 END,
+                last_error = CASE WHEN o.status = 'valid' THEN NULL ELSE o.reason END,
+                batch_id = o.batch_id,
+                updated_at = {p}
+            FROM {self._q(temp)} o
+            WHERE l.workload = {p} AND l.prompt_version = {p} AND l.run_id = {p}
+              AND l.status IN ('pending', 'submitted') AND l.record_key = o.record_key""",
+            [limit, limit, _utcnow(), workload.name, workload.prompt_version, run_id],
+        )
+        return max(int(cursor.rowcount or 0), 0) if hasattr(cursor, "rowcount") else 0
+
+    # -- accounting -------------------------------------------------------------------------
+
+    def accounting(self, workload: Workload, manifest: Manifest) -> AccountingReport:
+        """The ledger's counts for the run, by status."""
+        p = self.dialect.placeholder
+        rows = self._fetchall(
+            f"""SELECT status, COUNT(*) FROM {self._q(self.ledger_table)}
+            WHERE workload = {p} AND prompt_version = {p} AND run_id = {p} GROUP BY status""",
+            [workload.name, workload.prompt_version, manifest.run_id],
+        )
+        return AccountingReport(
+            manifest.run_id, manifest.extracted_rows, {status: int(n) for status, n in rows}
+        )
+
+    def check_accounting(
+        self, workload: Workload, manifest: Manifest, *, sample: int = 20
+    ) -> AccountingReport:
+        """Check ``extracted = succeeded + invalid + retry + dead`` for the run; raise naming the gap.
+
+        :param workload: the workload.
+        :param manifest: the run's staging manifest (``extracted_rows`` is the left side).
+        :param sample: how many unaccounted keys the error names.
+        """
+        report = self.accounting(workload, manifest)
+        open_items = report.by_status.get("pending", 0) + report.by_status.get("submitted", 0)
+        total = sum(report.by_status.values())
+        if report.accounted == report.extracted and open_items == 0 and total == report.extracted:
+            return report
+        p = self.dialect.placeholder
+        keys = self._fetchall(
+            f"""SELECT record_key, status, batch_id FROM {self._q(self.ledger_table)}
+            WHERE workload = {p} AND prompt_version = {p} AND run_id = {p} AND status IN ('pending', 'submitted')
+            ORDER BY record_key LIMIT {int(sample)}""",
+            [workload.name, workload.prompt_version, manifest.run_id],
+        )
+        named = ", ".join(
+            f"{key} ({status}{', batch ' + batch if batch else ''})" for key, status, batch in keys
+        )
+        counts = ", ".join(f"{s}={report.by_status.get(s, 0)}" for s in LEDGER_STATUSES)
+        gap = report.extracted - report.accounted
+        message = (
+            f"accounting failed for {workload.name} run {manifest.run_id!r}: extracted {report.extracted} but "
+            f"succeeded + invalid + retry + dead = {report.accounted} (gap {gap}; ledger: {counts})"
+        )
+        if open_items:
+            message += f"; {open_items} items never got an outcome, e.g. {named}"
+        if total != report.extracted:
+            message += f"; the ledger holds {total} items for this run, not {report.extracted}"
+        raise AccountingError(message)
+
+    # -- run history ------------------------------------------------------------------------
+
+    def record_run(
+        self,
+        workload: Workload,
+        manifest: Manifest,
+        load: LoadSummary,
+        report: AccountingReport | None = None,
+        prices: PriceTable | None = None,
+    ) -> None:
+        """Write (or overwrite) the run's line in the run history: counts, tokens, cost, cache use."""
+        report = report or self.accounting(workload, manifest)
+        table = prices or default_prices()
+        values = [
+            workload.name, manifest.run_id, workload.prompt_version, manifest.cache_setting,
+            manifest.extracted_rows, manifest.staged_requests, manifest.rejected_rows,
+            report.by_status.get("succeeded", 0), report.by_status.get("invalid", 0),
+            report.by_status.get("retry", 0), report.by_status.get("dead", 0),
+            load.input_tokens, load.output_tokens, load.cache_creation_input_tokens, load.cache_read_input_tokens,
+            round(load.cost_usd, 6), round(load.cost_usd / table.batch_discount, 6), _utcnow(),
+        ]  # fmt: skip
+        names = (
+            "workload, run_id, prompt_version, cache_setting, extracted, staged, rejected, succeeded, invalid, "
+            "retry, dead, input_tokens, output_tokens, cache_creation_input_tokens, cache_read_input_tokens, "
+            "cost_usd, realtime_cost_usd, recorded_at"
+        )
+        updates = ", ".join(f"{n} = excluded.{n}" for n in names.split(", ")[2:])
+        with self.dialect.transaction(self.conn) as cursor:
+            self.dialect.execute(
+                cursor,
+                f"""INSERT INTO {self._q(self.runs_table)} ({names}) VALUES ({self._p(len(values))})
+                ON CONFLICT (workload, run_id) DO UPDATE SET {updates}""",
+                values,
+            )
+
+    def recent_cache_observations(self, workload: Workload, limit: int = 5) -> list[CacheObservation]:
+        """Cache tokens of the workload's most recent runs, for ``Workload.choose_cache_setting``."""
+        p = self.dialect.placeholder
+        rows = self._fetchall(
+            f"""SELECT cache_setting, cache_read_input_tokens, cache_creation_input_tokens
+            FROM {self._q(self.runs_table)} WHERE workload = {p}
+            ORDER BY recorded_at DESC LIMIT {int(limit)}""",
+            [workload.name],
+        )
+        return [
+            CacheObservation(setting, int(read or 0), int(written or 0))
+            for setting, read, written in rows
+            if setting in ("5m", "1h")
+        ]
+
+    def ledger_counts(self, workload: Workload) -> dict[str, int]:
+        """Items of the workload's current prompt version, by status."""
+        p = self.dialect.placeholder
+        rows = self._fetchall(
+            f"""SELECT status, COUNT(*) FROM {self._q(self.ledger_table)}
+            WHERE workload = {p} AND prompt_version = {p} GROUP BY status""",
+            [workload.name, workload.prompt_version],
+        )
+        return {status: int(n) for status, n in rows}
+
+
+def _schema(columns: Sequence[tuple[str, pa.DataType]]) -> pa.Schema:
+    return pa.schema(list(columns))
+
+
+def _value_counts(column: pa.ChunkedArray) -> dict[str, int]:
+    counts = pc.value_counts(column)
+    return {item["values"].as_py(): item["counts"].as_py() for item in counts}
