@@ -21,6 +21,8 @@ from datetime import datetime
 from typing import Any
 
 import anthropic
+import httpx
+import orjson
 from anthropic.types.messages import MessageBatch
 
 from claude_batch.hooks import LIST_PAGE_LIMIT
@@ -62,6 +64,24 @@ class BatchSnapshot:
             expires_at=batch.expires_at.isoformat(),
             ended_at=batch.ended_at.isoformat() if batch.ended_at else None,
             cancel_initiated_at=batch.cancel_initiated_at.isoformat() if batch.cancel_initiated_at else None,
+        )
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> BatchSnapshot:
+        """From the API's JSON (a ``list`` page item), without building SDK models."""
+        counts = data["request_counts"]
+        return cls(
+            id=data["id"],
+            processing_status=data["processing_status"],
+            processing=counts["processing"],
+            succeeded=counts["succeeded"],
+            errored=counts["errored"],
+            canceled=counts["canceled"],
+            expired=counts["expired"],
+            created_at=data["created_at"],
+            expires_at=data["expires_at"],
+            ended_at=data.get("ended_at"),
+            cancel_initiated_at=data.get("cancel_initiated_at"),
         )
 
     @classmethod
@@ -152,7 +172,9 @@ class Subscription:
         self._rounds: asyncio.Queue[PollRound] = asyncio.Queue()
 
     def _deliver(self, found: PollRound) -> None:
-        mine = {key: snap for key, snap in found.snapshots.items() if key in self.batch_ids}
+        # Look up this subscription's few ids, not every snapshot: O(mine), not O(all) per round.
+        everything = found.snapshots
+        mine = {key: everything[key] for key in self.batch_ids if key in everything}
         self._rounds.put_nowait(PollRound(mine, found.error, found.api_calls, found.missing & self.batch_ids))
         self.interval = min(self.interval * self.backoff, self.max_interval)
 
@@ -245,23 +267,21 @@ class BatchPoller:
             oldest = min((self._created_at[i] for i in remaining if i in self._created_at), default=None)
             after_id: str | None = None
             for _ in range(self.max_list_pages):
-                kwargs: dict[str, Any] = {"limit": LIST_PAGE_LIMIT}
-                if after_id:
-                    kwargs["after_id"] = after_id
-                page = await client.messages.batches.list(**kwargs)
+                page = await self._list_page(client, after_id)
                 calls += 1
-                for batch in page.data:
-                    if batch.id in remaining:
-                        remaining.discard(batch.id)
-                        snapshots[batch.id] = BatchSnapshot.from_batch(batch)
-                        self._created_at[batch.id] = batch.created_at
-                if not remaining or not page.has_more or not page.data:
+                items = page["data"]
+                for item in items:
+                    if item["id"] in remaining:
+                        remaining.discard(item["id"])
+                        snapshot = BatchSnapshot.from_api(item)
+                        snapshots[snapshot.id] = snapshot
+                        self._created_at[snapshot.id] = datetime.fromisoformat(snapshot.created_at)
+                if not remaining or not page.get("has_more") or not items:
                     break
-                if oldest is not None and page.data[-1].created_at < oldest:
+                if oldest is not None and datetime.fromisoformat(items[-1]["created_at"]) < oldest:
                     break  # paged past every batch we know; the rest are older or gone
-                after_id = page.data[-1].id
-                # A full page parsed; let other coroutines run before the next one.
-                await asyncio.sleep(0)
+                after_id = items[-1]["id"]
+                await asyncio.sleep(0)  # let other coroutines run between pages
             if remaining:
                 calls += len(remaining)
                 snapshots.update(await self._retrieve_each(client, remaining, missing))
@@ -271,6 +291,19 @@ class BatchPoller:
         self.rounds += 1
         self.api_calls += calls
         return PollRound(snapshots, error, calls, frozenset(missing))
+
+    @staticmethod
+    async def _list_page(client: anthropic.AsyncAnthropic, after_id: str | None) -> dict[str, Any]:
+        """One ``list`` page as plain JSON, through the SDK (auth, retries) but not its models.
+
+        Building SDK models for 1,000 batches costs about 0.2 ms each on the event loop, which
+        would stall every other trigger; orjson and five fields per batch cost a fiftieth.
+        """
+        query: dict[str, Any] = {"limit": LIST_PAGE_LIMIT}
+        if after_id:
+            query["after_id"] = after_id
+        response = await client.get("/v1/messages/batches", options={"params": query}, cast_to=httpx.Response)
+        return orjson.loads(response.content)
 
     async def _retrieve_each(
         self, client: anthropic.AsyncAnthropic, batch_ids: set[str], missing: set[str]

@@ -23,6 +23,8 @@ from claude_batch.poller import BatchSnapshot, shared_poller
 DEFAULT_MIN_POLL_INTERVAL = 30.0
 DEFAULT_MAX_POLL_INTERVAL = 600.0
 DEFAULT_MAX_CONSECUTIVE_ERRORS = 10
+# Progress is logged when something changed, and at least this often while nothing does.
+PROGRESS_LOG_EVERY = 300.0
 
 
 class ClaudeBatchTrigger(BaseTrigger):
@@ -72,6 +74,7 @@ class ClaudeBatchTrigger(BaseTrigger):
         ended: dict[str, BatchSnapshot] = {}
         latest: dict[str, BatchSnapshot] = {}
         failures = 0
+        last_logged: tuple[float, object] = (float("-inf"), None)
         with poller.subscribe(self.batch_ids, self.min_poll_interval, self.max_poll_interval) as subscription:
             while True:
                 found = await subscription.next_round()
@@ -92,7 +95,7 @@ class ClaudeBatchTrigger(BaseTrigger):
                 newly_ended = {key for key, snap in found.snapshots.items() if snap.ended}
                 ended.update({key: found.snapshots[key] for key in newly_ended})
                 subscription.forget(newly_ended)
-                self._log_progress(latest)
+                last_logged = self._log_progress(latest, last_logged)
                 if len(ended) == len(self.batch_ids):
                     yield TriggerEvent(
                         {"status": "success", "batches": [ended[key].to_dict() for key in self.batch_ids]}
@@ -123,23 +126,33 @@ class ClaudeBatchTrigger(BaseTrigger):
             if key not in ended and datetime.fromisoformat(snap.created_at).timestamp() + self.timeout < now
         ]
 
-    def _log_progress(self, latest: dict[str, BatchSnapshot]) -> None:
-        now = datetime.now(UTC)
+    def _log_progress(
+        self, latest: dict[str, BatchSnapshot], last_logged: tuple[float, object]
+    ) -> tuple[float, object]:
+        """Log status, counts, age and time to expiry when they changed or every few minutes."""
         snaps = list(latest.values())
+        state = tuple((s.processing_status, s.succeeded, s.errored, s.canceled, s.expired) for s in snaps)
+        now_mono = time.monotonic()
+        if state == last_logged[1] and now_mono - last_logged[0] < PROGRESS_LOG_EVERY:
+            return last_logged
+        now = datetime.now(UTC)
         if len(snaps) <= 5:
             for snap in snaps:
                 self.log.info("%s", snap.progress_line(now))
-            return
-        done = sum(snap.ended for snap in snaps)
-        totals = {k: sum(getattr(s, k) for s in snaps) for k in ("processing", "succeeded", "errored", "canceled", "expired")}
-        oldest = min(snaps, key=lambda snap: snap.created_at)
-        self.log.info(
-            "%d of %d batches ended; requests %s; oldest pending: %s",
-            done,
-            len(self.batch_ids),
-            totals,
-            oldest.progress_line(now),
-        )
+        else:
+            done = sum(snap.ended for snap in snaps)
+            totals = {
+                k: sum(getattr(s, k) for s in snaps) for k in ("processing", "succeeded", "errored", "canceled", "expired")
+            }
+            oldest = min(snaps, key=lambda snap: snap.created_at)
+            self.log.info(
+                "%d of %d batches ended; requests %s; oldest: %s",
+                done,
+                len(self.batch_ids),
+                totals,
+                oldest.progress_line(now),
+            )
+        return now_mono, state
 
     def _error(self, message: str) -> TriggerEvent:
         return TriggerEvent({"status": "error", "message": message, "batch_ids": self.batch_ids})
