@@ -152,13 +152,28 @@ def measure(count: int, shape: str) -> dict:
             row["results_peak_rss_mb"] = sampler.peak / MB
             if lines != count:
                 raise RuntimeError(f"expected {count} result lines, got {lines}")
-            listed = time.perf_counter()
-            client.get("/v1/messages/batches", params={"limit": 1000}).raise_for_status()
-            row["list_ms"] = (time.perf_counter() - listed) * 1000
         finally:
             client.close()
             sampler.stop()
     return row
+
+
+def measure_list_page(batches: int = 1000, rounds: int = 20) -> dict:
+    """Time one list call returning a page of ``batches`` in-progress batches (the poller's call)."""
+    body = orjson.dumps({"requests": [{"custom_id": "r0", "params": {
+        "model": "claude-haiku-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}}]})  # fmt: skip
+    with emulator(processing_seconds=86_400) as (_pid, base_url), httpx.Client(base_url=base_url, headers=HEADERS) as client:
+        for _ in range(batches):
+            client.post("/v1/messages/batches", content=body).raise_for_status()
+        timings = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            page = client.get("/v1/messages/batches", params={"limit": batches}).json()
+            timings.append((time.perf_counter() - started) * 1000)
+            if len(page["data"]) != batches:
+                raise RuntimeError("short page")
+    timings.sort()
+    return {"batches": batches, "median_ms": timings[len(timings) // 2], "max_ms": timings[-1]}
 
 
 COLUMNS = [
@@ -174,8 +189,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv if argv is not None else [])
     shapes = ["shared", "unique"] if args.shape == "both" else [args.shape]
     rows = [measure(args.requests, shape) for shape in shapes]
+    listing = measure_list_page()
     title = f"### Emulator memory holding one batch of {args.requests:,} requests (RSS in MB, times in s)\n\n"
-    write_results("emulator_memory", rows, title + markdown_table(rows, COLUMNS))
+    markdown = title + markdown_table(rows, COLUMNS)
+    markdown += "\n\nList call returning a page of 1,000 in-progress batches (ms, 20 calls):\n\n"
+    markdown += markdown_table([listing], ["batches", "median_ms", "max_ms"])
+    write_results("emulator_memory", rows + [listing], markdown)
 
 
 if __name__ == "__main__":

@@ -324,6 +324,8 @@ def test_custom_responder_and_responder_errors(emu):
         text = params["messages"][0]["content"]
         if text == "fail":
             raise ResponderError("overloaded_error", "too busy")
+        if text == "garbage":
+            return 42  # type: ignore[return-value]  # a broken responder
         return {"content": [{"type": "text", "text": text.upper()}], "usage": {"output_tokens": 7}}
 
     with EmulatorServer(api_key=API_KEY, time_scale=60, processing_seconds=30, responder=responder) as server:
@@ -336,12 +338,16 @@ def test_custom_responder_and_responder_errors(emu):
             with pytest.raises(anthropic.APIStatusError) as caught:
                 client.messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": "fail"}])
             assert caught.value.status_code == 529
-            batch = client.messages.batches.create(requests=[request_item("ok", "quiet"), request_item("bad", "fail")])
+            batch = client.messages.batches.create(
+                requests=[request_item("ok", "quiet"), request_item("bad", "fail"), request_item("broken", "garbage")]
+            )
             server.advance(120)
             results = {line.custom_id: line.result for line in client.messages.batches.results(batch.id)}
     assert results["ok"].message.content[0].text == "QUIET"
     assert results["bad"].type == "errored"
     assert results["bad"].error.error.type == "overloaded_error"
+    assert results["broken"].error.error.type == "api_error"
+    assert "responder failed" in results["broken"].error.error.message
     batch_context = next(c for c in seen if c.custom_id == "ok")
     assert batch_context.service_tier == "batch" and batch_context.batch_id == batch.id
     assert batch_context.model == "claude-haiku-4-5-20251001" and batch_context.request_index == 0

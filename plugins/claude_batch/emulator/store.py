@@ -637,12 +637,12 @@ class BatchStore:
             service_tier="batch",
         )
         try:
-            reply = responder(params, context)
+            message = finish_message(responder(params, context), params, context, usage)
         except ResponderError as error:
             return _errored(batch, index, error.error_type, error.message)
         except Exception as error:  # a broken custom responder shows up in the results, not as a dead stream
             return _errored(batch, index, "api_error", f"responder failed: {error!r}")
-        return {"type": "succeeded", "message": finish_message(reply, params, context, usage)}
+        return {"type": "succeeded", "message": message}
 
     # ---- real-time endpoints ------------------------------------------------------------------
     def create_message(self, params: dict) -> dict:
