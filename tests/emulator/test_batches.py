@@ -244,6 +244,12 @@ def test_async_client_full_lifecycle(emu):
                 MessageBatchIndividualResponse.model_validate(line.model_dump(mode="json"))
             listed = [batch.id async for batch in client.messages.batches.list(limit=1)]
             assert listed == [to_cancel.id, created.id]
+            message = await client.messages.create(
+                model="claude-opus-4-5", max_tokens=20, messages=[{"role": "user", "content": "ping"}]
+            )
+            assert message.model == "claude-opus-4-5-20251101" and message.usage.service_tier == "standard"
+            counted = await client.messages.count_tokens(model="m", messages=[{"role": "user", "content": "ping"}])
+            assert counted.input_tokens == message.usage.input_tokens
             deleted = await client.messages.batches.delete(to_cancel.id)
             assert deleted.type == "message_batch_deleted"
             with pytest.raises(anthropic.NotFoundError):

@@ -7,6 +7,7 @@ import httpx
 import orjson
 import pytest
 from anthropic.types.messages import MessageBatch
+from anthropic.types.shared import ErrorResponse
 
 from .helpers import API_KEY, items
 
@@ -130,6 +131,7 @@ def test_bad_or_missing_key_is_401(emu, headers):
     assert body["type"] == "error"
     assert body["error"]["type"] == "authentication_error"
     assert body["request_id"] == response.headers["request-id"]
+    ErrorResponse.model_validate(body)
 
 
 def test_sdk_with_wrong_key_raises_authentication_error(emu):
