@@ -72,6 +72,9 @@ def measure(emulator_url: str, which: str, batch_ids: list[str], window: float) 
         tasks = [asyncio.create_task(anext(t.run())) for t in triggers]
         await asyncio.sleep(window)
         cpu, wall = time.process_time() - cpu_before, time.perf_counter() - wall_before
+        finished = [task.result().payload for task in tasks if task.done() and not task.cancelled()]
+        if finished:  # every batch is in progress: any event here is a polling failure
+            raise RuntimeError(f"{len(finished)} triggers fired early, e.g. {finished[0]}")
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
