@@ -267,6 +267,28 @@ def test_messages_cache_write_then_read(http, emu):
     assert third["cache_creation_input_tokens"] > 0
 
 
+def test_cache_breakpoints_on_tools_and_message_blocks(http, emu):
+    tool = {"name": "lookup", "description": "Look up. " * 800, "input_schema": {"type": "object"},
+            "cache_control": {"type": "ephemeral"}}  # fmt: skip
+    base = {"model": "claude-sonnet-4-5", "max_tokens": 10, "tools": [tool]}
+    first = create_message(http, base | {"messages": [{"role": "user", "content": "a"}]})["usage"]
+    second = create_message(http, base | {"messages": [{"role": "user", "content": "b"}]})["usage"]
+    assert first["cache_creation_input_tokens"] > 1024
+    assert second["cache_read_input_tokens"] == first["cache_creation_input_tokens"]
+
+    document = {"type": "text", "text": "Contract clause. " * 1000, "cache_control": {"type": "ephemeral", "ttl": "1h"}}
+
+    def ask(question: str) -> dict:
+        content = [document, {"type": "text", "text": question}]
+        return create_message(http, {"model": "claude-sonnet-4-5", "max_tokens": 10,
+                                     "messages": [{"role": "user", "content": content}]})["usage"]  # fmt: skip
+
+    written, read = ask("Who signs?"), ask("When does it end?")
+    assert written["cache_creation"]["ephemeral_1h_input_tokens"] == written["cache_creation_input_tokens"] > 1024
+    assert read["cache_read_input_tokens"] == written["cache_creation_input_tokens"]
+    assert read["input_tokens"] < 20  # only the question is outside the cached prefix
+
+
 def test_prefix_below_the_model_minimum_is_not_cached(http, emu):
     system = cached_system(8000)  # about 2,000 tokens: enough for Sonnet (1,024), not for Haiku 4.5 (4,096)
     for model, cached in (("claude-haiku-4-5", False), ("claude-sonnet-4-5", True)):
