@@ -46,7 +46,7 @@ from .responder import (
     base_usage,
     finish_message,
 )
-from .tokens import analyse_prompt
+from .tokens import TemplateShape, analyse_prompt, template_shape
 from .validation import ItemError, check_item, params_error
 
 # What becomes of a request that gets processed (decided at create time).
@@ -150,6 +150,15 @@ class BatchBuilder:
         self.cache_1h_tokens = array("I")
         self.cache_writes: dict[bytes, float] = {}  # prefixes this batch writes, with their TTL
         self._hit_rate = self.config.cache_hit_rate
+        self._template_shapes: dict[int, TemplateShape] = {}
+        self._min_cacheable_by_model: dict[str, int] = {}
+
+    def _min_cacheable(self, model: str) -> int:
+        minimum = self._min_cacheable_by_model.get(model)
+        if minimum is None:
+            minimum = self.config.min_cacheable_for(self.config.resolve_model(model))
+            self._min_cacheable_by_model[model] = minimum
+        return minimum
 
     @property
     def size(self) -> int:
@@ -186,11 +195,13 @@ class BatchBuilder:
             fate = FATE_EXPIRED
         else:
             fate = FATE_SUCCEEDED
-        shape = analyse_prompt(params)
+        template = self._template_shapes.get(template_id)
+        if template is None:
+            template = self._template_shapes[template_id] = template_shape(params)
+        shape = analyse_prompt(params, template)
         cache_code = CACHE_NONE
         if fate == FATE_SUCCEEDED and shape.cache_key is not None:
-            model = self.config.resolve_model(params["model"])
-            if shape.cache_prefix_tokens >= self.config.min_cacheable_for(model):
+            if shape.cache_prefix_tokens >= self._min_cacheable(params["model"]):
                 key = shape.cache_key
                 warm = key in self.cache_writes or self._prompt_cache.is_warm(key, self.now)
                 if warm and cache_roll < self._hit_rate:

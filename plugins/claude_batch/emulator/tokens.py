@@ -81,9 +81,12 @@ def output_schema(params: dict) -> Any:
     return None
 
 
-def _segments(params: dict) -> list[tuple[int, Any, Any]]:
-    """(tokens, cache_control, identity) for each cacheable unit, in cache order."""
-    segments: list[tuple[int, Any, Any]] = []
+Segment = tuple[int, Any, Any]  # (tokens, cache_control, identity) of one cacheable unit
+
+
+def _template_segments(params: dict) -> list[Segment]:
+    """Segments of the part of a request before its messages: tools, then system."""
+    segments: list[Segment] = []
     tools = params.get("tools")
     if isinstance(tools, list):
         for tool in tools:
@@ -96,42 +99,40 @@ def _segments(params: dict) -> list[tuple[int, Any, Any]]:
         for block in system:
             cache_control = block.get("cache_control") if isinstance(block, dict) else None
             segments.append((block_tokens(block), cache_control, block))
-    messages = params.get("messages")
-    if isinstance(messages, list):
-        for message in messages:
-            if not isinstance(message, dict):
-                continue
-            role = message.get("role")
-            content = message.get("content")
-            if isinstance(content, str):
-                segments.append((text_tokens(content) + TOKENS_PER_MESSAGE, None, (role, content)))
-                continue
-            if not isinstance(content, list):
-                continue
-            for position, block in enumerate(content):
-                cache_control = block.get("cache_control") if isinstance(block, dict) else None
-                overhead = TOKENS_PER_MESSAGE if position == 0 else 0
-                segments.append((block_tokens(block) + overhead, cache_control, (role, block)))
     return segments
 
 
-def analyse_prompt(params: dict) -> PromptShape:
-    """Total input tokens and the cache prefix of a (valid) request."""
-    segments = _segments(params)
-    schema = output_schema(params)
-    total = 1 + sum(tokens for tokens, _, _ in segments)
-    if schema is not None:
-        total += json_tokens(schema)
+def _message_segments(messages: Any) -> list[Segment]:
+    segments: list[Segment] = []
+    if not isinstance(messages, list):
+        return segments
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        role = message.get("role")
+        content = message.get("content")
+        if isinstance(content, str):
+            segments.append((text_tokens(content) + TOKENS_PER_MESSAGE, None, (role, content)))
+            continue
+        if not isinstance(content, list):
+            continue
+        for position, block in enumerate(content):
+            cache_control = block.get("cache_control") if isinstance(block, dict) else None
+            overhead = TOKENS_PER_MESSAGE if position == 0 else 0
+            segments.append((block_tokens(block) + overhead, cache_control, (role, block)))
+    return segments
+
+
+def _prefix(segments: list[Segment], fixed_tokens: int, model: Any, schema: Any) -> PromptShape:
+    """Total tokens and the prefix up to the last breakpoint among ``segments``."""
+    total = fixed_tokens + sum(tokens for tokens, _, _ in segments)
     last_breakpoint = -1
     for index, (_, cache_control, _) in enumerate(segments):
         if isinstance(cache_control, dict):
             last_breakpoint = index
     if last_breakpoint < 0:
         return PromptShape(total_tokens=total)
-
-    prefix_tokens = 0
-    one_hour_tokens = 0
-    since_last_breakpoint = 0
+    prefix_tokens = one_hour_tokens = since_last_breakpoint = 0
     for tokens, cache_control, _ in segments[: last_breakpoint + 1]:
         prefix_tokens += tokens
         since_last_breakpoint += tokens
@@ -139,15 +140,52 @@ def analyse_prompt(params: dict) -> PromptShape:
             if cache_control.get("ttl") == "1h":
                 one_hour_tokens += since_last_breakpoint
             since_last_breakpoint = 0
-    identity = [params.get("model"), schema, [segment[2] for segment in segments[: last_breakpoint + 1]]]
+    identity = [model, schema, [segment[2] for segment in segments[: last_breakpoint + 1]]]
     try:
         serialized = orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)
     except TypeError:
         serialized = repr(identity).encode()
-    key = hashlib.blake2b(serialized, digest_size=16).digest()
     return PromptShape(
         total_tokens=total,
         cache_prefix_tokens=prefix_tokens,
         cache_1h_tokens=one_hour_tokens,
-        cache_key=key,
+        cache_key=hashlib.blake2b(serialized, digest_size=16).digest(),
     )
+
+
+@dataclass(slots=True)
+class TemplateShape:
+    """What the non-message part of a request contributes; the same for all requests sharing it."""
+
+    segments: list[Segment]
+    fixed_tokens: int  # 1 + the output schema
+    model: Any
+    schema: Any
+    prefix: PromptShape  # the prefix when no message block carries cache_control
+
+
+def template_shape(params: dict) -> TemplateShape:
+    schema = output_schema(params)
+    fixed = 1 + (json_tokens(schema) if schema is not None else 0)
+    segments = _template_segments(params)
+    model = params.get("model")
+    return TemplateShape(segments, fixed, model, schema, _prefix(segments, fixed, model, schema))
+
+
+def analyse_prompt(params: dict, template: TemplateShape | None = None) -> PromptShape:
+    """Total input tokens and the cache prefix of a (valid) request.
+
+    ``template`` is ``template_shape(params)``, passed in when many requests share it.
+    """
+    template = template or template_shape(params)
+    message_segments = _message_segments(params.get("messages"))
+    if not any(isinstance(cache_control, dict) for _, cache_control, _ in message_segments):
+        message_tokens = sum(tokens for tokens, _, _ in message_segments)
+        prefix = template.prefix
+        return PromptShape(
+            total_tokens=prefix.total_tokens + message_tokens,
+            cache_prefix_tokens=prefix.cache_prefix_tokens,
+            cache_1h_tokens=prefix.cache_1h_tokens,
+            cache_key=prefix.cache_key,
+        )
+    return _prefix(template.segments + message_segments, template.fixed_tokens, template.model, template.schema)
