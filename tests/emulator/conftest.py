@@ -26,8 +26,13 @@ def emu_server() -> Iterator[EmulatorServer]:
 
 @pytest.fixture
 def emu(emu_server: EmulatorServer) -> Iterator[EmulatorServer]:
-    """The session's emulator with no batches, no faults and zeroed counters."""
+    """The session's emulator with no batches, no faults and zeroed counters.
+
+    Emulated time runs at wall-clock speed here and tests move it with ``advance``, so a slow or
+    busy machine cannot push a batch past a boundary between two steps of a test.
+    """
     emu_server.reset()
+    emu_server.configure(time_scale=1.0)
     yield emu_server
     emu_server.reset()
 
