@@ -42,6 +42,9 @@ os.environ.setdefault(
     ),
 )
 os.environ.setdefault("AIRFLOW__CORE__PARALLELISM", "4")
+# dag.test() in Airflow 3.3 fails when a DAG has a deadline alert (it reads the serialized alerts
+# as ids); the full-stack tests keep the alert, dag.test() runs turn it off.
+os.environ.setdefault("CLAUDE_BATCH_DEADLINE_HOURS", "0")
 
 EMULATOR_API_KEY = "sk-ant-test-emulator-key-0123456789"
 POSTGRES_HOST, POSTGRES_PORT = "127.0.0.1", 5432
@@ -111,6 +114,23 @@ def emulator(emulator_server):
     emulator_server.reset()
     yield emulator_server
     emulator_server.reset()
+
+
+@pytest.fixture
+def anthropic_conn(emulator, monkeypatch):
+    """``anthropic_default`` as an environment connection to the emulator; yields the emulator."""
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_ANTHROPIC_DEFAULT",
+        json.dumps(
+            {
+                "conn_type": "anthropic",
+                "host": emulator.base_url,
+                "password": EMULATOR_API_KEY,
+                "extra": {"anthropic_client_kwargs": {"timeout": 30}},
+            }
+        ),
+    )
+    return emulator
 
 
 @pytest.fixture

@@ -1,0 +1,603 @@
+"""The pipeline builder: one call wires a workload from warehouse to warehouse.
+
+Read this file to find the pipeline; every stage is a module of its own, called here in
+data-flow order:
+
+    stage    warehouse.extract -> staging.stage_requests            (shards + manifest on S3)
+    gate     dry run / budget / pilot, then warehouse.register_staged (ledger: pending)
+    submit   operators.ClaudeBatchOperator, mapped over the shards    (batch ids, exactly once)
+    wait     sensors.ClaudeBatchSensor, deferred                      (no worker slot held)
+    collect  results.collect_results + validation.validate_part, mapped over the shards
+    load     warehouse.load_run -> check_accounting -> record_run      (results table + ledger)
+    report   counts, cost, the real-time equivalent, cache hit rate, durations -> report.json
+
+The ``run_*`` functions are the plain-Python steps (testable without Airflow); the tasks are thin
+shells that open connections and pass run context. Every step is idempotent for its DAG run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import anthropic
+import orjson
+
+from claude_batch.costs import PriceTable, default_prices
+from claude_batch.results import collect_results
+from claude_batch.staging import Manifest, StagingLimits, iter_shard_lines, read_manifest, stage_requests
+from claude_batch.storage import ObjectStore, RunLayout
+from claude_batch.submission import BatchSubmitter, InlineRequests
+from claude_batch.validation import judge, validate_part
+from claude_batch.warehouse import SourceSpec, Warehouse
+from claude_batch.workloads import Workload
+
+__all__ = ["PipelineConfig", "RunOptions", "SourceSpec", "claude_batch_dag", "claude_batch_pipeline"]
+
+DEFAULT_POOL = "claude_batch"
+
+
+class BudgetExceeded(RuntimeError):
+    """The run's cost estimate is over the budget it was given; nothing was submitted."""
+
+
+class PilotFailed(RuntimeError):
+    """The pilot sample's validation pass rate is under the threshold; nothing else was submitted."""
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Everything a workload's pipeline needs; every knob has a default.
+
+    :param workload: the task spec.
+    :param source: where its rows live (table or trusted query, key and interval columns).
+    :param warehouse_conn_id: an Airflow connection: ``duckdb`` (host = database file) or any
+        common.sql connection (e.g. ``postgres``).
+    :param anthropic_conn_id: the ``anthropic`` connection.
+    :param aws_conn_id: the ``aws`` connection for an ``s3://`` storage root.
+    :param storage_root: ``s3://bucket/prefix`` (default: ``CLAUDE_BATCH_STORAGE_ROOT``).
+    :param staging_limits: requests and bytes per shard.
+    :param pool: the Airflow pool bounding concurrent submissions (size it for the API's queue).
+    :param allowed_models: models a UI trigger may choose (default: the workload's).
+    :param min_poll_interval: the first polling interval of the wait.
+    :param max_poll_interval: the ceiling the polling interval backs off to.
+    :param batch_timeout: seconds from submission before a batch is cancelled (None: API's 24 h).
+    :param prices: the price table.
+    """
+
+    workload: Workload
+    source: SourceSpec
+    warehouse_conn_id: str = "claude_batch_warehouse"
+    anthropic_conn_id: str = "anthropic_default"
+    aws_conn_id: str | None = "aws_default"
+    storage_root: str | None = None
+    staging_limits: StagingLimits = field(default_factory=StagingLimits)
+    pool: str = DEFAULT_POOL
+    allowed_models: tuple[str, ...] = ()
+    min_poll_interval: float = 30.0
+    max_poll_interval: float = 600.0
+    batch_timeout: float | None = None
+    prices: PriceTable = field(default_factory=default_prices)
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return self.allowed_models or self.workload.models
+
+    def root(self) -> str:
+        root = self.storage_root or os.environ.get("CLAUDE_BATCH_STORAGE_ROOT")
+        if not root:
+            raise ValueError("No storage root: set storage_root or CLAUDE_BATCH_STORAGE_ROOT")
+        return root
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What one run was asked for (the DAG's Params, validated there first).
+
+    :param model: override the workload's model (must be one of the allowed models).
+    :param row_limit: stage at most this many rows (0: no limit).
+    :param dry_run: extract, stage and estimate; submit nothing.
+    :param pilot_size: first send this many requests alone; stop if they validate poorly.
+    :param pilot_min_pass_rate: the share of valid pilot answers needed to go on.
+    :param budget_usd: refuse to submit when the estimate is above this (0: no budget).
+    :param window_start: overrides the data interval's start (a date), with ``window_end``.
+    :param window_end: overrides the data interval's end (exclusive).
+    """
+
+    model: str | None = None
+    row_limit: int = 0
+    dry_run: bool = False
+    pilot_size: int = 0
+    pilot_min_pass_rate: float = 0.8
+    budget_usd: float = 0.0
+    window_start: str | None = None
+    window_end: str | None = None
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> RunOptions:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in params.items() if k in known and v not in ("", None)})
+
+
+def effective_workload(config: PipelineConfig, options: RunOptions) -> Workload:
+    """The workload as this run sends it (a chosen model changes the prompt version)."""
+    if not options.model or options.model == config.workload.model:
+        return config.workload
+    if options.model not in config.models:
+        raise ValueError(f"model {options.model!r} is not allowed here; choose one of {list(config.models)}")
+    return dataclasses.replace(config.workload, model=options.model)
+
+
+def run_interval(options: RunOptions, start: Any, end: Any) -> tuple[Any, Any] | None:
+    """The rows' time window: the Params' window if given, else the run's data interval."""
+    if options.window_start and options.window_end:
+        return (datetime.fromisoformat(options.window_start), datetime.fromisoformat(options.window_end))
+    if start is None or end is None:
+        return None
+    return (_naive_utc(start), _naive_utc(end))
+
+
+def _naive_utc(moment: Any) -> datetime:
+    # Warehouse timestamps are compared as naive UTC (TIMESTAMP without time zone).
+    moment = datetime.fromisoformat(str(moment)) if not isinstance(moment, datetime) else moment
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC).replace(tzinfo=None)
+    return moment
+
+
+# --- the plain-Python steps ---------------------------------------------------------------
+
+
+def run_stage(
+    config: PipelineConfig, warehouse: Warehouse, layout: RunLayout, options: RunOptions, interval: Any
+) -> dict[str, Any]:
+    """Extract the run's rows and stage them as shards with a manifest (no ledger change yet)."""
+    workload = effective_workload(config, options)
+    warehouse.ensure_tables(workload)
+    observations = warehouse.recent_cache_observations(workload)
+    cache_setting = workload.choose_cache_setting(observations, config.prices)
+    rows = warehouse.extract(workload, config.source, layout.run_id, interval)
+    if options.row_limit:
+        rows = itertools.islice(rows, options.row_limit)
+    manifest = stage_requests(
+        rows,
+        workload,
+        layout,
+        key_field=config.source.key_column,
+        cache_setting=cache_setting,
+        prices=config.prices,
+        limits=config.staging_limits,
+    )
+    return _stage_summary(manifest)
+
+
+def _stage_summary(manifest: Manifest) -> dict[str, Any]:
+    return {
+        "extracted": manifest.extracted_rows,
+        "staged": manifest.staged_requests,
+        "rejected": manifest.rejected_rows,
+        "shards": len(manifest.shards),
+        "cache_setting": manifest.cache_setting,
+        "estimated_cost_usd": _estimated_cost(manifest),
+    }
+
+
+def _estimated_cost(manifest: Manifest) -> float:
+    return float((manifest.estimate or {}).get("cost_usd_expected", 0.0))
+
+
+def run_gate(
+    config: PipelineConfig,
+    warehouse: Warehouse,
+    layout: RunLayout,
+    options: RunOptions,
+    client: Any,
+    submit_api: Any,
+    log: Any,
+) -> list[str]:
+    """Apply dry run, budget and pilot; then record the items as pending and return the shard paths.
+
+    :returns: the request shard paths (relative to the store root) to submit, in part order.
+    """
+    manifest = _manifest(layout)
+    workload = effective_workload(config, options)
+    cost = _estimated_cost(manifest)
+    log.info(
+        "Staged %s requests in %d shard(s) (%s rejected); estimated batch cost $%.4f (cache %s).",
+        f"{manifest.staged_requests:,}",
+        len(manifest.shards),
+        f"{manifest.rejected_rows:,}",
+        cost,
+        manifest.cache_setting,
+    )
+    if options.dry_run:
+        write_report(layout, {"dry_run": True, "estimate": manifest.estimate, **_stage_summary(manifest)})
+        return []
+    if options.budget_usd and cost > options.budget_usd:
+        raise BudgetExceeded(
+            f"The estimated cost ${cost:.4f} is over this run's budget ${options.budget_usd:.4f}; nothing was "
+            "submitted. Raise the budget, lower row_limit, or choose a cheaper model."
+        )
+    if options.pilot_size and manifest.shards:
+        run_pilot(workload, layout, manifest, options, client, submit_api, log)
+    warehouse.register_staged(workload, layout, manifest)
+    return [f"{layout.prefix}/{shard.requests}" for shard in manifest.shards]
+
+
+def run_pilot(
+    workload: Workload,
+    layout: RunLayout,
+    manifest: Manifest,
+    options: RunOptions,
+    client: anthropic.Anthropic,
+    submit_api: Any,
+    log: Any,
+    poll_seconds: float = 5.0,
+) -> float:
+    """Send the first ``pilot_size`` requests alone, wait, and stop the run if they validate poorly.
+
+    The pilot has its own submission state, so a retried gate re-attaches to the same pilot batch.
+    Its requests are sent again with the full run (a known, small cost, shown in the log).
+    """
+    lines = list(itertools.islice(iter_shard_lines(layout, manifest.shards[0]), options.pilot_size))
+    requests = [orjson.loads(line) for line in lines]
+    submitter = BatchSubmitter(submit_api, layout.store, f"{layout.prefix}/state/pilot.part-00000.json")
+    batch_id = submitter.submit(InlineRequests(requests, "pilot sample"), log=log.info).batch_id
+    while client.messages.batches.retrieve(batch_id).processing_status != "ended":
+        time.sleep(poll_seconds)
+    valid = judged = 0
+    reasons: dict[str, int] = {}
+    for line in client.messages.batches.results(batch_id):
+        judged += 1
+        if line.result.type != "succeeded":
+            reasons[line.result.type] = reasons.get(line.result.type, 0) + 1
+            continue
+        message = line.result.message
+        payload = next((b.text for b in message.content if b.type == "text"), None)
+        if workload.output_mode == "tool":
+            payload = next((orjson.dumps(b.input).decode() for b in message.content if b.type == "tool_use"), None)
+        verdict = judge(workload, payload, message.stop_reason, message.usage.output_tokens)
+        if verdict.status == "valid":
+            valid += 1
+        else:
+            reasons[verdict.reason_code or "invalid"] = reasons.get(verdict.reason_code or "invalid", 0) + 1
+    pass_rate = valid / max(judged, 1)
+    log.info("Pilot batch %s: %d of %d answers valid (%.0f%%); %s", batch_id, valid, judged, pass_rate * 100, reasons)
+    if pass_rate < options.pilot_min_pass_rate:
+        raise PilotFailed(
+            f"The pilot's validation pass rate is {pass_rate:.0%} ({valid} of {judged}), under the "
+            f"threshold {options.pilot_min_pass_rate:.0%}; nothing else was submitted. Failures: {reasons}"
+        )
+    return pass_rate
+
+
+def run_collect(
+    config: PipelineConfig,
+    warehouse: Warehouse,
+    layout: RunLayout,
+    options: RunOptions,
+    client: anthropic.Anthropic,
+    part: int,
+    batch_id: str,
+) -> dict[str, Any]:
+    """Record the batch in the ledger, collect its results to S3 and validate them."""
+    workload = effective_workload(config, options)
+    manifest = _manifest(layout)
+    warehouse.mark_submitted(workload, layout, manifest, part, batch_id)
+    collected = collect_results(client, layout, part, batch_id, manifest=manifest, prices=config.prices)
+    validated = validate_part(workload, layout, part)
+    batch = client.messages.batches.retrieve(batch_id)
+    duration = (batch.ended_at - batch.created_at).total_seconds() if batch.ended_at else None
+    return {
+        "part": part,
+        "batch_id": batch_id,
+        "collected": collected.to_dict(),
+        "validated": dataclasses.asdict(validated),
+        "batch_seconds": duration,
+    }
+
+
+def run_load(config: PipelineConfig, warehouse: Warehouse, layout: RunLayout, options: RunOptions) -> dict[str, Any]:
+    """Upsert valid rows, move the ledger, check the accounting and record the run."""
+    workload = effective_workload(config, options)
+    manifest = _manifest(layout)
+    load = warehouse.load_run(workload, layout, manifest)
+    report = warehouse.check_accounting(workload, manifest)
+    warehouse.record_run(workload, manifest, load, report, config.prices)
+    return {"load": dataclasses.asdict(load), "ledger": report.by_status, "extracted": report.extracted}
+
+
+def build_report(
+    layout: RunLayout, loaded: Mapping[str, Any], collected: list[Mapping[str, Any]], prices: PriceTable
+) -> dict[str, Any]:
+    """The run report: counts per outcome, cost vs real time, cache hit rate, durations."""
+    manifest = _manifest(layout)
+    load = loaded["load"]
+    cost = float(load["cost_usd"])
+    realtime = cost / prices.batch_discount if prices.batch_discount else cost
+    cache_read = int(load["cache_read_input_tokens"])
+    cache_write = int(load["cache_creation_input_tokens"])
+    durations = [c["batch_seconds"] for c in collected if c.get("batch_seconds") is not None]
+    return {
+        "workload": manifest.workload,
+        "dag_id": layout.dag_id,
+        "run_id": layout.run_id,
+        "prompt_version": manifest.prompt_version,
+        "models": manifest.models,
+        "cache_setting": manifest.cache_setting,
+        "extracted": manifest.extracted_rows,
+        "staged": manifest.staged_requests,
+        "rejected": manifest.rejected_rows,
+        "rejected_by_reason": manifest.rejected_by_reason,
+        "ledger": loaded["ledger"],
+        "batches": len(collected),
+        "tokens": {
+            "input": int(load["input_tokens"]),
+            "output": int(load["output_tokens"]),
+            "cache_write": cache_write,
+            "cache_read": cache_read,
+        },
+        "cost_usd": round(cost, 6),
+        "realtime_cost_usd": round(realtime, 6),
+        "saving_usd": round(realtime - cost, 6),
+        "estimated_cost_usd": _estimated_cost(manifest),
+        "cache_hit_rate": round(cache_read / (cache_read + cache_write), 4) if cache_read + cache_write else None,
+        "batch_seconds": {"max": max(durations), "mean": sum(durations) / len(durations)} if durations else None,
+        "reported_at": datetime.now(UTC).isoformat(),
+    }
+
+
+def write_report(layout: RunLayout, report: Mapping[str, Any]) -> None:
+    layout.store.write_json(layout.report, dict(report))
+
+
+def _manifest(layout: RunLayout) -> Manifest:
+    manifest = read_manifest(layout)
+    if manifest is None:
+        raise FileNotFoundError(f"No manifest at {layout.store.uri(layout.manifest)}: the stage task has not run.")
+    return manifest
+
+
+# --- connections ---------------------------------------------------------------------------
+
+
+def open_warehouse(conn_id: str) -> Warehouse:
+    """A :class:`Warehouse` on an Airflow connection: ``duckdb`` (host: the file) or common.sql."""
+    from airflow.sdk import BaseHook
+
+    conn = BaseHook.get_connection(conn_id)
+    if conn.conn_type == "duckdb":
+        import duckdb
+
+        return Warehouse(duckdb.connect(conn.host or conn.schema or ":memory:"))
+    hook = conn.get_hook()
+    return Warehouse(hook.get_conn())
+
+
+# --- the Airflow shell ---------------------------------------------------------------------
+
+
+def _context_layout(config: PipelineConfig, aws_conn_id: str | None) -> RunLayout:
+    from airflow.sdk import get_current_context
+
+    context = get_current_context()
+    store = ObjectStore.from_airflow(config.root(), aws_conn_id)
+    return RunLayout(store, context["dag"].dag_id, context["run_id"])
+
+
+def _context_options() -> RunOptions:
+    from airflow.sdk import get_current_context
+
+    return RunOptions.from_params(get_current_context()["params"])
+
+
+def claude_batch_pipeline(config: PipelineConfig, group_id: str | None = None):
+    """A TaskGroup running ``config.workload`` from warehouse to warehouse; call inside a DAG.
+
+    :param config: the pipeline's settings.
+    :param group_id: the group's id (default: the workload's name).
+    :returns: the TaskGroup (its last task is the report).
+    """
+    from airflow.sdk import Asset, TaskGroup, get_current_context, task
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from claude_batch.hooks import ClaudeBatchHook
+    from claude_batch.operators import ClaudeBatchOperator
+    from claude_batch.sensors import ClaudeBatchSensor
+
+    results_asset = Asset(
+        name=f"claude_batch.{config.workload.name}_results",
+        uri=f"claude-batch://{config.warehouse_conn_id}/{config.workload.results_table}",
+    )
+
+    with TaskGroup(group_id or config.workload.name) as group:
+
+        @task(task_id="stage")
+        def stage() -> dict[str, Any]:
+            context = get_current_context()
+            options = _context_options()
+            interval = run_interval(options, context.get("data_interval_start"), context.get("data_interval_end"))
+            layout = _context_layout(config, config.aws_conn_id)
+            return run_stage(config, open_warehouse(config.warehouse_conn_id), layout, options, interval)
+
+        @task(task_id="gate")
+        def gate(staged: dict[str, Any]) -> list[str]:
+            options = _context_options()
+            layout = _context_layout(config, config.aws_conn_id)
+            hook = ClaudeBatchHook(conn_id=config.anthropic_conn_id)
+            warehouse = open_warehouse(config.warehouse_conn_id)
+            shards = run_gate(config, warehouse, layout, options, hook.conn, hook, _task_log())
+            if not shards:
+                reason = "dry run: estimate written to report.json" if options.dry_run else "nothing to submit"
+                raise AirflowSkipException(f"{reason}; staged {staged['staged']:,} requests.")
+            return shards
+
+        shards = gate(stage())
+        submit = ClaudeBatchOperator.partial(
+            task_id="submit",
+            storage_root=config.storage_root,
+            conn_id=config.anthropic_conn_id,
+            aws_conn_id=config.aws_conn_id,
+            wait="none",
+            pool=config.pool,
+            retries=3,
+            retry_delay=timedelta(seconds=30),
+        ).expand(shard=shards)
+        wait = ClaudeBatchSensor(
+            task_id="wait",
+            batch_ids=submit.output,
+            conn_id=config.anthropic_conn_id,
+            min_poll_interval=config.min_poll_interval,
+            max_poll_interval=config.max_poll_interval,
+            batch_timeout=config.batch_timeout,
+        )
+
+        @task(task_id="collect", retries=3, retry_delay=timedelta(seconds=30))
+        def collect(batch_id: str) -> dict[str, Any]:
+            context = get_current_context()
+            layout = _context_layout(config, config.aws_conn_id)
+            hook = ClaudeBatchHook(conn_id=config.anthropic_conn_id)
+            part = _part_of(layout, context["ti"].map_index)
+            return run_collect(
+                config, open_warehouse(config.warehouse_conn_id), layout, _context_options(), hook.conn, part, batch_id
+            )
+
+        collected = collect.expand(batch_id=submit.output)
+        wait >> collected
+
+        @task(task_id="load", outlets=[results_asset])
+        def load(collected: list[dict[str, Any]]) -> dict[str, Any]:
+            layout = _context_layout(config, config.aws_conn_id)
+            return run_load(config, open_warehouse(config.warehouse_conn_id), layout, _context_options())
+
+        @task(task_id="report")
+        def report(loaded: dict[str, Any], collected: list[dict[str, Any]]) -> dict[str, Any]:
+            layout = _context_layout(config, config.aws_conn_id)
+            result = build_report(layout, loaded, list(collected), config.prices)
+            write_report(layout, result)
+            _emit_metrics(config.workload.name, result)
+            log = _task_log()
+            log.info("Run report: %s", orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+            return result
+
+        loaded = load(collected)
+        report(loaded, collected)
+    return group
+
+
+def _part_of(layout: RunLayout, map_index: int) -> int:
+    """The shard part a mapped task works on (map index i is the manifest's i-th shard)."""
+    return _manifest(layout).shards[max(map_index, 0)].part
+
+
+def _task_log():
+    import logging
+
+    return logging.getLogger("airflow.task")
+
+
+def _emit_metrics(workload: str, report: Mapping[str, Any]) -> None:
+    """Counts, cost and durations as Airflow metrics (StatsD or OpenTelemetry, as configured)."""
+    from airflow.sdk.observability.stats import Stats
+
+    tags = {"workload": workload}
+    for status, count in (report.get("ledger") or {}).items():
+        Stats.gauge(f"claude_batch.items.{status}", count, tags=tags)
+    Stats.gauge("claude_batch.cost_usd", report["cost_usd"], tags=tags)
+    Stats.gauge("claude_batch.saving_usd", report["saving_usd"], tags=tags)
+    if report.get("batch_seconds"):
+        Stats.timing("claude_batch.batch_duration", timedelta(seconds=report["batch_seconds"]["max"]), tags=tags)
+
+
+def run_params(config: PipelineConfig, default_row_limit: int = 0) -> dict[str, Any]:
+    """The Params a UI trigger shows as a form; Airflow validates them before the run starts."""
+    from airflow.sdk import Param
+
+    models = list(config.models)
+    return {
+        "model": Param(config.workload.model, type="string", enum=models, description="The model to send to."),
+        "row_limit": Param(
+            default_row_limit, type="integer", minimum=0, maximum=10_000_000, description="At most this many rows (0: all)."
+        ),
+        "dry_run": Param(False, type="boolean", description="Extract and estimate the cost; submit nothing."),
+        "pilot_size": Param(
+            0, type="integer", minimum=0, maximum=10_000, description="Send this many requests first, alone (0: no pilot)."
+        ),
+        "pilot_min_pass_rate": Param(
+            0.8, type="number", minimum=0, maximum=1, description="Stop unless this share of pilot answers is valid."
+        ),
+        "budget_usd": Param(
+            0.0, type="number", minimum=0, description="Refuse to submit when the estimate is above this (0: none)."
+        ),
+        "window_start": Param(
+            None, type=["null", "string"], format="date", description="Optional start date (instead of the interval)."
+        ),
+        "window_end": Param(
+            None, type=["null", "string"], format="date", description="Optional end date, exclusive."
+        ),
+    }
+
+
+def claude_batch_dag(
+    config: PipelineConfig,
+    *,
+    dag_id: str | None = None,
+    schedule: Any = "@daily",
+    start_date: datetime,
+    max_active_runs: int = 2,
+    deadline_hours: float | None = None,
+    tags: tuple[str, ...] = ("claude-batch",),
+    **dag_kwargs: Any,
+):
+    """A whole DAG for one workload: Params form, schedule, bounded concurrency, deadline alert.
+
+    :param config: the pipeline's settings.
+    :param dag_id: the DAG id (default: the workload's name).
+    :param schedule: the schedule; data intervals select the rows, so backfills work.
+    :param start_date: the first data interval's start.
+    :param max_active_runs: runs at once (each may hold many batches).
+    :param deadline_hours: alert when a run is still not done this long after it was queued
+        (default ``CLAUDE_BATCH_DEADLINE_HOURS`` or 20; 0 turns the alert off). ``dag.test()`` in
+        Airflow 3.3 fails on DAGs with deadline alerts, so tests and the demo set it to 0.
+    """
+    from airflow.sdk import DAG
+    from airflow.sdk.definitions.deadline import AsyncCallback, DeadlineAlert, DeadlineReference
+
+    if isinstance(schedule, str) and not schedule.startswith("@once") and schedule != "@continuous":
+        # Airflow 3 turns cron strings into trigger timetables whose runs have an empty data
+        # interval; the rows a run extracts are its interval, so ask for real intervals.
+        from airflow.sdk.definitions.timetables.interval import CronDataIntervalTimetable
+
+        schedule = CronDataIntervalTimetable(schedule, timezone="UTC")
+    if deadline_hours is None:
+        deadline_hours = float(os.environ.get("CLAUDE_BATCH_DEADLINE_HOURS", "20"))
+    deadline = (
+        DeadlineAlert(
+            reference=DeadlineReference.DAGRUN_QUEUED_AT,
+            interval=timedelta(hours=deadline_hours),
+            callback=AsyncCallback("claude_batch.alerts.run_overdue", kwargs={"workload": config.workload.name}),
+        )
+        if deadline_hours
+        else None
+    )
+    dag = DAG(
+        dag_id or config.workload.name,
+        schedule=schedule,
+        start_date=start_date,
+        catchup=False,
+        max_active_runs=max_active_runs,
+        params=run_params(config),
+        deadline=deadline,
+        tags=list(tags),
+        doc_md=config.workload.description or None,
+        **dag_kwargs,
+    )
+    with dag:
+        claude_batch_pipeline(config)
+    return dag
