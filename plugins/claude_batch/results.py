@@ -369,7 +369,7 @@ def collect_results(
                 bytes=download.bytes,
                 attempts=attempt,
                 counts=download.counts,
-                cost_usd=round(download.cost, 6),
+                cost_usd=download.cost,
                 problems=problems,
                 **download.totals,
             )

@@ -541,6 +541,8 @@ class _Stager:
                 continue
             column = _column(chunk.rows, name)
             kinds = set(map(type, column))
+            if self.strip_controls:
+                self._strip_control_characters(column, kinds)
             if name in self.text_fields:
                 if kinds != {str} or "" in column or any(map(str.isspace, column)):
                     for index, value in enumerate(column):
@@ -560,6 +562,16 @@ class _Stager:
                 column = [value if type(value) is str else format(value, "") for value in column]
             chunk.fields[name] = column
         chunk.drop(drop)
+
+    @staticmethod
+    def _strip_control_characters(column: list[Any], kinds: set[type]) -> None:
+        """Policy ``strip``: remove control characters from the text values, in place."""
+        positions = (
+            range(len(column)) if kinds == {str} else [i for i, v in enumerate(column) if type(v) is str]
+        )
+        texts = [column[i] for i in positions]
+        for index in _rows_with_control_chars(texts):
+            column[positions[index]] = _CONTROL_CHARS.sub("", texts[index])
 
     def _render(self, chunk: _Chunk) -> None:
         """The user content: the template's literal parts and field columns joined per row."""
@@ -984,15 +996,23 @@ def read_manifest(layout: RunLayout) -> Manifest | None:
 def iter_shard_lines(layout: RunLayout, shard: ShardManifest, *, verify: bool = True) -> Iterator[bytes]:
     """The shard's JSONL lines (without newlines), streamed; checks the sha256 at the end.
 
+    Reads in large blocks and splits them here: fsspec's ``readline`` re-slices its read-ahead
+    buffer on every line, which is quadratic on a large object.
+
     :param verify: raise ``StagingError`` when the bytes read do not match the manifest.
     """
     digest = hashlib.sha256()
     size = 0
-    with layout.store.open(_full(layout, shard.requests), "rb") as handle:
-        for line in handle:
-            digest.update(line)
-            size += len(line)
-            yield line.rstrip(b"\n")
+    pending = b""
+    with layout.store.open(_full(layout, shard.requests), "rb", block_size=_S3_BLOCK_SIZE) as handle:
+        while block := handle.read(_S3_BLOCK_SIZE):
+            digest.update(block)
+            size += len(block)
+            lines = (pending + block).split(b"\n")
+            pending = lines.pop()
+            yield from lines
+    if pending:
+        yield pending
     if verify and (digest.hexdigest() != shard.sha256 or size != shard.bytes):
         raise StagingError(
             f"shard {shard.requests} does not match its manifest checksum; it was changed or cut short"

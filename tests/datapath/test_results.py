@@ -1,0 +1,112 @@
+"""Collect against the emulator: raw JSONL and Parquet on S3, cut streams retried, never accepted."""
+
+from __future__ import annotations
+
+import anthropic
+import orjson
+import pytest
+from claude_batch.results import (
+    BatchNotEnded,
+    ResultsIncomplete,
+    ResultsMismatch,
+    collect_results,
+    read_results,
+)
+from claude_batch.staging import StagingLimits, stage_requests
+from claude_batch.storage import RunLayout
+
+from tests.conftest import EMULATOR_API_KEY
+from tests.datapath.conftest import make_workload, ticket_rows
+from tests.datapath.helpers import submit_shard
+
+
+@pytest.fixture
+def client(emulator):
+    return anthropic.Anthropic(api_key=EMULATOR_API_KEY, base_url=emulator.base_url, max_retries=0)
+
+
+def staged(layout, rows, **limits):
+    return stage_requests(
+        rows, make_workload(), layout, key_field="id", cache_setting="off", limits=StagingLimits(**limits)
+    )
+
+
+def run_batch(client, emulator, layout, manifest, part=0):
+    batch_id = submit_shard(client, layout, manifest.shard(part))
+    emulator.advance(3600)
+    return batch_id
+
+
+def test_collect_writes_raw_jsonl_and_parquet_to_s3(s3_store, emulator, client):
+    layout = RunLayout(s3_store, "invoices_dag", "run-1")
+    rows = list(ticket_rows(40)) + [{"id": "needs hashing!", "body": "Invoice total: $5.00"}]
+    manifest = staged(layout, rows)
+    emulator.configure(faults={"batch": {"errored_rate": 0.2, "expired_rate": 0.1}})
+    batch_id = run_batch(client, emulator, layout, manifest)
+    summary = collect_results(client, layout, 0, batch_id, manifest=manifest)
+    assert summary.lines == 41 and summary.attempts == 1 and not summary.problems
+    assert (
+        sum(summary.counts.values()) == 41 and summary.counts["errored"] > 0 and summary.counts["expired"] > 0
+    )
+    raw = s3_store.read_bytes(layout.results_jsonl(0)).splitlines()
+    assert len(raw) == 41 and all(orjson.loads(line)["custom_id"] for line in raw)
+    table = read_results(layout, 0)
+    assert table.num_rows == 41
+    rows_by_key = {row["record_key"]: row for row in table.to_pylist()}
+    assert set(rows_by_key) == {row["id"] for row in rows}
+    hashed = rows_by_key["needs hashing!"]
+    assert hashed["custom_id"].startswith("k_")
+    ok = next(row for row in table.to_pylist() if row["outcome"] == "succeeded")
+    assert ok["model"] == "claude-haiku-4-5-20251001" and ok["text"] and ok["cost_usd"] > 0
+    assert ok["prompt_version"] == manifest.prompt_version and ok["batch_id"] == batch_id
+    failed = next(row for row in table.to_pylist() if row["outcome"] == "errored")
+    assert failed["error_type"] and failed["error_message"] and failed["cost_usd"] == 0
+    assert summary.cost_usd == pytest.approx(sum(r["cost_usd"] for r in table.to_pylist()), rel=1e-6)
+
+
+def test_a_cut_stream_is_detected_and_downloaded_again(layout, emulator, client):
+    manifest = staged(layout, ticket_rows(30))
+    batch_id = run_batch(client, emulator, layout, manifest)
+    emulator.configure(faults={"results_cut": {"after_lines": 12, "times": 2, "mid_line": True}})
+    summary = collect_results(client, layout, 0, batch_id, manifest=manifest, retry_wait_seconds=0.01)
+    assert summary.attempts == 3 and summary.lines == 30
+    assert any("not a complete result" in p or "result lines" in p for p in summary.problems)
+    assert read_results(layout, 0).num_rows == 30
+
+
+def test_a_stream_that_stays_short_is_never_accepted(layout, emulator, client):
+    manifest = staged(layout, ticket_rows(20))
+    batch_id = run_batch(client, emulator, layout, manifest)
+    emulator.configure(faults={"results_cut": {"fraction": 0.5, "mid_line": False}})
+    with pytest.raises(
+        ResultsIncomplete, match="incomplete after 2 downloads.*but the batch has 20 requests"
+    ):
+        collect_results(
+            client, layout, 0, batch_id, manifest=manifest, max_attempts=2, retry_wait_seconds=0.01
+        )
+    assert not layout.store.exists(layout.results_jsonl(0))
+    assert not layout.store.exists(layout.results_parquet(0))
+
+
+def test_results_of_another_batch_are_refused(layout, emulator, client):
+    manifest = staged(layout, ticket_rows(15), max_requests_per_shard=10)
+    first = run_batch(client, emulator, layout, manifest, part=0)
+    with pytest.raises(ResultsMismatch, match="has 10 requests but shard part 1 has 5"):
+        collect_results(client, layout, 1, first, manifest=manifest)
+
+
+def test_a_batch_still_processing_is_not_collected(layout, emulator, client):
+    manifest = staged(layout, ticket_rows(3))
+    batch_id = submit_shard(client, layout, manifest.shard(0))
+    with pytest.raises(BatchNotEnded, match="in_progress"):
+        collect_results(client, layout, 0, batch_id, manifest=manifest)
+
+
+def test_collecting_again_overwrites_the_same_objects(layout, emulator, client):
+    manifest = staged(layout, ticket_rows(10))
+    batch_id = run_batch(client, emulator, layout, manifest)
+    collect_results(client, layout, 0, batch_id, manifest=manifest)
+    first = layout.store.read_bytes(layout.results_jsonl(0))
+    collect_results(client, layout, 0, batch_id, manifest=manifest)
+    assert layout.store.read_bytes(layout.results_jsonl(0)) == first
+    assert read_results(layout, 0).num_rows == 10

@@ -1,0 +1,113 @@
+"""Validation: schema checks, cut and refused answers, business rules, typed columns."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from claude_batch.validation import judge, validate_batch, validate_part, validated_schema
+
+from tests.datapath.conftest import make_workload
+from tests.datapath.helpers import ended, errored, results_batch, succeeded
+
+GOOD = '{"category": "billing", "total_amount": 250000.5, "summary": "charged twice"}'
+
+
+@pytest.mark.parametrize(
+    ("payload", "stop_reason", "code", "text"),
+    [
+        (GOOD, "max_tokens", "max_tokens", "cut at max_tokens (7 output tokens, max_tokens 300)"),
+        (GOOD, "refusal", "refusal", "refused"),
+        (None, "end_turn", "no_output", "holds no text"),
+        ("I think it is billing", "end_turn", "invalid_json", "not valid JSON"),
+        (
+            '{"category": "billing", "total_amount": 1}',
+            "end_turn",
+            "schema_mismatch",
+            "summary: Field required",
+        ),
+        (
+            '{"category": "refunds", "total_amount": -1, "summary": "x"}',
+            "end_turn",
+            "schema_mismatch",
+            "category",
+        ),
+        ('{"category": "bug", "total_amount": 1, "summary": "x", "extra": 1}', "end_turn", None, None),
+    ],
+)
+def test_judge_flags_every_kind_of_bad_answer(payload, stop_reason, code, text):
+    verdict = judge(make_workload(), payload, stop_reason, output_tokens=7)
+    if code is None:
+        assert verdict.status == "valid"
+        return
+    assert verdict.status == "invalid" and verdict.reason_code == code
+    assert text in verdict.reason
+
+
+def test_rules_derive_columns_and_a_failing_rule_makes_the_answer_invalid():
+    workload = make_workload()
+    assert judge(workload, GOOD, "end_turn").derived == {"approval_required": True}
+    from claude_batch.workloads import Rule
+
+    broken = make_workload(rules=(Rule("ratio", lambda out: 1 / 0, "float"),))
+    verdict = judge(broken, GOOD, "end_turn")
+    assert verdict.reason_code == "rule_error" and "ZeroDivisionError" in verdict.reason
+
+
+def test_validate_batch_keeps_failures_with_their_raw_text_and_reason():
+    workload = make_workload()
+    batch = results_batch(
+        [
+            succeeded("a", GOOD),
+            succeeded("b", "not json at all"),
+            succeeded("c", GOOD, stop_reason="max_tokens"),
+            errored("d", "invalid_request_error", "max_tokens: Field required"),
+            errored("e", "overloaded_error"),
+            ended("f", "expired"),
+            ended("g", "canceled"),
+        ]
+    )
+    validated = validate_batch(workload, batch)
+    assert validated.schema == validated_schema(workload)
+    rows = {row["custom_id"]: row for row in validated.to_pylist()}
+    assert rows["a"]["status"] == "valid" and rows["a"]["raw_text"] is None
+    assert rows["a"]["category"] == "billing" and rows["a"]["total_amount"] == 250000.5
+    assert rows["a"]["approval_required"] is True
+    assert orjson.loads(rows["a"]["output_json"])["summary"] == "charged twice"
+    assert rows["b"]["status"] == "invalid" and rows["b"]["raw_text"] == "not json at all"
+    assert rows["b"]["reason_code"] == "invalid_json" and rows["b"]["category"] is None
+    assert rows["c"]["reason_code"] == "max_tokens"
+    assert rows["d"]["status"] == "errored" and rows["d"]["reason_code"] == "invalid_request_error"
+    assert "max_tokens: Field required" in rows["d"]["reason"]
+    assert rows["e"]["status"] == "errored" and rows["e"]["error_type"] == "overloaded_error"
+    assert (rows["f"]["status"], rows["g"]["status"]) == ("expired", "canceled")
+    assert rows["a"]["cost_usd"] > 0 and rows["f"]["cost_usd"] == 0
+
+
+def test_tool_use_answers_are_read_from_the_tool_input():
+    workload = make_workload(output_mode="tool")
+    tool_input = {"category": "bug", "total_amount": 3, "summary": "crash"}
+    validated = validate_batch(workload, results_batch([succeeded("a", "Let me record that.", tool_input=tool_input,
+                                                                  stop_reason="tool_use")]))  # fmt: skip
+    row = validated.to_pylist()[0]
+    assert row["status"] == "valid" and row["category"] == "bug"
+
+
+def test_validate_part_streams_results_parquet_to_validated_parquet(layout):
+    import pyarrow.parquet as pq
+    from claude_batch.results import RESULTS_SCHEMA
+
+    workload = make_workload()
+    lines = [succeeded(f"k{i}", GOOD if i % 3 else "oops") for i in range(30)]
+    with layout.store.open(layout.results_parquet(0), "wb") as handle:
+        pq.write_table(pa_table(results_batch(lines)), handle, row_group_size=7)
+    summary = validate_part(workload, layout, 0, batch_rows=8)
+    assert summary.rows == 30
+    assert summary.by_status["valid"] == 20 and summary.by_status["invalid"] == 10
+    assert summary.by_reason == {"invalid_json": 10}
+    assert RESULTS_SCHEMA.names[0] == "custom_id"
+
+
+def pa_table(batch):
+    import pyarrow as pa
+
+    return pa.Table.from_batches([batch])

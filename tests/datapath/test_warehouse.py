@@ -1,0 +1,331 @@
+"""The warehouse over DuckDB and PostgreSQL: extract, ledger transitions, atomic bulk loads, accounting."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from claude_batch.staging import stage_requests
+from claude_batch.storage import RunLayout
+from claude_batch.validation import validate_part
+from claude_batch.warehouse import (
+    AccountingError,
+    DuckDBDialect,
+    SourceSpec,
+    Warehouse,
+    WarehouseError,
+    dialect_for,
+)
+
+from tests.datapath.conftest import INTERVAL, Invoice, create_tickets, make_workload, query, ticket_rows
+from tests.datapath.helpers import ended, errored, succeeded, write_results_part
+
+GOOD = '{"category": "billing", "total_amount": 300000, "summary": "charged twice"}'
+SOURCE = SourceSpec(key_column="id", table="tickets", interval_column="created_at")
+
+
+def run_once(warehouse, workload, store, run_id, outcome_for, interval=INTERVAL, source=SOURCE):
+    """One run of the data path with answers chosen per record key (no API in between)."""
+    layout = RunLayout(store, "invoices_dag", run_id)
+    rows = warehouse.extract(workload, source, run_id, interval, chunk_rows=7)
+    manifest = stage_requests(rows, workload, layout, key_field=source.key_column, cache_setting="off")
+    warehouse.register_staged(workload, layout, manifest)
+    for shard in manifest.shards:
+        write_results_part(layout, manifest, shard.part, outcome_for)
+        validate_part(workload, layout, shard.part)
+    load = warehouse.load_run(workload, layout, manifest)
+    report = warehouse.check_accounting(workload, manifest)
+    warehouse.record_run(workload, manifest, load, report)
+    return manifest, load, report
+
+
+def all_valid(record_key, custom_id):
+    return succeeded(custom_id, GOOD)
+
+
+@pytest.fixture
+def setup(warehouse_conn, local_store):
+    workload = make_workload()
+    warehouse = Warehouse(warehouse_conn)
+    warehouse.ensure_tables(workload)
+    return warehouse, workload, local_store
+
+
+def ledger(conn, key=None):
+    rows = query(
+        conn, "SELECT record_key, status, attempts, last_error, run_id FROM claude_batch_ledger ORDER BY 1"
+    )
+    table = {r[0]: r[1:] for r in rows}
+    return table[key] if key else table
+
+
+def test_dialects_are_detected(warehouse_conn):
+    assert dialect_for(warehouse_conn).name in ("duckdb", "postgres")
+    with pytest.raises(WarehouseError):
+        dialect_for(object())
+
+
+@pytest.mark.parametrize("name", ["tickets; DROP TABLE x", 'tickets"', "a.b.c", "1abc", "", "x-y"])
+def test_identifiers_are_validated(name):
+    with pytest.raises(WarehouseError):
+        SourceSpec(key_column="id", table=name)
+    with pytest.raises(WarehouseError):
+        SourceSpec(key_column=name, table="tickets")
+    with pytest.raises(WarehouseError):
+        Warehouse(None, DuckDBDialect(), ledger_table=name)
+
+
+def test_extract_streams_the_interval_plus_retries_minus_done(setup):
+    warehouse, workload, store = setup
+    conn = warehouse.conn
+    rows = list(ticket_rows(20)) + list(ticket_rows(5, start=100, day=dt.datetime(2026, 1, 5)))
+    rows.append({"id": "quote'\"; DROP TABLE tickets;--", "body": "it's data", "created_at": INTERVAL[0]})
+    create_tickets(conn, rows)
+
+    def first_run(record_key, custom_id):
+        return (
+            errored(custom_id, "overloaded_error") if record_key.endswith("3") else succeeded(custom_id, GOOD)
+        )
+
+    manifest, _, report = run_once(warehouse, workload, store, "run-1", first_run)
+    assert manifest.extracted_rows == 21
+    assert report.by_status == {"succeeded": 19, "retry": 2}
+    # Next day's run: its own interval, plus the two retries from yesterday; nothing done comes back.
+    next_day = (dt.datetime(2026, 1, 5), dt.datetime(2026, 1, 6))
+    keys = {row["id"] for row in warehouse.extract(workload, SOURCE, "run-2", next_day)}
+    assert keys == {"t000003", "t000013"} | {f"t{i:06d}" for i in range(100, 105)}
+    # Re-extracting yesterday's interval gives only the retries.
+    assert {r["id"] for r in warehouse.extract(workload, SOURCE, "run-3", INTERVAL)} == {"t000003", "t000013"}
+    # Without an interval: everything not done.
+    assert len(list(warehouse.extract(workload, SOURCE, "run-4", None))) == 7
+    # A different prompt version starts from scratch.
+    other = make_workload(max_tokens=301)
+    assert len(list(warehouse.extract(other, SOURCE, "run-5", INTERVAL))) == 21
+    assert query(conn, "SELECT COUNT(*) FROM tickets")[0][0] == 26
+
+
+def test_items_in_flight_for_another_run_are_not_extracted_again(setup):
+    warehouse, workload, store = setup
+    create_tickets(warehouse.conn, ticket_rows(4))
+    layout = RunLayout(store, "invoices_dag", "run-a")
+    manifest = stage_requests(
+        warehouse.extract(workload, SOURCE, "run-a", INTERVAL),
+        workload,
+        layout,
+        key_field="id",
+        cache_setting="off",
+    )
+    warehouse.register_staged(workload, layout, manifest)
+    assert list(warehouse.extract(workload, SOURCE, "run-b", INTERVAL)) == []
+    assert len(list(warehouse.extract(workload, SOURCE, "run-a", INTERVAL))) == 4  # its own re-run
+
+
+def test_a_source_query_with_percent_signs_and_question_marks(setup):
+    warehouse, workload, store = setup
+    create_tickets(warehouse.conn, [*ticket_rows(3), {"id": "q", "body": "what?", "created_at": INTERVAL[0]}])
+    source = SourceSpec(
+        key_column="id", query="SELECT * FROM tickets WHERE body LIKE '%refund%' OR body = 'what?'",
+        interval_column="created_at",
+    )  # fmt: skip
+    assert len(list(warehouse.extract(workload, source, "run-1", INTERVAL))) == 4
+
+
+def test_ledger_transitions_over_runs(setup):
+    warehouse, workload, store = setup
+    conn = warehouse.conn
+    keys = ["t000000", "t000001", "t000002", "t000003", "t000004", "t000005", "t000006"]
+    create_tickets(conn, ticket_rows(7))
+    plan = {
+        "t000000": [succeeded],
+        "t000001": [lambda c: errored(c, "invalid_request_error", "bad params")],
+        "t000002": [lambda c: errored(c, "api_error")] * 3,
+        "t000003": [lambda c: ended(c, "expired"), lambda c: ended(c, "canceled"), succeeded],
+        "t000004": [lambda c: succeeded(c, "not json")] * 2,
+        "t000005": [lambda c: succeeded(c, GOOD, stop_reason="max_tokens"), succeeded],
+        "t000006": [lambda c: errored(c, "overloaded_error"), lambda c: succeeded(c, "{}")] + [succeeded],
+    }
+    history = []
+    for attempt in range(3):
+
+        def outcome_for(record_key, custom_id, attempt=attempt):
+            maker = plan[record_key][attempt]
+            return succeeded(custom_id, GOOD) if maker is succeeded else maker(custom_id)
+
+        _, _, report = run_once(warehouse, workload, store, f"run-{attempt}", outcome_for)
+        history.append({key: ledger(conn, key)[:2] for key in keys})
+    assert history[0] == {
+        "t000000": ("succeeded", 1),
+        "t000001": ("dead", 1),  # invalid_request_error: dead at once
+        "t000002": ("retry", 1),
+        "t000003": ("retry", 1),  # expired
+        "t000004": ("invalid", 1),  # an invalid answer is retried once
+        "t000005": ("invalid", 1),  # cut at max_tokens
+        "t000006": ("retry", 1),
+    }
+    assert history[1]["t000002"] == ("retry", 2)
+    assert history[1]["t000003"] == ("retry", 2)  # canceled
+    assert history[1]["t000004"] == ("dead", 2)  # ... then dead
+    assert history[1]["t000005"] == ("succeeded", 2)
+    assert history[1]["t000006"] == ("invalid", 2)
+    assert history[2]["t000002"] == ("dead", 3)  # out of attempts
+    assert history[2]["t000003"] == ("succeeded", 3)
+    assert history[2]["t000006"] == ("succeeded", 3)
+    assert "bad params" in ledger(conn, "t000001")[2]
+    assert "not valid JSON" in ledger(conn, "t000004")[2]
+    assert report.by_status == {"succeeded": 2, "dead": 1}
+    results = query(
+        conn, "SELECT record_key, approval_required, total_amount FROM invoices_results ORDER BY 1"
+    )
+    assert [r[0] for r in results] == ["t000000", "t000003", "t000005", "t000006"]
+    assert all(r[1] is True and r[2] == 300000 for r in results)
+
+
+def test_rejected_rows_are_dead_in_the_ledger_and_accounted(setup):
+    warehouse, workload, store = setup
+    rows = list(ticket_rows(3)) + [
+        {"id": None, "body": "no key", "created_at": INTERVAL[0]},
+        {"id": "empty", "body": "", "created_at": INTERVAL[0]},
+        {"id": "t000001", "body": "duplicate", "created_at": INTERVAL[0]},
+    ]
+    create_tickets(warehouse.conn, rows)
+    manifest, _, report = run_once(warehouse, workload, store, "run-1", all_valid)
+    assert manifest.extracted_rows == 6 and manifest.rejected_rows == 3
+    assert report.by_status == {"succeeded": 3, "dead": 3}
+    dead = {key: value for key, value in ledger(warehouse.conn).items() if value[0] == "dead"}
+    assert dead["empty"][2] == "row 5: field 'body' is empty"
+    assert any(key.startswith("null_key#") for key in dead)
+    assert any(key.startswith("t000001#dup-") for key in dead)
+
+
+def test_loading_twice_changes_nothing(setup):
+    warehouse, workload, store = setup
+    create_tickets(warehouse.conn, ticket_rows(10))
+    manifest, _, _ = run_once(warehouse, workload, store, "run-1", all_valid)
+    before = ledger(warehouse.conn)
+    layout = RunLayout(store, "invoices_dag", "run-1")
+    warehouse.load_run(workload, layout, manifest)
+    warehouse.check_accounting(workload, manifest)
+    assert ledger(warehouse.conn) == before
+    assert query(warehouse.conn, "SELECT COUNT(*), COUNT(DISTINCT record_key) FROM invoices_results")[0] == (
+        10,
+        10,
+    )
+
+
+def test_a_load_that_fails_midway_leaves_nothing_behind(setup, monkeypatch):
+    warehouse, workload, store = setup
+    create_tickets(warehouse.conn, ticket_rows(30))
+    layout = RunLayout(store, "invoices_dag", "run-1")
+    manifest = stage_requests(
+        warehouse.extract(workload, SOURCE, "run-1", INTERVAL),
+        workload,
+        layout,
+        key_field="id",
+        cache_setting="off",
+    )
+    warehouse.register_staged(workload, layout, manifest)
+    write_results_part(layout, manifest, 0, all_valid)
+    validate_part(workload, layout, 0, batch_rows=10)
+    before = ledger(warehouse.conn)
+    real = type(warehouse.dialect).load_arrow
+    calls = []
+
+    def failing(self, cursor, table, data):
+        calls.append(table)
+        if len(calls) == 4:
+            raise RuntimeError("disk full")
+        return real(self, cursor, table, data)
+
+    monkeypatch.setattr(type(warehouse.dialect), "load_arrow", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        warehouse.load_run(workload, layout, manifest, batch_rows=10)
+    monkeypatch.undo()
+    assert ledger(warehouse.conn) == before
+    assert query(warehouse.conn, "SELECT COUNT(*) FROM invoices_results")[0][0] == 0
+    warehouse.load_run(workload, layout, manifest, batch_rows=10)
+    assert warehouse.check_accounting(workload, manifest).by_status == {"succeeded": 30}
+
+
+def test_accounting_fails_loudly_naming_the_gap(setup):
+    warehouse, workload, store = setup
+    create_tickets(warehouse.conn, ticket_rows(5))
+    layout = RunLayout(store, "invoices_dag", "run-1")
+    manifest = stage_requests(
+        warehouse.extract(workload, SOURCE, "run-1", INTERVAL),
+        workload,
+        layout,
+        key_field="id",
+        cache_setting="off",
+    )
+    warehouse.register_staged(workload, layout, manifest)
+    warehouse.mark_submitted(workload, layout, manifest, 0, "msgbatch_lost")
+    with pytest.raises(AccountingError) as failure:
+        warehouse.check_accounting(workload, manifest)
+    message = str(failure.value)
+    assert "extracted 5 but succeeded + invalid + retry + dead = 0 (gap 5" in message
+    assert "5 items never got an outcome" in message
+    assert "t000000 (submitted, batch msgbatch_lost)" in message
+
+
+def test_run_history_feeds_the_cache_policy(setup):
+    warehouse, workload, store = setup
+    create_tickets(warehouse.conn, ticket_rows(4))
+    usage = {
+        "input_tokens": 50,
+        "output_tokens": 10,
+        "cache_creation_input_tokens": 4000,
+        "cache_read_input_tokens": 0,
+    }
+
+    def cached(record_key, custom_id):
+        read = record_key != "t000000"
+        return succeeded(custom_id, GOOD, usage={**usage, "cache_creation_input_tokens": 0 if read else 4000,
+                                                 "cache_read_input_tokens": 4000 if read else 0})  # fmt: skip
+
+    layout = RunLayout(store, "invoices_dag", "run-1")
+    manifest = stage_requests(
+        warehouse.extract(workload, SOURCE, "run-1", INTERVAL),
+        workload,
+        layout,
+        key_field="id",
+        cache_setting="1h",
+    )
+    warehouse.register_staged(workload, layout, manifest)
+    write_results_part(layout, manifest, 0, cached)
+    validate_part(workload, layout, 0)
+    load = warehouse.load_run(workload, layout, manifest)
+    warehouse.record_run(workload, manifest, load)
+    observations = warehouse.recent_cache_observations(workload)
+    assert [(o.setting, o.cache_read_tokens, o.cache_write_tokens) for o in observations] == [
+        ("1h", 12000, 4000)
+    ]
+    row = query(warehouse.conn, "SELECT succeeded, cost_usd, realtime_cost_usd FROM claude_batch_runs")[0]
+    assert row[0] == 4 and row[2] == pytest.approx(2 * row[1])
+    big = make_workload(system_prompt="Long shared instructions. " * 800, cache="auto")
+    assert big.choose_cache_setting(observations) == "1h"  # 75% > 53%
+
+
+def test_requeue_puts_dead_items_back(setup):
+    warehouse, workload, store = setup
+    create_tickets(warehouse.conn, ticket_rows(2))
+    run_once(warehouse, workload, store, "run-1", lambda k, c: errored(c, "invalid_request_error"))
+    assert warehouse.ledger_counts(workload) == {"dead": 2}
+    warehouse.requeue(workload, ["t000000"])
+    assert {r["id"] for r in warehouse.extract(workload, SOURCE, "run-2", INTERVAL)} == {"t000000"}
+
+
+def test_a_new_schema_field_adds_a_column(setup):
+    warehouse, workload, store = setup
+    create_tickets(warehouse.conn, ticket_rows(2))
+    run_once(warehouse, workload, store, "run-1", all_valid)
+
+    class Richer(Invoice):
+        currency: str = "USD"
+
+    richer = make_workload(output_schema=Richer)
+    warehouse.ensure_tables(richer)
+    run_once(warehouse, richer, store, "run-2", all_valid)
+    rows = query(
+        warehouse.conn, "SELECT record_key, prompt_version, currency FROM invoices_results ORDER BY 2, 1"
+    )
+    assert len(rows) == 4 and {r[2] for r in rows} == {None, "USD"}
