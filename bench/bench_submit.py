@@ -65,6 +65,7 @@ def measure_ours(emulator_url: str, moto_url: str, bucket: str, key: str) -> dic
     store = ObjectStore(f"s3://{bucket}", key="bench", secret="bench", endpoint_url=moto_url)
     hook = ClaudeBatchHook()
     _ = hook.conn
+    store.exists(key)  # warm up: s3fs and botocore load lazily on first use
     baseline = current_rss_mb()
     started = time.perf_counter()
     result = BatchSubmitter(hook, store, f"state/{key}.json").submit(StoredShard(store, key))

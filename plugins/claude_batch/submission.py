@@ -16,6 +16,7 @@ Plain Python, no Airflow: the operator is a thin shell over :class:`BatchSubmitt
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -30,6 +31,7 @@ from claude_batch.storage import ObjectStore
 _BODY_PREFIX = b'{"requests":['
 _BODY_SUFFIX = b"]}"
 _CHUNK_BYTES = 1 << 20
+_READ_BYTES = 4 << 20
 # How far the API's clock may be behind ours when matching created_at to a recorded intent.
 CLOCK_SKEW = timedelta(minutes=10)
 
@@ -68,11 +70,18 @@ class StoredShard:
         return self.store.uri(self.relpath)
 
     def lines(self) -> Iterator[bytes]:
-        with self.store.open(self.relpath, "rb", block_size=8 << 20) as handle:
-            for raw in handle:
-                line = raw.strip()
-                if line:
-                    yield line
+        # Split large reads ourselves: fsspec's readline re-reads its block for every line.
+        with self.store.open(self.relpath, "rb", block_size=_READ_BYTES) as handle:
+            rest = b""
+            while chunk := handle.read(_READ_BYTES):
+                pieces = (rest + chunk).split(b"\n")
+                rest = pieces.pop()
+                for piece in pieces:
+                    line = piece.strip()
+                    if line:
+                        yield line
+            if rest.strip():
+                yield rest.strip()
 
 
 @dataclass(frozen=True)
@@ -112,7 +121,8 @@ def scan_requests(source: RequestSource, limits: Limits = Limits()) -> ShardScan
     :raises ShardRejected: naming the first offending line (1-based) and the cause.
     """
     digest = hashlib.sha256()
-    seen: set[str] = set()
+    # 8 bytes per custom_id instead of a set of strings: memory stays flat as shards grow.
+    id_hashes = array("q")
     count = 0
     body_bytes = len(_BODY_PREFIX) + len(_BODY_SUFFIX)
     where = source.description
@@ -139,16 +149,40 @@ def scan_requests(source: RequestSource, limits: Limits = Limits()) -> ShardScan
             raise ShardRejected(
                 f"{where}: line {count}: custom_id {custom_id!r} does not match ^[a-zA-Z0-9_-]{{1,64}}$"
             )
-        if custom_id in seen:
-            raise ShardRejected(f"{where}: line {count}: duplicate custom_id {custom_id!r}")
-        seen.add(custom_id)
+        id_hashes.append(_id_hash(custom_id))
         if not isinstance(request.get("params"), dict):
             raise ShardRejected(f"{where}: line {count}: 'params' must be an object (custom_id {custom_id!r})")
         digest.update(line)
         digest.update(b"\n")
     if count == 0:
         raise ShardRejected(f"{where}: no requests; the API needs at least one per batch")
+    if _has_repeats(id_hashes):
+        _raise_first_duplicate(source)
     return ShardScan(request_count=count, body_bytes=body_bytes, fingerprint=digest.hexdigest())
+
+
+def _id_hash(custom_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(custom_id.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def _has_repeats(values: array) -> bool:
+    import numpy as np
+
+    ordered = np.sort(np.frombuffer(values, dtype=np.int64))
+    return bool((ordered[1:] == ordered[:-1]).any())
+
+
+def _raise_first_duplicate(source: RequestSource) -> None:
+    """A second pass, only when the hashes repeat: name the line (or it was a hash collision)."""
+    first_line: dict[str, int] = {}
+    for number, line in enumerate(source.lines(), start=1):
+        custom_id = orjson.loads(line)["custom_id"]
+        if custom_id in first_line:
+            raise ShardRejected(
+                f"{source.description}: line {number}: duplicate custom_id {custom_id!r} "
+                f"(first on line {first_line[custom_id]})"
+            )
+        first_line[custom_id] = number
 
 
 class BatchBody:
