@@ -256,3 +256,13 @@ def test_async_client_full_lifecycle(emu):
                 await client.messages.batches.retrieve(to_cancel.id)
 
     asyncio.run(scenario())
+
+
+def test_beta_batches_client_works_too(client, emu):
+    beta = client.beta.messages.batches
+    created = beta.create(requests=items(2))
+    assert created.processing_status == "in_progress"
+    finish(emu)
+    assert beta.retrieve(created.id).request_counts.succeeded == 2
+    assert [b.id for b in beta.list()] == [created.id]
+    assert sorted(line.custom_id for line in beta.results(created.id)) == ["req-0", "req-1"]
