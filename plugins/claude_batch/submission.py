@@ -31,7 +31,7 @@ from claude_batch.storage import ObjectStore
 _BODY_PREFIX = b'{"requests":['
 _BODY_SUFFIX = b"]}"
 _CHUNK_BYTES = 1 << 20
-_READ_BYTES = 4 << 20
+_READ_BYTES = 1 << 20
 # How far the API's clock may be behind ours when matching created_at to a recorded intent.
 CLOCK_SKEW = timedelta(minutes=10)
 
@@ -70,7 +70,7 @@ class StoredShard:
         return self.store.uri(self.relpath)
 
     def lines(self) -> Iterator[bytes]:
-        # Split large reads ourselves: fsspec's readline re-reads its block for every line.
+        # Split 1 MB reads ourselves (bigger reads fragment the heap as shards grow): fsspec's readline re-reads its block for every line.
         with self.store.open(self.relpath, "rb", block_size=_READ_BYTES) as handle:
             rest = b""
             while chunk := handle.read(_READ_BYTES):
