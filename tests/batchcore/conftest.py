@@ -1,17 +1,7 @@
-"""Fixtures for the batch core: an Airflow ``anthropic`` connection pointing at the emulator."""
+"""Shared helpers for the batch-core tests."""
 
 from __future__ import annotations
 
+from tests.dags.batchcore_dags import make_requests
 
-def make_requests(count: int, prefix: str = "r", text: str = "My invoice was charged twice") -> list[dict]:
-    return [
-        {
-            "custom_id": f"{prefix}{i}",
-            "params": {
-                "model": "claude-haiku-4-5",
-                "max_tokens": 32,
-                "messages": [{"role": "user", "content": f"{text} #{i}"}],
-            },
-        }
-        for i in range(count)
-    ]
+__all__ = ["make_requests"]

@@ -12,14 +12,15 @@ from claude_batch.operators import ClaudeBatchOperator
 from claude_batch.sensors import ClaudeBatchSensor
 
 
-def make_requests(count: int, prefix: str = "r") -> list[dict]:
+def make_requests(count: int, prefix: str = "r", text: str = "My invoice was charged twice") -> list[dict]:
+    """Small Messages requests for the batch-core tests."""
     return [
         {
             "custom_id": f"{prefix}{i}",
             "params": {
                 "model": "claude-haiku-4-5",
                 "max_tokens": 32,
-                "messages": [{"role": "user", "content": f"My invoice was charged twice #{i}"}],
+                "messages": [{"role": "user", "content": f"{text} #{i}"}],
             },
         }
         for i in range(count)
