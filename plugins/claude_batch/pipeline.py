@@ -136,8 +136,13 @@ def effective_workload(config: PipelineConfig, options: RunOptions) -> Workload:
 
 def run_interval(options: RunOptions, start: Any, end: Any) -> tuple[Any, Any] | None:
     """The rows' time window: the Params' window if given, else the run's data interval."""
-    if options.window_start and options.window_end:
-        return (datetime.fromisoformat(options.window_start), datetime.fromisoformat(options.window_end))
+    if options.window_start or options.window_end:
+        if not (options.window_start and options.window_end):
+            raise ValueError("Give both window_start and window_end, or neither (then the data interval applies).")
+        window = (datetime.fromisoformat(options.window_start), datetime.fromisoformat(options.window_end))
+        if window[0] >= window[1]:
+            raise ValueError(f"window_start {options.window_start} must be before window_end {options.window_end}.")
+        return window
     if start is None or end is None:
         return None
     return (_naive_utc(start), _naive_utc(end))
@@ -157,8 +162,15 @@ def _naive_utc(moment: Any) -> datetime:
 def run_stage(
     config: PipelineConfig, warehouse: Warehouse, layout: RunLayout, options: RunOptions, interval: Any
 ) -> dict[str, Any]:
-    """Extract the run's rows and stage them as shards with a manifest (no ledger change yet)."""
+    """Extract the run's rows and stage them as shards with a manifest (no ledger change yet).
+
+    A run that already staged this prompt version keeps its manifest: re-staging would extract
+    nothing (its items are done) and overwrite the record of what the run sent.
+    """
     workload = effective_workload(config, options)
+    staged = read_manifest(layout)
+    if staged is not None and staged.prompt_version == workload.prompt_version:
+        return _stage_summary(staged)
     warehouse.ensure_tables(workload)
     observations = warehouse.recent_cache_observations(workload)
     cache_setting = workload.choose_cache_setting(observations, config.prices)
@@ -224,6 +236,10 @@ def run_gate(
             f"The estimated cost ${cost:.4f} is over this run's budget ${options.budget_usd:.4f}; nothing was "
             "submitted. Raise the budget, lower row_limit, or choose a cheaper model."
         )
+    ledger = warehouse.accounting(workload, manifest)
+    if ledger.by_status and ledger.accounted == ledger.extracted == sum(ledger.by_status.values()):
+        log.info("Run %s already reached a final state for every item (%s); nothing to do.", layout.run_id, ledger.by_status)
+        return []
     if options.pilot_size and manifest.shards:
         run_pilot(workload, layout, manifest, options, client, submit_api, log)
     warehouse.register_staged(workload, layout, manifest)
@@ -405,7 +421,7 @@ def claude_batch_pipeline(config: PipelineConfig, group_id: str | None = None):
     :returns: the TaskGroup (its last task is the report).
     """
     from airflow.sdk import Asset, TaskGroup, get_current_context, task
-    from airflow.sdk.exceptions import AirflowSkipException
+    from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
     from claude_batch.hooks import ClaudeBatchHook
     from claude_batch.operators import ClaudeBatchOperator
@@ -432,9 +448,16 @@ def claude_batch_pipeline(config: PipelineConfig, group_id: str | None = None):
             layout = _context_layout(config, config.aws_conn_id)
             hook = ClaudeBatchHook(conn_id=config.anthropic_conn_id)
             warehouse = open_warehouse(config.warehouse_conn_id)
-            shards = run_gate(config, warehouse, layout, options, hook.conn, hook, _task_log())
+            try:
+                shards = run_gate(config, warehouse, layout, options, hook.conn, hook, _task_log())
+            except (BudgetExceeded, PilotFailed) as exc:
+                raise AirflowFailException(str(exc)) from exc  # a decision, not a fault: no retry
             if not shards:
-                reason = "dry run: estimate written to report.json" if options.dry_run else "nothing to submit"
+                reason = (
+                    "dry run: estimate written to report.json"
+                    if options.dry_run
+                    else "nothing to submit (no rows, or the run is already complete)"
+                )
                 raise AirflowSkipException(f"{reason}; staged {staged['staged']:,} requests.")
             return shards
 
