@@ -6,7 +6,6 @@ an invoice received by 6 pm is in the 8 pm run and ready for approval long befor
 
 from __future__ import annotations
 
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -48,7 +47,6 @@ dag = claude_batch_dag(
             interval_column="received_at",
         ),
         allowed_models=("claude-sonnet-4-6", "claude-haiku-4-5", "claude-opus-4-6"),
-        min_poll_interval=float(os.environ.get("CLAUDE_BATCH_MIN_POLL_SECONDS", "30")),
     ),
     dag_id="invoice_approval",
     schedule="0 */4 * * *",

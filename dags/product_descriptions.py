@@ -7,7 +7,6 @@ validation and is retried once.
 
 from __future__ import annotations
 
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -51,7 +50,6 @@ dag = claude_batch_dag(
             interval_column="updated_at",
         ),
         allowed_models=("claude-sonnet-4-6", "claude-opus-4-6", "claude-haiku-4-5"),
-        min_poll_interval=float(os.environ.get("CLAUDE_BATCH_MIN_POLL_SECONDS", "30")),
     ),
     dag_id="product_descriptions",
     schedule="@daily",

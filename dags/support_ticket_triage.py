@@ -6,7 +6,6 @@ Runs at midnight UTC over the previous day's tickets (the data interval selects 
 
 from __future__ import annotations
 
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -50,7 +49,6 @@ dag = claude_batch_dag(
         ),
         allowed_models=("claude-haiku-4-5", "claude-sonnet-4-6"),
         # Only the demo and tests shorten the first poll (the emulator runs in fast time).
-        min_poll_interval=float(os.environ.get("CLAUDE_BATCH_MIN_POLL_SECONDS", "30")),
     ),
     dag_id="support_ticket_triage",
     schedule="@daily",

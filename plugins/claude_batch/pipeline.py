@@ -65,7 +65,8 @@ class PipelineConfig:
     :param staging_limits: requests and bytes per shard.
     :param pool: the Airflow pool bounding concurrent submissions (size it for the API's queue).
     :param allowed_models: models a UI trigger may choose (default: the workload's).
-    :param min_poll_interval: the first polling interval of the wait.
+    :param min_poll_interval: the first polling interval of the wait (default
+        ``CLAUDE_BATCH_MIN_POLL_SECONDS`` or 30; the demo and tests shorten it).
     :param max_poll_interval: the ceiling the polling interval backs off to.
     :param batch_timeout: seconds from submission before a batch is cancelled (None: API's 24 h).
     :param prices: the price table.
@@ -80,7 +81,7 @@ class PipelineConfig:
     staging_limits: StagingLimits = field(default_factory=StagingLimits)
     pool: str = DEFAULT_POOL
     allowed_models: tuple[str, ...] = ()
-    min_poll_interval: float = 30.0
+    min_poll_interval: float = field(default_factory=lambda: float(os.environ.get("CLAUDE_BATCH_MIN_POLL_SECONDS", "30")))
     max_poll_interval: float = 600.0
     batch_timeout: float | None = None
     prices: PriceTable = field(default_factory=default_prices)
