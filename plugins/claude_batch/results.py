@@ -10,9 +10,12 @@ overwrites the same keys.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +23,7 @@ import anthropic
 import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from claude_batch.costs import PriceTable, cost_array, default_prices
@@ -62,6 +66,19 @@ _DOWNLOAD_CHUNK = 1 << 20
 _S3_BLOCK_SIZE = 8 * 1024 * 1024
 
 
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector around a loop that allocates many short-lived, acyclic
+    objects: otherwise it keeps walking every live object (the key maps, the rows) for nothing."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class ResultsIncomplete(RuntimeError):
     """The results could not be downloaded whole, even after retries."""
 
@@ -97,77 +114,99 @@ class CollectSummary:
         return dict(self.__dict__)
 
 
-class _Columns:
-    """Column builders for one row group."""
+# The order of the fields _result_row returns (RESULTS_SCHEMA without cost, version and batch).
+_ROW_FIELDS = _STRING_COLUMNS[:7] + _TOKEN_COLUMNS + _STRING_COLUMNS[7:]
+_ROW_INDEX = {name: index for index, name in enumerate(_ROW_FIELDS)}
 
-    def __init__(self) -> None:
-        self.strings: dict[str, list[str | None]] = {name: [] for name in _STRING_COLUMNS}
-        self.tokens: dict[str, list[int]] = {name: [] for name in _TOKEN_COLUMNS}
 
-    def __len__(self) -> int:
-        return len(self.strings["custom_id"])
-
-    def add(self, record: dict[str, Any], record_key: str | None) -> str:
-        """Append one result line's fields; returns its outcome."""
-        s = self.strings
-        t = self.tokens
-        s["custom_id"].append(record["custom_id"])
-        s["record_key"].append(record_key)
-        result = record["result"]
-        outcome = result["type"]
-        s["outcome"].append(outcome)
-        if outcome == "succeeded":
-            message = result["message"]
-            texts: list[str] = []
-            tool_input = None
-            for block in message.get("content") or ():
+def _result_row(record: dict[str, Any], record_key: str | None) -> tuple[Any, ...]:
+    """One result line as a tuple in :data:`_ROW_FIELDS` order."""
+    custom_id = record["custom_id"]
+    result = record["result"]
+    outcome = result["type"]
+    if outcome == "succeeded":
+        message = result["message"]
+        content = message.get("content") or ()
+        tool_input = None
+        if len(content) == 1 and content[0].get("type") == "text":
+            text = content[0].get("text")
+        else:
+            texts = []
+            for block in content:
                 kind = block.get("type")
                 if kind == "text":
                     texts.append(block.get("text", ""))
                 elif kind == "tool_use" and tool_input is None:
                     tool_input = orjson.dumps(block.get("input")).decode()
-            s["text"].append("".join(texts) if texts else None)
-            s["tool_input_json"].append(tool_input)
-            s["stop_reason"].append(message.get("stop_reason"))
-            s["model"].append(message.get("model"))
-            usage = message.get("usage") or {}
-            creation = usage.get("cache_creation") or {}
-            written = usage.get("cache_creation_input_tokens") or 0
-            t["input_tokens"].append(usage.get("input_tokens") or 0)
-            t["output_tokens"].append(usage.get("output_tokens") or 0)
-            t["cache_creation_input_tokens"].append(written)
-            t["cache_read_input_tokens"].append(usage.get("cache_read_input_tokens") or 0)
-            if creation:
-                t["cache_creation_5m_input_tokens"].append(creation.get("ephemeral_5m_input_tokens") or 0)
-                t["cache_creation_1h_input_tokens"].append(creation.get("ephemeral_1h_input_tokens") or 0)
-            else:  # no split reported: price the writes as 5-minute writes, the API's default TTL
-                t["cache_creation_5m_input_tokens"].append(written)
-                t["cache_creation_1h_input_tokens"].append(0)
-            s["error_type"].append(None)
-            s["error_message"].append(None)
-        else:
-            for name in ("text", "tool_input_json", "stop_reason", "model"):
-                s[name].append(None)
-            for values in t.values():
-                values.append(0)
-            if outcome == "errored":
-                # The error object is nested twice: {"error": {"type": "error", "error": {...}}}.
-                error = result.get("error") or {}
-                inner = error.get("error") if isinstance(error.get("error"), dict) else error
-                s["error_type"].append(inner.get("type"))
-                s["error_message"].append(inner.get("message"))
-            else:
-                s["error_type"].append(None)
-                s["error_message"].append(None)
-        return outcome
+            text = "".join(texts) if texts else None
+        usage = message.get("usage") or {}
+        written = usage.get("cache_creation_input_tokens") or 0
+        creation = usage.get("cache_creation")
+        if creation:
+            split = (
+                creation.get("ephemeral_5m_input_tokens") or 0,
+                creation.get("ephemeral_1h_input_tokens") or 0,
+            )
+        else:  # no split reported: price the writes as 5-minute writes, the API's default TTL
+            split = (written, 0)
+        return (
+            custom_id, record_key, outcome, text, tool_input, message.get("stop_reason"), message.get("model"),
+            usage.get("input_tokens") or 0, usage.get("output_tokens") or 0, written,
+            usage.get("cache_read_input_tokens") or 0, split[0], split[1], None, None,
+        )  # fmt: skip
+    error_type = error_message = None
+    if outcome == "errored":
+        # The error object is nested twice: {"error": {"type": "error", "error": {...}}}.
+        error = result.get("error") or {}
+        inner = error.get("error") if isinstance(error.get("error"), dict) else error
+        error_type, error_message = inner.get("type"), inner.get("message")
+    return (
+        custom_id,
+        record_key,
+        outcome,
+        None,
+        None,
+        None,
+        None,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        error_type,
+        error_message,
+    )
+
+
+class _Columns:
+    """The rows of one row group, as tuples until they become an Arrow batch."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[Any, ...]] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, record: dict[str, Any], record_key: str | None) -> str:
+        """Append one result line; returns its outcome."""
+        row = _result_row(record, record_key)
+        self.rows.append(row)
+        return row[2]
 
     def to_batch(self, prompt_version: str | None, batch_id: str, prices: PriceTable) -> pa.RecordBatch:
-        arrays: dict[str, pa.Array] = {name: pa.array(v, pa.string()) for name, v in self.strings.items()}
-        numbers = {name: np.asarray(v, dtype=np.int64) for name, v in self.tokens.items()}
-        for name, values in numbers.items():
-            arrays[name] = pa.array(values, pa.int64())
+        size = len(self.rows)
+        columns = list(zip(*self.rows, strict=True)) if self.rows else [()] * len(_ROW_FIELDS)
+        arrays: dict[str, pa.Array] = {}
+        numbers: dict[str, np.ndarray] = {}
+        for name, values in zip(_ROW_FIELDS, columns, strict=True):
+            if name in _TOKEN_COLUMNS:
+                numbers[name] = np.fromiter(values, dtype=np.int64, count=size)
+                arrays[name] = pa.array(numbers[name], pa.int64())
+            else:
+                arrays[name] = pa.array(values, pa.string())
         cost = cost_array(
-            self.strings["model"],
+            columns[_ROW_INDEX["model"]],
             numbers["input_tokens"],
             numbers["output_tokens"],
             numbers["cache_creation_5m_input_tokens"],
@@ -176,26 +215,22 @@ class _Columns:
             prices,
         )
         arrays["cost_usd"] = pa.array(cost, pa.float64(), mask=np.isnan(cost))
-        size = len(self)
         arrays["prompt_version"] = pa.array([prompt_version] * size, pa.string())
         arrays["batch_id"] = pa.array([batch_id] * size, pa.string())
         return pa.record_batch([arrays[f.name] for f in RESULTS_SCHEMA], schema=RESULTS_SCHEMA)
 
 
-def _iter_lines(chunks: Iterator[bytes]) -> Iterator[tuple[bytes, bool]]:
-    """Split a byte stream into lines: (line, ended_with_newline)."""
+def _iter_chunks_of_lines(chunks: Iterator[bytes]) -> Iterator[tuple[bytes, list[bytes], bool]]:
+    """(raw chunk, its complete lines, False) per chunk, then (b"", [rest], True) for an unended last line."""
     pending = b""
     for chunk in chunks:
         if not chunk:
             continue
-        data = pending + chunk if pending else chunk
-        lines = data.split(b"\n")
+        lines = (pending + chunk if pending else chunk).split(b"\n")
         pending = lines.pop()
-        for line in lines:
-            if line:
-                yield line, True
+        yield chunk, [line for line in lines if line], False
     if pending:
-        yield pending, False
+        yield b"", [pending], True
 
 
 class _Download:
@@ -221,39 +256,34 @@ class _Download:
 
     def run(self, chunks: Iterator[bytes], prompt_version: str | None, prices: PriceTable) -> None:
         store = self.layout.store
-        jsonl_path = self.layout.results_jsonl(self.part)
-        parquet_path = self.layout.results_parquet(self.part)
         with (
-            store.open(jsonl_path, "wb", block_size=_S3_BLOCK_SIZE) as raw,
-            store.open(parquet_path, "wb", block_size=_S3_BLOCK_SIZE) as parquet_handle,
+            store.open(self.layout.results_jsonl(self.part), "wb", block_size=_S3_BLOCK_SIZE) as raw,
+            store.open(
+                self.layout.results_parquet(self.part), "wb", block_size=_S3_BLOCK_SIZE
+            ) as parquet_handle,
             pq.ParquetWriter(parquet_handle, RESULTS_SCHEMA, compression="zstd") as writer,
         ):
             columns = _Columns()
-            keys = self.keys
-            seen = self.seen
-            counts = self.counts
-            for line, complete in _iter_lines(chunks):
+            keys_get = self.keys.get
+            loads = orjson.loads
+            rows = columns.rows
+            for chunk, lines, unended in _iter_chunks_of_lines(chunks):
                 try:
-                    record = orjson.loads(line)
-                    custom_id = record["custom_id"]
-                    outcome = columns.add(record, keys.get(custom_id))
+                    with paused_gc():
+                        for line in lines:
+                            record = loads(line)
+                            rows.append(_result_row(record, keys_get(record["custom_id"])))
                 except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-                    where = "the last line" if not complete else f"line {self.lines + 1}"
+                    where = "the last line" if unended else "a line"
                     self.problems.append(f"{where} is not a complete result ({type(exc).__name__})")
                     break
-                raw.write(line + b"\n")
-                self.lines += 1
-                self.bytes += len(line) + 1
-                if outcome in counts:
-                    counts[outcome] += 1
-                else:
-                    self.problems.append(f"line {self.lines} has unknown outcome {outcome!r}")
-                if custom_id in seen:
-                    self.problems.append(f"custom_id {custom_id!r} appears twice")
-                seen.add(custom_id)
-                if len(columns) >= self.row_group_rows:
+                # The stream's own bytes are the audit copy; a broken download is never kept.
+                raw.write(chunk or lines[0])
+                self.bytes += len(chunk or lines[0])
+                if len(rows) >= self.row_group_rows:
                     self._flush(writer, columns, prompt_version, prices)
                     columns = _Columns()
+                    rows = columns.rows
             if len(columns):
                 self._flush(writer, columns, prompt_version, prices)
 
@@ -262,10 +292,20 @@ class _Download:
     ) -> None:
         batch = columns.to_batch(prompt_version, self.batch_id, prices)
         writer.write_batch(batch)
+        self.lines += batch.num_rows
+        custom_ids = batch.column("custom_id").to_pylist()
+        before = len(self.seen)
+        self.seen.update(custom_ids)
+        if len(self.seen) - before != len(custom_ids):
+            self.problems.append("some custom_ids appear more than once")
+        for outcome, count in Counter(batch.column("outcome").to_pylist()).items():
+            if outcome in self.counts:
+                self.counts[outcome] += count
+            else:
+                self.problems.append(f"{count} results have the unknown outcome {outcome!r}")
         for name in self.totals:
-            self.totals[name] += int(np.sum(columns.tokens[name]))
-        costs = batch.column("cost_usd").to_numpy(zero_copy_only=False)
-        self.cost += float(np.nansum(costs))
+            self.totals[name] += int(pc.sum(batch.column(name)).as_py() or 0)
+        self.cost += float(pc.sum(batch.column("cost_usd")).as_py() or 0.0)
 
     def check(self, expected_counts: dict[str, int]) -> None:
         """Record every way the download falls short of the batch's own counts."""
@@ -301,7 +341,7 @@ def collect_results(
     prices: PriceTable | None = None,
     max_attempts: int = 4,
     retry_wait_seconds: float = 1.0,
-    row_group_rows: int = 50_000,
+    row_group_rows: int = 20_000,
 ) -> CollectSummary:
     """Download the results of ``batch_id`` (the batch of shard ``part``) into S3.
 

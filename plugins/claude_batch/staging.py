@@ -51,6 +51,9 @@ DEFAULT_MAX_SHARD_BYTES = 128 * 1000 * 1000
 # The create body wraps the lines in {"requests": [...]}: keep a margin under the API's 256 MB.
 MAX_SHARD_BYTES_LIMIT = int(MAX_BATCH_BYTES * 0.9)
 _S3_BLOCK_SIZE = 8 * 1024 * 1024
+_WRITE_PIECE_BYTES = 2 * 1024 * 1024
+# Rows per chunk adapt so a chunk renders to about this many bytes of requests.
+_CHUNK_TARGET_BYTES = 4 * 1024 * 1024
 # C0 controls other than tab, newline and carriage return, DEL, and lone surrogates (what
 # invalid UTF-8 becomes under surrogateescape): one scan finds any of them.
 _BAD_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
@@ -211,7 +214,10 @@ def _rows_with_control_chars(contents: list[str]) -> list[int]:
     joined = "\n".join(contents)
     ascii_only = joined.isascii()
     data = np.frombuffer(joined.encode("utf-8", "surrogatepass"), dtype=np.uint8)
-    suspects = np.flatnonzero((data < 32) | (data == 127))
+    low = data < 32
+    if "\x7f" in joined:
+        low |= data == 127
+    suspects = np.flatnonzero(low)
     if suspects.size == 0:
         return []
     values = data[suspects]
@@ -303,9 +309,11 @@ class _ShardWriter:
         )
         self._keys_writer = self._stack.enter_context(pq.ParquetWriter(keys_handle, SHARD_KEYS_SCHEMA))
 
-    def write(self, data: bytes, keys: pa.RecordBatch) -> None:
+    def write_lines(self, data: bytes) -> None:
         self._sha.update(data)
         self._handle.write(data)
+
+    def write_keys(self, keys: pa.RecordBatch) -> None:
         assert self._keys_writer is not None
         self._keys_writer.write_batch(keys)
 
@@ -482,6 +490,7 @@ class _Stager:
         self.chars_by_model: dict[str, int] = {}
         self.count_by_model: dict[str, int] = {}
         self.rows_seen = 0
+        self.bytes_staged = 0
         self.seen = _SeenKeys()
         self.writers: list[_ShardWriter] = []
         self.shard: _ShardWriter | None = None
@@ -697,12 +706,6 @@ class _Stager:
                 self._next_shard()
                 continue
             end = start + fit
-            parts: list[bytes] = [_LINE_HEAD] * (5 * fit)
-            parts[1::5] = id_jsons[start:end]
-            parts[2::5] = prefixes[start:end]
-            parts[3::5] = content_jsons[start:end]
-            parts[4::5] = [suffix] * fit
-            data = b"".join(parts)
             models = chunk.models[start:end]
             batch = pa.record_batch(
                 [
@@ -713,11 +716,28 @@ class _Stager:
                 ],
                 schema=SHARD_KEYS_SCHEMA,
             )
-            shard.count += fit
-            shard.bytes += len(data)
             for model, count in Counter(models).items():
                 shard.models[model] = shard.models.get(model, 0) + count
-            self.io.submit(shard.write, data, batch)
+            # Hand the bytes over in pieces of a few MB: the queue then holds little at a time.
+            cumulative = np.cumsum(sizes[start:end])
+            piece_start = start
+            while piece_start < end:
+                done = int(cumulative[piece_start - start - 1]) if piece_start > start else 0
+                piece_end = start + int(np.searchsorted(cumulative, done + _WRITE_PIECE_BYTES, side="right"))
+                piece_end = min(max(piece_end, piece_start + 1), end)
+                count = piece_end - piece_start
+                parts: list[bytes] = [_LINE_HEAD] * (5 * count)
+                parts[1::5] = id_jsons[piece_start:piece_end]
+                parts[2::5] = prefixes[piece_start:piece_end]
+                parts[3::5] = content_jsons[piece_start:piece_end]
+                parts[4::5] = [suffix] * count
+                data = b"".join(parts)
+                shard.count += count
+                shard.bytes += len(data)
+                self.bytes_staged += len(data)
+                self.io.submit(shard.write_lines, data)
+                piece_start = piece_end
+            self.io.submit(shard.write_keys, batch)
             start = end
 
     # -- the slow paths (bad input, rare) -------------------------------------------------
@@ -966,7 +986,7 @@ def stage_requests(
     :param prices: the price table (estimate, context windows).
     :param limits: shard limits (default 100,000 requests, 128 MB).
     :param assumed_cache_hit_rate: the hit rate the expected cost assumes (measured in recent runs).
-    :param chunk_rows: rows processed together (bounds memory, amortises duplicate detection).
+    :param chunk_rows: the most rows processed together (chunks shrink to about 4 MB of requests).
     """
     stager = _Stager(
         workload,
@@ -979,8 +999,12 @@ def stage_requests(
     )
     try:
         iterator = iter(rows)
-        while chunk := list(islice(iterator, chunk_rows)):
+        size = min(chunk_rows, 1_000)
+        while chunk := list(islice(iterator, size)):
             stager.add_chunk(chunk)
+            # Long prompts make long lines: fewer rows a chunk keep its bytes (and memory) bounded.
+            per_row = stager.bytes_staged / max(stager.rows_seen, 1)
+            size = max(256, min(chunk_rows, int(_CHUNK_TARGET_BYTES / max(per_row, 1.0))))
     except BaseException:
         stager.abort()
         raise

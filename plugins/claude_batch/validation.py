@@ -13,16 +13,16 @@ import enum
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from claude_batch.results import iter_result_batches
+from claude_batch.results import iter_result_batches, paused_gc
 from claude_batch.storage import RunLayout
-from claude_batch.workloads import Workload
+from claude_batch.workloads import OutputColumn, Workload
 
 STATUSES = ("valid", "invalid", "errored", "expired", "canceled")
 _REASON_LIMIT = 1_000
@@ -81,8 +81,7 @@ class ValidationSummary:
     by_reason: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(NamedTuple):
     """The judgement of one answer: valid (with output and derived values) or not (with why)."""
 
     status: str
@@ -157,14 +156,38 @@ def judge(
     return Verdict("valid", output=output, derived=derived)
 
 
-def _column_value(value: Any, as_json: bool) -> Any:
-    if as_json:
-        return None if value is None else orjson.dumps(value, default=str).decode()
+def _jsonable(value: Any) -> Any:
+    """A field value as plain JSON data (nested models dumped in JSON mode)."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list | tuple):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
     if isinstance(value, enum.Enum):
         return value.value
-    if isinstance(value, Decimal):
-        return float(value)
     return value
+
+
+def _converter(column: OutputColumn) -> Any:
+    """How a dumped field value becomes its column value (None: as it is)."""
+    if column.as_json:
+        return lambda value: None if value is None else orjson.dumps(_jsonable(value), default=str).decode()
+    if column.arrow_type == pa.string():
+        return lambda value: value.value if isinstance(value, enum.Enum) else value
+    if column.arrow_type == pa.float64():
+        return lambda value: float(value) if isinstance(value, Decimal) else value
+    return None
+
+
+def _rest_verdict(kind: str, error_type: str | None, error_message: str | None) -> Verdict:
+    """The verdict of a request that did not succeed."""
+    if kind == "errored":
+        message = f"{error_type}: {error_message}" if error_message else str(error_type)
+        return Verdict("errored", error_type or "errored", _short(f"the request errored: {message}"))
+    if kind in ("expired", "canceled"):
+        return Verdict(kind, kind, f"the request was {kind} before it ran")
+    return Verdict("invalid", "unknown_outcome", f"unknown result type {kind!r}")
 
 
 def validate_batch(workload: Workload, batch: pa.RecordBatch | pa.Table) -> pa.RecordBatch:
@@ -174,7 +197,6 @@ def validate_batch(workload: Workload, batch: pa.RecordBatch | pa.Table) -> pa.R
     :param batch: rows of a results Parquet part.
     """
     schema = validated_schema(workload)
-    size = batch.num_rows
     outcome = batch.column("outcome").to_pylist()
     stop_reason = batch.column("stop_reason").to_pylist()
     output_tokens = batch.column("output_tokens").to_pylist()
@@ -182,64 +204,51 @@ def validate_batch(workload: Workload, batch: pa.RecordBatch | pa.Table) -> pa.R
     payloads = batch.column("tool_input_json").to_pylist() if workload.output_mode == "tool" else text
     error_type = batch.column("error_type").to_pylist()
     error_message = batch.column("error_message").to_pylist()
-    statuses: list[str] = []
-    codes: list[str | None] = []
-    reasons: list[str | None] = []
+    field_names = [column.name for column in workload.output_columns]
+    converters = [_converter(column) for column in workload.output_columns]
+    names = field_names + [rule.name for rule in workload.rules]
+    empty = (None,) * len(names)
+    verdicts: list[Verdict] = []
     raw_texts: list[str | None] = []
     output_json: list[str | None] = []
-    output_columns = workload.output_columns
-    columns: dict[str, list[Any]] = {column.name: [] for column in output_columns}
-    rule_names = [rule.name for rule in workload.rules]
-    rule_values: dict[str, list[Any]] = {name: [] for name in rule_names}
-    for index in range(size):
-        kind = outcome[index]
-        if kind == "succeeded":
-            verdict = judge(workload, payloads[index], stop_reason[index], output_tokens[index] or 0)
-        elif kind == "errored":
-            message = (
-                f"{error_type[index]}: {error_message[index]}"
-                if error_message[index]
-                else str(error_type[index])
-            )
-            verdict = Verdict(
-                "errored", error_type[index] or "errored", _short(f"the request errored: {message}")
-            )
-        elif kind in ("expired", "canceled"):
-            verdict = Verdict(kind, kind, f"the request was {kind} before it ran")
-        else:
-            verdict = Verdict("invalid", "unknown_outcome", f"unknown result type {kind!r}")
-        statuses.append(verdict.status)
-        codes.append(verdict.reason_code)
-        reasons.append(verdict.reason)
-        if verdict.status == "valid":
-            output = verdict.output
-            raw_texts.append(None)
-            output_json.append(output.model_dump_json())
-            dumped = output.model_dump()
-            for column in output_columns:
-                columns[column.name].append(_column_value(dumped.get(column.name), column.as_json))
-            for name in rule_names:
-                rule_values[name].append(verdict.derived[name])  # type: ignore[index]
-        else:
-            raw_texts.append(payloads[index] if kind == "succeeded" else None)
-            output_json.append(None)
-            for column in output_columns:
-                columns[column.name].append(None)
-            for name in rule_names:
-                rule_values[name].append(None)
+    values: list[tuple[Any, ...]] = []
+    with paused_gc():
+        for index, kind in enumerate(outcome):
+            if kind == "succeeded":
+                verdict = judge(workload, payloads[index], stop_reason[index], output_tokens[index] or 0)
+            else:
+                verdict = _rest_verdict(kind, error_type[index], error_message[index])
+            verdicts.append(verdict)
+            if verdict.status == "valid":
+                output = verdict.output
+                raw_texts.append(None)
+                output_json.append(output.model_dump_json())
+                fields = [
+                    getattr(output, name) if convert is None else convert(getattr(output, name))
+                    for name, convert in zip(field_names, converters, strict=True)
+                ]
+                values.append((*fields, *verdict.derived.values()))  # type: ignore[union-attr]
+            else:
+                raw_texts.append(payloads[index] if kind == "succeeded" else None)
+                output_json.append(None)
+                values.append(empty)
+    statuses = [verdict.status for verdict in verdicts]
+    codes = [verdict.reason_code for verdict in verdicts]
+    reasons = [verdict.reason for verdict in verdicts]
     arrays: dict[str, pa.Array] = {name: batch.column(name) for name in _PASSED_THROUGH}
     arrays["status"] = pa.array(statuses, pa.string())
     arrays["reason_code"] = pa.array(codes, pa.string())
     arrays["reason"] = pa.array(reasons, pa.string())
     arrays["raw_text"] = pa.array(raw_texts, pa.string())
     arrays["output_json"] = pa.array(output_json, pa.string())
-    for name, values in {**columns, **rule_values}.items():
-        arrays[name] = pa.array(values, schema.field(name).type)
+    columns = list(zip(*values, strict=True)) if values else [()] * len(names)
+    for name, column in zip(names, columns, strict=True):
+        arrays[name] = pa.array(column, schema.field(name).type)
     return pa.record_batch([arrays[f.name] for f in schema], schema=schema)
 
 
 def validate_part(
-    workload: Workload, layout: RunLayout, part: int, *, batch_rows: int = 50_000
+    workload: Workload, layout: RunLayout, part: int, *, batch_rows: int = 20_000
 ) -> ValidationSummary:
     """Validate the collected results of shard ``part`` into ``validated/part-NNNNN.parquet``.
 

@@ -59,20 +59,12 @@ _RESULT_USAGE_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("cache_read_input_tokens", pa.int64()),
     ("cost_usd", pa.float64()),
 ]
-_OUTCOME_COLUMNS: list[tuple[str, pa.DataType]] = [
-    ("record_key", pa.string()),
-    ("status", pa.string()),
-    ("reason", pa.string()),
-    ("error_type", pa.string()),
-    ("batch_id", pa.string()),
-]
 _STAGED_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("record_key", pa.string()),
     ("custom_id", pa.string()),
     ("status", pa.string()),
     ("last_error", pa.string()),
 ]
-_KEY_COLUMNS: list[tuple[str, pa.DataType]] = [("record_key", pa.string())]
 
 
 class WarehouseError(RuntimeError):
@@ -109,6 +101,13 @@ class Dialect:
 
     name = "generic"
     placeholder = "?"
+    # DuckDB updates rows one by one in the join's order, slow when it is not the table's:
+    # there a join-computed upsert moves ledger rows faster; elsewhere UPDATE ... FROM is best.
+    updates_by_upsert = False
+    # An index on (workload, run_id) serves the accounting check; DuckDB's indexes slow updates.
+    run_index = True
+    # Table options for the ledger, which is updated more than it grows.
+    ledger_options = ""
     _types: dict[str, str] = {
         "string": "VARCHAR",
         "int64": "BIGINT",
@@ -145,8 +144,15 @@ class Dialect:
         finally:
             cursor.close()
 
-    def execute(self, cursor: Any, sql: str, params: Sequence[Any] = ()) -> None:
+    def execute(self, cursor: Any, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run one statement; returns the rows it changed (-1 when the driver does not say)."""
         cursor.execute(sql, tuple(params))
+        return int(getattr(cursor, "rowcount", -1) or 0)
+
+    def query(self, cursor: Any, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run a query and return all its rows (for small answers: counts, samples)."""
+        cursor.execute(sql, list(params) if self.placeholder == "?" else tuple(params))
+        return [tuple(row) for row in cursor.fetchall()]
 
     def stream(
         self, conn: Any, sql: str, params: Sequence[Any], chunk_rows: int
@@ -160,6 +166,26 @@ class Dialect:
                 yield [dict(zip(names, row, strict=True)) for row in rows]
         finally:
             cursor.close()
+
+    @contextmanager
+    def rows_relation(
+        self, cursor: Any, name: str, data: pa.Table | pa.RecordBatch, *, joined: bool = False
+    ) -> Iterator[str]:
+        """``data`` as a relation the statements of this transaction can select from.
+
+        The bulk path: a temporary table filled by the dialect's fastest load (COPY for
+        PostgreSQL), or the Arrow data itself where the engine can scan it (DuckDB).
+
+        :param name: a name for the relation (unique within the transaction).
+        :param data: the rows.
+        :param joined: whether a statement will join it (worth gathering statistics for).
+        """
+        self.create_temp_table(cursor, name, [(f.name, f.type) for f in data.schema])
+        try:
+            self.load_arrow(cursor, name, data)
+            yield self.quote(name)
+        finally:
+            self.drop_temp_table(cursor, name)
 
     def create_temp_table(self, cursor: Any, name: str, columns: Sequence[tuple[str, pa.DataType]]) -> None:
         body = ", ".join(f"{self.quote(column)} {self.sql_type(kind)}" for column, kind in columns)
@@ -186,6 +212,8 @@ class DuckDBDialect(Dialect):
 
     name = "duckdb"
     placeholder = "?"
+    updates_by_upsert = True
+    run_index = False
     _types = {**Dialect._types, "string": "VARCHAR", "double": "DOUBLE"}
 
     @contextmanager
@@ -199,8 +227,12 @@ class DuckDBDialect(Dialect):
             conn.execute("ROLLBACK")
             raise
 
-    def execute(self, cursor: Any, sql: str, params: Sequence[Any] = ()) -> None:
+    def execute(self, cursor: Any, sql: str, params: Sequence[Any] = ()) -> int:
         cursor.execute(sql, list(params))
+        # Reading the result completes the statement (DuckDB 2 keeps it pending otherwise);
+        # data-changing statements answer with their row count.
+        rows = cursor.fetchall() if cursor.description else []
+        return int(rows[0][0]) if rows and cursor.description[0][0] == "Count" else -1
 
     def stream(
         self, conn: Any, sql: str, params: Sequence[Any], chunk_rows: int
@@ -213,19 +245,17 @@ class DuckDBDialect(Dialect):
             if batch.num_rows:
                 yield batch.to_pylist()
 
-    def load_arrow(self, cursor: Any, table: str, data: pa.Table | pa.RecordBatch) -> int:
-        if data.num_rows == 0:
-            return 0
-        view = f"cb_arrow_{uuid.uuid4().hex[:12]}"
-        columns = ", ".join(self.quote(name) for name in data.schema.names)
+    @contextmanager
+    def rows_relation(
+        self, cursor: Any, name: str, data: pa.Table | pa.RecordBatch, *, joined: bool = False
+    ) -> Iterator[str]:
+        # DuckDB scans a registered Arrow table in place: no copy into a temporary table.
+        view = f"{validate_identifier(name)}_{uuid.uuid4().hex[:12]}"
         cursor.register(view, data)
         try:
-            cursor.execute(
-                f"INSERT INTO {self.quote(table)} ({columns}) SELECT {columns} FROM {self.quote(view)}"
-            )
+            yield self.quote(view)
         finally:
             cursor.unregister(view)
-        return data.num_rows
 
 
 class PostgresDialect(Dialect):
@@ -233,6 +263,8 @@ class PostgresDialect(Dialect):
 
     name = "postgres"
     placeholder = "%s"
+    # Room in each page lets PostgreSQL update ledger rows in place (HOT), without index writes.
+    ledger_options = " WITH (fillfactor = 70)"
     _types = {**Dialect._types, "string": "TEXT"}
 
     def query_text(self, sql: str) -> str:
@@ -260,6 +292,15 @@ class PostgresDialect(Dialect):
         body = ", ".join(f"{self.quote(column)} {self.sql_type(kind)}" for column, kind in columns)
         self.execute(cursor, f"DROP TABLE IF EXISTS {self.quote(name)}")
         self.execute(cursor, f"CREATE TEMPORARY TABLE {self.quote(name)} ({body}) ON COMMIT DROP")
+
+    @contextmanager
+    def rows_relation(
+        self, cursor: Any, name: str, data: pa.Table | pa.RecordBatch, *, joined: bool = False
+    ) -> Iterator[str]:
+        with super().rows_relation(cursor, name, data) as relation:
+            if joined:  # statistics let the planner hash-join the batch instead of probing row by row
+                self.execute(cursor, f"ANALYZE {relation}")
+            yield relation
 
     def load_arrow(self, cursor: Any, table: str, data: pa.Table | pa.RecordBatch) -> int:
         if data.num_rows == 0:
@@ -406,8 +447,7 @@ class Warehouse:
 
     def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self.dialect.transaction(self.conn) as cursor:
-            self.dialect.execute(cursor, sql, params)
-            return list(cursor.fetchall())
+            return self.dialect.query(cursor, sql, params)
 
     # -- tables -----------------------------------------------------------------------------
 
@@ -424,7 +464,7 @@ class Warehouse:
                 custom_id {text}, status {text} NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
                 invalid_answers INTEGER NOT NULL DEFAULT 0, last_error {text}, batch_id {text},
                 run_id {text}, updated_at {ts} NOT NULL,
-                PRIMARY KEY (workload, record_key, prompt_version))""",
+                PRIMARY KEY (workload, record_key, prompt_version)){d.ledger_options}""",
             f"""CREATE TABLE IF NOT EXISTS {self._q(self.runs_table)} (
                 workload {text} NOT NULL, run_id {text} NOT NULL, prompt_version {text},
                 cache_setting {text}, extracted {big}, staged {big}, rejected {big}, succeeded {big},
@@ -433,6 +473,11 @@ class Warehouse:
                 realtime_cost_usd {double}, recorded_at {ts} NOT NULL,
                 PRIMARY KEY (workload, run_id))""",
         ]
+        if d.run_index:
+            index = validate_identifier(f"{self.ledger_table.split('.')[-1]}_run")
+            statements.append(
+                f"CREATE INDEX IF NOT EXISTS {self._q(index)} ON {self._q(self.ledger_table)} (workload, run_id)"
+            )
         if workload is not None:
             table = self._q(self.results_table(workload))
             columns = self._results_columns(workload) + [
@@ -527,29 +572,23 @@ class Warehouse:
         :param layout: the run's S3 layout.
         :param manifest: the staging manifest.
         """
-        d = self.dialect
-        temp = "cb_staged"
         written = 0
-        with d.transaction(self.conn) as cursor:
-            d.create_temp_table(cursor, temp, _STAGED_COLUMNS)
+        with self.dialect.transaction(self.conn) as cursor:
             for shard in manifest.shards:
                 keys = read_shard_keys(layout, shard)
                 size = keys.num_rows
-                written += d.load_arrow(
-                    cursor,
-                    temp,
-                    pa.table(
-                        {
-                            "record_key": keys.column("record_key"),
-                            "custom_id": keys.column("custom_id"),
-                            "status": pa.array(["pending"] * size, pa.string()),
-                            "last_error": pa.nulls(size, pa.string()),
-                        }
-                    ),
+                staged = pa.table(
+                    {
+                        "record_key": keys.column("record_key"),
+                        "custom_id": keys.column("custom_id"),
+                        "status": pa.array(["pending"] * size, pa.string()),
+                        "last_error": pa.nulls(size, pa.string()),
+                    }
                 )
-            batch: list[dict[str, Any]] = []
+                written += self._upsert_staged(cursor, workload, manifest.run_id, staged)
+            rejected: list[dict[str, Any]] = []
             for rejection in iter_rejections(layout, manifest):
-                batch.append(
+                rejected.append(
                     {
                         "record_key": rejection["ledger_key"],
                         "custom_id": None,
@@ -557,26 +596,39 @@ class Warehouse:
                         "last_error": rejection["reason"],
                     }
                 )
-                if len(batch) >= 10_000:
-                    written += d.load_arrow(
-                        cursor, temp, pa.Table.from_pylist(batch, _schema(_STAGED_COLUMNS))
+                if len(rejected) >= 10_000:
+                    written += self._upsert_staged(
+                        cursor,
+                        workload,
+                        manifest.run_id,
+                        pa.Table.from_pylist(rejected, _schema(_STAGED_COLUMNS)),
                     )
-                    batch.clear()
-            written += d.load_arrow(cursor, temp, pa.Table.from_pylist(batch, _schema(_STAGED_COLUMNS)))
-            p = d.placeholder
+                    rejected.clear()
+            if rejected:
+                written += self._upsert_staged(
+                    cursor,
+                    workload,
+                    manifest.run_id,
+                    pa.Table.from_pylist(rejected, _schema(_STAGED_COLUMNS)),
+                )
+        return written
+
+    def _upsert_staged(self, cursor: Any, workload: Workload, run_id: str, rows: pa.Table) -> int:
+        d = self.dialect
+        p = d.placeholder
+        with d.rows_relation(cursor, "cb_staged", rows) as staged:
             d.execute(
                 cursor,
                 f"""INSERT INTO {self._q(self.ledger_table)} (workload, record_key, prompt_version, custom_id,
                     status, attempts, invalid_answers, last_error, batch_id, run_id, updated_at)
                 SELECT {p}, s.record_key, {p}, s.custom_id, s.status, 0, 0, s.last_error, NULL, {p}, {p}
-                FROM {self._q(temp)} s
+                FROM {staged} s
                 ON CONFLICT (workload, record_key, prompt_version) DO UPDATE SET
                     custom_id = excluded.custom_id, status = excluded.status, last_error = excluded.last_error,
                     run_id = excluded.run_id, updated_at = excluded.updated_at""",
-                [workload.name, workload.prompt_version, manifest.run_id, _utcnow()],
+                [workload.name, workload.prompt_version, run_id, _utcnow()],
             )
-            d.drop_temp_table(cursor, temp)
-        return written
+        return rows.num_rows
 
     def mark_submitted(
         self, workload: Workload, layout: RunLayout, manifest: Manifest, part: int, batch_id: str
@@ -586,41 +638,49 @@ class Warehouse:
         :param part: the shard's part number.
         :param batch_id: the batch the shard became.
         """
-        d = self.dialect
-        temp = "cb_submitted"
         keys = read_shard_keys(layout, manifest.shard(part)).select(["record_key"])
-        with d.transaction(self.conn) as cursor:
-            d.create_temp_table(cursor, temp, _KEY_COLUMNS)
-            d.load_arrow(cursor, temp, keys)
-            p = d.placeholder
-            d.execute(
-                cursor,
-                f"""UPDATE {self._q(self.ledger_table)} SET status = 'submitted', batch_id = {p}, updated_at = {p}
-                WHERE workload = {p} AND prompt_version = {p} AND run_id = {p} AND status = 'pending'
-                AND record_key IN (SELECT record_key FROM {self._q(temp)})""",
-                [batch_id, _utcnow(), workload.name, workload.prompt_version, manifest.run_id],
-            )
-            d.drop_temp_table(cursor, temp)
+        self._update_keys(
+            keys,
+            "status = 'submitted', batch_id = {p}, updated_at = {p}",
+            [batch_id, _utcnow()],
+            "run_id = {p} AND status = 'pending'",
+            [manifest.run_id],
+            workload,
+        )
 
     def requeue(self, workload: Workload, record_keys: Iterable[str]) -> int:
         """Put dead or invalid items back to ``retry`` with fresh attempts (after fixing their cause)."""
-        d = self.dialect
-        temp = "cb_requeue"
         keys = pa.table({"record_key": pa.array(list(record_keys), pa.string())})
-        with d.transaction(self.conn) as cursor:
-            d.create_temp_table(cursor, temp, _KEY_COLUMNS)
-            d.load_arrow(cursor, temp, keys)
-            p = d.placeholder
+        self._update_keys(
+            keys,
+            "status = 'retry', attempts = 0, invalid_answers = 0, updated_at = {p}",
+            [_utcnow()],
+            "status IN ('dead', 'invalid')",
+            [],
+            workload,
+        )
+        return keys.num_rows
+
+    def _update_keys(
+        self,
+        keys: pa.Table,
+        assignments: str,
+        assignment_params: list[Any],
+        condition: str,
+        condition_params: list[Any],
+        workload: Workload,
+    ) -> None:
+        """UPDATE the ledger rows of ``keys`` (few enough that their order does not matter)."""
+        d = self.dialect
+        p = d.placeholder
+        with d.transaction(self.conn) as cursor, d.rows_relation(cursor, "cb_keys", keys) as relation:
             d.execute(
                 cursor,
-                f"""UPDATE {self._q(self.ledger_table)} SET status = 'retry', attempts = 0, invalid_answers = 0,
-                    updated_at = {p}
-                WHERE workload = {p} AND prompt_version = {p} AND status IN ('dead', 'invalid')
-                AND record_key IN (SELECT record_key FROM {self._q(temp)})""",
-                [_utcnow(), workload.name, workload.prompt_version],
+                f"""UPDATE {self._q(self.ledger_table)} SET {assignments.format(p=p)}
+                WHERE workload = {p} AND prompt_version = {p} AND {condition.format(p=p)}
+                AND record_key IN (SELECT record_key FROM {relation})""",
+                [*assignment_params, workload.name, workload.prompt_version, *condition_params],
             )
-            d.drop_temp_table(cursor, temp)
-        return keys.num_rows
 
     # -- load -------------------------------------------------------------------------------
 
@@ -636,12 +696,13 @@ class Warehouse:
         """Upsert the valid rows and move every item's ledger row, in one transaction.
 
         Reads ``validated/part-NNNNN.parquet`` for each part (default: every shard with a
-        validated part). Valid rows go to the results table keyed by (record key, prompt
-        version), so a re-run overwrites instead of duplicating. Each result moves its ledger
-        item: valid -> ``succeeded``; an invalid answer -> ``invalid`` once, then ``dead``;
-        ``invalid_request_error`` -> ``dead``; other errors, ``expired`` and ``canceled`` ->
-        ``retry`` until the attempt limit, then ``dead``. Only items still ``pending`` or
-        ``submitted`` for this run move, so loading twice changes nothing.
+        validated part), batch by batch. Valid rows go to the results table keyed by (record
+        key, prompt version), so a re-run overwrites instead of duplicating. Each result moves
+        its ledger item: valid -> ``succeeded``; an invalid answer -> ``invalid`` once, then
+        ``dead``; ``invalid_request_error`` -> ``dead``; other errors, ``expired`` and
+        ``canceled`` -> ``retry`` until the attempt limit, then ``dead``. Only items still
+        ``pending`` or ``submitted`` for this run move, so loading twice changes nothing. All of
+        it commits together or not at all.
 
         :param workload: the workload (its results table must exist: :meth:`ensure_tables`).
         :param layout: the run's S3 layout.
@@ -652,51 +713,26 @@ class Warehouse:
         d = self.dialect
         if parts is None:
             parts = [s.part for s in manifest.shards if layout.store.exists(validated_path(layout, s.part))]
-        results_columns = self._results_columns(workload)
-        result_names = [name for name, _ in results_columns]
+        result_names = [name for name, _ in self._results_columns(workload)]
         summary = LoadSummary(manifest.run_id)
-        temp_results, temp_outcomes = "cb_results", "cb_outcomes"
         with d.transaction(self.conn) as cursor:
-            d.create_temp_table(cursor, temp_results, results_columns)
-            d.create_temp_table(cursor, temp_outcomes, _OUTCOME_COLUMNS)
             for part in parts:
                 for batch in iter_validated(layout, part, batch_rows):
                     table = pa.Table.from_batches([batch])
-                    summary.rows += table.num_rows
-                    for status, count in _value_counts(table.column("status")).items():
-                        summary.by_status[status] = summary.by_status.get(status, 0) + count
-                    for name in (
-                        "input_tokens",
-                        "output_tokens",
-                        "cache_creation_input_tokens",
-                        "cache_read_input_tokens",
-                    ):
-                        setattr(
-                            summary,
-                            name,
-                            getattr(summary, name) + int(pc.sum(table.column(name)).as_py() or 0),
-                        )
-                    summary.cost_usd += float(pc.sum(table.column("cost_usd")).as_py() or 0.0)
-                    outcomes = pa.table(
-                        {
-                            "record_key": table.column("record_key"),
-                            "status": table.column("status"),
-                            "reason": table.column("reason"),
-                            "error_type": table.column("error_type"),
-                            "batch_id": table.column("batch_id"),
-                        }
-                    )
-                    d.load_arrow(cursor, temp_outcomes, outcomes)
+                    _add_to_summary(summary, table)
+                    outcomes = table.select(["record_key", "status", "reason", "error_type", "batch_id"])
+                    with d.rows_relation(cursor, "cb_outcomes", outcomes, joined=True) as relation:
+                        updated = self._apply_outcomes(cursor, workload, relation, manifest.run_id)
+                    summary.ledger_updated += max(updated or 0, 0)
                     valid = table.filter(pc.equal(table.column("status"), "valid")).select(result_names)
-                    summary.results_upserted += d.load_arrow(cursor, temp_results, valid)
-            self._upsert_results(cursor, workload, temp_results, result_names, manifest.run_id)
-            summary.ledger_updated = self._apply_outcomes(cursor, workload, temp_outcomes, manifest.run_id)
-            d.drop_temp_table(cursor, temp_results)
-            d.drop_temp_table(cursor, temp_outcomes)
+                    if valid.num_rows:
+                        with d.rows_relation(cursor, "cb_results", valid) as relation:
+                            self._upsert_results(cursor, workload, relation, result_names, manifest.run_id)
+                        summary.results_upserted += valid.num_rows
         return summary
 
     def _upsert_results(
-        self, cursor: Any, workload: Workload, temp: str, names: list[str], run_id: str
+        self, cursor: Any, workload: Workload, relation: str, names: list[str], run_id: str
     ) -> None:
         d = self.dialect
         p = d.placeholder
@@ -709,37 +745,54 @@ class Warehouse:
         d.execute(
             cursor,
             f"""INSERT INTO {self._q(self.results_table(workload))} ({columns}, run_id, loaded_at)
-            SELECT {columns}, {p}, {p} FROM {self._q(temp)}
+            SELECT {columns}, {p}, {p} FROM {relation}
             ON CONFLICT (record_key, prompt_version) DO UPDATE SET {updates}""",
             [run_id, _utcnow()],
         )
 
-    def _apply_outcomes(self, cursor: Any, workload: Workload, temp: str, run_id: str) -> int:
+    def _apply_outcomes(self, cursor: Any, workload: Workload, relation: str, run_id: str) -> int:
+        """Move the ledger rows of a batch of outcomes (see :meth:`load_run` for the rules)."""
         d = self.dialect
         p = d.placeholder
+        ledger = self._q(self.ledger_table)
         limit = int(self.attempt_limit)
         # attempts counts this answer too, hence "+ 1 >= limit".
-        d.execute(
-            cursor,
-            f"""UPDATE {self._q(self.ledger_table)} AS l SET
-                status = CASE
-                    WHEN o.status = 'valid' THEN 'succeeded'
-                    WHEN o.status = 'invalid' THEN CASE
-                        WHEN l.invalid_answers >= 1 OR l.attempts + 1 >= {p} THEN 'dead' ELSE 'invalid' END
-                    WHEN o.status = 'errored' AND o.error_type = 'invalid_request_error' THEN 'dead'
-                    WHEN l.attempts + 1 >= {p} THEN 'dead'
-                    ELSE 'retry' END,
-                attempts = l.attempts + 1,
-                invalid_answers = l.invalid_answers + CASE WHEN o.status = 'invalid' THEN 1 ELSE 0 END,
-                last_error = CASE WHEN o.status = 'valid' THEN NULL ELSE o.reason END,
-                batch_id = o.batch_id,
-                updated_at = {p}
-            FROM {self._q(temp)} o
-            WHERE l.workload = {p} AND l.prompt_version = {p} AND l.run_id = {p}
-              AND l.status IN ('pending', 'submitted') AND l.record_key = o.record_key""",
-            [limit, limit, _utcnow(), workload.name, workload.prompt_version, run_id],
+        status = f"""CASE
+                WHEN o.status = 'valid' THEN 'succeeded'
+                WHEN o.status = 'invalid' THEN CASE
+                    WHEN l.invalid_answers >= 1 OR l.attempts + 1 >= {p} THEN 'dead' ELSE 'invalid' END
+                WHEN o.status = 'errored' AND o.error_type = 'invalid_request_error' THEN 'dead'
+                WHEN l.attempts + 1 >= {p} THEN 'dead'
+                ELSE 'retry' END"""
+        invalid_answers = "l.invalid_answers + CASE WHEN o.status = 'invalid' THEN 1 ELSE 0 END"
+        last_error = "CASE WHEN o.status = 'valid' THEN NULL ELSE o.reason END"
+        which = (
+            f"l.workload = {p} AND l.prompt_version = {p} AND l.run_id = {p} "
+            "AND l.status IN ('pending', 'submitted') AND l.record_key = o.record_key"
         )
-        return max(int(cursor.rowcount or 0), 0) if hasattr(cursor, "rowcount") else 0
+        params = [limit, limit, _utcnow(), workload.name, workload.prompt_version, run_id]
+        if not d.updates_by_upsert:
+            return d.execute(
+                cursor,
+                f"""UPDATE {ledger} AS l SET status = {status}, attempts = l.attempts + 1,
+                    invalid_answers = {invalid_answers}, last_error = {last_error}, batch_id = o.batch_id,
+                    updated_at = {p}
+                FROM {relation} o WHERE {which}""",
+                params,
+            )
+        return d.execute(
+            cursor,
+            f"""INSERT INTO {ledger} (workload, record_key, prompt_version, custom_id, status, attempts,
+                invalid_answers, last_error, batch_id, run_id, updated_at)
+            SELECT l.workload, l.record_key, l.prompt_version, l.custom_id, {status}, l.attempts + 1,
+                {invalid_answers}, {last_error}, o.batch_id, l.run_id, {p}
+            FROM {ledger} l JOIN {relation} o ON l.record_key = o.record_key
+            WHERE {which}
+            ON CONFLICT (workload, record_key, prompt_version) DO UPDATE SET
+                status = excluded.status, attempts = excluded.attempts, invalid_answers = excluded.invalid_answers,
+                last_error = excluded.last_error, batch_id = excluded.batch_id, updated_at = excluded.updated_at""",
+            params,
+        )
 
     # -- accounting -------------------------------------------------------------------------
 
@@ -854,6 +907,15 @@ class Warehouse:
 
 def _schema(columns: Sequence[tuple[str, pa.DataType]]) -> pa.Schema:
     return pa.schema(list(columns))
+
+
+def _add_to_summary(summary: LoadSummary, table: pa.Table) -> None:
+    summary.rows += table.num_rows
+    for status, count in _value_counts(table.column("status")).items():
+        summary.by_status[status] = summary.by_status.get(status, 0) + count
+    for name in ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"):
+        setattr(summary, name, getattr(summary, name) + int(pc.sum(table.column(name)).as_py() or 0))
+    summary.cost_usd += float(pc.sum(table.column("cost_usd")).as_py() or 0.0)
 
 
 def _value_counts(column: pa.ChunkedArray) -> dict[str, int]:

@@ -227,16 +227,16 @@ def test_a_load_that_fails_midway_leaves_nothing_behind(setup, monkeypatch):
     write_results_part(layout, manifest, 0, all_valid)
     validate_part(workload, layout, 0, batch_rows=10)
     before = ledger(warehouse.conn)
-    real = type(warehouse.dialect).load_arrow
+    real = type(warehouse.dialect).rows_relation
     calls = []
 
-    def failing(self, cursor, table, data):
-        calls.append(table)
-        if len(calls) == 4:
+    def failing(self, cursor, name, data, **options):
+        calls.append(name)
+        if len(calls) == 4:  # the second batch's outcomes, after the first batch went in
             raise RuntimeError("disk full")
-        return real(self, cursor, table, data)
+        return real(self, cursor, name, data, **options)
 
-    monkeypatch.setattr(type(warehouse.dialect), "load_arrow", failing)
+    monkeypatch.setattr(type(warehouse.dialect), "rows_relation", failing)
     with pytest.raises(RuntimeError, match="disk full"):
         warehouse.load_run(workload, layout, manifest, batch_rows=10)
     monkeypatch.undo()
