@@ -211,11 +211,16 @@ def main() -> None:
                 with replay_process(replay_dir) as replay_url:
                     measured = run_isolated("bench.bench_collect", "measure_collect", emulator_url=replay_url,
                                             root=root, batch_ids=batch_ids)  # fmt: skip
-                end_to_end = run_isolated("bench.bench_collect", "measure_collect", emulator_url=emulator_url,
-                                          root=root, batch_ids=batch_ids)  # fmt: skip
+                # Against the emulator itself only at the smaller sizes: it serves a few thousand lines a second.
+                end_to_end = (
+                    run_isolated("bench.bench_collect", "measure_collect", emulator_url=emulator_url, root=root,
+                                 batch_ids=batch_ids)
+                    if count <= 100_000
+                    else None
+                )  # fmt: skip
         finally:
             shutil.rmtree(root, ignore_errors=True)
-        assert measured["lines"] == download["lines"] == end_to_end["lines"] == count
+        assert measured["lines"] == download["lines"] == count
         both = measured["collect_seconds"] + measured["validate_seconds"]
         rows.append(
             {
@@ -228,8 +233,11 @@ def main() -> None:
                 "peak RSS MB": measured["rss_mb"],
                 "results MB": download["bytes"] / 1e6,
                 "emulator download-only rows/s": count / download["seconds"],
-                "collect+validate from the emulator rows/s": count
-                / (end_to_end["collect_seconds"] + end_to_end["validate_seconds"]),
+                "collect+validate from the emulator rows/s": (
+                    count / (end_to_end["collect_seconds"] + end_to_end["validate_seconds"])
+                    if end_to_end
+                    else "-"
+                ),
             }
         )
     growth = rows[-1]["peak MB"] / max(rows[0]["peak MB"], 0.1)

@@ -377,13 +377,32 @@ class _Rejections:
 class _SeenKeys:
     """Which record keys this extract has already produced, in 16 bytes per key.
 
-    Keys are remembered by their 64-bit hash; a collision (about 1 in 10^7 at a million keys)
-    would mark a row as a duplicate, which is reported, never silently dropped.
+    Keys are remembered by their 64-bit hash (with the row that had it first) in sorted numpy
+    arrays: a large one, and a small one that new keys join and that is merged into the large
+    one now and then, so each chunk copies little. A collision (about 1 in 10^7 at a million
+    keys) would mark a row as a duplicate, which is reported, never silently dropped.
     """
 
+    _MERGE_AT = 65_536
+
     def __init__(self) -> None:
-        self._hashes = np.empty(0, dtype=np.int64)
-        self._rows = np.empty(0, dtype=np.int64)
+        empty = np.empty(0, dtype=np.int64)
+        self._levels: list[tuple[np.ndarray, np.ndarray]] = [(empty, empty), (empty, empty)]
+
+    @staticmethod
+    def _lookup(hashes: np.ndarray, rows: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found mask, first rows) of ``wanted`` in one sorted level."""
+        if not len(hashes):
+            return np.zeros(len(wanted), dtype=bool), np.zeros(len(wanted), dtype=np.int64)
+        position = np.minimum(np.searchsorted(hashes, wanted), len(hashes) - 1)
+        return hashes[position] == wanted, rows[position]
+
+    @staticmethod
+    def _merge(
+        level: tuple[np.ndarray, np.ndarray], hashes: np.ndarray, rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        position = np.searchsorted(level[0], hashes)
+        return np.insert(level[0], position, hashes), np.insert(level[1], position, rows)
 
     def repeated(self, keys: list[str], row_numbers: list[int]) -> list[tuple[int, int]]:
         """(index, first row with the same key) for each key seen before, in this chunk or earlier."""
@@ -393,17 +412,18 @@ class _SeenKeys:
         rows = np.asarray(row_numbers, dtype=np.int64)
         unique, first_index, inverse = np.unique(hashes, return_index=True, return_inverse=True)
         first_row = rows[first_index]
-        if len(self._hashes):
-            position = np.searchsorted(self._hashes, unique)
-            clipped = np.minimum(position, len(self._hashes) - 1)
-            known = self._hashes[clipped] == unique
-            first_row = np.where(known, self._rows[clipped], first_row)
-        else:
-            position = np.zeros(len(unique), dtype=np.int64)
-            known = np.zeros(len(unique), dtype=bool)
+        known = np.zeros(len(unique), dtype=bool)
+        for level_hashes, level_rows in self._levels:
+            found, found_rows = self._lookup(level_hashes, level_rows, unique)
+            first_row = np.where(found & ~known, found_rows, first_row)
+            known |= found
         fresh = ~known
-        self._hashes = np.insert(self._hashes, position[fresh], unique[fresh])
-        self._rows = np.insert(self._rows, position[fresh], first_row[fresh])
+        big, small = self._levels
+        small = self._merge(small, unique[fresh], first_row[fresh])
+        if len(small[0]) >= self._MERGE_AT:
+            big = self._merge(big, *small)
+            small = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64))
+        self._levels = [big, small]
         first_of_each = first_row[inverse]
         repeats = np.flatnonzero(first_of_each != rows)
         return list(zip(repeats.tolist(), first_of_each[repeats].tolist(), strict=True))

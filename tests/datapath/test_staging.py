@@ -250,3 +250,22 @@ def test_staging_streams_to_s3(s3_store):
     assert s3_store.exists(f"{layout.prefix}/requests/part-00002.keys.parquet")
     assert len(all_requests(layout, manifest)) == 50
     assert orjson.loads(s3_store.read_bytes(layout.manifest))["staged_requests"] == 50
+
+
+def test_duplicate_detection_remembers_first_rows_across_many_chunks(monkeypatch):
+    from claude_batch.staging import _SeenKeys
+
+    monkeypatch.setattr(_SeenKeys, "_MERGE_AT", 50)  # exercise the merge of the two levels
+    rng = random.Random(1)
+    seen, first, row = _SeenKeys(), {}, 0
+    for _ in range(60):
+        keys = [f"k{rng.randint(0, 3000)}" for _ in range(rng.randint(1, 40))]
+        numbers = list(range(row + 1, row + 1 + len(keys)))
+        row += len(keys)
+        expected = []
+        for index, (key, number) in enumerate(zip(keys, numbers, strict=True)):
+            if key in first:
+                expected.append((index, first[key]))
+            else:
+                first[key] = number
+        assert seen.repeated(keys, numbers) == expected
