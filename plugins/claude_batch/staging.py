@@ -9,7 +9,7 @@ the ledger records it as ``dead``. ``manifest.json`` lists shards, counts, bytes
 prompt version, the models and a token and cost estimate.
 
 Memory stays flat: rows are processed in chunks, lines are buffered a megabyte at a time, and
-duplicate detection keeps 16 bytes per key (a sorted array of 64-bit key hashes and row numbers).
+duplicate detection keeps 12 bytes per key (sorted runs of 64-bit key hashes and row numbers).
 """
 
 from __future__ import annotations
@@ -375,34 +375,29 @@ class _Rejections:
 
 
 class _SeenKeys:
-    """Which record keys this extract has already produced, in 16 bytes per key.
+    """Which record keys this extract has already produced, in 12 bytes per key.
 
-    Keys are remembered by their 64-bit hash (with the row that had it first) in sorted numpy
-    arrays: a large one, and a small one that new keys join and that is merged into the large
-    one now and then, so each chunk copies little. A collision (about 1 in 10^7 at a million
-    keys) would mark a row as a duplicate, which is reported, never silently dropped.
+    Keys are remembered by their 64-bit hash, with the (32-bit) row that had it first, in
+    sorted numpy runs: new keys join a small run, which becomes a frozen run once it holds
+    ``_RUN_KEYS`` keys. Runs are never merged, so memory grows by exactly 12 bytes a key with
+    no large copies on the way. A hash collision (about 1 in 10^7 at a million keys) would mark
+    a row as a duplicate, which is reported, never silently dropped.
     """
 
-    _MERGE_AT = 65_536
+    _RUN_KEYS = 262_144
 
     def __init__(self) -> None:
-        empty = np.empty(0, dtype=np.int64)
-        self._levels: list[tuple[np.ndarray, np.ndarray]] = [(empty, empty), (empty, empty)]
+        self._runs: list[tuple[np.ndarray, np.ndarray]] = []
+        self._open = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int32))
 
     @staticmethod
-    def _lookup(hashes: np.ndarray, rows: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(found mask, first rows) of ``wanted`` in one sorted level."""
+    def _lookup(run: tuple[np.ndarray, np.ndarray], wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found mask, first rows) of ``wanted`` in one sorted run."""
+        hashes, rows = run
         if not len(hashes):
             return np.zeros(len(wanted), dtype=bool), np.zeros(len(wanted), dtype=np.int64)
         position = np.minimum(np.searchsorted(hashes, wanted), len(hashes) - 1)
-        return hashes[position] == wanted, rows[position]
-
-    @staticmethod
-    def _merge(
-        level: tuple[np.ndarray, np.ndarray], hashes: np.ndarray, rows: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        position = np.searchsorted(level[0], hashes)
-        return np.insert(level[0], position, hashes), np.insert(level[1], position, rows)
+        return hashes[position] == wanted, rows[position].astype(np.int64)
 
     def repeated(self, keys: list[str], row_numbers: list[int]) -> list[tuple[int, int]]:
         """(index, first row with the same key) for each key seen before, in this chunk or earlier."""
@@ -413,17 +408,19 @@ class _SeenKeys:
         unique, first_index, inverse = np.unique(hashes, return_index=True, return_inverse=True)
         first_row = rows[first_index]
         known = np.zeros(len(unique), dtype=bool)
-        for level_hashes, level_rows in self._levels:
-            found, found_rows = self._lookup(level_hashes, level_rows, unique)
+        for run in (*self._runs, self._open):
+            found, found_rows = self._lookup(run, unique)
             first_row = np.where(found & ~known, found_rows, first_row)
             known |= found
         fresh = ~known
-        big, small = self._levels
-        small = self._merge(small, unique[fresh], first_row[fresh])
-        if len(small[0]) >= self._MERGE_AT:
-            big = self._merge(big, *small)
-            small = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64))
-        self._levels = [big, small]
+        open_hashes, open_rows = self._open
+        position = np.searchsorted(open_hashes, unique[fresh])
+        open_hashes = np.insert(open_hashes, position, unique[fresh])
+        open_rows = np.insert(open_rows, position, first_row[fresh].astype(np.int32))
+        if len(open_hashes) >= self._RUN_KEYS:
+            self._runs.append((open_hashes, open_rows))
+            open_hashes, open_rows = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int32)
+        self._open = (open_hashes, open_rows)
         first_of_each = first_row[inverse]
         repeats = np.flatnonzero(first_of_each != rows)
         return list(zip(repeats.tolist(), first_of_each[repeats].tolist(), strict=True))

@@ -255,7 +255,7 @@ def test_staging_streams_to_s3(s3_store):
 def test_duplicate_detection_remembers_first_rows_across_many_chunks(monkeypatch):
     from claude_batch.staging import _SeenKeys
 
-    monkeypatch.setattr(_SeenKeys, "_MERGE_AT", 50)  # exercise the merge of the two levels
+    monkeypatch.setattr(_SeenKeys, "_RUN_KEYS", 50)  # exercise many frozen runs
     rng = random.Random(1)
     seen, first, row = _SeenKeys(), {}, 0
     for _ in range(60):
