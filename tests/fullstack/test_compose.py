@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shlex
 import tomllib
+import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -260,3 +262,60 @@ def test_requirements_pin_a_celery_the_provider_can_import():
     assert importlib.metadata.version("celery") == requirement_pin("celery"), (
         "the venv is not synced to requirements.txt"
     )
+
+
+def init_python_scripts(services) -> list[str]:
+    """The ``python - <<'PY' ... PY`` heredocs of the init job, in order."""
+    script = command_of(services["airflow-init"])[-1]
+    return re.findall(r"python - <<'PY'\n(.*?)\nPY\n", script, flags=re.S)
+
+
+@pytest.mark.services
+def test_init_job_seeds_the_sample_data_into_a_postgres_warehouse(services):
+    """The init job's seeding script, run as it is against a real PostgreSQL database, twice."""
+    import subprocess
+    import sys
+
+    import psycopg2
+
+    from tests.conftest import POSTGRES_HOST, POSTGRES_PORT, require_service
+
+    require_service("PostgreSQL", POSTGRES_HOST, POSTGRES_PORT)
+    seeding = next(script for script in init_python_scripts(services) if "seed_warehouse" in script)
+    database = f"cb_compose_{uuid.uuid4().hex[:10]}"
+    admin = psycopg2.connect(host=POSTGRES_HOST, port=POSTGRES_PORT, user="postgres", dbname="postgres")
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{database}"')
+    dsn = f"postgresql://postgres@{POSTGRES_HOST}:{POSTGRES_PORT}/{database}"
+    env = {
+        **os.environ,
+        "SAMPLE_DATA_GENERATOR": str(REPO / "include" / "sample_data" / "generate.py"),
+        "SAMPLE_WAREHOUSE_DSN": dsn,
+    }
+    try:
+        first = subprocess.run(
+            [sys.executable, "-c", seeding], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert first.returncode == 0, first.stderr[-2000:]
+        again = subprocess.run(
+            [sys.executable, "-c", seeding], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert again.stdout.count("exists, left as it is") == first.stdout.count("rows"), again.stdout
+        conn = psycopg2.connect(dsn)
+        with conn, conn.cursor() as cur:
+            counts = {}
+            for table in ("support_tickets", "ap_invoices", "products"):
+                cur.execute(f"SELECT count(*) FROM {table}")
+                counts[table] = cur.fetchone()[0]
+            # The tickets cover the days before today: the nightly run's interval has rows.
+            cur.execute("SELECT count(*) FROM support_tickets WHERE created_at >= now()::date - 1")
+            yesterday = cur.fetchone()[0]
+        conn.close()
+        assert all(counts.values()), counts
+        assert yesterday > 0
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        admin.close()
