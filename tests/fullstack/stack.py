@@ -305,23 +305,60 @@ class AirflowStack:
                 )
 
     def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 180.0) -> dict:
-        """Poll the run until it is success or failed; a failure shows each failed task's log tail."""
+        """Poll the run until it is success or failed (its state and tasks are then in the asserts)."""
 
         def finished() -> dict | None:
             run = self.api.dag_run(dag_id, run_id)
             return run if run["state"] in TERMINAL_RUN_STATES else None
 
-        run = wait_for(
+        return wait_for(
             f"run {run_id} of {dag_id} to finish", finished, timeout, interval=1.0, check=self.check_alive
         )
-        return run
+
+    def check_run_alive(self, dag_id: str, run_id: str) -> Callable[[], None]:
+        """A ``wait_for`` check: the stack is up and the run has not failed (else say why, at once)."""
+
+        def check() -> None:
+            self.check_alive()
+            if self.api.dag_run(dag_id, run_id)["state"] == "failed":
+                raise StackError(f"run {run_id} of {dag_id} failed: {self.describe_run(dag_id, run_id)}")
+
+        return check
 
     def describe_run(self, dag_id: str, run_id: str) -> str:
-        """Task states of a run, for assertion messages."""
-        return ", ".join(
-            f"{ti['task_id']}[{ti['map_index']}]={ti['state']}"
-            for ti in self.api.task_instances(dag_id, run_id)
+        """Task states of a run and, for each failed task, the error its log ends with."""
+        parts = []
+        for ti in self.api.task_instances(dag_id, run_id):
+            part = f"{ti['task_id']}[{ti['map_index']}]={ti['state']}"
+            if ti["state"] in ("failed", "up_for_retry", "up_for_reschedule"):
+                part += f" ({self._task_error(dag_id, run_id, ti)})"
+            parts.append(part)
+        return ", ".join(parts)
+
+    def _task_error(self, dag_id: str, run_id: str, ti: dict) -> str:
+        """The last error a task logged (the task logs are JSON lines under the Airflow home)."""
+        folder = (
+            Path(self.env["AIRFLOW_HOME"])
+            / "logs"
+            / f"dag_id={dag_id}"
+            / f"run_id={run_id}"
+            / f"task_id={ti['task_id']}"
         )
+        if ti["map_index"] >= 0:
+            folder /= f"map_index={ti['map_index']}"
+        logs = sorted(folder.glob("attempt=*.log"))
+        if not logs:
+            return "no log"
+        last = "no error logged"
+        for line in logs[-1].read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("level") in ("error", "critical"):
+                details = record.get("error_detail") or [{}]
+                last = f"{record.get('event')}: {details[-1].get('exc_type', '')} {details[-1].get('exc_value', '')}".strip()
+        return last
 
     def warehouse_query(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
         import psycopg2

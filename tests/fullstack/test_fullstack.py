@@ -58,7 +58,7 @@ def test_rest_trigger_with_params_survives_a_triggerer_restart(fullstack: Airflo
             lambda: api.task_instance(WORKLOAD_DAG, run_id, wait_task)["state"] == "deferred",
             timeout=180,
             interval=1.0,
-            check=stack.check_alive,
+            check=stack.check_run_alive(WORKLOAD_DAG, run_id),
         )
     submitted = emulator.stats()
     assert submitted["batches_created"] - before["batches_created"] == 2, "50 tickets in shards of 40"
@@ -83,7 +83,7 @@ def test_rest_trigger_with_params_survives_a_triggerer_restart(fullstack: Airflo
             lambda: emulator_calls(stack, "list", "retrieve") > polls_before_restart + 1,
             timeout=120,
             interval=1.0,
-            check=stack.check_alive,
+            check=stack.check_run_alive(WORKLOAD_DAG, run_id),
         )
 
     with stack.phase("REST run: batches end until the run succeeds"):
