@@ -14,6 +14,7 @@ import duckdb
 import pytest
 from claude_batch.contracts import custom_id_for
 from claude_batch.storage import RunLayout
+from claude_batch.submission import ShardRejected
 
 from tests.reliability.corpus import CASES, DAG_ID, RESULTS_TABLE, Case
 
@@ -139,3 +140,29 @@ def test_the_accounting_holds_for_the_corpus_run(corpus_run):
         corpus_run, "SELECT extracted, succeeded, invalid, retry, dead FROM claude_batch_runs"
     )[0]
     assert extracted == succeeded + invalid + retry + dead == len(CASES)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=ShardRejected,
+    reason="bug: contracts.CUSTOM_ID_PATTERN is used with re.match and ends in $, which also matches before a "
+    "trailing newline: custom_id_for('k\\n') keeps the key as its custom_id, staging writes it unescaped into "
+    "the JSONL line (cutting the line in two), and the submitter refuses the whole shard. Fix: re.fullmatch in "
+    "contracts.custom_id_for and is_valid_custom_id (and scan_requests); then add this key to the corpus.",
+)
+def test_a_key_with_a_trailing_newline_does_not_break_its_batch(anthropic_conn, tmp_path):
+    from claude_batch.hooks import ClaudeBatchHook
+    from claude_batch.staging import stage_requests
+    from claude_batch.storage import ObjectStore
+    from claude_batch.submission import BatchSubmitter, StoredShard
+
+    from tests.reliability.harness import WORKLOAD
+
+    layout = RunLayout(ObjectStore(str(tmp_path)), "dag", "run-1")
+    rows = [{"id": key, "body": "charged twice"} for key in ("ok-1", "ok-2", "trailing-newline\n")]
+    manifest = stage_requests(rows, WORKLOAD, layout, key_field="id", cache_setting="off")
+    assert manifest.staged_requests == 3
+    shard = f"{layout.prefix}/{manifest.shards[0].requests}"
+    submitter = BatchSubmitter(ClaudeBatchHook(), layout.store, layout.state(0))
+    submitter.submit(StoredShard(layout.store, shard))
+    assert anthropic_conn.stats()["batches_created"] == 1
