@@ -17,12 +17,13 @@ from typing import Any, NamedTuple
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ValidationError
 
 from claude_batch.results import iter_result_batches, paused_gc
 from claude_batch.storage import RunLayout
-from claude_batch.workloads import OutputColumn, Workload
+from claude_batch.workloads import OutputColumn, Workload, unwrap_optional
 
 STATUSES = ("valid", "invalid", "errored", "expired", "canceled")
 _REASON_LIMIT = 1_000
@@ -139,7 +140,8 @@ def judge(
         where = "no tool_use block" if workload.output_mode == "tool" else "no text"
         return Verdict("invalid", "no_output", f"the answer holds {where}")
     try:
-        output = workload.output_schema.model_validate_json(payload)
+        # The schema's compiled validator, without model_validate_json's wrapper.
+        output = workload.output_schema.__pydantic_validator__.validate_json(payload)
     except ValidationError as exc:
         code, reason = _describe_errors(exc)
         return Verdict("invalid", code, reason)
@@ -169,14 +171,15 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _converter(column: OutputColumn) -> Any:
-    """How a dumped field value becomes its column value (None: as it is)."""
+def _converter(workload: Workload, column: OutputColumn) -> Any:
+    """How a field's value becomes its column value (None: as it is, the common case)."""
     if column.as_json:
         return lambda value: None if value is None else orjson.dumps(_jsonable(value), default=str).decode()
-    if column.arrow_type == pa.string():
-        return lambda value: value.value if isinstance(value, enum.Enum) else value
-    if column.arrow_type == pa.float64():
-        return lambda value: float(value) if isinstance(value, Decimal) else value
+    annotation = unwrap_optional(workload.output_schema.model_fields[column.name].annotation)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return lambda value: None if value is None else value.value
+    if isinstance(annotation, type) and issubclass(annotation, Decimal):
+        return lambda value: None if value is None else float(value)
     return None
 
 
@@ -205,9 +208,10 @@ def validate_batch(workload: Workload, batch: pa.RecordBatch | pa.Table) -> pa.R
     error_type = batch.column("error_type").to_pylist()
     error_message = batch.column("error_message").to_pylist()
     field_names = [column.name for column in workload.output_columns]
-    converters = [_converter(column) for column in workload.output_columns]
+    converters = [_converter(workload, column) for column in workload.output_columns]
     names = field_names + [rule.name for rule in workload.rules]
     empty = (None,) * len(names)
+    to_json = workload.output_schema.__pydantic_serializer__.to_json
     verdicts: list[Verdict] = []
     raw_texts: list[str | None] = []
     output_json: list[str | None] = []
@@ -222,7 +226,7 @@ def validate_batch(workload: Workload, batch: pa.RecordBatch | pa.Table) -> pa.R
             if verdict.status == "valid":
                 output = verdict.output
                 raw_texts.append(None)
-                output_json.append(output.model_dump_json())
+                output_json.append(to_json(output).decode())
                 fields = [
                     getattr(output, name) if convert is None else convert(getattr(output, name))
                     for name, convert in zip(field_names, converters, strict=True)
@@ -269,15 +273,12 @@ def validate_part(
             validated = validate_batch(workload, batch)
             writer.write_batch(validated)
             summary.rows += validated.num_rows
-            for status in validated.column("status").to_pylist():
-                summary.by_status[status] = summary.by_status.get(status, 0) + 1
-            for code, status in zip(
-                validated.column("reason_code").to_pylist(),
-                validated.column("status").to_pylist(),
-                strict=True,
-            ):
-                if status != "valid" and code:
-                    summary.by_reason[code] = summary.by_reason.get(code, 0) + 1
+            status = validated.column("status")
+            for item in pc.value_counts(status).to_pylist():
+                summary.by_status[item["values"]] = summary.by_status.get(item["values"], 0) + item["counts"]
+            failed = validated.column("reason_code").filter(pc.not_equal(status, "valid"))
+            for item in pc.value_counts(failed.drop_null()).to_pylist():
+                summary.by_reason[item["values"]] = summary.by_reason.get(item["values"], 0) + item["counts"]
     return summary
 
 

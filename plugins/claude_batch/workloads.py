@@ -16,7 +16,7 @@ import re
 import string
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
@@ -28,7 +28,6 @@ import pyarrow as pa
 from pydantic import BaseModel
 
 from claude_batch.costs import (
-    REQUEST_OVERHEAD_TOKENS,
     CacheSetting,
     PriceTable,
     default_prices,
@@ -119,7 +118,8 @@ def strict_json_schema(model: type[BaseModel]) -> dict[str, Any]:
     return schema
 
 
-def _unwrap_optional(annotation: Any) -> Any:
+def unwrap_optional(annotation: Any) -> Any:
+    """``X`` for ``X | None`` (and ``Optional[X]``); any other annotation as it is."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         members = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -130,7 +130,7 @@ def _unwrap_optional(annotation: Any) -> Any:
 
 def arrow_type_for(annotation: Any) -> pa.DataType | None:
     """The Arrow column type for a schema field's annotation; None means "store as JSON text"."""
-    annotation = _unwrap_optional(annotation)
+    annotation = unwrap_optional(annotation)
     if typing.get_origin(annotation) is Literal:
         values = typing.get_args(annotation)
         kinds = {type(v) for v in values}
@@ -470,21 +470,3 @@ class RequestEncoder:
             + orjson.dumps(content)
             + self.suffix
         )
-
-
-def estimate_request_tokens(workload: Workload, content: str) -> int:
-    """Estimated input tokens of one request (shared prefix + user content + overhead)."""
-    return workload.prefix_tokens + estimate_tokens(content) + REQUEST_OVERHEAD_TOKENS
-
-
-def observations_from_runs(runs: Sequence[Mapping[str, Any]]) -> list[CacheObservation]:
-    """Cache observations from run-history rows (``cache_setting``, read and write tokens)."""
-    return [
-        CacheObservation(
-            setting=run["cache_setting"],
-            cache_read_tokens=int(run.get("cache_read_input_tokens") or 0),
-            cache_write_tokens=int(run.get("cache_creation_input_tokens") or 0),
-        )
-        for run in runs
-        if run.get("cache_setting") in ("5m", "1h")
-    ]

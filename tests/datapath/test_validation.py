@@ -111,3 +111,38 @@ def pa_table(batch):
     import pyarrow as pa
 
     return pa.Table.from_batches([batch])
+
+
+def test_enum_decimal_date_and_nested_fields_become_typed_or_json_columns():
+    import datetime as dt
+    import enum
+    from decimal import Decimal
+
+    from pydantic import BaseModel
+
+    class Kind(enum.Enum):
+        INVOICE = "invoice"
+        RECEIPT = "receipt"
+
+    class Line(BaseModel):
+        sku: str
+        quantity: int
+
+    class Document(BaseModel):
+        kind: Kind
+        total: Decimal
+        issued: dt.date
+        lines: list[Line]
+        note: str | None = None
+
+    workload = make_workload(output_schema=Document, rules=())
+    payload = '{"kind": "invoice", "total": "12.50", "issued": "2026-01-31", "lines": [{"sku": "A", "quantity": 2}]}'
+    row = validate_batch(workload, results_batch([succeeded("a", payload)])).to_pylist()[0]
+    assert row["status"] == "valid"
+    assert (row["kind"], row["total"], row["issued"], row["note"]) == (
+        "invoice",
+        12.5,
+        dt.date(2026, 1, 31),
+        None,
+    )
+    assert orjson.loads(row["lines"]) == [{"sku": "A", "quantity": 2}]
