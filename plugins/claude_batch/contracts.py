@@ -32,11 +32,12 @@ def custom_id_for(record_key: object) -> str:
     key = str(record_key)
     if key == "":
         raise InvalidRecordKey("record key is empty")
-    if CUSTOM_ID_PATTERN.match(key) and not _HASHED_ID_PATTERN.match(key):
+    # fullmatch: a pattern ending in $ also matches before a trailing newline with re.match.
+    if CUSTOM_ID_PATTERN.fullmatch(key) and not _HASHED_ID_PATTERN.fullmatch(key):
         return key
     return "k_" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:40]
 
 
 def is_valid_custom_id(custom_id: object) -> bool:
     """Whether the API would accept ``custom_id``."""
-    return isinstance(custom_id, str) and CUSTOM_ID_PATTERN.match(custom_id) is not None
+    return isinstance(custom_id, str) and CUSTOM_ID_PATTERN.fullmatch(custom_id) is not None

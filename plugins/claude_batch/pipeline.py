@@ -480,6 +480,7 @@ def claude_batch_pipeline(config: PipelineConfig, group_id: str | None = None):
             min_poll_interval=config.min_poll_interval,
             max_poll_interval=config.max_poll_interval,
             batch_timeout=config.batch_timeout,
+            skip_if_all_canceled=False,  # canceled requests must still reach the ledger (retry)
         )
 
         @task(task_id="collect", retries=3, retry_delay=timedelta(seconds=30))

@@ -24,7 +24,7 @@ class ClaudeBatchFailed(AirflowException):
 
 
 def apply_completion_policy(
-    snapshots: list[BatchSnapshot], fail_on_partial: bool, log: Any
+    snapshots: list[BatchSnapshot], fail_on_partial: bool, log: Any, skip_if_all_canceled: bool = True
 ) -> dict[str, Any]:
     """Judge ended batches and return a summary for XCom.
 
@@ -35,6 +35,8 @@ def apply_completion_policy(
     :param snapshots: the batches as they ended.
     :param fail_on_partial: fail instead of reporting partial failures.
     :param log: the task's logger.
+    :param skip_if_all_canceled: skip when nothing ran; a pipeline that must still collect the
+        canceled results (so the ledger retries them) turns this off.
     """
     summary = {
         "batch_ids": [snap.id for snap in snapshots],
@@ -46,7 +48,7 @@ def apply_completion_policy(
     }
     counts = summary["request_counts"]
     total = sum(counts.values())
-    if total and counts["canceled"] == total:
+    if total and counts["canceled"] == total and skip_if_all_canceled:
         raise AirflowSkipException(f"Every request was canceled ({total:,}) in batches {summary['batch_ids']}.")
     failed = total - counts["succeeded"]
     if failed:
@@ -63,7 +65,9 @@ def apply_completion_policy(
     return summary
 
 
-def handle_trigger_event(event: dict[str, Any] | None, fail_on_partial: bool, log: Any) -> dict[str, Any]:
+def handle_trigger_event(
+    event: dict[str, Any] | None, fail_on_partial: bool, log: Any, skip_if_all_canceled: bool = True
+) -> dict[str, Any]:
     """Turn a :class:`ClaudeBatchTrigger` event into a summary or a clear failure."""
     if not event or "status" not in event:
         raise ClaudeBatchFailed(f"Unexpected trigger event: {event!r}")
@@ -72,7 +76,7 @@ def handle_trigger_event(event: dict[str, Any] | None, fail_on_partial: bool, lo
     if event["status"] == "timeout":
         raise ClaudeBatchFailed(event["message"])
     snapshots = [BatchSnapshot.from_dict(item) for item in event["batches"]]
-    return apply_completion_policy(snapshots, fail_on_partial, log)
+    return apply_completion_policy(snapshots, fail_on_partial, log, skip_if_all_canceled)
 
 
 class ClaudeBatchSensor(BaseSensorOperator):
@@ -85,6 +89,8 @@ class ClaudeBatchSensor(BaseSensorOperator):
     :param min_poll_interval: the first polling interval (deferrable mode); backs off from here.
     :param max_poll_interval: the ceiling of the polling interval.
     :param fail_on_partial: fail when any request errored, expired or was canceled.
+    :param skip_if_all_canceled: skip when every request was canceled (default); off, the task
+        succeeds so that downstream tasks can record the canceled requests.
     """
 
     template_fields: Sequence[str] = ("batch_ids", "conn_id")
@@ -99,6 +105,7 @@ class ClaudeBatchSensor(BaseSensorOperator):
         min_poll_interval: float = DEFAULT_MIN_POLL_INTERVAL,
         max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL,
         fail_on_partial: bool = False,
+        skip_if_all_canceled: bool = True,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("poke_interval", min_poll_interval)
@@ -110,6 +117,7 @@ class ClaudeBatchSensor(BaseSensorOperator):
         self.min_poll_interval = min_poll_interval
         self.max_poll_interval = max_poll_interval
         self.fail_on_partial = fail_on_partial
+        self.skip_if_all_canceled = skip_if_all_canceled
 
     @cached_property
     def hook(self) -> ClaudeBatchHook:
@@ -136,7 +144,7 @@ class ClaudeBatchSensor(BaseSensorOperator):
         )
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
-        return handle_trigger_event(event, self.fail_on_partial, self.log)
+        return handle_trigger_event(event, self.fail_on_partial, self.log, self.skip_if_all_canceled)
 
     def poke(self, context: Context) -> Any:
         snapshots = [BatchSnapshot.from_batch(batch) for batch in self._find(self._ids())]
@@ -147,7 +155,8 @@ class ClaudeBatchSensor(BaseSensorOperator):
         if not pending:
             from airflow.sdk import PokeReturnValue
 
-            return PokeReturnValue(is_done=True, xcom_value=apply_completion_policy(snapshots, self.fail_on_partial, self.log))
+            summary = apply_completion_policy(snapshots, self.fail_on_partial, self.log, self.skip_if_all_canceled)
+            return PokeReturnValue(is_done=True, xcom_value=summary)
         if self.batch_timeout is not None:
             overdue = [
                 s.id for s in pending if datetime.fromisoformat(s.created_at) + timedelta(seconds=self.batch_timeout) < now

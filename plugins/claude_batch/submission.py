@@ -145,7 +145,7 @@ def scan_requests(source: RequestSource, limits: Limits = Limits()) -> ShardScan
         if not isinstance(request, dict):
             raise ShardRejected(f"{where}: line {count}: a request must be a JSON object")
         custom_id = request.get("custom_id")
-        if not isinstance(custom_id, str) or not CUSTOM_ID_PATTERN.match(custom_id):
+        if not isinstance(custom_id, str) or not CUSTOM_ID_PATTERN.fullmatch(custom_id):
             raise ShardRejected(
                 f"{where}: line {count}: custom_id {custom_id!r} does not match ^[a-zA-Z0-9_-]{{1,64}}$"
             )

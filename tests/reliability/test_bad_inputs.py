@@ -14,7 +14,6 @@ import duckdb
 import pytest
 from claude_batch.contracts import custom_id_for
 from claude_batch.storage import RunLayout
-from claude_batch.submission import ShardRejected
 
 from tests.reliability.corpus import CASES, DAG_ID, RESULTS_TABLE, Case
 
@@ -142,14 +141,6 @@ def test_the_accounting_holds_for_the_corpus_run(corpus_run):
     assert extracted == succeeded + invalid + retry + dead == len(CASES)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ShardRejected,
-    reason="bug: contracts.CUSTOM_ID_PATTERN is used with re.match and ends in $, which also matches before a "
-    "trailing newline: custom_id_for('k\\n') keeps the key as its custom_id, staging writes it unescaped into "
-    "the JSONL line (cutting the line in two), and the submitter refuses the whole shard. Fix: re.fullmatch in "
-    "contracts.custom_id_for and is_valid_custom_id (and scan_requests); then add this key to the corpus.",
-)
 def test_a_key_with_a_trailing_newline_does_not_break_its_batch(anthropic_conn, tmp_path):
     from claude_batch.hooks import ClaudeBatchHook
     from claude_batch.staging import stage_requests

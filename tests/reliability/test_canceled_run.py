@@ -40,14 +40,6 @@ def small_corpus(tmp_path, monkeypatch, s3_store, anthropic_conn, aws_conn, airf
     return bag.dags[DAG_ID], path
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: sensors.apply_completion_policy raises AirflowSkipException when every request was canceled; "
-    "in the pipeline that skips collect, load and the accounting check, the run ends success and its items "
-    "stay pending, never extracted again. Fix: the pipeline's wait must not skip (or collect/load must run "
-    "after a skipped wait) so canceled items go to retry and the accounting check runs.",
-)
 def test_a_run_whose_batches_are_all_canceled_accounts_for_every_item(small_corpus, anthropic_conn):
     dag, warehouse = small_corpus
     anthropic_conn.configure(processing_seconds=36_000.0)  # nothing finishes before the cancel
