@@ -9,7 +9,7 @@ the ledger records it as ``dead``. ``manifest.json`` lists shards, counts, bytes
 prompt version, the models and a token and cost estimate.
 
 Memory stays flat: rows are processed in chunks, lines are buffered a megabyte at a time, and
-duplicate detection keeps 12 bytes per key (sorted runs of 64-bit key hashes and row numbers).
+duplicate detection keeps 8 bytes per key (sorted runs of 64-bit key hashes).
 """
 
 from __future__ import annotations
@@ -375,55 +375,45 @@ class _Rejections:
 
 
 class _SeenKeys:
-    """Which record keys this extract has already produced, in 12 bytes per key.
+    """Which record keys this extract has already produced, in 8 bytes per key.
 
-    Keys are remembered by their 64-bit hash, with the (32-bit) row that had it first, in
-    sorted numpy runs: new keys join a small run, which becomes a frozen run once it holds
-    ``_RUN_KEYS`` keys. Runs are never merged, so memory grows by exactly 12 bytes a key with
-    no large copies on the way. A hash collision (about 1 in 10^7 at a million keys) would mark
-    a row as a duplicate, which is reported, never silently dropped.
+    Keys are remembered by their 64-bit hash in sorted numpy runs: new keys join a small run,
+    which becomes a frozen run once it holds ``_RUN_KEYS`` keys. Runs are never merged, so
+    memory grows by exactly 8 bytes a key with no large copies on the way. A hash collision
+    (about 1 in 10^7 at a million keys) would mark a row as a duplicate, which is reported,
+    never silently dropped.
     """
 
     _RUN_KEYS = 262_144
 
     def __init__(self) -> None:
-        self._runs: list[tuple[np.ndarray, np.ndarray]] = []
-        self._open = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int32))
+        self._runs: list[np.ndarray] = []
+        self._open = np.empty(0, dtype=np.int64)
 
     @staticmethod
-    def _lookup(run: tuple[np.ndarray, np.ndarray], wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(found mask, first rows) of ``wanted`` in one sorted run."""
-        hashes, rows = run
-        if not len(hashes):
-            return np.zeros(len(wanted), dtype=bool), np.zeros(len(wanted), dtype=np.int64)
-        position = np.minimum(np.searchsorted(hashes, wanted), len(hashes) - 1)
-        return hashes[position] == wanted, rows[position].astype(np.int64)
+    def _found(run: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+        if not len(run):
+            return np.zeros(len(wanted), dtype=bool)
+        return run[np.minimum(np.searchsorted(run, wanted), len(run) - 1)] == wanted
 
-    def repeated(self, keys: list[str], row_numbers: list[int]) -> list[tuple[int, int]]:
-        """(index, first row with the same key) for each key seen before, in this chunk or earlier."""
+    def repeated(self, keys: list[str]) -> list[int]:
+        """Indexes of the keys seen before, earlier in this chunk or in an earlier one."""
         if not keys:
             return []
         hashes = np.fromiter(map(hash, keys), dtype=np.int64, count=len(keys))
-        rows = np.asarray(row_numbers, dtype=np.int64)
         unique, first_index, inverse = np.unique(hashes, return_index=True, return_inverse=True)
-        first_row = rows[first_index]
         known = np.zeros(len(unique), dtype=bool)
         for run in (*self._runs, self._open):
-            found, found_rows = self._lookup(run, unique)
-            first_row = np.where(found & ~known, found_rows, first_row)
-            known |= found
-        fresh = ~known
-        open_hashes, open_rows = self._open
-        position = np.searchsorted(open_hashes, unique[fresh])
-        open_hashes = np.insert(open_hashes, position, unique[fresh])
-        open_rows = np.insert(open_rows, position, first_row[fresh].astype(np.int32))
-        if len(open_hashes) >= self._RUN_KEYS:
-            self._runs.append((open_hashes, open_rows))
-            open_hashes, open_rows = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int32)
-        self._open = (open_hashes, open_rows)
-        first_of_each = first_row[inverse]
-        repeats = np.flatnonzero(first_of_each != rows)
-        return list(zip(repeats.tolist(), first_of_each[repeats].tolist(), strict=True))
+            known |= self._found(run, unique)
+        fresh = unique[~known]
+        self._open = np.insert(self._open, np.searchsorted(self._open, fresh), fresh)
+        if len(self._open) >= self._RUN_KEYS:
+            self._runs.append(self._open)
+            self._open = np.empty(0, dtype=np.int64)
+        # A row repeats a key when the key was known before the chunk, or is not its first row here.
+        first_here = np.zeros(len(keys), dtype=bool)
+        first_here[first_index] = True
+        return np.flatnonzero(known[inverse] | ~first_here).tolist()
 
 
 class _Chunk:
@@ -553,10 +543,9 @@ class _Stager:
 
     def _duplicates(self, chunk: _Chunk) -> None:
         """The first row with a key is the item; later rows with the same key are rejected."""
-        drop = set()
-        for index, first in self.seen.repeated(chunk.keys, chunk.numbers):
-            self._reject_duplicate(chunk.numbers[index], chunk.keys[index], first, chunk.rows[index])
-            drop.add(index)
+        drop = set(self.seen.repeated(chunk.keys))
+        for index in sorted(drop):
+            self._reject_duplicate(chunk.numbers[index], chunk.keys[index], chunk.rows[index])
         chunk.drop(drop)
 
     def _fields(self, chunk: _Chunk) -> None:
@@ -897,13 +886,14 @@ class _Stager:
     ) -> None:
         self.rejections.add(row_number, record_key, ledger_key, code, reason, _jsonable_row(row))
 
-    def _reject_duplicate(self, row_number: int, key: str, first_row: int, row: Mapping[str, Any]) -> None:
+    def _reject_duplicate(self, row_number: int, key: str, row: Mapping[str, Any]) -> None:
         row_json = _jsonable_row(row)
         # The first row with the key is the item; each later one is its own ledger item.
         ledger_key = self.rejections.unique(f"{key}#dup-{hashlib.sha256(row_json).hexdigest()[:12]}")
         self.rejections.add(
             row_number, key, ledger_key, "duplicate_key",
-            f"duplicate record key {key!r}: row {first_row} has the same key and is the one sent", row_json,
+            f"duplicate record key {key!r}: an earlier row of this extract has the same key and is the one sent",
+            row_json,
         )  # fmt: skip
 
     def _next_shard(self) -> _ShardWriter:
