@@ -29,6 +29,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.dataset as pads
+from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from claude_batch.costs import PriceTable, default_prices
 from claude_batch.staging import Manifest, iter_rejections, read_shard_keys
@@ -106,6 +108,8 @@ class Dialect:
     updates_by_upsert = False
     # An index on (workload, run_id) serves the accounting check; DuckDB's indexes slow updates.
     run_index = True
+    # Whether the engine scans an Arrow dataset (many Parquet files) lazily, in one statement.
+    scans_arrow_datasets = False
     # Table options for the ledger, which is updated more than it grows.
     ledger_options = ""
     _types: dict[str, str] = {
@@ -214,6 +218,7 @@ class DuckDBDialect(Dialect):
     placeholder = "?"
     updates_by_upsert = True
     run_index = False
+    scans_arrow_datasets = True
     _types = {**Dialect._types, "string": "VARCHAR", "double": "DOUBLE"}
 
     @contextmanager
@@ -715,6 +720,8 @@ class Warehouse:
             parts = [s.part for s in manifest.shards if layout.store.exists(validated_path(layout, s.part))]
         result_names = [name for name, _ in self._results_columns(workload)]
         summary = LoadSummary(manifest.run_id)
+        if d.scans_arrow_datasets:
+            return self._load_whole_run(workload, layout, manifest, list(parts), result_names, summary)
         with d.transaction(self.conn) as cursor:
             for part in parts:
                 for batch in iter_validated(layout, part, batch_rows):
@@ -729,6 +736,52 @@ class Warehouse:
                         with d.rows_relation(cursor, "cb_results", valid) as relation:
                             self._upsert_results(cursor, workload, relation, result_names, manifest.run_id)
                         summary.results_upserted += valid.num_rows
+        return summary
+
+    def _load_whole_run(
+        self,
+        workload: Workload,
+        layout: RunLayout,
+        manifest: Manifest,
+        parts: list[int],
+        result_names: list[str],
+        summary: LoadSummary,
+    ) -> LoadSummary:
+        """One statement per table over all the run's validated parts, scanned in place.
+
+        For engines that scan an Arrow dataset lazily (DuckDB): a per-batch loop would make
+        every batch re-read rows this transaction already changed, slower with each batch.
+        """
+        d = self.dialect
+        if not parts:
+            return summary
+        dataset = pads.dataset(
+            [layout.store._path(validated_path(layout, part)) for part in parts],
+            format="parquet",
+            filesystem=PyFileSystem(FSSpecHandler(layout.store.fs)),
+        )
+        with (
+            d.transaction(self.conn) as cursor,
+            d.rows_relation(cursor, "cb_validated", dataset, joined=True) as relation,
+        ):
+            for status, rows, *sums in d.query(
+                cursor,
+                f"""SELECT status, COUNT(*), SUM(input_tokens), SUM(output_tokens), SUM(cache_creation_input_tokens),
+                    SUM(cache_read_input_tokens), SUM(cost_usd) FROM {relation} GROUP BY status""",
+            ):
+                summary.rows += int(rows)
+                summary.by_status[status] = int(rows)
+                summary.input_tokens += int(sums[0] or 0)
+                summary.output_tokens += int(sums[1] or 0)
+                summary.cache_creation_input_tokens += int(sums[2] or 0)
+                summary.cache_read_input_tokens += int(sums[3] or 0)
+                summary.cost_usd += float(sums[4] or 0.0)
+            outcomes = f"(SELECT record_key, status, reason, error_type, batch_id FROM {relation})"
+            summary.ledger_updated = max(self._apply_outcomes(cursor, workload, outcomes, manifest.run_id), 0)
+            columns = ", ".join(self._q(name) for name in result_names)
+            valid = f"(SELECT {columns} FROM {relation} WHERE status = 'valid')"
+            self._upsert_results(cursor, workload, valid, result_names, manifest.run_id)
+            summary.results_upserted = summary.by_status.get("valid", 0)
         return summary
 
     def _upsert_results(

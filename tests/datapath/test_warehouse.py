@@ -227,16 +227,17 @@ def test_a_load_that_fails_midway_leaves_nothing_behind(setup, monkeypatch):
     write_results_part(layout, manifest, 0, all_valid)
     validate_part(workload, layout, 0, batch_rows=10)
     before = ledger(warehouse.conn)
-    real = type(warehouse.dialect).rows_relation
+    real = Warehouse._upsert_results
     calls = []
 
-    def failing(self, cursor, name, data, **options):
-        calls.append(name)
-        if len(calls) == 4:  # the second batch's outcomes, after the first batch went in
+    def failing(self, *args):
+        # The ledger has already moved inside the transaction when the results upsert fails.
+        calls.append(args)
+        if len(calls) == 1:
             raise RuntimeError("disk full")
-        return real(self, cursor, name, data, **options)
+        return real(self, *args)
 
-    monkeypatch.setattr(type(warehouse.dialect), "rows_relation", failing)
+    monkeypatch.setattr(Warehouse, "_upsert_results", failing)
     with pytest.raises(RuntimeError, match="disk full"):
         warehouse.load_run(workload, layout, manifest, batch_rows=10)
     monkeypatch.undo()
