@@ -23,6 +23,7 @@ from decimal import Decimal
 from functools import cached_property
 from typing import Any, Literal
 
+import anthropic
 import orjson
 import pyarrow as pa
 from pydantic import BaseModel
@@ -98,24 +99,13 @@ class CacheObservation:
 
 
 def strict_json_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """The model's JSON schema with ``additionalProperties: false`` on every object.
+    """The model's JSON schema as the API takes it for structured output.
 
-    Structured outputs require closed objects; Pydantic leaves them open by default.
+    The SDK's own ``transform_schema`` closes every object (``additionalProperties: false``) and
+    moves the constraints the API refuses (``minimum``, ``maxLength``...) into descriptions, where
+    the model still reads them; the Pydantic model keeps enforcing them when answers are validated.
     """
-    schema = model.model_json_schema()
-
-    def close(node: Any) -> None:
-        if isinstance(node, dict):
-            if node.get("type") == "object" and "properties" in node:
-                node.setdefault("additionalProperties", False)
-            for value in node.values():
-                close(value)
-        elif isinstance(node, list):
-            for value in node:
-                close(value)
-
-    close(schema)
-    return schema
+    return anthropic.transform_schema(model)
 
 
 def unwrap_optional(annotation: Any) -> Any:

@@ -129,6 +129,31 @@ def _label_terms(label: str, hints_id: int) -> tuple[str, tuple[str, ...], froze
 _HINT_TABLES: dict[int, dict[str, tuple[str, ...]]] = {}
 
 
+# The SDK's transform_schema moves constraints the API does not take (minimum, maxLength...)
+# into the description as "{minimum: 1, maximum: 10}"; the model reads them there, and so does
+# the emulator.
+_DESCRIPTION_HINTS = re.compile(r"\{([^{}]+)\}")
+_HINTED_KEYWORDS = frozenset(
+    {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength", "minItems", "maxItems"}
+)
+
+
+def _with_description_hints(schema: dict) -> dict:
+    description = schema.get("description")
+    if not isinstance(description, str) or "{" not in description:
+        return schema
+    hints: dict[str, float | int] = {}
+    for group in _DESCRIPTION_HINTS.findall(description):
+        for pair in group.split(", "):
+            key, _, raw = pair.partition(": ")
+            if key in _HINTED_KEYWORDS and key not in schema:
+                try:
+                    hints[key] = float(raw) if any(c in raw for c in ".eE") else int(raw)
+                except ValueError:
+                    continue
+    return hints | schema if hints else schema
+
+
 class SchemaAnswerer:
     """Builds values for schemas from one prompt text. Create one per request."""
 
@@ -291,7 +316,7 @@ class SchemaAnswerer:
                 schema = merged
                 continue
             break
-        return schema
+        return _with_description_hints(schema)
 
     @staticmethod
     def _type_of(schema: dict) -> str | None:
