@@ -93,10 +93,11 @@ class Component:
 
     name: str
     argv: list[str]
-    env: dict[str, str]
+    env: dict[str, str] | None  # None: this process's environment
     log_path: Path
     process: subprocess.Popen | None = None
     starts: int = 0
+    _signalled: bool = False
 
     def start(self) -> None:
         self.starts += 1
@@ -111,9 +112,11 @@ class Component:
         )
         log.close()
 
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+    def request_stop(self, sig: int = signal.SIGINT) -> None:
+        """Signal the process once (a second SIGINT/SIGTERM makes Airflow's components force-exit)."""
+        if self.process is not None and self.process.poll() is None and not self._signalled:
+            self.process.send_signal(sig)
+            self._signalled = True
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 30.0) -> int | None:
         """Stop gracefully with ``sig``; escalate to the process group if it lingers.
@@ -122,19 +125,18 @@ class Component:
         """
         if self.process is None:
             return None
-        process, self.process = self.process, None
-        if process.poll() is None:
-            process.send_signal(sig)
+        self.request_stop(sig)
+        process, self.process, self._signalled = self.process, None, False
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._signal_group(process.pid, signal.SIGTERM)
             try:
-                process.wait(timeout)
+                process.wait(10)
             except subprocess.TimeoutExpired:
-                self._signal_group(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(10)
-                except subprocess.TimeoutExpired:
-                    self._signal_group(process.pid, signal.SIGKILL)
-                    process.wait(10)
-                    return None
+                self._signal_group(process.pid, signal.SIGKILL)
+                process.wait(10)
+                return None
         # Children the main process left behind (same group: pgid == the pid we started).
         self._signal_group(process.pid, signal.SIGTERM)
         return process.returncode
@@ -151,6 +153,22 @@ class Component:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+def stop_all(components: Iterable[Component]) -> dict[str, float]:
+    """Signal every component first, then wait for each: their graceful exits overlap.
+
+    :returns: seconds from the signal until each component had exited.
+    """
+    components = list(components)
+    started = time.monotonic()
+    for component in components:
+        component.request_stop()
+    exited = {}
+    for component in components:
+        component.stop()
+        exited[component.name] = round(time.monotonic() - started, 1)
+    return exited
 
 
 # -- services the stack needs ---------------------------------------------------------------
@@ -395,6 +413,8 @@ def airflow_env(
         and key != "AIRFLOW_HOME"
     }
     api_url = f"http://127.0.0.1:{api_port}"
+    # The repository on the path: the worker imports its Celery settings from tests.fullstack.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.update(
         {
             "AIRFLOW_HOME": str(home),
@@ -410,6 +430,7 @@ def airflow_env(
             "AIRFLOW__CELERY__BROKER_URL": broker_url,
             "AIRFLOW__CELERY__RESULT_BACKEND": result_backend,
             "AIRFLOW__CELERY__WORKER_CONCURRENCY": "4",
+            "AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS": "tests.fullstack.celery_preload.CELERY_CONFIG",
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__PORT": str(api_port),
             "AIRFLOW__API__BASE_URL": api_url,
@@ -417,8 +438,6 @@ def airflow_env(
             "AIRFLOW__API__SECRET_KEY": secrets.token_hex(16),
             # Every process signs or checks task and UI tokens with the same secret.
             "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
-            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
-            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
             # Parse once at start and rarely after: the DAG files do not change during the test,
             # and re-parsing every 30 s costs CPU this 2-core machine needs for the tasks.
             "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "600",
@@ -484,7 +503,7 @@ def start_stack(
     password_file = home / "simple_auth_manager_passwords.json"
     password_file.write_text(json.dumps({ADMIN_USER: password}))
 
-    cleanups: list[Callable[[], None]] = []
+    cleanups: list[tuple[str, Callable[[], Any]]] = []
     stopped = False
 
     def teardown() -> None:
@@ -492,19 +511,24 @@ def start_stack(
         if stopped:
             return
         stopped = True
-        for cleanup in reversed(cleanups):
+        durations: dict[str, Any] = {}
+        for name, cleanup in reversed(cleanups):
+            started = time.monotonic()
             try:
-                cleanup()
+                detail = cleanup()
             except Exception as exc:  # keep tearing down the rest; the first test error matters more
-                print(f"fullstack teardown: {exc!r}", file=sys.stderr)
+                print(f"fullstack teardown: {name}: {exc!r}", file=sys.stderr)
+                detail = None
+            durations[name] = detail or round(time.monotonic() - started, 1)
+        (ARTIFACTS / "teardown-timings.json").write_text(json.dumps(durations, indent=2) + "\n")
 
     try:
         create_database(meta_db)
-        cleanups.append(lambda: drop_database(meta_db))
+        cleanups.append(("drop the metadata database", lambda: drop_database(meta_db)))
         create_database(warehouse_db)
-        cleanups.append(lambda: drop_database(warehouse_db))
+        cleanups.append(("drop the warehouse database", lambda: drop_database(warehouse_db)))
         redis_db = claim_redis_db(token)
-        cleanups.append(lambda: release_redis_db(redis_db, token))
+        cleanups.append(("flush the Redis database", lambda: release_redis_db(redis_db, token)))
 
         bucket = f"cb-fullstack-{token}"
         boto3.client(
@@ -582,7 +606,9 @@ def start_stack(
             ),
             ("scheduler", [airflow, "scheduler"]),
             ("dag-processor", [airflow, "dag-processor"]),
-            ("triggerer", [airflow, "triggerer"]),
+            # Airflow's log servers bind every interface (no host setting); every component here
+            # shares one log folder, from which the API server reads task and trigger logs.
+            ("triggerer", [airflow, "triggerer", "--skip-serve-logs"]),
             (
                 "celery-worker",
                 [
@@ -591,15 +617,16 @@ def start_stack(
                     "worker",
                     "--concurrency",
                     "4",
+                    "--skip-serve-logs",
                     "--celery-hostname",
                     f"fullstack-{token}@%h",
                 ],
             ),
         ):
             stack.components[name] = Component(name, argv, env, ARTIFACTS / f"{name}.log")
-        cleanups.append(lambda: [c.stop() for c in reversed(stack.components.values())])
+        cleanups.append(("stop the components", lambda: stop_all(stack.components.values())))
         stack.api = AirflowApi(stack.api_url, ADMIN_USER, password)
-        cleanups.append(stack.api.http.close)
+        cleanups.append(("close the REST client", stack.api.http.close))
         with stack.phase("components: start until DAGs are parsed and unpaused"):
             for component in stack.components.values():
                 component.start()
@@ -617,7 +644,8 @@ def _wait_until_ready(stack: AirflowStack, dag_ids: Iterable[str], timeout: floa
     api.login()
     # The execution API's first request is slow (lazy set-up in the server); pay for it now
     # rather than in the first task's start, whose client times out and backs off meanwhile.
-    api.http.get("/execution/health", timeout=120)
+    # (Without the UI token: the execution API checks its own audience and would log a rejection.)
+    httpx.get(f"{stack.api_url}/execution/health", timeout=120)
 
     def healthy() -> bool:
         health = api.health()

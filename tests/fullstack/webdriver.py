@@ -76,12 +76,12 @@ class ChromeDriver:
         self.chromium = chromium
         self.port = free_port()
         self.profile = Path(tempfile.mkdtemp(prefix="cb-chromium-profile-"))
+        # Without --allowed-ips chromedriver listens on loopback only.
         self.process = Component(
             "chromedriver",
             [
                 chromium.driver,
                 f"--port={self.port}",
-                "--allowed-ips=127.0.0.1",
                 f"--log-path={log_dir / 'chromedriver-verbose.log'}",
             ],
             env=None,
