@@ -523,10 +523,10 @@ class Warehouse:
             stamp = f"src.{self._q(source.interval_column)}"
             wanted.append(f"({stamp} >= {p} AND {stamp} < {p})")
             params += [interval[0], interval[1]]
-        elif interval is None:
-            wanted.append("1 = 1")
         else:
-            raise WarehouseError("an interval needs the source's interval_column")
+            # No interval, or a source without a time column: every row not yet done (the
+            # ledger keeps each run incremental).
+            wanted.append("1 = 1")
         wanted.append(
             f"{key_text} IN (SELECT r.record_key FROM {ledger} r WHERE r.workload = {p} "
             f"AND r.prompt_version = {p} AND r.status IN ('retry', 'invalid'))"
