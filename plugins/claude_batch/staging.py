@@ -61,7 +61,7 @@ _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _SURROGATES = re.compile(r"[\ud800-\udfff]")
 # custom_id_for's rule for keys used as they are (tests check the two agree); anything else
 # goes through custom_id_for itself.
-_AS_IS_CUSTOM_ID = re.compile(r"^(?!k_[0-9a-f]{40}$)[a-zA-Z0-9_-]{1,64}$")
+_AS_IS_CUSTOM_ID = re.compile(r"(?!k_[0-9a-f]{40}\Z)[a-zA-Z0-9_-]{1,64}")  # use with fullmatch
 _HASHED_SHAPE = r"^k_[0-9a-f]{40}$"
 # custom_ids are plain ASCII ([a-zA-Z0-9_-]), so they go between fixed quotes unescaped.
 _LINE_HEAD = b'{"custom_id":"'
@@ -246,7 +246,9 @@ def _keys_not_usable_as_is(keys: list[Any]) -> list[int]:
     try:
         array = pa.array(keys, type=pa.string())
     except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeEncodeError):
-        return [i for i, key in enumerate(keys) if type(key) is not str or not _AS_IS_CUSTOM_ID.match(key)]
+        return [
+            i for i, key in enumerate(keys) if type(key) is not str or not _AS_IS_CUSTOM_ID.fullmatch(key)
+        ]
     usable = pc.and_(
         pc.match_substring_regex(array, CUSTOM_ID_PATTERN.pattern),
         pc.invert(pc.match_substring_regex(array, _HASHED_SHAPE)),

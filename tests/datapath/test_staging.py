@@ -75,25 +75,28 @@ def test_keys_sidecar_maps_every_custom_id_back_to_its_record(layout):
         {"id": "k_" + "0" * 40, "body": "c"},  # a literal key of the hashed shape is hashed too
         {"id": 12345, "body": "d"},
         {"id": "ü" * 70, "body": "e"},
+        {"id": "ends-with-newline\n", "body": "f"},
     ]
     manifest = stage(rows, layout)
     keys = read_shard_keys(layout, manifest.shards[0]).to_pylist()
-    assert [k["record_key"] for k in keys] == ["plain-key_1", "has space", "k_" + "0" * 40, "12345", "ü" * 70]
+    assert [k["record_key"] for k in keys] == [
+        "plain-key_1", "has space", "k_" + "0" * 40, "12345", "ü" * 70, "ends-with-newline\n",
+    ]  # fmt: skip
     assert [k["custom_id"] for k in keys] == [custom_id_for(k["record_key"]) for k in keys]
     assert keys[0]["custom_id"] == "plain-key_1" and keys[3]["custom_id"] == "12345"
     assert all(is_valid_custom_id(k["custom_id"]) for k in keys)
     assert len({k["custom_id"] for k in keys}) == len(keys)
-    assert [k["row_number"] for k in keys] == [1, 2, 3, 4, 5]
+    assert [k["row_number"] for k in keys] == [1, 2, 3, 4, 5, 6]
 
 
 def test_the_fast_custom_id_check_agrees_with_the_contract():
     rng = random.Random(3)
     alphabet = string.ascii_letters + string.digits + "_-. /é"
-    keys = ["k_" + "a" * 40, "k_" + "A" * 40, "x" * 64, "x" * 65, ""]
+    keys = ["k_" + "a" * 40, "k_" + "A" * 40, "k_" + "a" * 40 + "\n", "x" * 64, "x" * 65, "", "abc\n"]
     keys += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 70))) for _ in range(2000)]
     for key in keys:
-        assert (bool(_AS_IS_CUSTOM_ID.match(key)) and custom_id_for(key) == key) or (
-            not _AS_IS_CUSTOM_ID.match(key) and (not key or custom_id_for(key) != key)
+        assert (bool(_AS_IS_CUSTOM_ID.fullmatch(key)) and custom_id_for(key) == key) or (
+            not _AS_IS_CUSTOM_ID.fullmatch(key) and (not key or custom_id_for(key) != key)
         ), key
 
 
