@@ -393,6 +393,21 @@ def open_warehouse(conn_id: str) -> Warehouse:
         import duckdb
 
         return Warehouse(duckdb.connect(conn.host or conn.schema or ":memory:"))
+    if conn.conn_type in ("postgres", "postgresql"):
+        # The postgres provider hands out psycopg 3 when it is installed; the PostgreSQL dialect
+        # (COPY through copy_expert, named cursors) is written for psycopg2.
+        import psycopg2
+
+        return Warehouse(
+            psycopg2.connect(
+                host=conn.host,
+                port=conn.port or 5432,
+                user=conn.login,
+                password=conn.password,
+                dbname=conn.schema or "postgres",
+                **{k: v for k, v in conn.extra_dejson.items() if k in ("sslmode", "options", "connect_timeout")},
+            )
+        )
     hook = conn.get_hook()
     return Warehouse(hook.get_conn())
 

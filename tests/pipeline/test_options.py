@@ -43,3 +43,18 @@ def test_model_override_is_checked_and_changes_the_prompt_version():
     with pytest.raises(ValueError, match="not allowed here"):
         effective_workload(config, RunOptions(model="gpt-4"))
     assert RunOptions.from_params({"model": "", "row_limit": 5, "unknown": 1}) == RunOptions(row_limit=5)
+
+
+def test_a_postgres_warehouse_connection_opens_with_psycopg2(postgres_dsn, monkeypatch):
+    import json
+
+    from claude_batch.pipeline import open_warehouse
+    from claude_batch.warehouse import PostgresDialect
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_CLAUDE_BATCH_WAREHOUSE",
+        json.dumps({"conn_type": "postgres", "host": "127.0.0.1", "login": "postgres", "schema": "test"}),
+    )
+    warehouse = open_warehouse("claude_batch_warehouse")
+    assert isinstance(warehouse.dialect, PostgresDialect)
+    warehouse.conn.close()
