@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from bench.common import REPO, RESULTS, scale
 
 BENCHMARKS = [
+    "bench.bench_fault_matrix",
     "bench.bench_submit",
     "bench.bench_trigger",
     "bench.bench_staging",
@@ -25,23 +26,27 @@ BENCHMARKS = [
 ]
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    """Run every benchmark, or with ``--gather`` only collect the tables the last runs wrote."""
+    gather_only = "--gather" in argv
     sections, failed = [], []
     for name in BENCHMARKS:
         if not (REPO / (name.replace(".", "/") + ".py")).exists():
             continue
-        print(f"== {name}", flush=True)
         started = time.perf_counter()
-        try:
-            importlib.import_module(name).main()
-        except Exception:
-            failed.append(name)
-            sections.append(f"### {name}: FAILED\n\n```\n{traceback.format_exc()[-2000:]}\n```")
-            continue
+        if not gather_only:
+            print(f"== {name}", flush=True)
+            try:
+                importlib.import_module(name).main()
+            except Exception:
+                failed.append(name)
+                sections.append(f"### {name}: FAILED\n\n```\n{traceback.format_exc()[-2000:]}\n```")
+                continue
         stem = name.rsplit(".", 1)[1].removeprefix("bench_")
         table = RESULTS / f"{stem}.md"
         body = table.read_text() if table.exists() else "(no table written)"
-        sections.append(f"{body}\n_{name}, {time.perf_counter() - started:.0f} s_")
+        took = "" if gather_only else f", {time.perf_counter() - started:.0f} s"
+        sections.append(f"{body}\n_{name}{took}_")
     header = (
         f"# Benchmark results\n\nScale `{scale()}`, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
         f"Python {platform.python_version()}, {platform.machine()}, 2 cores. "
@@ -52,4 +57,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
