@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -218,7 +219,8 @@ def s3_call_faults(methods: set[str], nth: int, action: Callable[[str, dict], No
 S3_WRITES = {"put_object", "create_multipart_upload", "upload_part", "complete_multipart_upload"}
 S3_READS = {"get_object", "head_object"}
 RESULTS_UPSERT = rf'INSERT INTO "?{WORKLOAD.results_table}"?'
-LEDGER_WRITE = r'(INSERT INTO|UPDATE) "?claude_batch_ledger"?'
+# A write of the load to either table (the order of the two differs by dialect and version).
+LOAD_WRITE = rf'(INSERT INTO|UPDATE) "?(claude_batch_ledger|{WORKLOAD.results_table})"?'
 
 
 # -- the stack: where a run's parts live (JSON-able, so a worker process can rebuild it) --------
@@ -530,6 +532,10 @@ class PipelineRun:
     def _task(self, step: str, args: list[Any], index: int = 0) -> Any:
         kill = self.faults.kill
         for attempt in range(TASK_RETRIES + 1):
+            if attempt:
+                # A retry is a new process in Airflow: drop what the failed attempt still holds (a
+                # suspended DuckDB extract kept by a traceback cycle makes a new connect spin).
+                gc.collect()
             try:
                 if kill is not None and attempt == 0 and kill.step == step and kill.index == index:
                     run_killed_worker(self.stack, kill, step, [self.run_id, *args])

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tests.reliability.harness import (
-    LEDGER_WRITE,
+    LOAD_WRITE,
     RESULTS_UPSERT,
     S3_READS,
     S3_WRITES,
@@ -177,9 +177,9 @@ def _raise(faults: Faults, what: str):
 
 
 def warehouse_fails_during_load(stack: Stack, emulator: Any, api_key: str, rows: int) -> Audit:
-    """Load attempt 1 fails at a ledger write after a results upsert, attempt 2 at its
-    commit, attempt 3 completes. On PostgreSQL, attempt 1's backend is terminated by another
-    session instead (the server went away mid-transaction)."""
+    """Load attempt 1 fails at its second write (the first one done, inside the transaction),
+    attempt 2 at its commit (after the results upsert), attempt 3 completes. On PostgreSQL,
+    attempt 1's backend is terminated by another session instead (the server went away)."""
     faults = Faults()
     checked: list[dict[str, int]] = []
     faults.after_failure = _check_failed_loads(stack, checked)
@@ -194,10 +194,10 @@ def warehouse_fails_during_load(stack: Stack, emulator: Any, api_key: str, rows:
                 faults.injected += 1
                 kill_backend(sql, conn)
 
-            return statement_faults(StatementFault(LEDGER_WRITE, terminate, after=RESULTS_UPSERT))
+            return statement_faults(StatementFault(LOAD_WRITE, terminate, after=LOAD_WRITE))
         if attempt == 0:
-            action = _raise(faults, "a ledger write after a results upsert")
-            return statement_faults(StatementFault(LEDGER_WRITE, action, after=RESULTS_UPSERT))
+            action = _raise(faults, "the second write of the load")
+            return statement_faults(StatementFault(LOAD_WRITE, action, after=LOAD_WRITE))
         return statement_faults(StatementFault("^COMMIT$", _raise(faults, "the commit"), after=RESULTS_UPSERT))
 
     faults.during = during

@@ -114,6 +114,7 @@ def test_keys_join_back_to_their_rows_without_collisions(corpus_run):
     assert results[hash_shaped] != hash_shaped  # ...so the literal itself is hashed: no collision
     assert results["a" * 64] == "a" * 64 and results["a" * 65] != "a" * 65
     assert len({results["Case"], results["case"], results[" padded "], results["padded"]}) == 4
+    assert results["trailing-newline\n"] == custom_id_for("trailing-newline\n") != "trailing-newline\n"
 
 
 def test_sql_and_injection_content_is_only_data(corpus_run):
@@ -142,6 +143,7 @@ def test_the_accounting_holds_for_the_corpus_run(corpus_run):
 
 
 def test_a_key_with_a_trailing_newline_does_not_break_its_batch(anthropic_conn, tmp_path):
+    """Regression (fixed in fd6fcc4): the key was kept as its custom_id, cutting its JSONL line in two."""
     from claude_batch.hooks import ClaudeBatchHook
     from claude_batch.staging import stage_requests
     from claude_batch.storage import ObjectStore
