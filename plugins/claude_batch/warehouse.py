@@ -246,9 +246,14 @@ class DuckDBDialect(Dialect):
         reader = relation.to_arrow_reader(chunk_rows) if hasattr(relation, "to_arrow_reader") else None
         if reader is None:  # older DuckDB
             reader = conn.execute(sql, list(params)).fetch_record_batch(chunk_rows)
-        for batch in reader:
-            if batch.num_rows:
-                yield batch.to_pylist()
+        try:
+            for batch in reader:
+                if batch.num_rows:
+                    yield batch.to_pylist()
+        finally:
+            # A consumer that stops early (a failed staging) must not leave the result pending
+            # on the connection: the next statement would wait on it.
+            reader.close()
 
     @contextmanager
     def rows_relation(
