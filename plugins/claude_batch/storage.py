@@ -67,8 +67,10 @@ class ObjectStore:
         endpoint = hook.conn_config.endpoint_url
         if endpoint:
             options["endpoint_url"] = endpoint
-        if hook.conn_region_name:
-            options["client_kwargs"] = {"region_name": hook.conn_region_name}
+        # conn_config, not conn_region_name: the latter builds a boto3 client (about 1 s) per call.
+        region = hook.conn_config.region_name
+        if region:
+            options["client_kwargs"] = {"region_name": region}
         return cls(root, **options)
 
     def _path(self, relpath: str) -> str:
