@@ -88,7 +88,7 @@ def validate_identifier(name: str) -> str:
     :param name: a table or column name from configuration (never from row content).
     """
     parts = name.split(".")
-    if not 1 <= len(parts) <= 2 or not all(_IDENTIFIER.match(part) for part in parts):
+    if not 1 <= len(parts) <= 2 or not all(_IDENTIFIER.fullmatch(part) for part in parts):
         raise WarehouseError(
             f"{name!r} is not a valid identifier (letters, digits, underscores; schema.table)"
         )

@@ -196,7 +196,7 @@ class Workload:
     template_fields: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        if not _NAME.match(self.name):
+        if not _NAME.fullmatch(self.name):
             raise WorkloadError(f"workload name {self.name!r} must match {_NAME.pattern}")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise WorkloadError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
@@ -211,7 +211,7 @@ class Workload:
             del literal
             if name is None:
                 continue
-            if not _COLUMN.match(name) or spec or conversion:
+            if not _COLUMN.fullmatch(name) or spec or conversion:
                 raise WorkloadError(f"template field {{{name}}} must be a plain {{column}} reference")
             if name not in fields:
                 fields.append(name)
@@ -226,7 +226,7 @@ class Workload:
                 raise WorkloadError(f"text_fields {sorted(unknown)} are not in the template")
         seen = set(self.output_columns_by_name)
         for rule in self.rules:
-            if not _COLUMN.match(rule.name) or rule.name in RESERVED_COLUMNS or rule.name in seen:
+            if not _COLUMN.fullmatch(rule.name) or rule.name in RESERVED_COLUMNS or rule.name in seen:
                 raise WorkloadError(f"rule name {rule.name!r} is not a free column name")
             if rule.dtype not in _RULE_ARROW_TYPES:
                 raise WorkloadError(f"rule {rule.name!r} has unknown dtype {rule.dtype!r}")
@@ -391,7 +391,7 @@ class Workload:
         """Top-level schema fields as typed columns (nested ones as JSON text)."""
         columns: dict[str, OutputColumn] = {}
         for name, info in self.output_schema.model_fields.items():
-            if not _COLUMN.match(name) or name in RESERVED_COLUMNS:
+            if not _COLUMN.fullmatch(name) or name in RESERVED_COLUMNS:
                 raise WorkloadError(
                     f"output field {name!r} cannot be a results column (reserved or not an identifier)"
                 )
