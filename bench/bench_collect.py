@@ -19,7 +19,6 @@ import os
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
 
 from bench.bench_staging import ticket_rows
 from bench.common import (
@@ -31,6 +30,7 @@ from bench.common import (
     peak_rss_mb,
     run_isolated,
     scale,
+    server_process,
     write_results,
 )
 
@@ -132,31 +132,15 @@ def serve_replay(replay_dir: str, port: int) -> None:
     ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
 
 
-@contextmanager
 def replay_process(replay_dir: str):
     """The replay server in its own process; yields its base URL."""
-    import socket
-    import subprocess
     import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    code = f"from bench.bench_collect import serve_replay; serve_replay({replay_dir!r}, {port})"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}
+    return server_process(
+        lambda port: [sys.executable, "-c", f"from bench.bench_collect import serve_replay; serve_replay({replay_dir!r}, {port})"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
     )
-    try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def measure_collect(emulator_url: str, root: str, batch_ids: list[str]) -> dict:

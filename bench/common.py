@@ -50,13 +50,14 @@ def emulator_process(**options: object) -> Iterator[str]:
 
 
 @contextmanager
-def moto_process() -> Iterator[str]:
-    """A moto S3 server in its own process; yields its endpoint URL."""
+def server_process(command_for_port, **popen_options: object) -> Iterator[str]:
+    """A server in its own process on a free loopback port; yields its base URL.
+
+    :param command_for_port: ``port -> argv`` of the server to start.
+    """
     port = _free_port()
     proc = subprocess.Popen(
-        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        command_for_port(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen_options
     )
     try:
         for _ in range(200):
@@ -69,6 +70,11 @@ def moto_process() -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def moto_process():
+    """A moto S3 server in its own process; yields its endpoint URL."""
+    return server_process(lambda port: [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)])
 
 
 def peak_rss_mb() -> float:
