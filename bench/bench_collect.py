@@ -28,8 +28,8 @@ from bench.common import (
     emulator_process,
     markdown_table,
     peak_rss_mb,
+    row_counts,
     run_isolated,
-    scale,
     server_process,
     write_results,
 )
@@ -176,13 +176,9 @@ def measure_collect(emulator_url: str, root: str, batch_ids: list[str]) -> dict:
     }
 
 
-def sizes() -> tuple[int, ...]:
-    return (100_000, 1_000_000) if scale() == "full" else (10_000, 100_000)
-
-
 def main() -> None:
     rows = []
-    for count in sizes():
+    for count in row_counts():
         root = tempfile.mkdtemp(prefix="bench-collect-")
         replay_dir = os.path.join(root, "replay")
         os.makedirs(replay_dir)

@@ -63,24 +63,6 @@ def _postgres_up() -> bool:
         return False
 
 
-@contextmanager
-def _postgres_schema():
-    import psycopg2
-
-    base = f"postgresql://postgres@{POSTGRES[0]}:{POSTGRES[1]}/test"
-    schema = f"bench_{uuid.uuid4().hex[:10]}"
-    with psycopg2.connect(base) as conn, conn.cursor() as cur:
-        cur.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield f"{base}?options=-csearch_path%3D{schema}"
-    finally:
-        conn = psycopg2.connect(base)
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        conn.close()
-
-
 def _bucket(moto_url: str) -> str:
     import boto3
 
@@ -107,6 +89,7 @@ def run_matrix(rows: int, shards: int) -> list[dict]:
             _environment(emulator.base_url, moto_url)
             from tests.reliability.harness import Stack, fill_source
             from tests.reliability.scenarios import SCENARIOS
+            from tests.services import fresh_postgres_schema
 
             plan = [(name, "duckdb") for name in SCENARIOS]
             if _postgres_up():
@@ -114,7 +97,7 @@ def run_matrix(rows: int, shards: int) -> list[dict]:
             with tempfile.TemporaryDirectory(prefix="fault-matrix-") as workdir:
                 for number, (name, warehouse) in enumerate(plan):
                     emulator.reset()
-                    with (_postgres_schema() if warehouse == "postgres" else _duckdb_file(workdir, number)) as url:
+                    with (fresh_postgres_schema("bench") if warehouse == "postgres" else _duckdb_file(workdir, number)) as url:
                         stack = Stack(_bucket(moto_url), moto_url, url, -(-rows // shards))
                         fill_source(stack, rows)
                         started = time.perf_counter()

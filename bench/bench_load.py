@@ -18,7 +18,14 @@ import tempfile
 import time
 import uuid
 
-from bench.common import current_rss_mb, markdown_table, peak_rss_mb, run_isolated, scale, write_results
+from bench.common import (
+    current_rss_mb,
+    markdown_table,
+    peak_rss_mb,
+    row_counts,
+    run_isolated,
+    write_results,
+)
 
 PART_ROWS = 100_000
 POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
@@ -175,10 +182,6 @@ def measure_load(target: str, where: str, root: str) -> dict:
     }
 
 
-def sizes() -> tuple[int, ...]:
-    return (100_000, 1_000_000) if scale() == "full" else (10_000, 100_000)
-
-
 def _postgres_up() -> bool:
     try:
         socket.create_connection(("127.0.0.1", 5432), timeout=1).close()
@@ -191,7 +194,7 @@ def main() -> None:
     rows = []
     targets = ["duckdb"] + (["postgres"] if _postgres_up() else [])
     for target in targets:
-        for count in sizes():
+        for count in row_counts():
             root = tempfile.mkdtemp(prefix="bench-load-")
             schema = f"bench_{uuid.uuid4().hex[:10]}"
             where = f"{root}/warehouse.duckdb" if target == "duckdb" else schema

@@ -15,7 +15,14 @@ import time
 from collections.abc import Iterator
 from typing import Literal
 
-from bench.common import current_rss_mb, markdown_table, peak_rss_mb, run_isolated, scale, write_results
+from bench.common import (
+    current_rss_mb,
+    markdown_table,
+    peak_rss_mb,
+    row_counts,
+    run_isolated,
+    write_results,
+)
 
 SENTENCES = (
     "I was charged twice for my subscription this month and need a refund.",
@@ -114,13 +121,9 @@ def measure_staging(count: int) -> dict:
     }
 
 
-def sizes() -> tuple[int, ...]:
-    return (100_000, 1_000_000) if scale() == "full" else (10_000, 100_000)
-
-
 def main() -> None:
     rows = []
-    for count in sizes():
+    for count in row_counts():
         floor = run_isolated("bench.bench_staging", "measure_floor", count=count)
         staged = run_isolated("bench.bench_staging", "measure_staging", count=count)
         rows.append(

@@ -25,6 +25,11 @@ def scale() -> str:
     return os.environ.get("BENCH_SCALE", "small")
 
 
+def row_counts() -> tuple[int, ...]:
+    """The row counts the data-path benchmarks run: the issue's sizes at full scale."""
+    return (100_000, 1_000_000) if scale() == "full" else (10_000, 100_000)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.services import POSTGRES_HOST, POSTGRES_PORT, fresh_postgres_schema
+
 # Never let a test reach the real API or real AWS.
 os.environ.pop("ANTHROPIC_API_KEY", None)
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
@@ -47,7 +49,6 @@ os.environ.setdefault("AIRFLOW__CORE__PARALLELISM", "4")
 os.environ.setdefault("CLAUDE_BATCH_DEADLINE_HOURS", "0")
 
 EMULATOR_API_KEY = "sk-ant-test-emulator-key-0123456789"
-POSTGRES_HOST, POSTGRES_PORT = "127.0.0.1", 5432
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -137,20 +138,8 @@ def anthropic_conn(emulator, monkeypatch):
 def postgres_dsn() -> Iterator[str]:
     """A fresh schema in the local ``test`` database, dropped afterwards."""
     require_service("PostgreSQL", POSTGRES_HOST, POSTGRES_PORT)
-    import psycopg2
-
-    schema = f"t_{uuid.uuid4().hex[:10]}"
-    base = f"postgresql://postgres@{POSTGRES_HOST}:{POSTGRES_PORT}/test"
-    with psycopg2.connect(base) as conn, conn.cursor() as cur:
-        cur.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield f"{base}?options=-csearch_path%3D{schema}"
-    finally:
-        conn = psycopg2.connect(base)
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        conn.close()
+    with fresh_postgres_schema("t") as dsn:
+        yield dsn
 
 
 @pytest.fixture(scope="session")
