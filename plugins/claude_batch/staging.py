@@ -23,17 +23,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from itertools import islice, repeat
+from itertools import islice
 from operator import itemgetter
 from typing import Any
 
 import numpy as np
 import orjson
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from claude_batch.contracts import CUSTOM_ID_PATTERN, MAX_BATCH_BYTES, MAX_REQUESTS_PER_BATCH, custom_id_for
+from claude_batch.contracts import MAX_BATCH_BYTES, MAX_REQUESTS_PER_BATCH, custom_id_for
 from claude_batch.costs import (
     CHARS_PER_TOKEN,
     REQUEST_OVERHEAD_TOKENS,
@@ -44,6 +43,7 @@ from claude_batch.costs import (
     default_prices,
 )
 from claude_batch.storage import RunLayout
+from claude_batch.tuning import bulk_processing
 from claude_batch.workloads import Workload
 
 MANIFEST_FORMAT = 1
@@ -62,7 +62,9 @@ _SURROGATES = re.compile(r"[\ud800-\udfff]")
 # custom_id_for's rule for keys used as they are (tests check the two agree); anything else
 # goes through custom_id_for itself.
 _AS_IS_CUSTOM_ID = re.compile(r"(?!k_[0-9a-f]{40}\Z)[a-zA-Z0-9_-]{1,64}")  # use with fullmatch
-_HASHED_SHAPE = r"^k_[0-9a-f]{40}$"
+# What JSON needs escaped once other control characters are rejected; backslash goes first.
+_JSON_ESCAPES = (("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\t", "\\t"), ("\r", "\\r"))
+_AS_IS_CUSTOM_IDS_JOINED = re.compile(r"(?:[a-zA-Z0-9_-]{1,64}\n)*[a-zA-Z0-9_-]{1,64}")  # fullmatch
 # custom_ids are plain ASCII ([a-zA-Z0-9_-]), so they go between fixed quotes unescaped.
 _LINE_HEAD = b'{"custom_id":"'
 _BINARY = (bytes, bytearray, memoryview)
@@ -215,6 +217,11 @@ def _rows_with_control_chars(contents: list[str]) -> list[int]:
     ascii_only = joined.isascii()
     data = np.frombuffer(joined.encode("utf-8", "surrogatepass"), dtype=np.uint8)
     low = data < 32
+    # Counting is much cheaper than locating: the usual chunk holds only tabs, newlines and CRs.
+    if "\x7f" not in joined and np.count_nonzero(low) == sum(
+        np.count_nonzero(data == allowed) for allowed in (9, 10, 13)
+    ):
+        return []
     if "\x7f" in joined:
         low |= data == 127
     suspects = np.flatnonzero(low)
@@ -240,20 +247,87 @@ def _rows_with_control_chars(contents: list[str]) -> list[int]:
 def _keys_not_usable_as_is(keys: list[Any]) -> list[int]:
     """Indexes of keys that are not text usable as a custom_id as they are (NULL, ints, hashes...).
 
-    pyarrow's RE2 checks the whole chunk at once; keys pyarrow cannot take as text fall back
-    to a Python check.
+    The common case, every key fine, is one regex over the chunk's keys joined by newlines
+    (no valid key holds a newline, so the count of separators proves the split); otherwise
+    each key is checked on its own.
     """
-    try:
-        array = pa.array(keys, type=pa.string())
-    except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeEncodeError):
-        return [
-            i for i, key in enumerate(keys) if type(key) is not str or not _AS_IS_CUSTOM_ID.fullmatch(key)
-        ]
-    usable = pc.and_(
-        pc.match_substring_regex(array, CUSTOM_ID_PATTERN.pattern),
-        pc.invert(pc.match_substring_regex(array, _HASHED_SHAPE)),
-    )
-    return np.flatnonzero(~pc.fill_null(usable, False).to_numpy(zero_copy_only=False)).tolist()
+    if keys and set(map(type, keys)) == {str}:
+        joined = "\n".join(keys)
+        if (
+            "k_" not in joined  # no key can have the reserved hashed shape
+            and joined.count("\n") == len(keys) - 1
+            and _AS_IS_CUSTOM_IDS_JOINED.fullmatch(joined)
+        ):
+            return []
+    return [i for i, key in enumerate(keys) if type(key) is not str or not _AS_IS_CUSTOM_ID.fullmatch(key)]
+
+
+@dataclass
+class _TextColumn:
+    """One template field over a chunk: checked, and escaped for a JSON string.
+
+    :param escaped: each value as it goes between the JSON string's quotes.
+    :param char_lengths: characters of each value (the context-window and cost estimates).
+    :param byte_lengths: UTF-8 bytes of each escaped value (the line sizes).
+    :param bad_rows: index -> (reason_code, description) of values that cannot be sent.
+    """
+
+    escaped: list[str]
+    char_lengths: np.ndarray
+    byte_lengths: np.ndarray
+    bad_rows: dict[int, tuple[str, str]]
+
+    def take(self, keep: list[int]) -> _TextColumn:
+        return _TextColumn(
+            [self.escaped[i] for i in keep], self.char_lengths[keep], self.byte_lengths[keep], {}
+        )
+
+
+def _inspect_text_column(values: list[str]) -> _TextColumn:
+    """Check and JSON-escape a column of text in a few passes over the whole chunk.
+
+    Control characters other than tab, newline and CR, DEL, and lone surrogates (invalid UTF-8)
+    make a row bad. The rest needs only backslash, quote, tab, newline and CR escaped, which
+    ``str.replace`` does at memory speed on the values joined by NUL (a separator no good value
+    holds); a column needing none of it (the usual case) is used as it is, with no copy per row.
+    The result is byte for byte what ``orjson.dumps`` writes between the quotes.
+    """
+    count = len(values)
+    if not count:
+        empty = np.empty(0, dtype=np.int64)
+        return _TextColumn([], empty, empty, {})
+    joined = "\x00".join(values)
+    char_lengths = np.fromiter(map(len, values), dtype=np.int64, count=count)
+    ascii_only = joined.isascii()
+    data = np.frombuffer(joined.encode("utf-8", "surrogatepass"), dtype=np.uint8)
+    controls = int(np.count_nonzero(data < 32)) - (count - 1)  # less the separators
+    escapable = controls and sum(int(np.count_nonzero(data == allowed)) for allowed in (9, 10, 13))
+    bad_rows: dict[int, tuple[str, str]] = {}
+    if controls != escapable or "\x7f" in joined:
+        bad_rows.update((i, _describe_bad_char(values[i])) for i in _rows_with_control_chars(values))
+    if not ascii_only and _SURROGATES.search(joined):
+        bad_rows.update(
+            (i, _describe_bad_char(value)) for i, value in enumerate(values) if _SURROGATES.search(value)
+        )
+    if bad_rows:
+        return _TextColumn(values, char_lengths, char_lengths, bad_rows)
+    escaped_joined = joined
+    if escapable or "\\" in joined or '"' in joined:
+        for raw, escaped in _JSON_ESCAPES:
+            if raw in escaped_joined:
+                escaped_joined = escaped_joined.replace(raw, escaped)
+    if escaped_joined is joined:
+        escaped, escaped_chars = values, char_lengths
+    else:
+        escaped = escaped_joined.split("\x00")
+        escaped_chars = np.fromiter(map(len, escaped), dtype=np.int64, count=count)
+    if ascii_only:
+        byte_lengths = escaped_chars
+    else:  # bytes between the separators of the encoded column
+        encoded = np.frombuffer(escaped_joined.encode("utf-8"), dtype=np.uint8)
+        bounds = np.concatenate(([-1], np.flatnonzero(encoded == 0), [len(encoded)]))
+        byte_lengths = np.diff(bounds) - 1
+    return _TextColumn(escaped, char_lengths, byte_lengths, {})
 
 
 class _BackgroundIO:
@@ -427,7 +501,7 @@ class _Chunk:
         self.keys: list[Any] = []
         self.custom_ids: list[str] = []
         self.fields: dict[str, list[Any]] = {}
-        self.contents: list[str] = []
+        self.text: dict[str, _TextColumn] = {}
         self.models: list[str] = []
 
     def __len__(self) -> int:
@@ -438,11 +512,12 @@ class _Chunk:
             return
         keep = [index for index in range(len(self.rows)) if index not in indexes]
         size = len(self.rows)
-        for name in ("rows", "numbers", "keys", "custom_ids", "contents", "models"):
+        for name in ("rows", "numbers", "keys", "custom_ids", "models"):
             column = getattr(self, name)
             if len(column) == size:
                 setattr(self, name, [column[index] for index in keep])
         self.fields = {name: [column[index] for index in keep] for name, column in self.fields.items()}
+        self.text = {name: column.take(keep) for name, column in self.text.items()}
 
 
 def _column(rows: list[Mapping[str, Any]], name: str) -> list[Any]:
@@ -495,7 +570,7 @@ class _Stager:
             * CHARS_PER_TOKEN
             for model in self.allowed_models
         }
-        self._prefixes: dict[str, bytes] = {}
+        self._line_layout()
         self.chars_by_model: dict[str, int] = {}
         self.count_by_model: dict[str, int] = {}
         self.rows_seen = 0
@@ -507,6 +582,43 @@ class _Stager:
         self.stack = ExitStack()
         rejects_handle = self.stack.enter_context(layout.store.open(rejects_path(layout), "wb"))
         self.rejections = _Rejections(rejects_handle)
+
+    def _line_layout(self) -> None:
+        """Split a request line into constant text and per-row columns, serialised once.
+
+        A line is ``head, custom_id, opening, field, literal, field, ..., tail``: the opening
+        holds the model's params up to the content's opening quote and the template's first
+        literal; literals are JSON-escaped here once.
+        """
+        segments: list[str | tuple[str]] = []  # constant text, or (field name,)
+        pending = ""
+        for literal, name in self.template_parts:
+            pending += orjson.dumps(literal)[1:-1].decode() if literal else ""
+            if name is not None:
+                segments.append(pending)
+                segments.append((name,))
+                pending = ""
+        self.first_literal = segments.pop(0) if segments else pending
+        if not segments:  # a template without fields: the first literal was the whole text
+            pending = ""
+        self.segments = segments
+        self.tail = pending + '"' + self.encoder.suffix.decode()
+        self.field_occurrences = [segment[0] for segment in segments if isinstance(segment, tuple)]
+        self.literal_chars = sum(len(literal) for literal, _name in self.template_parts if literal)
+        self.fixed_bytes = (
+            len(_LINE_HEAD)
+            + len(self.tail.encode())
+            + sum(len(segment.encode()) for segment in segments if isinstance(segment, str))
+        )
+        self._openings: dict[str, str] = {}
+
+    def _opening(self, model: str) -> str:
+        """The text from the custom_id's closing quote to the first field of the content."""
+        opening = self._openings.get(model)
+        if opening is None:
+            opening = '"' + self.encoder.prefix(model).decode() + '"' + self.first_literal
+            self._openings[model] = opening
+        return opening
 
     # -- per chunk ------------------------------------------------------------------------
 
@@ -521,10 +633,9 @@ class _Stager:
         self._keys(chunk)
         self._duplicates(chunk)
         self._fields(chunk)
-        self._render(chunk)
-        self._control_characters(chunk)
+        self._check_text(chunk)
         self._models_and_sizes(chunk)
-        self._encode_and_write(chunk)
+        self._write_lines(chunk)
 
     def _keys(self, chunk: _Chunk) -> None:
         """A usable record key and its custom_id for each row."""
@@ -590,27 +701,30 @@ class _Stager:
         for index in _rows_with_control_chars(texts):
             column[positions[index]] = _CONTROL_CHARS.sub("", texts[index])
 
-    def _render(self, chunk: _Chunk) -> None:
-        """The user content: the template's literal parts and field columns joined per row."""
-        parts: list[Any] = []
-        for literal, name in self.template_parts:
-            if literal:
-                parts.append(repeat(literal, len(chunk)))
-            if name is not None:
-                parts.append(chunk.fields[name])
-        chunk.contents = list(map("".join, zip(*parts, strict=False)))
+    def _check_text(self, chunk: _Chunk) -> None:
+        """Reject rows whose fields hold control characters or invalid UTF-8; escape the rest."""
+        while True:
+            text = {name: _inspect_text_column(column) for name, column in chunk.fields.items()}
+            bad: dict[int, tuple[str, str, str]] = {}
+            for name, column in text.items():
+                for index, (code, what) in column.bad_rows.items():
+                    bad.setdefault(index, (name, code, what))
+            if not bad:
+                chunk.text = text
+                return
+            for index, (name, code, what) in sorted(bad.items()):
+                key = chunk.keys[index]
+                self._reject(
+                    chunk.numbers[index], key, key, code, f"field {name!r} holds {what}", chunk.rows[index]
+                )
+            chunk.drop(set(bad))
 
-    def _control_characters(self, chunk: _Chunk) -> None:
-        drop = set()
-        for index in _rows_with_control_chars(chunk.contents):
-            content = self._slow_control(
-                chunk.numbers[index], chunk.keys[index], chunk.rows[index], chunk.contents[index]
-            )
-            if content is None:
-                drop.add(index)
-            else:
-                chunk.contents[index] = content
-        chunk.drop(drop)
+    def _content_chars(self, chunk: _Chunk) -> np.ndarray:
+        """Characters of each row's user content (the template's literals and its fields)."""
+        lengths = np.full(len(chunk), self.literal_chars, dtype=np.int64)
+        for name in self.field_occurrences:
+            lengths += chunk.text[name].char_lengths
+        return lengths
 
     def _models_and_sizes(self, chunk: _Chunk) -> None:
         """The model of each request, and whether the content fits its context window."""
@@ -621,7 +735,7 @@ class _Stager:
             models = [self._route(chunk.numbers[i], chunk.keys[i], chunk.rows[i]) for i in range(len(chunk))]
             drop.update(index for index, model in enumerate(models) if model is None)
             chunk.models = [model or "" for model in models]
-        lengths = list(map(len, chunk.contents))
+        lengths = self._content_chars(chunk).tolist()
         if lengths and max(lengths) > min(self.max_content_chars.values()):
             for index, length in enumerate(lengths):
                 model = chunk.models[index]
@@ -634,73 +748,61 @@ class _Stager:
                     )  # fmt: skip
         chunk.drop(drop)
 
-    def _encode_and_write(self, chunk: _Chunk) -> None:
-        """Serialise the custom_ids and contents, check line sizes, and write the lines.
-
-        A line is ``head + custom_id JSON + per-model prefix + content JSON + suffix``; the parts
-        are joined once per shard slice, so no per-line bytes object is ever built.
-        """
-        dumps = orjson.dumps
-        drop: set[int] = set()
-        try:
-            content_jsons: list[bytes] = list(map(dumps, chunk.contents))
-        except orjson.JSONEncodeError:
-            encoded = self._slow_encode(chunk)
-            drop = {index for index, data in enumerate(encoded) if data is None}
-            content_jsons = [data or b'""' for data in encoded]
-        id_jsons = list(map(str.encode, chunk.custom_ids))
-        prefix_of = self._quoted_prefix
-        if self.workload.route is None:
-            prefix = prefix_of(self.workload.model)
-            prefixes: list[bytes] = [prefix] * len(chunk)
-            fixed = len(_LINE_HEAD) + len(self.encoder.suffix) + len(prefix)
-        else:
-            prefixes = [prefix_of(model) for model in chunk.models]
-            fixed = len(_LINE_HEAD) + len(self.encoder.suffix)
-        sizes = np.fromiter(map(len, id_jsons), dtype=np.int64, count=len(chunk)) + np.fromiter(
-            map(len, content_jsons), dtype=np.int64, count=len(chunk)
-        )
-        sizes += fixed
-        if self.workload.route is not None:
-            sizes += np.fromiter(map(len, prefixes), dtype=np.int64, count=len(chunk))
+    def _write_lines(self, chunk: _Chunk) -> None:
+        """Check line sizes, count the content for the estimate, and write the lines."""
+        routed = self.workload.route is not None
+        openings = [self._opening(model) for model in chunk.models] if routed else None
+        sizes = self._line_sizes(chunk, openings)
         max_line = self.limits.max_shard_bytes
-        for index in np.flatnonzero(sizes > max_line).tolist():
-            if index not in drop:
-                drop.add(index)
+        too_large = np.flatnonzero(sizes > max_line).tolist()
+        if too_large:
+            for index in too_large:
                 self._reject(
                     chunk.numbers[index], chunk.keys[index], chunk.keys[index], "request_too_large",
                     f"request is {int(sizes[index])} bytes, over the shard limit of {max_line}", chunk.rows[index],
                 )  # fmt: skip
-        if drop:
-            keep = [index for index in range(len(chunk)) if index not in drop]
-            id_jsons = [id_jsons[i] for i in keep]
-            prefixes = [prefixes[i] for i in keep]
-            content_jsons = [content_jsons[i] for i in keep]
-            sizes = sizes[keep]
-            chunk.drop(drop)
-        if self.workload.route is None:
+            chunk.drop(set(too_large))
+            openings = [self._opening(model) for model in chunk.models] if routed else None
+            sizes = self._line_sizes(chunk, openings)
+        chars = self._content_chars(chunk)
+        if not routed:
             if len(chunk):
                 model = self.workload.model
-                self.chars_by_model[model] = self.chars_by_model.get(model, 0) + sum(map(len, chunk.contents))
+                self.chars_by_model[model] = self.chars_by_model.get(model, 0) + int(chars.sum())
                 self.count_by_model[model] = self.count_by_model.get(model, 0) + len(chunk)
         else:
-            for model, content in zip(chunk.models, chunk.contents, strict=True):
-                self.chars_by_model[model] = self.chars_by_model.get(model, 0) + len(content)
+            for model, length in zip(chunk.models, chars.tolist(), strict=True):
+                self.chars_by_model[model] = self.chars_by_model.get(model, 0) + length
                 self.count_by_model[model] = self.count_by_model.get(model, 0) + 1
-        self._write(chunk, id_jsons, prefixes, content_jsons, sizes)
+        self._write(chunk, openings, sizes)
 
-    def _write(
-        self,
-        chunk: _Chunk,
-        id_jsons: list[bytes],
-        prefixes: list[bytes],
-        content_jsons: list[bytes],
-        sizes: np.ndarray,
-    ) -> None:
-        """Split the chunk's lines over shards by count and bytes, and queue the writes."""
+    def _line_sizes(self, chunk: _Chunk, openings: list[str] | None) -> np.ndarray:
+        """UTF-8 bytes of each row's request line."""
+        sizes = np.fromiter(map(len, chunk.custom_ids), dtype=np.int64, count=len(chunk))  # ASCII
+        sizes += self.fixed_bytes
+        for name in self.field_occurrences:
+            sizes += chunk.text[name].byte_lengths
+        if openings is None:
+            sizes += len(self._opening(self.workload.model).encode())
+        else:
+            sizes += np.fromiter((len(o.encode()) for o in openings), dtype=np.int64, count=len(openings))
+        return sizes
+
+    def _write(self, chunk: _Chunk, openings: list[str] | None, sizes: np.ndarray) -> None:
+        """Split the chunk's lines over shards by count and bytes, and queue the writes.
+
+        Each piece of a few MB is one ``str.join`` over the line layout's columns (constants
+        repeated, fields as escaped) and one encode, so no per-line object is built.
+        """
         max_requests = self.limits.max_requests_per_shard
         max_bytes = self.limits.max_shard_bytes
-        suffix = self.encoder.suffix
+        columns: list[str | list[str]] = [_LINE_HEAD.decode(), chunk.custom_ids]
+        columns.append(openings if openings is not None else self._opening(self.workload.model))
+        for segment in self.segments:
+            columns.append(chunk.text[segment[0]].escaped if isinstance(segment, tuple) else segment)
+        columns.append(self.tail)
+        columns = [column for column in columns if column != ""]
+        width = len(columns)
         start = 0
         while start < len(chunk):
             shard = self.shard
@@ -715,16 +817,22 @@ class _Stager:
                 continue
             end = start + fit
             models = chunk.models[start:end]
+            custom_ids = pa.array(chunk.custom_ids[start:end], pa.string())
+            keys = (
+                custom_ids if chunk.keys is chunk.custom_ids else pa.array(chunk.keys[start:end], pa.string())
+            )
             batch = pa.record_batch(
                 [
-                    pa.array(chunk.custom_ids[start:end], pa.string()),
-                    pa.array(chunk.keys[start:end], pa.string()),
+                    custom_ids,
+                    keys,
                     pa.array(chunk.numbers[start:end], pa.int64()),
                     pa.array(models, pa.string()),
                 ],
                 schema=SHARD_KEYS_SCHEMA,
             )
-            for model, count in Counter(models).items():
+            for model, count in (
+                Counter(models) if openings is not None else {models[0]: len(models)}
+            ).items():
                 shard.models[model] = shard.models.get(model, 0) + count
             # Hand the bytes over in pieces of a few MB: the queue then holds little at a time.
             cumulative = np.cumsum(sizes[start:end])
@@ -734,15 +842,19 @@ class _Stager:
                 piece_end = start + int(np.searchsorted(cumulative, done + _WRITE_PIECE_BYTES, side="right"))
                 piece_end = min(max(piece_end, piece_start + 1), end)
                 count = piece_end - piece_start
-                parts: list[bytes] = [_LINE_HEAD] * (5 * count)
-                parts[1::5] = id_jsons[piece_start:piece_end]
-                parts[2::5] = prefixes[piece_start:piece_end]
-                parts[3::5] = content_jsons[piece_start:piece_end]
-                parts[4::5] = [suffix] * count
-                data = b"".join(parts)
+                parts: list[str] = [""] * (width * count)
+                for offset, column in enumerate(columns):
+                    if isinstance(column, str):
+                        parts[offset::width] = [column] * count
+                    else:
+                        parts[offset::width] = column[piece_start:piece_end]
+                data = "".join(parts).encode("utf-8")
+                expected = int(cumulative[piece_end - start - 1]) - done
+                if len(data) != expected:  # the shard limits rely on these sizes
+                    raise StagingError(f"a piece of {len(data)} bytes was sized {expected}: a staging bug")
                 shard.count += count
-                shard.bytes += len(data)
-                self.bytes_staged += len(data)
+                shard.bytes += expected
+                self.bytes_staged += expected
                 self.io.submit(shard.write_lines, data)
                 piece_start = piece_end
             self.io.submit(shard.write_keys, batch)
@@ -798,58 +910,6 @@ class _Stager:
             self._reject(row_number, key, key, "empty_text", f"field {name!r} is empty", row)
             return False, None
         return True, value
-
-    def _slow_control(self, row_number: int, key: str, row: Mapping[str, Any], content: str) -> str | None:
-        """The content with control characters stripped (policy ``strip``), or None after rejecting."""
-        if self.strip_controls and not _SURROGATES.search(content):
-            stripped = _CONTROL_CHARS.sub("", content)
-            if stripped.strip():
-                return stripped
-            self._reject(
-                row_number,
-                key,
-                key,
-                "empty_text",
-                "the text is empty once control characters are stripped",
-                row,
-            )
-            return None
-        where = "the rendered text"
-        for name in self.workload.template_fields:
-            value = row.get(name)
-            if isinstance(value, str) and _BAD_CHARS.search(value):
-                where = f"field {name!r}"
-                break
-        code, what = _describe_bad_char(content)
-        self._reject(row_number, key, key, code, f"{where} holds {what}", row)
-        return None
-
-    def _slow_encode(self, chunk: _Chunk) -> list[bytes | None]:
-        """Encode content by content; None marks a rejected row (text orjson refuses)."""
-        encoded: list[bytes | None] = []
-        for index, content in enumerate(chunk.contents):
-            try:
-                encoded.append(orjson.dumps(content))
-            except orjson.JSONEncodeError:
-                code, what = _describe_bad_char(content)
-                where = "the rendered text"
-                row = chunk.rows[index]
-                for name in self.workload.template_fields:
-                    value = row.get(name)
-                    if isinstance(value, str) and _SURROGATES.search(value):
-                        where = f"field {name!r}"
-                        break
-                key = chunk.keys[index]
-                self._reject(chunk.numbers[index], key, key, code, f"{where} holds {what}", row)
-                encoded.append(None)
-        return encoded  # type: ignore[return-value]
-
-    def _quoted_prefix(self, model: str) -> bytes:
-        """The bytes from the custom_id's closing quote to the content's opening quote."""
-        prefix = self._prefixes.get(model)
-        if prefix is None:
-            prefix = self._prefixes[model] = b'"' + self.encoder.prefix(model)
-        return prefix
 
     def _route(self, row_number: int, key: str, row: Mapping[str, Any]) -> str | None:
         assert self.workload.route is not None
@@ -1006,18 +1066,19 @@ def stage_requests(
         limits or StagingLimits(),
         assumed_cache_hit_rate,
     )
-    try:
-        iterator = iter(rows)
-        size = min(chunk_rows, 1_000)
-        while chunk := list(islice(iterator, size)):
-            stager.add_chunk(chunk)
-            # Long prompts make long lines: fewer rows a chunk keep its bytes (and memory) bounded.
-            per_row = stager.bytes_staged / max(stager.rows_seen, 1)
-            size = max(256, min(chunk_rows, int(_CHUNK_TARGET_BYTES / max(per_row, 1.0))))
-    except BaseException:
-        stager.abort()
-        raise
-    return stager.finish()
+    with bulk_processing():
+        try:
+            iterator = iter(rows)
+            size = min(chunk_rows, 1_000)
+            while chunk := list(islice(iterator, size)):
+                stager.add_chunk(chunk)
+                # Long prompts make long lines: fewer rows a chunk keep its bytes (and memory) bounded.
+                per_row = stager.bytes_staged / max(stager.rows_seen, 1)
+                size = max(256, min(chunk_rows, int(_CHUNK_TARGET_BYTES / max(per_row, 1.0))))
+        except BaseException:
+            stager.abort()
+            raise
+        return stager.finish()
 
 
 def read_manifest(layout: RunLayout) -> Manifest | None:

@@ -13,6 +13,9 @@ from claude_batch.staging import (
     _AS_IS_CUSTOM_ID,
     StagingError,
     StagingLimits,
+    _inspect_text_column,
+    _keys_not_usable_as_is,
+    _rows_with_control_chars,
     iter_rejections,
     iter_shard_requests,
     read_manifest,
@@ -98,6 +101,54 @@ def test_the_fast_custom_id_check_agrees_with_the_contract():
         assert (bool(_AS_IS_CUSTOM_ID.fullmatch(key)) and custom_id_for(key) == key) or (
             not _AS_IS_CUSTOM_ID.fullmatch(key) and (not key or custom_id_for(key) != key)
         ), key
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_chunk_wide_key_check_finds_exactly_the_keys_the_per_key_check_rejects(seed):
+    rng = random.Random(seed)
+    alphabet = string.ascii_letters + string.digits + "_-\nk"
+    tricky = ["k_" + "a" * 40, "a\nb", "\n", "x" * 65, "", "ok", 7, None, "k_1"]
+    keys = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 66))) for _ in range(50)]
+    keys += [f"key-{i}" for i in range(200)]
+    if seed % 2:
+        keys.insert(rng.randrange(len(keys)), rng.choice(tricky))
+    expected = [i for i, key in enumerate(keys) if type(key) is not str or not _AS_IS_CUSTOM_ID.fullmatch(key)]
+    assert _keys_not_usable_as_is(keys) == expected
+    clean = [f"key-{i}" for i in range(200)]
+    assert _keys_not_usable_as_is(clean) == []
+    assert _keys_not_usable_as_is([*clean, "a\nb"]) == [200]
+
+
+@pytest.mark.parametrize("char", [chr(c) for c in (*range(0, 32), 127)])
+def test_the_chunk_wide_control_character_check_finds_every_row_holding_one(char):
+    contents = ["plain text", f"before{char}after", "tab\tnew\nline\r", "C:\\build", "é ünïcode"]
+    expected = [] if char in "\t\n\r" else [1]
+    assert _rows_with_control_chars(contents) == expected
+    assert _rows_with_control_chars([*contents, f"x{char}"]) == ([] if char in "\t\n\r" else [1, 5])
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_a_checked_column_is_escaped_byte_for_byte_as_orjson_writes_it(seed):
+    rng = random.Random(seed)
+    alphabet = 'ab "\\\t\n\r/é€😀\u2028{}' if seed % 2 else "plain ascii words"
+    values = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(300)]
+    column = _inspect_text_column(values)
+    assert column.bad_rows == {}
+    assert [f'"{text}"'.encode() for text in column.escaped] == [orjson.dumps(v) for v in values]
+    assert column.byte_lengths.tolist() == [len(orjson.dumps(v)) - 2 for v in values]
+    assert column.char_lengths.tolist() == [len(v) for v in values]
+
+
+def test_a_checked_column_names_each_bad_value_and_where_it_goes_wrong():
+    values = ["fine", "nul\x00inside", "ok\ttab", "bad \ud800", "del\x7f", "esc \x1b[0m", "é fine"]
+    column = _inspect_text_column(values)
+    assert column.bad_rows == {
+        1: ("control_character", "control character U+0000 at character 3"),
+        3: ("invalid_utf8", "invalid UTF-8 (lone surrogate U+D800 at character 4)"),
+        4: ("control_character", "control character U+007F at character 3"),
+        5: ("control_character", "control character U+001B at character 4"),
+    }
+    assert _inspect_text_column([]).escaped == []
 
 
 BAD_ROWS = [
