@@ -453,11 +453,11 @@ class _Rejections:
 class _SeenKeys:
     """Which record keys this extract has already produced, in 8 bytes per key.
 
-    Keys are remembered by their 64-bit hash in sorted numpy runs: new keys join a small run,
-    which becomes a frozen run once it holds ``_RUN_KEYS`` keys. Runs are never merged, so
-    memory grows by exactly 8 bytes a key with no large copies on the way. A hash collision
-    (about 1 in 10^7 at a million keys) would mark a row as a duplicate, which is reported,
-    never silently dropped.
+    Keys are remembered by their 64-bit hash in sorted numpy runs: new keys join an open run,
+    which is frozen once it holds ``_RUN_KEYS`` keys; two frozen runs of the same size merge
+    (as in a log-structured merge tree), so a lookup searches a logarithmic number of runs and
+    memory grows by 8 bytes a key. A hash collision (about 1 in 10^7 at a million keys) would
+    mark a row as a duplicate, which is reported, never silently dropped.
     """
 
     _RUN_KEYS = 262_144
@@ -467,29 +467,38 @@ class _SeenKeys:
         self._open = np.empty(0, dtype=np.int64)
 
     @staticmethod
-    def _found(run: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    def _found(run: np.ndarray, wanted: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
         if not len(run):
             return np.zeros(len(wanted), dtype=bool)
-        return run[np.minimum(np.searchsorted(run, wanted), len(run) - 1)] == wanted
+        if positions is None:
+            positions = np.searchsorted(run, wanted)
+        return run[np.minimum(positions, len(run) - 1)] == wanted
 
     def repeated(self, keys: list[str]) -> list[int]:
         """Indexes of the keys seen before, earlier in this chunk or in an earlier one."""
         if not keys:
             return []
         hashes = np.fromiter(map(hash, keys), dtype=np.int64, count=len(keys))
-        unique, first_index, inverse = np.unique(hashes, return_index=True, return_inverse=True)
-        known = np.zeros(len(unique), dtype=bool)
-        for run in (*self._runs, self._open):
-            known |= self._found(run, unique)
-        fresh = unique[~known]
-        self._open = np.insert(self._open, np.searchsorted(self._open, fresh), fresh)
+        order = np.argsort(hashes, kind="stable")
+        ordered = hashes[order]
+        # Sorted stably, a key's later rows in this chunk follow its first one.
+        known = np.zeros(len(keys), dtype=bool)
+        known[1:] = ordered[1:] == ordered[:-1]
+        for run in self._runs:
+            known |= self._found(run, ordered)
+        positions = np.searchsorted(self._open, ordered)
+        known |= self._found(self._open, ordered, positions)
+        fresh = ~known
+        self._open = np.insert(self._open, positions[fresh], ordered[fresh])
         if len(self._open) >= self._RUN_KEYS:
             self._runs.append(self._open)
             self._open = np.empty(0, dtype=np.int64)
-        # A row repeats a key when the key was known before the chunk, or is not its first row here.
-        first_here = np.zeros(len(keys), dtype=bool)
-        first_here[first_index] = True
-        return np.flatnonzero(known[inverse] | ~first_here).tolist()
+            while len(self._runs) > 1 and len(self._runs[-2]) <= len(self._runs[-1]):
+                newer, older = self._runs.pop(), self._runs.pop()
+                merged = np.concatenate((older, newer))
+                merged.sort(kind="stable")  # timsort: two sorted runs merge in linear time
+                self._runs.append(merged)
+        return np.sort(order[known]).tolist()
 
 
 class _Chunk:

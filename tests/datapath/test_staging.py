@@ -6,6 +6,7 @@ import hashlib
 import random
 import string
 
+import numpy as np
 import orjson
 import pytest
 from claude_batch.contracts import custom_id_for, is_valid_custom_id
@@ -320,3 +321,7 @@ def test_duplicate_detection_remembers_keys_across_many_chunks(monkeypatch):
                 expected.append(index)
             known.add(key)
         assert seen.repeated(keys) == expected
+    # Frozen runs merged as they filled: few runs, each sorted, every key held once.
+    assert 1 <= len(seen._runs) <= 6
+    assert all((np.diff(run) > 0).all() for run in seen._runs)
+    assert sum(map(len, seen._runs)) + len(seen._open) == len(known)
