@@ -11,12 +11,13 @@ RUN pip install --no-cache-dir -r /opt/claude-batch/requirements.txt
 # The package itself, without touching the pinned dependencies again.
 COPY --chown=airflow:root pyproject.toml README.md /opt/claude-batch/
 COPY --chown=airflow:root plugins /opt/claude-batch/plugins
+COPY --chown=airflow:root include/prices.json /opt/claude-batch/include/prices.json
 RUN pip install --no-cache-dir --no-deps /opt/claude-batch
 
 # The workload DAGs and what they read (prompts, prices, sample data), where the DAG files
 # look for it: include/ beside dags/.
 COPY --chown=airflow:root dags /opt/airflow/dags
 COPY --chown=airflow:root include /opt/airflow/include
-# costs.py finds include/prices.json beside the repository's plugins/ (an editable install); the
-# installed package lives in site-packages, so point it at the copy above.
+# The installed package carries the price table it was built with; point it at the copy above
+# instead, so editing include/prices.json takes effect without rebuilding the image.
 ENV CLAUDE_BATCH_PRICES=/opt/airflow/include/prices.json

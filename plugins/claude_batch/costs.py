@@ -22,8 +22,11 @@ import orjson
 
 CacheSetting = Literal["off", "5m", "1h"]
 
-# The table ships in the repository's include/; CLAUDE_BATCH_PRICES points elsewhere.
-DEFAULT_PRICES_PATH = Path(__file__).resolve().parents[2] / "include" / "prices.json"
+# The table lives in the repository's include/; a wheel carries a copy beside this module
+# (pyproject's force-include). CLAUDE_BATCH_PRICES points elsewhere.
+_REPOSITORY_PRICES = Path(__file__).resolve().parents[2] / "include" / "prices.json"
+_PACKAGED_PRICES = Path(__file__).resolve().parent / "prices.json"
+DEFAULT_PRICES_PATH = _REPOSITORY_PRICES if _REPOSITORY_PRICES.exists() else _PACKAGED_PRICES
 PRICES_ENV_VAR = "CLAUDE_BATCH_PRICES"
 CHARS_PER_TOKEN = 4
 # Role markers and the JSON around the content: a few tokens per request the text does not show.

@@ -21,7 +21,8 @@ import dataclasses
 import itertools
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -35,7 +36,7 @@ from claude_batch.staging import Manifest, StagingLimits, iter_shard_lines, read
 from claude_batch.storage import ObjectStore, RunLayout
 from claude_batch.submission import BatchSubmitter, InlineRequests
 from claude_batch.validation import judge, validate_part
-from claude_batch.warehouse import SourceSpec, Warehouse
+from claude_batch.warehouse import AccountingError, SourceSpec, Warehouse
 from claude_batch.workloads import Workload
 
 __all__ = ["PipelineConfig", "RunOptions", "SourceSpec", "claude_batch_dag", "claude_batch_pipeline"]
@@ -384,32 +385,44 @@ def _manifest(layout: RunLayout) -> Manifest:
 # --- connections ---------------------------------------------------------------------------
 
 
-def open_warehouse(conn_id: str) -> Warehouse:
-    """A :class:`Warehouse` on an Airflow connection: ``duckdb`` (host: the file) or common.sql."""
+@contextmanager
+def open_warehouse(conn_id: str) -> Iterator[Warehouse]:
+    """A :class:`Warehouse` on an Airflow connection, closed on exit.
+
+    DuckDB (``duckdb`` connections, host: the file) allows one writing process per file, and a
+    PostgreSQL session holds a server slot: a task must not keep either open after its stage.
+
+    :param conn_id: a ``duckdb`` connection, or any common.sql connection.
+    """
+    conn = _connect_warehouse(conn_id)
+    try:
+        yield Warehouse(conn)
+    finally:
+        conn.close()
+
+
+def _connect_warehouse(conn_id: str) -> Any:
     from airflow.sdk import BaseHook
 
     conn = BaseHook.get_connection(conn_id)
     if conn.conn_type == "duckdb":
         import duckdb
 
-        return Warehouse(duckdb.connect(conn.host or conn.schema or ":memory:"))
+        return duckdb.connect(conn.host or conn.schema or ":memory:")
     if conn.conn_type in ("postgres", "postgresql"):
         # The postgres provider hands out psycopg 3 when it is installed; the PostgreSQL dialect
         # (COPY through copy_expert, named cursors) is written for psycopg2.
         import psycopg2
 
-        return Warehouse(
-            psycopg2.connect(
+        return psycopg2.connect(
                 host=conn.host,
                 port=conn.port or 5432,
                 user=conn.login,
                 password=conn.password,
                 dbname=conn.schema or "postgres",
-                **{k: v for k, v in conn.extra_dejson.items() if k in ("sslmode", "options", "connect_timeout")},
-            )
+            **{k: v for k, v in conn.extra_dejson.items() if k in ("sslmode", "options", "connect_timeout")},
         )
-    hook = conn.get_hook()
-    return Warehouse(hook.get_conn())
+    return conn.get_hook().get_conn()
 
 
 # --- the Airflow shell ---------------------------------------------------------------------
@@ -450,22 +463,25 @@ def claude_batch_pipeline(config: PipelineConfig, group_id: str | None = None):
 
     with TaskGroup(group_id or config.workload.name) as group:
 
-        @task(task_id="stage")
+        # Every stage is idempotent for its run (same S3 keys, upserts, two-phase submit state), so
+        # a transient fault (S3, the warehouse, the API) is retried; decisions fail at once.
+        @task(task_id="stage", retries=2, retry_delay=timedelta(seconds=30))
         def stage() -> dict[str, Any]:
             context = get_current_context()
             options = _context_options()
             interval = run_interval(options, context.get("data_interval_start"), context.get("data_interval_end"))
             layout = _context_layout(config, config.aws_conn_id)
-            return run_stage(config, open_warehouse(config.warehouse_conn_id), layout, options, interval)
+            with open_warehouse(config.warehouse_conn_id) as warehouse:
+                return run_stage(config, warehouse, layout, options, interval)
 
-        @task(task_id="gate")
+        @task(task_id="gate", retries=2, retry_delay=timedelta(seconds=30))
         def gate(staged: dict[str, Any]) -> list[str]:
             options = _context_options()
             layout = _context_layout(config, config.aws_conn_id)
             hook = ClaudeBatchHook(conn_id=config.anthropic_conn_id)
-            warehouse = open_warehouse(config.warehouse_conn_id)
             try:
-                shards = run_gate(config, warehouse, layout, options, hook.conn, hook, _task_log())
+                with open_warehouse(config.warehouse_conn_id) as warehouse:
+                    shards = run_gate(config, warehouse, layout, options, hook.conn, hook, _task_log())
             except (BudgetExceeded, PilotFailed) as exc:
                 raise AirflowFailException(str(exc)) from exc  # a decision, not a fault: no retry
             if not shards:
@@ -504,17 +520,20 @@ def claude_batch_pipeline(config: PipelineConfig, group_id: str | None = None):
             layout = _context_layout(config, config.aws_conn_id)
             hook = ClaudeBatchHook(conn_id=config.anthropic_conn_id)
             part = _part_of(layout, context["ti"].map_index)
-            return run_collect(
-                config, open_warehouse(config.warehouse_conn_id), layout, _context_options(), hook.conn, part, batch_id
-            )
+            with open_warehouse(config.warehouse_conn_id) as warehouse:
+                return run_collect(config, warehouse, layout, _context_options(), hook.conn, part, batch_id)
 
         collected = collect.expand(batch_id=submit.output)
         wait >> collected
 
-        @task(task_id="load", outlets=[results_asset])
+        @task(task_id="load", outlets=[results_asset], retries=2, retry_delay=timedelta(seconds=30))
         def load(collected: list[dict[str, Any]]) -> dict[str, Any]:
             layout = _context_layout(config, config.aws_conn_id)
-            return run_load(config, open_warehouse(config.warehouse_conn_id), layout, _context_options())
+            try:
+                with open_warehouse(config.warehouse_conn_id) as warehouse:
+                    return run_load(config, warehouse, layout, _context_options())
+            except AccountingError as exc:
+                raise AirflowFailException(str(exc)) from exc  # the gap is in the data: a retry cannot close it
 
         @task(task_id="report")
         def report(loaded: dict[str, Any], collected: list[dict[str, Any]]) -> dict[str, Any]:

@@ -55,6 +55,23 @@ def test_a_postgres_warehouse_connection_opens_with_psycopg2(postgres_dsn, monke
         "AIRFLOW_CONN_CLAUDE_BATCH_WAREHOUSE",
         json.dumps({"conn_type": "postgres", "host": "127.0.0.1", "login": "postgres", "schema": "test"}),
     )
-    warehouse = open_warehouse("claude_batch_warehouse")
-    assert isinstance(warehouse.dialect, PostgresDialect)
-    warehouse.conn.close()
+    with open_warehouse("claude_batch_warehouse") as warehouse:
+        assert isinstance(warehouse.dialect, PostgresDialect)
+    assert warehouse.conn.closed, "the task's connection is closed when its stage ends"
+
+
+def test_a_duckdb_warehouse_file_is_released_when_the_stage_ends(tmp_path, monkeypatch):
+    import json
+
+    import duckdb
+    from claude_batch.pipeline import open_warehouse
+
+    path = tmp_path / "warehouse.duckdb"
+    monkeypatch.setenv("AIRFLOW_CONN_CLAUDE_BATCH_WAREHOUSE", json.dumps({"conn_type": "duckdb", "host": str(path)}))
+    with pytest.raises(RuntimeError), open_warehouse("claude_batch_warehouse") as warehouse:
+        warehouse.conn.execute("CREATE TABLE t AS SELECT 1 AS x")
+        raise RuntimeError("the stage failed")
+    with pytest.raises(duckdb.ConnectionException):
+        warehouse.conn.execute("SELECT 1")
+    # Another process could open the file now; here, a fresh connection reads what was written.
+    assert duckdb.connect(str(path)).execute("SELECT x FROM t").fetchall() == [(1,)]

@@ -64,3 +64,10 @@ def test_nightly_run_end_to_end(tiny_dag, anthropic_conn, s3_store, warehouse_fi
     assert report["extracted"] == 101 and report["batches"] == 3
     assert report["cost_usd"] > 0 and report["realtime_cost_usd"] == pytest.approx(2 * report["cost_usd"])
     assert safe_segment(run.run_id)
+
+
+def test_every_stage_that_can_meet_a_transient_fault_is_retried(tiny_dag):
+    """Stage, gate, submit, collect and load are idempotent for their run, so Airflow retries them."""
+    retries = {task.task_id.split(".")[-1]: task.retries for task in tiny_dag.tasks}
+    for stage in ("stage", "gate", "submit", "collect", "load"):
+        assert retries[stage] >= 2, (stage, retries)
