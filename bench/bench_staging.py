@@ -4,7 +4,8 @@ Each measurement runs in a fresh interpreter: rows are generated on the fly (sup
 of 300 to 900 characters), rendered into requests and streamed to shards on a local-directory
 store; the floor serialises the same rows with orjson to a local file. Both first process
 1,000 rows untimed, so one-time costs (pyarrow's lazy imports, about 0.25 s) stay out of the
-rate. Peak memory is the process's peak RSS minus its RSS after that warm-up. Each figure is
+rate (their memory counts). Peak memory is the process's peak RSS minus its RSS after imports,
+before the warm-up; the table also shows the peak RSS itself. Each figure is
 the median of three runs. Sizes: 10,000 and 100,000 rows (``BENCH_SCALE=full``: 100,000 and
 1,000,000). Run: ``python -m bench.bench_staging``.
 """
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from typing import Literal
 
 from bench.common import (
+    cpu_seconds,
     current_rss_mb,
     markdown_table,
     peak_rss_mb,
@@ -95,15 +97,21 @@ def measure_floor(count: int) -> dict:
             for row in ticket_rows(rows):
                 handle.write(orjson.dumps(row) + b"\n")
 
+    baseline = current_rss_mb()
     with tempfile.TemporaryDirectory() as tmp:
         write_floor(os.path.join(tmp, "warm-up.jsonl"), WARM_UP_ROWS)
-        baseline = current_rss_mb()
         path = os.path.join(tmp, "floor.jsonl")
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), cpu_seconds()
         write_floor(path, count)
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
         size = os.path.getsize(path)
-    return {"seconds": seconds, "bytes": size, "peak_mb": peak_rss_mb() - baseline, "rss_mb": peak_rss_mb()}
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "bytes": size,
+        "peak_mb": peak_rss_mb() - baseline,
+        "rss_mb": peak_rss_mb(),
+    }
 
 
 def measure_staging(count: int) -> dict:
@@ -113,17 +121,18 @@ def measure_staging(count: int) -> dict:
 
     spec = workload()
     _ = spec.prompt_version, spec.prefix_tokens
+    baseline = current_rss_mb()
     with tempfile.TemporaryDirectory() as tmp:
         warm_up = RunLayout(ObjectStore(tmp), "bench", "warm-up")
         stage_requests(ticket_rows(WARM_UP_ROWS), spec, warm_up, key_field="ticket_id", cache_setting="1h")
-        baseline = current_rss_mb()
         layout = RunLayout(ObjectStore(tmp), "bench", "staging")
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), cpu_seconds()
         manifest = stage_requests(ticket_rows(count), spec, layout, key_field="ticket_id", cache_setting="1h")
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
     assert manifest.staged_requests == count, manifest.rejected_by_reason
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu,
         "bytes": sum(shard.bytes for shard in manifest.shards),
         "shards": len(manifest.shards),
         "peak_mb": peak_rss_mb() - baseline,
@@ -151,6 +160,8 @@ def main() -> None:
                 "staging rows/s": count / staged["seconds"],
                 "floor rows/s": count / floor["seconds"],
                 "staging / floor": floor["seconds"] / staged["seconds"],
+                "staging CPU us/row": staged["cpu_seconds"] / count * 1e6,
+                "floor CPU us/row": floor["cpu_seconds"] / count * 1e6,
                 "staging MB/s": staged["bytes"] / 1e6 / staged["seconds"],
                 "floor MB/s": floor["bytes"] / 1e6 / floor["seconds"],
                 "staging MB written": staged["bytes"] / 1e6,
@@ -167,7 +178,8 @@ def main() -> None:
         + f"\n\nPeak memory (above the RSS after imports) at {rows[-1]['rows']:,} vs {rows[0]['rows']:,} rows: "
         f"{growth:.2f}x (targets: under 400 MB at 1,000,000 rows, at most 1.2x the 100,000 figure; "
         "throughput at least half the floor's rows/s). Each request repeats the system prompt and the "
-        "schema, so staging writes several times the floor's bytes: MB/s shows that side."
+        "schema, so staging writes several times the floor's bytes: MB/s shows that side. CPU us/row is "
+        "user + system time of the whole process (staging hashes and writes on a second thread)."
     )
     write_results("staging", rows, markdown)
 

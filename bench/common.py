@@ -92,6 +92,12 @@ def current_rss_mb() -> float:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
 
 
+def cpu_seconds() -> float:
+    """User plus system CPU time of this process, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_isolated(module: str, function: str, **kwargs: object) -> dict:
     """Run ``module.function(**kwargs)`` in a fresh interpreter; it returns a JSON-able dict."""
     code = (
