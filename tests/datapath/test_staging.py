@@ -18,6 +18,7 @@ from claude_batch.staging import (
     _keys_not_usable_as_is,
     _rows_with_control_chars,
     iter_rejections,
+    iter_shard_lines,
     iter_shard_requests,
     read_manifest,
     read_shard_keys,
@@ -113,7 +114,9 @@ def test_the_chunk_wide_key_check_finds_exactly_the_keys_the_per_key_check_rejec
     keys += [f"key-{i}" for i in range(200)]
     if seed % 2:
         keys.insert(rng.randrange(len(keys)), rng.choice(tricky))
-    expected = [i for i, key in enumerate(keys) if type(key) is not str or not _AS_IS_CUSTOM_ID.fullmatch(key)]
+    expected = [
+        i for i, key in enumerate(keys) if type(key) is not str or not _AS_IS_CUSTOM_ID.fullmatch(key)
+    ]
     assert _keys_not_usable_as_is(keys) == expected
     clean = [f"key-{i}" for i in range(200)]
     assert _keys_not_usable_as_is(clean) == []
@@ -325,3 +328,41 @@ def test_duplicate_detection_remembers_keys_across_many_chunks(monkeypatch):
     assert 1 <= len(seen._runs) <= 6
     assert all((np.diff(run) > 0).all() for run in seen._runs)
     assert sum(map(len, seen._runs)) + len(seen._open) == len(known)
+
+
+@pytest.mark.parametrize("cache_setting", ["off", "1h"])
+def test_every_staged_line_is_byte_for_byte_the_reference_encoder_line(layout, cache_setting):
+    """The chunk-wide line builder against RequestEncoder.encode, row by row, on awkward text.
+
+    Fields with quotes, backslashes, newlines, tabs, non-ASCII and emoji, a repeated field, a
+    non-text field, literals needing escapes, and rows routed to two models.
+    """
+    rng = random.Random(11)
+    alphabet = 'ab "\\\n\r\t/é€😀\u2028{}'
+
+    def text(low: int = 1) -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(low, 30))).strip() or "x"
+
+    workload = make_workload(
+        system_prompt='Réponds "en JSON".\n' * 20,
+        user_template='« {subject} »\t{body}\n-- {subject} #{amount} "end"',
+        route=lambda row: "claude-sonnet-4-5" if len(row["body"]) > 15 else "claude-haiku-4-5",
+        route_models=("claude-sonnet-4-5",),
+    )
+    rows = [
+        {"id": f"r{i}", "subject": text(), "body": text(), "amount": rng.choice([7, 1.5, "12"])}
+        for i in range(700)
+    ]
+    manifest = stage(rows, layout, workload, chunk_rows=128, cache_setting=cache_setting)
+    assert manifest.staged_requests == len(rows) and set(manifest.models) == {
+        "claude-sonnet-4-5",
+        "claude-haiku-4-5",
+    }
+    encoder = workload.encoder(cache_setting)
+    expected = [
+        encoder.encode(row["id"], workload.user_content(row), workload.model_for(row)).rstrip(b"\n")
+        for row in rows
+    ]
+    lines = [line for shard in manifest.shards for line in iter_shard_lines(layout, shard)]
+    assert lines == expected
+    assert sum(shard.bytes for shard in manifest.shards) == sum(len(line) + 1 for line in expected)
