@@ -10,12 +10,9 @@ overwrites the same keys.
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
-from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +24,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from claude_batch.costs import PriceTable, cost_array, default_prices
-from claude_batch.staging import Manifest, ShardManifest, read_manifest, read_shard_keys
+from claude_batch.staging import Manifest, ShardManifest, read_manifest
 from claude_batch.storage import RunLayout
+from claude_batch.tuning import bulk_processing
 
 log = logging.getLogger(__name__)
 
@@ -55,28 +53,16 @@ RESULTS_SCHEMA = pa.schema(
         ("batch_id", pa.string()),
     ]
 )
-_STRING_COLUMNS = (
-    "custom_id", "record_key", "outcome", "text", "tool_input_json", "stop_reason", "model", "error_type", "error_message",
-)  # fmt: skip
+# Columns with a value per row (see parquet_writer).
+_UNIQUE_COLUMNS = frozenset({"custom_id", "record_key", "text", "tool_input_json", "error_message"})
 _TOKEN_COLUMNS = (
     "input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens",
     "cache_creation_5m_input_tokens", "cache_creation_1h_input_tokens",
 )  # fmt: skip
+# The pipeline's default connection (hooks.ClaudeBatchHook.default_conn_name, not imported: Airflow).
+DEFAULT_CONN_ID = "anthropic_default"
 _DOWNLOAD_CHUNK = 1 << 20
 _S3_BLOCK_SIZE = 8 * 1024 * 1024
-
-
-@contextmanager
-def paused_gc() -> Iterator[None]:
-    """Pause the cyclic garbage collector around a loop that allocates many short-lived, acyclic
-    objects: otherwise it keeps walking every live object (the key maps, the rows) for nothing."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 class ResultsIncomplete(RuntimeError):
@@ -114,110 +100,192 @@ class CollectSummary:
         return dict(self.__dict__)
 
 
-# The order of the fields _result_row returns (RESULTS_SCHEMA without cost, version and batch).
-_ROW_FIELDS = _STRING_COLUMNS[:7] + _TOKEN_COLUMNS + _STRING_COLUMNS[7:]
-_ROW_INDEX = {name: index for index, name in enumerate(_ROW_FIELDS)}
+# The fields of a parsed row tuple: RESULTS_SCHEMA without the columns set per row group (the
+# record key, looked up by custom_id; cost, prompt version and batch id).
+_ROW_FIELDS = (
+    "custom_id", "outcome", "text", "tool_input_json", "stop_reason", "model", *_TOKEN_COLUMNS,
+    "error_type", "error_message",
+)  # fmt: skip
+_ROW_TYPES = tuple(pa.int64() if name in _TOKEN_COLUMNS else pa.string() for name in _ROW_FIELDS)
+# The token columns in the order of cost_array's parameters.
+_COST_TOKENS = (
+    "input_tokens", "output_tokens", "cache_creation_5m_input_tokens", "cache_creation_1h_input_tokens",
+    "cache_read_input_tokens",
+)  # fmt: skip
+_NO_USAGE: dict[str, Any] = {}
 
 
-def _result_row(record: dict[str, Any], record_key: str | None) -> tuple[Any, ...]:
-    """One result line as a tuple in :data:`_ROW_FIELDS` order."""
-    custom_id = record["custom_id"]
-    result = record["result"]
-    outcome = result["type"]
-    if outcome == "succeeded":
-        message = result["message"]
-        content = message.get("content") or ()
-        tool_input = None
-        if len(content) == 1 and content[0].get("type") == "text":
-            text = content[0].get("text")
-        else:
-            texts = []
-            for block in content:
-                kind = block.get("type")
-                if kind == "text":
-                    texts.append(block.get("text", ""))
-                elif kind == "tool_use" and tool_input is None:
-                    tool_input = orjson.dumps(block.get("input")).decode()
-            text = "".join(texts) if texts else None
-        usage = message.get("usage") or {}
-        written = usage.get("cache_creation_input_tokens") or 0
-        creation = usage.get("cache_creation")
-        if creation:
-            split = (
-                creation.get("ephemeral_5m_input_tokens") or 0,
-                creation.get("ephemeral_1h_input_tokens") or 0,
-            )
-        else:  # no split reported: price the writes as 5-minute writes, the API's default TTL
-            split = (written, 0)
-        return (
-            custom_id, record_key, outcome, text, tool_input, message.get("stop_reason"), message.get("model"),
-            usage.get("input_tokens") or 0, usage.get("output_tokens") or 0, written,
-            usage.get("cache_read_input_tokens") or 0, split[0], split[1], None, None,
-        )  # fmt: skip
+def _content_payloads(content: list[dict[str, Any]]) -> tuple[str | None, str | None]:
+    """(text, tool input as JSON) of a message's content blocks: the texts joined, the first tool input."""
+    texts = []
+    tool_input = None
+    for block in content:
+        kind = block.get("type")
+        if kind == "text":
+            texts.append(block.get("text", ""))
+        elif kind == "tool_use" and tool_input is None:
+            tool_input = orjson.dumps(block.get("input")).decode()
+    return ("".join(texts) if texts else None), tool_input
+
+
+def _unsucceeded_row(custom_id: str, outcome: str, result: dict[str, Any]) -> tuple[Any, ...]:
+    """The row of a request that did not succeed (errored, canceled, expired or unknown)."""
     error_type = error_message = None
     if outcome == "errored":
         # The error object is nested twice: {"error": {"type": "error", "error": {...}}}.
         error = result.get("error") or {}
         inner = error.get("error") if isinstance(error.get("error"), dict) else error
         error_type, error_message = inner.get("type"), inner.get("message")
-    return (
-        custom_id,
-        record_key,
-        outcome,
-        None,
-        None,
-        None,
-        None,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        error_type,
-        error_message,
-    )
+    return (custom_id, outcome, None, None, None, None, 0, 0, 0, 0, 0, 0, error_type, error_message)
 
 
-class _Columns:
-    """The rows of one row group, as tuples until they become an Arrow batch."""
+class ResultRows:
+    """Result lines parsed into Arrow columns, one call's lines at a time, until they become a table.
 
-    def __init__(self) -> None:
-        self.rows: list[tuple[Any, ...]] = []
+    A call's rows live as Python tuples only until it returns: a row group held as Python objects
+    would take several times its Arrow size, and leave the heap fragmented after.
+
+    :param positions: custom_id -> its place among the shard's keys; when given, each row's
+        place is kept as the column ``position`` (null for an id that is not the shard's).
+    """
+
+    def __init__(self, positions: Mapping[str, int] | None = None) -> None:
+        self.positions = positions
+        self.pieces: list[list[pa.Array]] = []
+        self.size = 0
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return self.size
 
-    def add(self, record: dict[str, Any], record_key: str | None) -> str:
-        """Append one result line; returns its outcome."""
-        row = _result_row(record, record_key)
-        self.rows.append(row)
-        return row[2]
+    def add_lines(self, lines: Iterable[bytes]) -> None:
+        """Parse result lines (JSON) into rows.
 
-    def to_batch(self, prompt_version: str | None, batch_id: str, prices: PriceTable) -> pa.RecordBatch:
-        size = len(self.rows)
-        columns = list(zip(*self.rows, strict=True)) if self.rows else [()] * len(_ROW_FIELDS)
-        arrays: dict[str, pa.Array] = {}
-        numbers: dict[str, np.ndarray] = {}
-        for name, values in zip(_ROW_FIELDS, columns, strict=True):
-            if name in _TOKEN_COLUMNS:
-                numbers[name] = np.fromiter(values, dtype=np.int64, count=size)
-                arrays[name] = pa.array(numbers[name], pa.int64())
-            else:
-                arrays[name] = pa.array(values, pa.string())
-        cost = cost_array(
-            columns[_ROW_INDEX["model"]],
-            numbers["input_tokens"],
-            numbers["output_tokens"],
-            numbers["cache_creation_5m_input_tokens"],
-            numbers["cache_creation_1h_input_tokens"],
-            numbers["cache_read_input_tokens"],
-            prices,
-        )
-        arrays["cost_usd"] = pa.array(cost, pa.float64(), mask=np.isnan(cost))
-        arrays["prompt_version"] = pa.array([prompt_version] * size, pa.string())
-        arrays["batch_id"] = pa.array([batch_id] * size, pa.string())
-        return pa.record_batch([arrays[f.name] for f in RESULTS_SCHEMA], schema=RESULTS_SCHEMA)
+        Raises ``orjson.JSONDecodeError``, ``KeyError``, ``TypeError``, ``AttributeError`` or
+        ``pyarrow.ArrowException`` at the first line that is not a whole result; the lines before
+        it are kept.
+        """
+        loads = orjson.loads
+        rows: list[tuple[Any, ...]] = []
+        append = rows.append
+        try:
+            for line in lines:
+                record = loads(line)
+                result = record["result"]
+                outcome = result["type"]
+                if outcome != "succeeded":
+                    append(_unsucceeded_row(record["custom_id"], outcome, result))
+                    continue
+                # Inlined, not a function per line: this loop is most of collect's time.
+                message = result["message"]
+                content = message.get("content") or ()
+                if len(content) == 1 and content[0].get("type") == "text":
+                    text = content[0].get("text")
+                    tool_input = None
+                else:
+                    text, tool_input = _content_payloads(content)
+                usage = message.get("usage") or _NO_USAGE
+                written = usage.get("cache_creation_input_tokens") or 0
+                creation = usage.get("cache_creation")
+                if creation:
+                    written_5m = creation.get("ephemeral_5m_input_tokens") or 0
+                    written_1h = creation.get("ephemeral_1h_input_tokens") or 0
+                else:  # no split reported: price the writes as 5-minute writes, the API's default TTL
+                    written_5m, written_1h = written, 0
+                append(
+                    (
+                        record["custom_id"], "succeeded", text, tool_input, message.get("stop_reason"),
+                        message.get("model"), usage.get("input_tokens") or 0, usage.get("output_tokens") or 0,
+                        written, usage.get("cache_read_input_tokens") or 0, written_5m, written_1h, None, None,
+                    )
+                )  # fmt: skip
+        finally:
+            if rows:
+                self._add_piece(rows)
+
+    def _add_piece(self, rows: list[tuple[Any, ...]]) -> None:
+        columns = list(zip(*rows, strict=True))
+        piece = [pa.array(values, kind) for kind, values in zip(_ROW_TYPES, columns, strict=True)]
+        if self.positions is not None:
+            # The id strings are at hand here; a dict lookup is cheaper than Arrow hashing the shard's keys.
+            piece.append(pa.array(list(map(self.positions.get, columns[0])), pa.int32()))
+        self.pieces.append(piece)
+        self.size += len(rows)
+
+    def columns(self) -> dict[str, pa.ChunkedArray]:
+        """The rows as one column per field of :data:`_ROW_FIELDS` (and ``position``), one chunk a call."""
+        names, kinds = _ROW_FIELDS, _ROW_TYPES
+        if self.positions is not None:
+            names, kinds = (*names, "position"), (*kinds, pa.int32())
+        return {
+            name: pa.chunked_array([piece[index] for piece in self.pieces], kind)
+            for index, (name, kind) in enumerate(zip(names, kinds, strict=True))
+        }
+
+    def clear(self) -> None:
+        self.pieces.clear()
+        self.size = 0
+
+
+def results_table(
+    fields: dict[str, pa.ChunkedArray],
+    record_keys: pa.Array | pa.ChunkedArray,
+    prompt_version: str | None,
+    batch_id: str,
+    prices: PriceTable,
+) -> pa.Table:
+    """Parsed rows as a :data:`RESULTS_SCHEMA` table, with the columns set per row group.
+
+    :param fields: the rows' fields (:meth:`ResultRows.columns`).
+    :param record_keys: the record key of each row, in row order (null where unknown).
+    :param prompt_version: the run's prompt version.
+    :param batch_id: the batch the rows came from.
+    :param prices: the price table for ``cost_usd``.
+    """
+    size = len(record_keys)
+    columns = {
+        **fields,
+        "record_key": record_keys,
+        "cost_usd": _cost_column(fields["model"], fields, prices),
+        "prompt_version": pa.array([prompt_version] * size, pa.string()),
+        "batch_id": pa.array([batch_id] * size, pa.string()),
+    }
+    return pa.Table.from_arrays([columns[f.name] for f in RESULTS_SCHEMA], schema=RESULTS_SCHEMA)
+
+
+def _cost_column(models: pa.ChunkedArray, tokens: dict[str, pa.ChunkedArray], prices: PriceTable) -> pa.Array:
+    """``cost_usd`` per row: null where the model has no price, 0 for rows without a message.
+
+    Cost is linear in each token count, so each of the row group's few models (None for rows
+    without a message) is priced once per kind of token and the rows are weighed with numpy.
+    """
+    distinct = pc.unique(models)
+    names: list[str | None] = distinct.to_pylist()
+    codes = pc.index_in(models, value_set=distinct).to_numpy()  # a null model finds the null entry
+    cost = np.zeros(len(models), dtype=np.float64)
+    for kind, name in enumerate(_COST_TOKENS):
+        one_token = [np.full(len(names), float(position == kind)) for position in range(len(_COST_TOKENS))]
+        unit_cost = cost_array(names, *one_token, prices)
+        cost += unit_cost[codes] * tokens[name].to_numpy()
+    return pa.array(cost, pa.float64(), mask=np.isnan(cost))
+
+
+class _ShardKeys:
+    """The shard's keys: where each custom_id is (a dict) and the record keys (an Arrow column)."""
+
+    def __init__(self, table: pa.Table) -> None:
+        custom_ids = table.column("custom_id").to_pylist()
+        self.position_of = dict(zip(custom_ids, range(len(custom_ids)), strict=True))
+        self.record_keys = table.column("record_key").combine_chunks()
+
+    def __len__(self) -> int:
+        return len(self.record_keys)
+
+
+def _read_shard_keys(layout: RunLayout, shard: ShardManifest) -> _ShardKeys:
+    # ParquetFile rather than staging.read_shard_keys's read_table, which imports pyarrow.dataset
+    # (a quarter of a second, in a task that needs nothing else from it).
+    with layout.store.open(f"{layout.prefix}/{shard.keys}", "rb") as handle:
+        return _ShardKeys(pq.ParquetFile(handle).read(columns=["custom_id", "record_key"]))
 
 
 def _iter_chunks_of_lines(chunks: Iterator[bytes]) -> Iterator[tuple[bytes, list[bytes], bool]]:
@@ -226,7 +294,9 @@ def _iter_chunks_of_lines(chunks: Iterator[bytes]) -> Iterator[tuple[bytes, list
     for chunk in chunks:
         if not chunk:
             continue
-        lines = (pending + chunk if pending else chunk).split(b"\n")
+        lines = chunk.split(b"\n")
+        if pending:  # joined to the first line only: copying the whole chunk costs as much as the split
+            lines[0] = pending + lines[0]
         pending = lines.pop()
         yield chunk, [line for line in lines if line], False
     if pending:
@@ -236,9 +306,7 @@ def _iter_chunks_of_lines(chunks: Iterator[bytes]) -> Iterator[tuple[bytes, list
 class _Download:
     """One attempt: stream the results to both objects, counting and checking as it goes."""
 
-    def __init__(
-        self, layout: RunLayout, part: int, batch_id: str, keys: dict[str, str], row_group_rows: int
-    ):
+    def __init__(self, layout: RunLayout, part: int, batch_id: str, keys: _ShardKeys, row_group_rows: int):
         self.layout = layout
         self.part = part
         self.batch_id = batch_id
@@ -247,7 +315,10 @@ class _Download:
         self.lines = 0
         self.bytes = 0
         self.counts = dict.fromkeys(OUTCOMES, 0)
-        self.seen: set[str] = set()
+        # One flag per shard key (flat in the results' size) and the few ids that are not the shard's.
+        self.seen = np.zeros(len(keys), dtype=np.bool_)
+        self.unknown: set[str] = set()
+        self.duplicated = False
         self.problems: list[str] = []
         self.totals = dict.fromkeys(
             ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"), 0
@@ -261,54 +332,65 @@ class _Download:
             store.open(
                 self.layout.results_parquet(self.part), "wb", block_size=_S3_BLOCK_SIZE
             ) as parquet_handle,
-            pq.ParquetWriter(parquet_handle, RESULTS_SCHEMA, compression="zstd") as writer,
+            parquet_writer(parquet_handle, RESULTS_SCHEMA, _UNIQUE_COLUMNS) as writer,
         ):
-            columns = _Columns()
-            keys_get = self.keys.get
-            loads = orjson.loads
-            rows = columns.rows
-            for chunk, lines, unended in _iter_chunks_of_lines(chunks):
-                try:
-                    with paused_gc():
-                        for line in lines:
-                            record = loads(line)
-                            rows.append(_result_row(record, keys_get(record["custom_id"])))
-                except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-                    where = "the last line" if unended else "a line"
-                    self.problems.append(f"{where} is not a complete result ({type(exc).__name__})")
-                    break
-                # The stream's own bytes are the audit copy; a broken download is never kept.
-                raw.write(chunk or lines[0])
-                self.bytes += len(chunk or lines[0])
-                if len(rows) >= self.row_group_rows:
-                    self._flush(writer, columns, prompt_version, prices)
-                    columns = _Columns()
-                    rows = columns.rows
-            if len(columns):
-                self._flush(writer, columns, prompt_version, prices)
+            rows = ResultRows(self.keys.position_of)
+            # For the whole download: collections would walk each call's row tuples again and
+            # again (nothing here makes cycles), and each chunk's buffers would be mapped afresh.
+            with bulk_processing():
+                for chunk, lines, unended in _iter_chunks_of_lines(chunks):
+                    try:
+                        rows.add_lines(lines)
+                    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, pa.ArrowException) as exc:
+                        where = "the last line" if unended else "a line"
+                        self.problems.append(f"{where} is not a complete result ({type(exc).__name__})")
+                        break
+                    # The stream's own bytes are the audit copy; a broken download is never kept.
+                    raw.write(chunk or lines[0])
+                    self.bytes += len(chunk or lines[0])
+                    if len(rows) >= self.row_group_rows:
+                        self._flush(writer, rows, prompt_version, prices)
+                if len(rows):
+                    self._flush(writer, rows, prompt_version, prices)
 
     def _flush(
-        self, writer: pq.ParquetWriter, columns: _Columns, prompt_version: str | None, prices: PriceTable
+        self, writer: pq.ParquetWriter, rows: ResultRows, prompt_version: str | None, prices: PriceTable
     ) -> None:
-        batch = columns.to_batch(prompt_version, self.batch_id, prices)
-        writer.write_batch(batch)
-        self.lines += batch.num_rows
-        custom_ids = batch.column("custom_id").to_pylist()
-        before = len(self.seen)
-        self.seen.update(custom_ids)
-        if len(self.seen) - before != len(custom_ids):
-            self.problems.append("some custom_ids appear more than once")
-        for outcome, count in Counter(batch.column("outcome").to_pylist()).items():
+        fields = rows.columns()
+        rows.clear()
+        positions = fields.pop("position")
+        table = results_table(fields, self.keys.record_keys.take(positions), prompt_version, self.batch_id, prices)
+        # One row group, written from the calls' chunks as they are (no copy into one array).
+        writer.write_table(table, row_group_size=max(table.num_rows, 1))
+        self.lines += table.num_rows
+        self._note_custom_ids(fields["custom_id"], positions)
+        for item in pc.value_counts(table.column("outcome")).to_pylist():
+            outcome, count = item["values"], item["counts"]
             if outcome in self.counts:
                 self.counts[outcome] += count
             else:
                 self.problems.append(f"{count} results have the unknown outcome {outcome!r}")
         for name in self.totals:
-            self.totals[name] += int(pc.sum(batch.column(name)).as_py() or 0)
-        self.cost += float(pc.sum(batch.column("cost_usd")).as_py() or 0.0)
+            self.totals[name] += int(pc.sum(table.column(name)).as_py() or 0)
+        self.cost += float(pc.sum(table.column("cost_usd")).as_py() or 0.0)
+
+    def _note_custom_ids(self, custom_ids: pa.ChunkedArray, positions: pa.ChunkedArray) -> None:
+        """Mark the shard's custom_ids seen; note repeats and ids that are not the shard's."""
+        known = positions.drop_null().to_numpy()
+        seen_before = np.count_nonzero(self.seen)
+        self.seen[known] = True
+        if np.count_nonzero(self.seen) - seen_before != len(known):  # some were seen already
+            self.duplicated = True
+        if positions.null_count:
+            unknown = custom_ids.filter(positions.is_null()).to_pylist()
+            if len(set(unknown)) != len(unknown) or self.unknown.intersection(unknown):
+                self.duplicated = True
+            self.unknown.update(unknown)
 
     def check(self, expected_counts: dict[str, int]) -> None:
         """Record every way the download falls short of the batch's own counts."""
+        if self.duplicated:
+            self.problems.append("some custom_ids appear more than once")
         expected_total = sum(expected_counts.values())
         if self.lines != expected_total:
             self.problems.append(f"{self.lines} result lines, but the batch has {expected_total} requests")
@@ -317,18 +399,60 @@ class _Download:
                 self.problems.append(
                     f"{self.counts[outcome]} {outcome} results, but the batch counts {expected_counts.get(outcome, 0)}"
                 )
-        unknown = self.seen.difference(self.keys)
-        if unknown:
-            sample = ", ".join(sorted(unknown)[:5])
+        if self.unknown:
+            sample = ", ".join(sorted(self.unknown)[:5])
             raise ResultsMismatch(
-                f"batch {self.batch_id} returned {len(unknown)} custom_ids that are not in shard part {self.part} "
-                f"(e.g. {sample}); is it the right batch?"
+                f"batch {self.batch_id} returned {len(self.unknown)} custom_ids that are not in shard part "
+                f"{self.part} (e.g. {sample}); is it the right batch?"
             )
 
 
+def parquet_writer(handle: Any, schema: pa.Schema, unique_columns: frozenset[str]) -> pq.ParquetWriter:
+    """A zstd Parquet writer for the data path's parts.
+
+    :param handle: the open file (a store handle).
+    :param schema: the part's columns.
+    :param unique_columns: columns with a value per row, written without a dictionary: for them one
+        would be built and then given up, which costs a fifth of the write.
+    """
+    use_dictionary = [name for name in schema.names if name not in unique_columns]
+    return pq.ParquetWriter(handle, schema, compression="zstd", use_dictionary=use_dictionary)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    from claude_batch.hooks import is_transient  # the hooks import Airflow: only on this rare path
+
+    return is_transient(exc)
+
+
+def _explained(exc: BaseException, conn_id: str, action: str) -> Exception:
+    """The SDK error as the hook explains it (what to check, no secrets)."""
+    from claude_batch.hooks import explain_api_error
+
+    return explain_api_error(exc, conn_id, action)
+
+
+def _delete_results(layout: RunLayout, part: int) -> None:
+    """Remove what a failed collect wrote, so nothing incomplete looks complete."""
+    layout.store.delete(layout.results_jsonl(part))
+    layout.store.delete(layout.results_parquet(part))
+
+
 def _stream(client: anthropic.Anthropic, batch_id: str) -> Iterator[bytes]:
+    """The results' bytes in chunks of about :data:`_DOWNLOAD_CHUNK`."""
     with client.messages.batches.with_streaming_response.results(batch_id) as response:
-        yield from response.iter_bytes(_DOWNLOAD_CHUNK)
+        # Gathered here with one join: the HTTP library's exact-size chunks copy each megabyte thrice.
+        pieces: list[bytes] = []
+        size = 0
+        for piece in response.iter_bytes():
+            pieces.append(piece)
+            size += len(piece)
+            if size >= _DOWNLOAD_CHUNK:
+                yield b"".join(pieces)
+                pieces.clear()
+                size = 0
+        if pieces:
+            yield b"".join(pieces)
 
 
 def collect_results(
@@ -342,13 +466,16 @@ def collect_results(
     max_attempts: int = 4,
     retry_wait_seconds: float = 1.0,
     row_group_rows: int = 20_000,
+    conn_id: str = DEFAULT_CONN_ID,
 ) -> CollectSummary:
     """Download the results of ``batch_id`` (the batch of shard ``part``) into S3.
 
     Writes ``results/part-NNNNN.jsonl`` (raw, for audit) and ``results/part-NNNNN.parquet``
     (columns of :data:`RESULTS_SCHEMA`). A short or broken download is retried up to
     ``max_attempts`` times, then :class:`ResultsIncomplete` is raised and the partial objects
-    are removed; nothing incomplete is left looking complete.
+    are removed; nothing incomplete is left looking complete. An error the API will answer again
+    (a refused key, no permission, no such batch) is not retried: it is raised at once as a
+    :class:`~claude_batch.hooks.ClaudeBatchError` that says what to check.
 
     :param client: an ``anthropic.Anthropic`` client (the hook's, or one on the emulator).
     :param layout: the run's S3 layout.
@@ -359,13 +486,17 @@ def collect_results(
     :param max_attempts: downloads tried before giving up.
     :param retry_wait_seconds: the first wait between attempts (doubles each time).
     :param row_group_rows: rows per Parquet row group (bounds memory).
+    :param conn_id: the Airflow connection the client was made from (named in error messages).
     """
     manifest = manifest or read_manifest(layout)
     if manifest is None:
         raise FileNotFoundError(f"no manifest at {layout.store.uri(layout.manifest)}; stage the run first")
     shard: ShardManifest = manifest.shard(part)
     table = prices or default_prices()
-    batch = client.messages.batches.retrieve(batch_id)
+    try:
+        batch = client.messages.batches.retrieve(batch_id)
+    except anthropic.APIError as exc:
+        raise _explained(exc, conn_id, f"retrieving batch {batch_id}") from exc
     if batch.processing_status != "ended":
         raise BatchNotEnded(f"batch {batch_id} is {batch.processing_status}; collect it once it has ended")
     request_counts = batch.request_counts
@@ -375,22 +506,19 @@ def collect_results(
             f"batch {batch_id} has {sum(expected.values())} requests but shard part {part} has {shard.count}; "
             "is it the right batch?"
         )
-    keys_table = read_shard_keys(layout, shard)
-    keys = dict(
-        zip(
-            keys_table.column("custom_id").to_pylist(),
-            keys_table.column("record_key").to_pylist(),
-            strict=True,
-        )
-    )
-    del keys_table
+    keys = _read_shard_keys(layout, shard)
     problems: list[str] = []
     for attempt in range(1, max_attempts + 1):
         download = _Download(layout, part, batch_id, keys, row_group_rows)
         stream = _stream(client, batch_id)
         try:
             download.run(stream, manifest.prompt_version, table)
-        except (anthropic.APIConnectionError, anthropic.APIStatusError, OSError) as exc:
+        except anthropic.APIStatusError as exc:
+            if not _is_transient(exc):
+                _delete_results(layout, part)
+                raise _explained(exc, conn_id, f"downloading the results of batch {batch_id}") from exc
+            download.problems.append(f"the download failed: {type(exc).__name__}: {exc}")
+        except (anthropic.APIConnectionError, OSError) as exc:
             download.problems.append(f"the download failed: {type(exc).__name__}: {exc}")
         except Exception as exc:  # the HTTP library's own "peer closed" errors are not SDK errors
             if type(exc).__module__.split(".")[0] not in ("httpx", "httpx2", "httpcore", "httpcore2", "h11"):
@@ -424,8 +552,7 @@ def collect_results(
         )
         if attempt < max_attempts:
             time.sleep(retry_wait_seconds * 2 ** (attempt - 1))
-    layout.store.delete(layout.results_jsonl(part))
-    layout.store.delete(layout.results_parquet(part))
+    _delete_results(layout, part)
     raise ResultsIncomplete(
         f"results of batch {batch_id} (shard part {part}) were incomplete after {max_attempts} downloads: "
         + "; ".join(problems[-6:])

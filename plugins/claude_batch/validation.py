@@ -13,25 +13,38 @@ import enum
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
+from operator import attrgetter
 from typing import Any, NamedTuple
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ValidationError
 
-from claude_batch.results import iter_result_batches, paused_gc
+from claude_batch.results import iter_result_batches, parquet_writer
 from claude_batch.storage import RunLayout
-from claude_batch.workloads import OutputColumn, Workload, unwrap_optional
+from claude_batch.tuning import bulk_processing, gc_paused
+from claude_batch.workloads import OutputColumn, Rule, Workload, unwrap_optional
 
 STATUSES = ("valid", "invalid", "errored", "expired", "canceled")
 _REASON_LIMIT = 1_000
+# Rows whose answers are held as Python objects at once (validate_part's memory bound).
+_SLICE_ROWS = 4_096
 _STOP_REASONS_CUT = {
     "max_tokens": ("max_tokens", "the answer was cut at max_tokens"),
     "refusal": ("refusal", "the model refused to answer"),
     "model_context_window_exceeded": ("context_window", "the answer was cut at the model's context window"),
     "pause_turn": ("paused", "the answer was paused mid-turn"),
+}
+_CUT_REASONS = pa.array(list(_STOP_REASONS_CUT), pa.string())
+# Rule values of these exact types go into their column as they are; others through _coerce.
+_PLAIN_RULE_TYPES: dict[str, set[type]] = {
+    "bool": {bool, type(None)},
+    "int": {int, type(None)},
+    "float": {float, int, type(None)},
+    "str": {str, type(None)},
 }
 _BASE_FIELDS: list[tuple[str, pa.DataType]] = [
     ("custom_id", pa.string()),
@@ -53,6 +66,8 @@ _BASE_FIELDS: list[tuple[str, pa.DataType]] = [
     ("cache_read_input_tokens", pa.int64()),
     ("cost_usd", pa.float64()),
 ]
+# Columns with a value per row (see results.parquet_writer).
+_UNIQUE_COLUMNS = frozenset({"custom_id", "record_key", "raw_text", "output_json"})
 _PASSED_THROUGH = (
     "custom_id", "record_key", "prompt_version", "batch_id", "model", "outcome", "error_type", "stop_reason",
     "input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "cost_usd",
@@ -117,28 +132,42 @@ def _coerce(value: Any, dtype: str) -> Any:
     return str(value)
 
 
+def _cut_verdict(workload: Workload, stop_reason: str | None, output_tokens: int) -> Verdict | None:
+    """The verdict of an answer cut short or refused, else None."""
+    cut = _STOP_REASONS_CUT.get(stop_reason or "")
+    if cut is None:
+        return None
+    code, what = cut
+    detail = f" ({output_tokens} output tokens, max_tokens {workload.max_tokens})" if code == "max_tokens" else ""
+    return Verdict("invalid", code, what + detail)
+
+
+def _no_output_verdict(workload: Workload) -> Verdict:
+    where = "no tool_use block" if workload.output_mode == "tool" else "no text"
+    return Verdict("invalid", "no_output", f"the answer holds {where}")
+
+
+def _rule_failure(rule: Rule, exc: Exception) -> Verdict:
+    return Verdict(
+        "invalid", "rule_error", _short(f"business rule {rule.name!r} failed: {type(exc).__name__}: {exc}")
+    )
+
+
 def judge(
     workload: Workload, payload: str | None, stop_reason: str | None, output_tokens: int = 0
 ) -> Verdict:
-    """Judge one succeeded answer.
+    """Judge one succeeded answer (:func:`validate_batch` judges a batch the same way, faster).
 
     :param workload: the task spec (schema, output mode, rules).
     :param payload: the answer's JSON: the text (``json_schema`` mode) or the tool input (``tool``).
     :param stop_reason: the message's stop reason.
     :param output_tokens: the answer's output tokens (named in the max_tokens reason).
     """
-    cut = _STOP_REASONS_CUT.get(stop_reason or "")
+    cut = _cut_verdict(workload, stop_reason, output_tokens)
     if cut is not None:
-        code, what = cut
-        detail = (
-            f" ({output_tokens} output tokens, max_tokens {workload.max_tokens})"
-            if code == "max_tokens"
-            else ""
-        )
-        return Verdict("invalid", code, what + detail)
+        return cut
     if payload is None:
-        where = "no tool_use block" if workload.output_mode == "tool" else "no text"
-        return Verdict("invalid", "no_output", f"the answer holds {where}")
+        return _no_output_verdict(workload)
     try:
         # The schema's compiled validator, without model_validate_json's wrapper.
         output = workload.output_schema.__pydantic_validator__.validate_json(payload)
@@ -150,11 +179,7 @@ def judge(
         try:
             derived[rule.name] = _coerce(rule.fn(output), rule.dtype)
         except Exception as exc:  # a rule failing on one answer must not fail the run
-            return Verdict(
-                "invalid",
-                "rule_error",
-                _short(f"business rule {rule.name!r} failed: {type(exc).__name__}: {exc}"),
-            )
+            return _rule_failure(rule, exc)
     return Verdict("valid", output=output, derived=derived)
 
 
@@ -193,62 +218,146 @@ def _rest_verdict(kind: str, error_type: str | None, error_message: str | None) 
     return Verdict("invalid", "unknown_outcome", f"unknown result type {kind!r}")
 
 
+def _rule_values(rule: Rule, outputs: list[Any]) -> tuple[list[Any], dict[int, Verdict]]:
+    """One rule's column over the outputs, and the verdict of each output (by position) it failed on."""
+    failures: dict[int, Verdict] = {}
+    try:
+        values = list(map(rule.fn, outputs))
+    except Exception:  # some output breaks the rule: go one by one to find which
+        values = []
+        for position, output in enumerate(outputs):
+            try:
+                values.append(rule.fn(output))
+            except Exception as exc:  # a rule failing on one answer must not fail the run
+                values.append(None)
+                failures[position] = _rule_failure(rule, exc)
+    if not set(map(type, values)) <= _PLAIN_RULE_TYPES[rule.dtype]:
+        for position, value in enumerate(values):
+            if position in failures:
+                continue
+            try:
+                values[position] = _coerce(value, rule.dtype)
+            except Exception as exc:
+                values[position] = None
+                failures[position] = _rule_failure(rule, exc)
+    return values, failures
+
+
+class _Judged:
+    """The valid outputs of a batch (their rows, fields and rule values) and every other row's verdict."""
+
+    def __init__(self, workload: Workload, batch: pa.RecordBatch | pa.Table) -> None:
+        self.failures: dict[int, Verdict] = {}
+        self.rows: list[int] = []
+        self.outputs: list[Any] = []
+        payload = batch.column("tool_input_json" if workload.output_mode == "tool" else "text")
+        self.payloads = payload.to_pylist()
+        self._judge_unparsed(workload, batch, payload)
+        self._parse(workload)
+        self.rule_values: list[list[Any]] = []
+        for rule in workload.rules:
+            values, failures = _rule_values(rule, self.outputs)
+            self.rule_values.append(values)
+            if failures:
+                self._drop({self.rows[position]: verdict for position, verdict in failures.items()})
+
+    def _judge_unparsed(self, workload: Workload, batch: pa.RecordBatch | pa.Table, payload: pa.Array) -> None:
+        """Verdicts of the rows with nothing to parse: not succeeded, cut, refused, without output."""
+        succeeded = pc.equal(batch.column("outcome"), "succeeded")
+        parsable = pc.and_(succeeded, pc.invert(pc.is_in(batch.column("stop_reason"), value_set=_CUT_REASONS)))
+        parsable = pc.and_(parsable, payload.is_valid()).fill_null(False)
+        unparsed = np.flatnonzero(~parsable.to_numpy(zero_copy_only=False)).tolist()
+        if not unparsed:
+            return
+        outcome = pc.take(batch.column("outcome"), unparsed).to_pylist()
+        stop_reason = pc.take(batch.column("stop_reason"), unparsed).to_pylist()
+        output_tokens = pc.take(batch.column("output_tokens"), unparsed).to_pylist()
+        error_type = pc.take(batch.column("error_type"), unparsed).to_pylist()
+        error_message = pc.take(batch.column("error_message"), unparsed).to_pylist()
+        for position, row in enumerate(unparsed):
+            if outcome[position] != "succeeded":
+                verdict = _rest_verdict(outcome[position], error_type[position], error_message[position])
+            else:
+                verdict = _cut_verdict(workload, stop_reason[position], output_tokens[position] or 0)
+                if verdict is None:
+                    verdict = _no_output_verdict(workload)
+            self.failures[row] = verdict
+
+    def _parse(self, workload: Workload) -> None:
+        """Parse and validate every other answer against the schema, one pass over the payloads."""
+        # The schema's compiled validator, without model_validate_json's wrapper.
+        validate_json = workload.output_schema.__pydantic_validator__.validate_json
+        failures = self.failures
+        rows_append = self.rows.append
+        outputs_append = self.outputs.append
+        for row, payload in enumerate(self.payloads):
+            if row in failures:
+                continue
+            try:
+                outputs_append(validate_json(payload))
+            except ValidationError as exc:
+                code, reason = _describe_errors(exc)
+                failures[row] = Verdict("invalid", code, reason)
+                continue
+            rows_append(row)
+
+    def _drop(self, failures: dict[int, Verdict]) -> None:
+        """Take rows out of the valid ones (a rule failed on them)."""
+        self.failures.update(failures)
+        keep = [position for position, row in enumerate(self.rows) if row not in failures]
+        self.rows = [self.rows[position] for position in keep]
+        self.outputs = [self.outputs[position] for position in keep]
+        self.rule_values = [[values[position] for position in keep] for values in self.rule_values]
+
+
 def validate_batch(workload: Workload, batch: pa.RecordBatch | pa.Table) -> pa.RecordBatch:
     """Validate a batch of collected results (``RESULTS_SCHEMA`` columns) into validated rows.
+
+    Only the answers to parse go through Python one by one (the compiled validator); rules, typed
+    columns and the rest are built a column at a time.
 
     :param workload: the task spec the results answer.
     :param batch: rows of a results Parquet part.
     """
     schema = validated_schema(workload)
-    outcome = batch.column("outcome").to_pylist()
-    stop_reason = batch.column("stop_reason").to_pylist()
-    output_tokens = batch.column("output_tokens").to_pylist()
-    text = batch.column("text").to_pylist()
-    payloads = batch.column("tool_input_json").to_pylist() if workload.output_mode == "tool" else text
-    error_type = batch.column("error_type").to_pylist()
-    error_message = batch.column("error_message").to_pylist()
-    field_names = [column.name for column in workload.output_columns]
-    converters = [_converter(workload, column) for column in workload.output_columns]
-    names = field_names + [rule.name for rule in workload.rules]
-    empty = (None,) * len(names)
-    to_json = workload.output_schema.__pydantic_serializer__.to_json
-    verdicts: list[Verdict] = []
-    raw_texts: list[str | None] = []
-    output_json: list[str | None] = []
-    values: list[tuple[Any, ...]] = []
-    with paused_gc():
-        for index, kind in enumerate(outcome):
-            if kind == "succeeded":
-                verdict = judge(workload, payloads[index], stop_reason[index], output_tokens[index] or 0)
-            else:
-                verdict = _rest_verdict(kind, error_type[index], error_message[index])
-            verdicts.append(verdict)
-            if verdict.status == "valid":
-                output = verdict.output
-                raw_texts.append(None)
-                output_json.append(to_json(output).decode())
-                fields = [
-                    getattr(output, name) if convert is None else convert(getattr(output, name))
-                    for name, convert in zip(field_names, converters, strict=True)
-                ]
-                values.append((*fields, *verdict.derived.values()))  # type: ignore[union-attr]
-            else:
-                raw_texts.append(payloads[index] if kind == "succeeded" else None)
-                output_json.append(None)
-                values.append(empty)
-    statuses = [verdict.status for verdict in verdicts]
-    codes = [verdict.reason_code for verdict in verdicts]
-    reasons = [verdict.reason for verdict in verdicts]
-    arrays: dict[str, pa.Array] = {name: batch.column(name) for name in _PASSED_THROUGH}
-    arrays["status"] = pa.array(statuses, pa.string())
-    arrays["reason_code"] = pa.array(codes, pa.string())
-    arrays["reason"] = pa.array(reasons, pa.string())
-    arrays["raw_text"] = pa.array(raw_texts, pa.string())
-    arrays["output_json"] = pa.array(output_json, pa.string())
-    columns = list(zip(*values, strict=True)) if values else [()] * len(names)
-    for name, column in zip(names, columns, strict=True):
-        arrays[name] = pa.array(column, schema.field(name).type)
-    return pa.record_batch([arrays[f.name] for f in schema], schema=schema)
+    size = batch.num_rows
+    with gc_paused():  # the batch's validated outputs are all alive until their columns are built
+        judged = _Judged(workload, batch)
+        # Where each row's output is among the valid ones (null: not valid); None when all are.
+        spread = None
+        if len(judged.rows) != size:
+            where = np.full(size, -1, dtype=np.int64)
+            where[judged.rows] = np.arange(len(judged.rows))
+            spread = pa.array(where, mask=where < 0)
+
+        def column(values: list[Any], arrow_type: pa.DataType) -> pa.Array:
+            array = pa.array(values, arrow_type)
+            return array if spread is None else array.take(spread)
+
+        arrays: dict[str, pa.Array] = {name: batch.column(name) for name in _PASSED_THROUGH}
+        to_json = workload.output_schema.__pydantic_serializer__.to_json
+        arrays["output_json"] = column([to_json(output).decode() for output in judged.outputs], pa.string())
+        for output_column in workload.output_columns:
+            values = list(map(attrgetter(output_column.name), judged.outputs))
+            convert = _converter(workload, output_column)
+            if convert is not None:
+                values = list(map(convert, values))
+            arrays[output_column.name] = column(values, output_column.arrow_type)
+        for (name, arrow_type), values in zip(workload.rule_columns(), judged.rule_values, strict=True):
+            arrays[name] = column(values, arrow_type)
+        status: list[str] = ["valid"] * size
+        reason_code: list[str | None] = [None] * size
+        reason: list[str | None] = [None] * size
+        raw_text: list[str | None] = [None] * size
+        for row, verdict in judged.failures.items():
+            status[row], reason_code[row], reason[row] = verdict.status, verdict.reason_code, verdict.reason
+            if verdict.status == "invalid":  # an answer that failed keeps its raw text
+                raw_text[row] = judged.payloads[row]
+        arrays["status"] = pa.array(status, pa.string())
+        arrays["reason_code"] = pa.array(reason_code, pa.string())
+        arrays["reason"] = pa.array(reason, pa.string())
+        arrays["raw_text"] = pa.array(raw_text, pa.string())
+        return pa.record_batch([arrays[f.name] for f in schema], schema=schema)
 
 
 def validate_part(
@@ -267,11 +376,18 @@ def validate_part(
     schema = validated_schema(workload)
     with (
         layout.store.open(validated_path(layout, part), "wb") as handle,
-        pq.ParquetWriter(handle, schema, compression="zstd") as writer,
+        parquet_writer(handle, schema, _UNIQUE_COLUMNS) as writer,
+        bulk_processing(),  # no collections between slices either: nothing here makes cycles
     ):
         for batch in iter_result_batches(layout, part, batch_rows):
-            validated = validate_batch(workload, batch)
-            writer.write_batch(validated)
+            # Validated in slices: the Python objects of a slice's answers are dropped before the
+            # next, and only Arrow columns (a fraction of their size) are held for the row group.
+            slices = [
+                validate_batch(workload, batch.slice(offset, _SLICE_ROWS))
+                for offset in range(0, batch.num_rows, _SLICE_ROWS)
+            ]
+            validated = pa.Table.from_batches(slices, schema=schema)
+            writer.write_table(validated, row_group_size=max(validated.num_rows, 1))
             summary.rows += validated.num_rows
             status = validated.column("status")
             for item in pc.value_counts(status).to_pylist():

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pyarrow as pa
 from claude_batch.costs import default_prices
-from claude_batch.results import _Columns
+from claude_batch.results import ResultRows, results_table
 from claude_batch.staging import iter_shard_requests
 
 
@@ -48,10 +49,11 @@ def results_batch(
     lines: list[dict], prompt_version: str = "pv_test", batch_id: str = "msgbatch_1"
 ) -> pa.RecordBatch:
     """Result lines as collect turns them into Parquet rows (record key = custom_id)."""
-    columns = _Columns()
-    for line in lines:
-        columns.add(line, line["custom_id"])
-    return columns.to_batch(prompt_version, batch_id, default_prices())
+    rows = ResultRows()
+    rows.add_lines(orjson.dumps(line) for line in lines)
+    fields = rows.columns()
+    table = results_table(fields, fields["custom_id"], prompt_version, batch_id, default_prices())
+    return table.combine_chunks().to_batches()[0]
 
 
 def submit_shard(client, layout, shard) -> str:
@@ -65,10 +67,17 @@ def write_results_part(layout, manifest, part: int, outcome_for) -> None:
     import pyarrow.parquet as pq
     from claude_batch.staging import read_shard_keys
 
-    keys = read_shard_keys(layout, manifest.shard(part)).to_pylist()
-    columns = _Columns()
-    for entry in keys:
-        columns.add(outcome_for(entry["record_key"], entry["custom_id"]), entry["record_key"])
-    batch = columns.to_batch(manifest.prompt_version, f"msgbatch_{manifest.run_id}_{part}", default_prices())
+    keys = read_shard_keys(layout, manifest.shard(part))
+    rows = ResultRows()
+    rows.add_lines(
+        orjson.dumps(outcome_for(record_key, custom_id))
+        for record_key, custom_id in zip(
+            keys.column("record_key").to_pylist(), keys.column("custom_id").to_pylist(), strict=True
+        )
+    )
+    table = results_table(
+        rows.columns(), keys.column("record_key"), manifest.prompt_version, f"msgbatch_{manifest.run_id}_{part}",
+        default_prices(),
+    )  # fmt: skip
     with layout.store.open(layout.results_parquet(part), "wb") as handle:
-        pq.write_table(pa.Table.from_batches([batch]), handle)
+        pq.write_table(table, handle)

@@ -110,3 +110,99 @@ def test_collecting_again_overwrites_the_same_objects(layout, emulator, client):
     collect_results(client, layout, 0, batch_id, manifest=manifest)
     assert layout.store.read_bytes(layout.results_jsonl(0)) == first
     assert read_results(layout, 0).num_rows == 10
+
+
+def test_a_refused_key_is_explained_without_the_key(layout, emulator):
+    from claude_batch.hooks import ClaudeBatchAuthError
+
+    manifest = staged(layout, ticket_rows(3))
+    wrong_key = "sk-ant-api03-refused-0123456789abcdef"
+    refused = anthropic.Anthropic(api_key=wrong_key, base_url=emulator.base_url, max_retries=0)
+    with pytest.raises(ClaudeBatchAuthError, match="Authentication failed while retrieving batch msgbatch_x") as error:
+        collect_results(refused, layout, 0, "msgbatch_x", manifest=manifest, conn_id="claude_prod")
+    assert "'claude_prod'" in str(error.value) and wrong_key not in str(error.value)
+
+
+def test_a_refused_download_is_explained_at_once_and_leaves_nothing(layout, emulator, client):
+    from claude_batch.hooks import ClaudeBatchAuthError
+
+    manifest = staged(layout, ticket_rows(5))
+    batch_id = run_batch(client, emulator, layout, manifest)
+    emulator.configure(faults={"http": [{"endpoint": "results", "status": 403}]})
+    with pytest.raises(ClaudeBatchAuthError, match="Permission denied while downloading the results"):
+        collect_results(client, layout, 0, batch_id, manifest=manifest, retry_wait_seconds=0)
+    assert sum(emulator.stats()["faults_injected"].values()) == 1  # not downloaded again
+    assert not layout.store.exists(layout.results_jsonl(0))
+    assert not layout.store.exists(layout.results_parquet(0))
+
+
+def _download(layout, keys, lines, row_group_rows=2):
+    """One download of ``lines`` (dicts) against a shard holding ``keys`` (custom_id = record key)."""
+    import pyarrow as pa
+    from claude_batch.costs import default_prices
+    from claude_batch.results import _Download, _ShardKeys
+
+    shard_keys = _ShardKeys(pa.table({"custom_id": keys, "record_key": [f"record-{key}" for key in keys]}))
+    download = _Download(layout, 0, "msgbatch_1", shard_keys, row_group_rows)
+    chunks = [orjson.dumps(line) + b"\n" for line in lines]  # a chunk a line: row groups of row_group_rows
+    chunks[:1] = [chunks[0][:20], chunks[0][20:]]  # and a line split across chunks
+    download.run(iter(chunks), "pv", default_prices())
+    return download
+
+
+def test_record_keys_come_from_the_shard_whatever_the_order_of_the_results(layout):
+    from tests.datapath.helpers import ended, succeeded
+
+    download = _download(layout, ["a", "b", "c"], [succeeded("c", "{}"), ended("a", "expired"), succeeded("b", "{}")])
+    download.check({"succeeded": 2, "expired": 1})
+    assert not download.problems and download.seen.all()
+    rows = read_results(layout, 0, columns=["custom_id", "record_key"]).to_pylist()
+    assert rows == [{"custom_id": c, "record_key": f"record-{c}"} for c in ("c", "a", "b")]
+
+
+def test_a_custom_id_seen_twice_is_a_problem_even_across_row_groups(layout):
+    from tests.datapath.helpers import succeeded
+
+    download = _download(layout, ["a", "b", "c"], [succeeded("a", "{}"), succeeded("b", "{}"), succeeded("a", "{}")])
+    download.check({"succeeded": 3})
+    assert "some custom_ids appear more than once" in download.problems
+
+
+def test_custom_ids_that_are_not_the_shards_are_refused(layout):
+    from tests.datapath.helpers import succeeded
+
+    download = _download(layout, ["a", "b"], [succeeded("a", "{}"), succeeded("zz", "{}")])
+    with pytest.raises(ResultsMismatch, match="returned 1 custom_ids that are not in shard part 0 \\(e.g. zz\\)"):
+        download.check({"succeeded": 2})
+
+
+def test_cost_is_priced_per_model_and_null_for_an_unknown_model():
+    from claude_batch.costs import Usage, default_prices, usage_cost
+
+    from tests.datapath.helpers import ended, errored, results_batch, succeeded
+
+    split = {"input_tokens": 10, "output_tokens": 7, "cache_creation_input_tokens": 300, "cache_read_input_tokens": 40,
+             "cache_creation": {"ephemeral_5m_input_tokens": 100, "ephemeral_1h_input_tokens": 200}}  # fmt: skip
+    unsplit = {"input_tokens": 3, "output_tokens": 5, "cache_creation_input_tokens": 50, "cache_read_input_tokens": 0}
+    lines = [
+        succeeded("a", "{}", model="claude-haiku-4-5-20251001", usage=split),
+        succeeded("b", "{}", model="claude-sonnet-4-5", usage=unsplit),
+        succeeded("c", "{}", model="claude-unknown-9", usage=unsplit),
+        errored("d"),
+        ended("e", "expired"),
+        succeeded("f", "{}", model="claude-haiku-4-5-20251001", usage=unsplit),
+    ]
+    rows = results_batch(lines).to_pylist()
+    expected = [
+        usage_cost(Usage.from_api(split), "claude-haiku-4-5-20251001"),
+        usage_cost(Usage.from_api(unsplit), "claude-sonnet-4-5"),
+        None,
+        0.0,
+        0.0,
+        usage_cost(Usage.from_api(unsplit), "claude-haiku-4-5-20251001"),
+    ]
+    assert default_prices().find("claude-sonnet-4-5") is not None
+    for row, cost in zip(rows, expected, strict=True):
+        assert row["cost_usd"] == (None if cost is None else pytest.approx(cost, rel=1e-12))
+    assert (rows[0]["cache_creation_5m_input_tokens"], rows[0]["cache_creation_1h_input_tokens"]) == (100, 200)
+    assert (rows[1]["cache_creation_5m_input_tokens"], rows[1]["cache_creation_1h_input_tokens"]) == (50, 0)

@@ -146,3 +146,77 @@ def test_enum_decimal_date_and_nested_fields_become_typed_or_json_columns():
         None,
     )
     assert orjson.loads(row["lines"]) == [{"sku": "A", "quantity": 2}]
+
+
+def test_a_rule_failing_on_some_answers_fails_only_those_and_keeps_the_rows_aligned():
+    from claude_batch.workloads import Rule
+
+    def ratio(out):
+        return 100 / out.total_amount  # fails where the total is 0
+
+    workload = make_workload(rules=(Rule("ratio", ratio, "float"), Rule("big", lambda out: out.total_amount > 10)))
+    answers = [
+        ("a", '{"category": "bug", "total_amount": 50, "summary": "x"}'),
+        ("b", '{"category": "bug", "total_amount": 0, "summary": "zero"}'),
+        ("c", "not json"),
+        ("d", '{"category": "other", "total_amount": 4, "summary": "y"}'),
+    ]
+    lines = [succeeded(custom_id, payload) for custom_id, payload in answers] + [ended("e", "expired")]
+    rows = {row["custom_id"]: row for row in validate_batch(workload, results_batch(lines)).to_pylist()}
+    assert [rows[c]["status"] for c in "abcde"] == ["valid", "invalid", "invalid", "valid", "expired"]
+    assert (rows["a"]["ratio"], rows["a"]["big"], rows["a"]["category"]) == (2.0, True, "bug")
+    assert (rows["d"]["ratio"], rows["d"]["big"], rows["d"]["category"]) == (25.0, False, "other")
+    assert rows["b"]["reason_code"] == "rule_error" and "'ratio' failed: ZeroDivisionError" in rows["b"]["reason"]
+    assert rows["b"]["raw_text"] == answers[1][1]
+    assert (rows["b"]["ratio"], rows["b"]["big"], rows["b"]["category"], rows["b"]["output_json"]) == (None,) * 4
+    assert rows["c"]["reason_code"] == "invalid_json" and rows["e"]["raw_text"] is None
+
+
+def test_rule_values_of_other_types_are_coerced_and_a_value_that_cannot_be_is_a_rule_error():
+    import numpy as np
+    from claude_batch.workloads import Rule
+
+    workload = make_workload(
+        rules=(
+            Rule("flag", lambda out: np.bool_(out.total_amount > 1)),  # not a Python bool
+            Rule("units", lambda out: "many" if out.total_amount > 100 else str(int(out.total_amount)), "int"),
+        )
+    )
+    lines = [
+        succeeded("a", '{"category": "bug", "total_amount": 7, "summary": "x"}'),
+        succeeded("b", '{"category": "bug", "total_amount": 500, "summary": "x"}'),
+    ]
+    rows = validate_batch(workload, results_batch(lines)).to_pylist()
+    assert (rows[0]["status"], rows[0]["flag"], rows[0]["units"]) == ("valid", True, 7)
+    assert rows[1]["reason_code"] == "rule_error" and "'units' failed: ValueError" in rows[1]["reason"]
+    assert validate_batch(workload, results_batch(lines[:1])).to_pylist()[0]["flag"] is True
+
+
+def test_validate_part_validates_in_slices_and_keeps_the_order_and_row_groups(layout, monkeypatch):
+    import pyarrow.parquet as pq
+    from claude_batch import validation
+
+    monkeypatch.setattr(validation, "_SLICE_ROWS", 3)
+    workload = make_workload()
+    lines = [succeeded(f"k{i:02d}", GOOD if i % 4 else "oops") for i in range(20)]
+    with layout.store.open(layout.results_parquet(0), "wb") as handle:
+        pq.write_table(pa_table(results_batch(lines)), handle, row_group_size=10)
+    summary = validate_part(workload, layout, 0, batch_rows=10)
+    assert (summary.rows, summary.by_status["valid"], summary.by_reason) == (20, 15, {"invalid_json": 5})
+    with layout.store.open(validation.validated_path(layout, 0), "rb") as handle:
+        validated = pq.ParquetFile(handle)
+        assert [validated.metadata.row_group(i).num_rows for i in range(validated.num_row_groups)] == [10, 10]
+        rows = validated.read(columns=["custom_id", "status"]).to_pylist()
+    assert [row["custom_id"] for row in rows] == [f"k{i:02d}" for i in range(20)]
+    assert [row["status"] for row in rows] == ["invalid" if i % 4 == 0 else "valid" for i in range(20)]
+
+
+def test_judge_and_validate_batch_agree_on_every_kind_of_answer():
+    workload = make_workload()
+    cases = [(GOOD, "end_turn"), (GOOD, "max_tokens"), (GOOD, "refusal"), (None, "end_turn"), ("{", "end_turn"),
+             ('{"category": "bug"}', "end_turn"), (GOOD, "model_context_window_exceeded"), (GOOD, "pause_turn")]  # fmt: skip
+    lines = [succeeded(f"r{i}", payload, stop_reason=stop) for i, (payload, stop) in enumerate(cases)]
+    rows = validate_batch(workload, results_batch(lines)).to_pylist()
+    for row, (payload, stop) in zip(rows, cases, strict=True):
+        verdict = judge(workload, payload, stop, output_tokens=20)
+        assert (row["status"], row["reason_code"], row["reason"]) == (verdict.status, verdict.reason_code, verdict.reason)

@@ -18,7 +18,6 @@ import sqlite3
 import traceback
 from datetime import UTC, datetime
 
-import anthropic
 import duckdb
 import pytest
 from claude_batch.hooks import ClaudeBatchAuthError, ClaudeBatchError, ClaudeBatchHook
@@ -207,7 +206,7 @@ def _fail_every_call(tmp_path):
         list(hook.batches_created_since(datetime(2026, 1, 1, tzinfo=UTC)))
     failures.append(list_error.value)
     store = ObjectStore(str(tmp_path / "store"))
-    with pytest.raises(anthropic.AuthenticationError) as collect_error:
+    with pytest.raises(ClaudeBatchAuthError) as collect_error:
         collect_results(hook.conn, RunLayout(store, "d", "r"), 0, "msgbatch_0123456789", manifest=_no_manifest())
     failures.append(collect_error.value)
 
