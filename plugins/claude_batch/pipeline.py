@@ -308,7 +308,9 @@ def run_collect(
     workload = effective_workload(config, options)
     manifest = _manifest(layout)
     warehouse.mark_submitted(workload, layout, manifest, part, batch_id)
-    collected = collect_results(client, layout, part, batch_id, manifest=manifest, prices=config.prices)
+    collected = collect_results(
+        client, layout, part, batch_id, manifest=manifest, prices=config.prices, conn_id=config.anthropic_conn_id
+    )
     validated = validate_part(workload, layout, part)
     batch = client.messages.batches.retrieve(batch_id)
     duration = (batch.ended_at - batch.created_at).total_seconds() if batch.ended_at else None
