@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 
 import pytest
-from claude_batch.staging import stage_requests
-from claude_batch.storage import RunLayout
-from claude_batch.validation import validate_part
+from claude_batch.staging import StagingLimits, stage_requests
+from claude_batch.storage import ObjectStore, RunLayout
+from claude_batch.validation import validate_part, validated_path
 from claude_batch.warehouse import (
     AccountingError,
+    Dialect,
     DuckDBDialect,
     SourceSpec,
     Warehouse,
     WarehouseError,
+    _memory_bytes,
     dialect_for,
 )
 
@@ -330,3 +333,145 @@ def test_a_new_schema_field_adds_a_column(setup):
         warehouse.conn, "SELECT record_key, prompt_version, currency FROM invoices_results ORDER BY 2, 1"
     )
     assert len(rows) == 4 and {r[2] for r in rows} == {None, "USD"}
+
+
+# -- bulk loads: streamed parts, re-runs, the dialects' load paths ----------------------------
+
+
+def stage_in_shards(warehouse, workload, store, run_id, shard_rows):
+    """Stage the run's tickets in shards of ``shard_rows`` and record them in the ledger."""
+    layout = RunLayout(store, "invoices_dag", run_id)
+    manifest = stage_requests(
+        warehouse.extract(workload, SOURCE, run_id, INTERVAL),
+        workload,
+        layout,
+        key_field="id",
+        cache_setting="off",
+        limits=StagingLimits(max_requests_per_shard=shard_rows),
+    )
+    warehouse.register_staged(workload, layout, manifest)
+    return layout, manifest
+
+
+def answer(summary):
+    def outcome_for(record_key, custom_id):
+        body = f'{{"category": "billing", "total_amount": 10, "summary": "{summary} {record_key}"}}'
+        return succeeded(custom_id, body)
+
+    return outcome_for
+
+
+def test_a_reload_overwrites_stored_results_and_adds_new_ones(setup):
+    warehouse, workload, store = setup
+    create_tickets(warehouse.conn, ticket_rows(10))
+    layout, manifest = stage_in_shards(warehouse, workload, store, "run-1", 4)
+    assert [shard.count for shard in manifest.shards] == [4, 4, 2]
+    for shard in manifest.shards:
+        write_results_part(layout, manifest, shard.part, answer("first"))
+        validate_part(workload, layout, shard.part)
+    first = warehouse.load_run(workload, layout, manifest, parts=[0])
+    assert (first.rows, first.results_upserted, first.ledger_updated) == (4, 4, 4)
+    # Part 0 answered again differently (re-collected and re-validated), then the whole run:
+    # part 0's rows are overwritten in place, parts 1 and 2 come in new, in batches of 3 rows.
+    write_results_part(layout, manifest, 0, answer("second"))
+    validate_part(workload, layout, 0)
+    load = warehouse.load_run(workload, layout, manifest, batch_rows=3)
+    assert (load.rows, load.results_upserted, load.ledger_updated) == (10, 10, 6)
+    rows = query(warehouse.conn, "SELECT record_key, summary FROM invoices_results ORDER BY 1")
+    assert rows == [(f"t{i:06d}", f"{'second' if i < 4 else 'first'} t{i:06d}") for i in range(10)]
+    assert warehouse.check_accounting(workload, manifest).by_status == {"succeeded": 10}
+
+
+def test_duckdb_reads_the_parquet_of_a_remote_store_through_its_filesystem(duckdb_conn, local_store):
+    workload = make_workload()
+    warehouse = Warehouse(duckdb_conn)
+    warehouse.ensure_tables(workload)
+    create_tickets(duckdb_conn, ticket_rows(6))
+    layout, manifest = stage_in_shards(warehouse, workload, local_store, "run-1", 4)
+    # The validated parts copied to fsspec's memory filesystem, which stands in for S3: not a
+    # local path, so DuckDB reads them through fsspec.
+    remote = RunLayout(
+        ObjectStore(f"memory://warehouse-test-{uuid.uuid4().hex[:8]}/store"), "invoices_dag", "run-1"
+    )
+    for shard in manifest.shards:
+        write_results_part(layout, manifest, shard.part, all_valid)
+        validate_part(workload, layout, shard.part)
+        path = validated_path(layout, shard.part)
+        remote.store.write_bytes(path, local_store.read_bytes(path))
+    load = warehouse.load_run(workload, remote, manifest)
+    assert (load.rows, load.results_upserted) == (6, 6)
+    assert warehouse.check_accounting(workload, manifest).by_status == {"succeeded": 6}
+    assert duckdb_conn.list_filesystems() == []  # registered for the load only
+
+
+def test_duckdb_loads_within_its_memory_budget_and_restores_the_limit(duckdb_conn, local_store):
+    workload = make_workload()
+    warehouse = Warehouse(duckdb_conn, DuckDBDialect(load_memory_limit="64MiB"))
+    warehouse.ensure_tables(workload)
+    create_tickets(duckdb_conn, ticket_rows(3))
+    limits = []
+    real = Warehouse._apply_outcomes
+
+    def recording(self, cursor, *args):
+        limits.append(cursor.execute("SELECT current_setting('memory_limit')").fetchone()[0])
+        return real(self, cursor, *args)
+
+    setting = "SELECT current_setting('memory_limit')"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Warehouse, "_apply_outcomes", recording)
+        duckdb_conn.execute("SET memory_limit = '2GiB'")
+        run_once(warehouse, workload, local_store, "run-1", all_valid)
+        assert duckdb_conn.execute(setting).fetchone()[0] == "2.0 GiB"
+        duckdb_conn.execute("SET memory_limit = '32MiB'")  # a lower limit is the user's: kept
+        run_once(warehouse, make_workload(max_tokens=301), local_store, "run-2", all_valid)
+        assert duckdb_conn.execute(setting).fetchone()[0] == "32.0 MiB"
+    assert limits == ["64.0 MiB", "32.0 MiB"]
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [("512MiB", 512 * 2**20), ("18.8 GiB", 18.8 * 2**30), ("1GB", 1e9), ("100KB", 1e5), ("123bytes", 123.0),
+     ("16383.9 PiB", 16383.9 * 2**50), ("-1", None), ("lots", None), ("1GB'; SET x=1; --", None)],
+)  # fmt: skip
+def test_memory_sizes_are_read_as_duckdb_writes_them(size, expected):
+    assert _memory_bytes(size) == expected
+
+
+def test_a_bad_duckdb_memory_budget_is_refused_up_front():
+    with pytest.raises(WarehouseError, match="not a memory size"):
+        DuckDBDialect(load_memory_limit="512 megs")
+
+
+def test_postgres_raises_work_mem_for_the_ledger_update_only(postgres_conn, local_store):
+    workload = make_workload()
+    warehouse = Warehouse(postgres_conn)
+    warehouse.ensure_tables(workload)
+    create_tickets(postgres_conn, ticket_rows(3))
+    seen = []
+    real = Warehouse._apply_outcomes
+
+    def recording(self, cursor, *args):
+        cursor.execute("SELECT current_setting('work_mem')")
+        seen.append(cursor.fetchone()[0])
+        return real(self, cursor, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Warehouse, "_apply_outcomes", recording)
+        run_once(warehouse, workload, local_store, "run-1", all_valid)
+        with postgres_conn.cursor() as cursor:  # a larger setting of the session's is kept
+            cursor.execute("SET work_mem = '1GB'")
+        run_once(warehouse, make_workload(max_tokens=301), local_store, "run-2", all_valid)
+    assert seen == ["256MB", "1GB"]
+    assert query(postgres_conn, "SELECT current_setting('work_mem')")[0][0] == "1GB"
+
+
+def test_a_dialect_that_reads_parquet_must_say_how(duckdb_conn, local_store):
+    class HalfDone(DuckDBDialect):
+        parquet_relation = Dialect.parquet_relation
+
+    workload = make_workload()
+    warehouse = Warehouse(duckdb_conn, HalfDone())
+    warehouse.ensure_tables(workload)
+    create_tickets(duckdb_conn, ticket_rows(2))
+    with pytest.raises(NotImplementedError, match="does not provide parquet_relation"):
+        run_once(warehouse, workload, local_store, "run-1", all_valid)
