@@ -83,7 +83,16 @@ def moto_process():
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size so far, in MB (Linux reports KiB)."""
+    """This process's peak resident set size so far, in MB.
+
+    Read from ``VmHWM``, not ``getrusage``: Linux carries ``ru_maxrss`` over fork and exec, so
+    a benchmark started by a large parent (``make bench`` after the fault matrix) would report
+    the parent's peak as its own.
+    """
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

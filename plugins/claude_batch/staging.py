@@ -454,13 +454,14 @@ class _SeenKeys:
     """Which record keys this extract has already produced, in 8 bytes per key.
 
     Keys are remembered by their 64-bit hash in sorted numpy runs: new keys join an open run,
-    which is frozen once it holds ``_RUN_KEYS`` keys; two frozen runs of the same size merge
-    (as in a log-structured merge tree), so a lookup searches a logarithmic number of runs and
-    memory grows by 8 bytes a key. A hash collision (about 1 in 10^7 at a million keys) would
-    mark a row as a duplicate, which is reported, never silently dropped.
+    which is frozen once it holds ``_RUN_KEYS`` keys; beyond a few frozen runs, the newest merge
+    while the older is no bigger (as in a log-structured merge tree), so a lookup searches a
+    handful of runs and memory grows by 8 bytes a key. A hash collision (about 1 in 10^7 at a
+    million keys) would mark a row as a duplicate, which is reported, never silently dropped.
     """
 
     _RUN_KEYS = 262_144
+    _MERGE_ABOVE_RUNS = 4
 
     def __init__(self) -> None:
         self._runs: list[np.ndarray] = []
@@ -493,7 +494,8 @@ class _SeenKeys:
         if len(self._open) >= self._RUN_KEYS:
             self._runs.append(self._open)
             self._open = np.empty(0, dtype=np.int64)
-            while len(self._runs) > 1 and len(self._runs[-2]) <= len(self._runs[-1]):
+            # Merging costs a copy of the runs it joins: only once a lookup would search many.
+            while len(self._runs) > self._MERGE_ABOVE_RUNS and len(self._runs[-2]) <= len(self._runs[-1]):
                 newer, older = self._runs.pop(), self._runs.pop()
                 merged = np.concatenate((older, newer))
                 merged.sort(kind="stable")  # timsort: two sorted runs merge in linear time

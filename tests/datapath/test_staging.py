@@ -325,7 +325,7 @@ def test_duplicate_detection_remembers_keys_across_many_chunks(monkeypatch):
             known.add(key)
         assert seen.repeated(keys) == expected
     # Frozen runs merged as they filled: few runs, each sorted, every key held once.
-    assert 1 <= len(seen._runs) <= 6
+    assert 1 <= len(seen._runs) <= _SeenKeys._MERGE_ABOVE_RUNS + 2
     assert all((np.diff(run) > 0).all() for run in seen._runs)
     assert sum(map(len, seen._runs)) + len(seen._open) == len(known)
 
