@@ -103,13 +103,18 @@ class ClaudeBatchTrigger(BaseTrigger):
                     return
                 overdue = self._overdue(latest, ended)
                 if overdue:
-                    await self._cancel(overdue)
+                    not_canceled = await self._cancel(overdue)
+                    outcome = (
+                        f"cancelling {not_canceled} failed: cancel them in the Claude Console, or they run on "
+                        "(and are billed) until they end or expire."
+                        if not_canceled
+                        else "cancellation was requested."
+                    )
                     yield TriggerEvent(
                         {
                             "status": "timeout",
                             "message": (
-                                f"Batch(es) {overdue} did not end within {self.timeout:.0f} s of submission; "
-                                "cancellation was requested."
+                                f"Batch(es) {overdue} did not end within {self.timeout:.0f} s of submission; {outcome}"
                             ),
                             "batches": [snap.to_dict() for snap in latest.values()],
                         }
@@ -157,14 +162,18 @@ class ClaudeBatchTrigger(BaseTrigger):
     def _error(self, message: str) -> TriggerEvent:
         return TriggerEvent({"status": "error", "message": message, "batch_ids": self.batch_ids})
 
-    async def _cancel(self, batch_ids: list[str]) -> None:
+    async def _cancel(self, batch_ids: list[str]) -> list[str]:
+        """Ask the API to cancel each batch (the SDK retries transient errors); the ids it refused."""
         client = await shared_async_client(self.conn_id)
+        refused = []
         for batch_id in batch_ids:
             try:
                 await client.messages.batches.cancel(batch_id)
                 self.log.info("Requested cancellation of batch %s.", batch_id)
             except anthropic.APIError as exc:
                 self.log.warning("Could not cancel batch %s: %s", batch_id, exc)
+                refused.append(batch_id)
+        return refused
 
     async def on_kill(self) -> None:
         """Cancel the batches when the deferred task is killed (Airflow 3.3 calls this)."""

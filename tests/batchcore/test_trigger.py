@@ -132,3 +132,34 @@ def test_timeout_from_submission_cancels(monkeypatch):
         assert ClaudeBatchHook().retrieve_batch(batch_id).cancel_initiated_at is not None
         with pytest.raises(ClaudeBatchFailed, match="did not end within"):
             handle_trigger_event(event.payload, fail_on_partial=False, log=_Log())
+
+
+@pytest.mark.parametrize("status", [429, 500, 529])
+def test_a_timeout_cancel_survives_transient_errors_and_says_when_it_could_not_cancel(monkeypatch, status):
+    from claude_batch.emulator import EmulatorServer
+
+    from tests.conftest import EMULATOR_API_KEY
+
+    cancel_fault = {"endpoint": "cancel", "status": status, "rate": 1.0, "times": 2, "retry_after": 0}
+    with EmulatorServer(api_key=EMULATOR_API_KEY, time_scale=1.0, processing_seconds=HOUR) as emu:
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_ANTHROPIC_DEFAULT",
+            json.dumps({"conn_type": "anthropic", "host": emu.base_url, "password": EMULATOR_API_KEY}),
+        )
+        first, second = _create(2, n=1)
+        # Two transient errors: the SDK's retries get the cancel through.
+        emu.configure(faults={"http": [cancel_fault]})
+        event = asyncio.run(_first_event(_timeout_trigger(first)))
+        assert event.payload["status"] == "timeout" and "cancellation was requested" in event.payload["message"]
+        assert ClaudeBatchHook().retrieve_batch(first).cancel_initiated_at is not None
+        # Refused every time: the batch runs on, and the message says so by id.
+        emu.configure(faults={"http": [{**cancel_fault, "times": None}]})
+        event = asyncio.run(_first_event(_timeout_trigger(second)))
+        assert f"cancelling ['{second}'] failed" in event.payload["message"]
+        assert ClaudeBatchHook().retrieve_batch(second).cancel_initiated_at is None
+        with pytest.raises(ClaudeBatchFailed, match="Claude Console"):
+            handle_trigger_event(event.payload, fail_on_partial=False, log=_Log())
+
+
+def _timeout_trigger(batch_id: str) -> ClaudeBatchTrigger:
+    return ClaudeBatchTrigger(batch_ids=[batch_id], timeout=1.0, min_poll_interval=0.3, max_poll_interval=0.3)
