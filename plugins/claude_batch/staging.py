@@ -680,8 +680,6 @@ class _Stager:
                 continue
             column = _column(chunk.rows, name)
             kinds = set(map(type, column))
-            if self.strip_controls:
-                self._strip_control_characters(column, kinds)
             if name in self.text_fields:
                 if kinds != {str} or "" in column or any(map(str.isspace, column)):
                     for index, value in enumerate(column):
@@ -699,18 +697,24 @@ class _Stager:
             if kinds != {str}:
                 # What str.format_map does with a plain {field}: format(value, "").
                 column = [value if type(value) is str else format(value, "") for value in column]
+            if self.strip_controls:  # on the text as it will be sent (decoded bytes, formatted values)
+                self._strip_control_characters(column)
+                if name in self.text_fields and ("" in column or any(map(str.isspace, column))):
+                    for index, value in enumerate(column):
+                        if index not in drop and (not value or value.isspace()):
+                            drop.add(index)
+                            self._reject(
+                                chunk.numbers[index], chunk.keys[index], chunk.keys[index], "empty_text",
+                                f"field {name!r} is empty once control characters are stripped", chunk.rows[index],
+                            )  # fmt: skip
             chunk.fields[name] = column
         chunk.drop(drop)
 
     @staticmethod
-    def _strip_control_characters(column: list[Any], kinds: set[type]) -> None:
-        """Policy ``strip``: remove control characters from the text values, in place."""
-        positions = (
-            range(len(column)) if kinds == {str} else [i for i, v in enumerate(column) if type(v) is str]
-        )
-        texts = [column[i] for i in positions]
-        for index in _rows_with_control_chars(texts):
-            column[positions[index]] = _CONTROL_CHARS.sub("", texts[index])
+    def _strip_control_characters(column: list[str]) -> None:
+        """Policy ``strip``: remove control characters from the column's text, in place."""
+        for index in _rows_with_control_chars(column):
+            column[index] = _CONTROL_CHARS.sub("", column[index])
 
     def _check_text(self, chunk: _Chunk) -> None:
         """Reject rows whose fields hold control characters or invalid UTF-8; escape the rest."""

@@ -245,6 +245,26 @@ def test_control_characters_can_be_stripped_instead(layout):
     assert [r["reason_code"] for r in iter_rejections(layout, manifest)] == ["empty_text"]
 
 
+def test_stripping_applies_to_text_that_was_not_a_str_in_the_row(layout):
+    """Bytes (BLOB, bytea), str subclasses and formatted values are stripped as they will be sent."""
+
+    class Code:
+        def __format__(self, spec: str) -> str:
+            return "A\x07B"
+
+    workload = make_workload(control_characters="strip", user_template="Ticket {id}: {body} {code}")
+    rows = [
+        {"id": "bytes", "body": memoryview(b"form\x0cfeed"), "code": 1},
+        {"id": "subclass", "body": np.str_("form\x0cfeed"), "code": Code()},
+        {"id": "blank", "body": b"\x00\x01", "code": 2},
+    ]
+    manifest = stage(rows, layout, workload)
+    contents = [r["params"]["messages"][0]["content"] for r in all_requests(layout, manifest)]
+    assert contents == ["Ticket bytes: formfeed 1", "Ticket subclass: formfeed AB"]
+    (rejection,) = iter_rejections(layout, manifest)
+    assert rejection["reason_code"] == "empty_text" and "once control characters are stripped" in rejection["reason"]
+
+
 def test_routing_mixes_models_in_one_shard_and_rejects_rows_the_rule_fails_on(layout):
     def route(row):
         if "boom" in row["body"]:
