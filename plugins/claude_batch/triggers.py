@@ -171,9 +171,21 @@ class ClaudeBatchTrigger(BaseTrigger):
                 await client.messages.batches.cancel(batch_id)
                 self.log.info("Requested cancellation of batch %s.", batch_id)
             except anthropic.APIError as exc:
+                # The API refuses to cancel a batch that has just ended: nothing runs on then.
+                if isinstance(exc, anthropic.APIStatusError) and exc.status_code in (400, 409):
+                    if await self._has_ended(client, batch_id):
+                        self.log.info("Batch %s ended before it could be cancelled.", batch_id)
+                        continue
                 self.log.warning("Could not cancel batch %s: %s", batch_id, exc)
                 refused.append(batch_id)
         return refused
+
+    @staticmethod
+    async def _has_ended(client: anthropic.AsyncAnthropic, batch_id: str) -> bool:
+        try:
+            return (await client.messages.batches.retrieve(batch_id)).processing_status == "ended"
+        except anthropic.APIError:
+            return False
 
     async def on_kill(self) -> None:
         """Cancel the batches when the deferred task is killed (Airflow 3.3 calls this)."""

@@ -161,5 +161,27 @@ def test_a_timeout_cancel_survives_transient_errors_and_says_when_it_could_not_c
             handle_trigger_event(event.payload, fail_on_partial=False, log=_Log())
 
 
+def test_a_cancel_refused_because_the_batch_just_ended_is_not_reported_as_running_on(monkeypatch):
+    from claude_batch.emulator import EmulatorServer
+
+    from tests.conftest import EMULATOR_API_KEY
+
+    with EmulatorServer(api_key=EMULATOR_API_KEY, processing_seconds=HOUR) as emu:
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_ANTHROPIC_DEFAULT",
+            json.dumps({"conn_type": "anthropic", "host": emu.base_url, "password": EMULATOR_API_KEY}),
+        )
+        (finished,) = _create(1, n=1)
+        emu.advance(2 * HOUR)
+        assert ClaudeBatchHook().retrieve_batch(finished).processing_status == "ended"
+        emu.configure(faults={"http": [{"endpoint": "cancel", "status": 409, "rate": 1.0}]})
+        refused = asyncio.run(_timeout_trigger(finished)._cancel([finished]))
+        assert refused == []
+        # The same refusal for a batch still running is reported by id.
+        emu.configure(processing_seconds=100 * HOUR)
+        (still_running,) = _create(1, n=1)
+        assert asyncio.run(_timeout_trigger(still_running)._cancel([still_running])) == [still_running]
+
+
 def _timeout_trigger(batch_id: str) -> ClaudeBatchTrigger:
     return ClaudeBatchTrigger(batch_ids=[batch_id], timeout=1.0, min_poll_interval=0.3, max_poll_interval=0.3)
