@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import POSTGRES_HOST, POSTGRES_PORT, fresh_postgres_schema
+from tests.services import POSTGRES_HOST, POSTGRES_PORT, fresh_postgres_schema, moto_store
 
 # Never let a test reach the real API or real AWS.
 os.environ.pop("ANTHROPIC_API_KEY", None)
@@ -87,17 +87,10 @@ def moto_endpoint() -> Iterator[str]:
 def s3_store(moto_endpoint: str):
     """An :class:`ObjectStore` on a fresh moto bucket."""
     import boto3
-    from claude_batch.storage import ObjectStore
 
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
-    return ObjectStore(
-        f"s3://{bucket}/claude-batch",
-        key="testing",
-        secret="testing",
-        endpoint_url=moto_endpoint,
-        client_kwargs={"region_name": "us-east-1"},
-    )
+    return moto_store(f"s3://{bucket}/claude-batch", moto_endpoint)
 
 
 @pytest.fixture(scope="session")

@@ -86,32 +86,6 @@ def warehouse_conn(request):
     return request.getfixturevalue("postgres_conn")
 
 
-def create_tickets(conn, rows) -> None:
-    """Create and fill ``tickets(id, body, created_at)`` in either warehouse."""
-    rows = [(r["id"], r["body"], r["created_at"]) for r in rows]
-    if type(conn).__module__.split(".")[0] in ("duckdb", "_duckdb"):
-        import pyarrow as pa
-
-        conn.execute("CREATE TABLE tickets (id VARCHAR, body VARCHAR, created_at TIMESTAMP)")
-        table = pa.table(
-            {
-                "id": [r[0] for r in rows],
-                "body": [r[1] for r in rows],
-                "created_at": pa.array([r[2] for r in rows], pa.timestamp("us")),
-            }
-        )
-        conn.register("tickets_in", table)
-        conn.execute("INSERT INTO tickets SELECT * FROM tickets_in")
-        conn.unregister("tickets_in")
-    else:
-        from psycopg2.extras import execute_values
-
-        with conn.cursor() as cur:
-            cur.execute("CREATE TABLE tickets (id TEXT, body TEXT, created_at TIMESTAMP)")
-            execute_values(cur, "INSERT INTO tickets VALUES %s", rows, page_size=5000)
-        conn.commit()
-
-
 def query(conn, sql: str, params=()) -> list[tuple]:
     if type(conn).__module__.split(".")[0] in ("duckdb", "_duckdb"):
         return conn.execute(sql, list(params)).fetchall()

@@ -16,8 +16,9 @@ from claude_batch.validation import validate_part
 from claude_batch.warehouse import SourceSpec, Warehouse
 
 from tests.conftest import EMULATOR_API_KEY
-from tests.datapath.conftest import INTERVAL, create_tickets, make_workload, query, ticket_rows
+from tests.datapath.conftest import INTERVAL, make_workload, query, ticket_rows
 from tests.datapath.helpers import submit_shard
+from tests.services import create_tickets
 
 ROWS = 10_000
 BAD_ROWS = [

@@ -20,8 +20,9 @@ from claude_batch.warehouse import (
     dialect_for,
 )
 
-from tests.datapath.conftest import INTERVAL, Invoice, create_tickets, make_workload, query, ticket_rows
+from tests.datapath.conftest import INTERVAL, Invoice, make_workload, query, ticket_rows
 from tests.datapath.helpers import ended, errored, succeeded, write_results_part
+from tests.services import create_tickets
 
 GOOD = '{"category": "billing", "total_amount": 300000, "summary": "charged twice"}'
 SOURCE = SourceSpec(key_column="id", table="tickets", interval_column="created_at")

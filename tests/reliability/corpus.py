@@ -173,15 +173,9 @@ class CorpusRun:
     notes: dict[str, Any] = field(default_factory=dict)
 
     def store(self):
-        from claude_batch.storage import ObjectStore
+        from tests.services import moto_store
 
-        return ObjectStore(
-            self.store_root,
-            key="testing",
-            secret="testing",
-            endpoint_url=self.s3_endpoint,
-            client_kwargs={"region_name": "us-east-1"},
-        )
+        return moto_store(self.store_root, self.s3_endpoint)
 
 
 _RUNS: dict[str, CorpusRun] = {}

@@ -38,13 +38,14 @@ from typing import Any, Literal
 from unittest import mock
 
 import anthropic
-import pyarrow as pa
 from claude_batch.pipeline import PipelineConfig, RunOptions, run_collect, run_gate, run_load, run_stage
 from claude_batch.staging import StagingLimits, read_manifest
 from claude_batch.storage import ObjectStore, RunLayout
 from claude_batch.warehouse import SourceSpec, Warehouse, dialect_for
 from claude_batch.workloads import Workload
 from pydantic import BaseModel, Field
+
+from tests.services import create_tickets, moto_store
 
 DAG_ID = "reliability_matrix"
 TASK_RETRIES = 3
@@ -246,13 +247,7 @@ class Stack:
         return "duckdb" if self.warehouse_url.startswith("duckdb://") else "postgres"
 
     def store(self) -> ObjectStore:
-        return ObjectStore(
-            self.store_root,
-            key="testing",
-            secret="testing",
-            endpoint_url=self.s3_endpoint,
-            client_kwargs={"region_name": "us-east-1"},
-        )
+        return moto_store(self.store_root, self.s3_endpoint)
 
     def layout(self, run_id: str) -> RunLayout:
         return RunLayout(self.store(), DAG_ID, run_id)
@@ -297,24 +292,19 @@ class Stack:
 
 def fill_source(stack: Stack, rows: int) -> None:
     """Create ``tickets(id, body, created_at)`` with ``rows`` rows on :data:`DAY`."""
-    keys = [f"t{i:06d}" for i in range(rows)]
-    bodies = [BODIES[i % len(BODIES)].format(i=i) for i in range(rows)]
-    stamps = [DAY + timedelta(seconds=(i * 7) % 86_000) for i in range(rows)]
     conn = stack.connect()
     try:
-        if stack.dialect == "duckdb":
-            table = pa.table({"id": keys, "body": bodies, "created_at": pa.array(stamps, pa.timestamp("us"))})
-            conn.execute("CREATE TABLE tickets (id VARCHAR, body VARCHAR, created_at TIMESTAMP)")
-            conn.register("tickets_in", table)
-            conn.execute("INSERT INTO tickets SELECT * FROM tickets_in")
-            conn.unregister("tickets_in")
-        else:
-            from psycopg2.extras import execute_values
-
-            with conn.cursor() as cur:
-                cur.execute("CREATE TABLE tickets (id TEXT, body TEXT, created_at TIMESTAMP)")
-                execute_values(cur, "INSERT INTO tickets VALUES %s", list(zip(keys, bodies, stamps, strict=True)))
-            conn.commit()
+        create_tickets(
+            conn,
+            (
+                {
+                    "id": f"t{i:06d}",
+                    "body": BODIES[i % len(BODIES)].format(i=i),
+                    "created_at": DAY + timedelta(seconds=(i * 7) % 86_000),
+                }
+                for i in range(rows)
+            ),
+        )
     finally:
         conn.close()
 
