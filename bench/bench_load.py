@@ -154,7 +154,7 @@ def prepare(target: str, where: str, root: str, count: int) -> dict:
     conn = _connect(target, where)
     warehouse = Warehouse(conn)
     warehouse.ensure_tables(spec)
-    warehouse.register_staged(spec, layout, manifest)
+    warehouse.claim_staged(spec, layout, manifest)
     conn.close()
     return {"parts": len(shards)}
 

@@ -4,10 +4,13 @@ Read this file to find the pipeline; every stage is a module of its own, called 
 data-flow order:
 
     stage    warehouse.extract -> staging.stage_requests            (shards + manifest on S3)
-    gate     dry run / budget / pilot, then warehouse.register_staged (ledger: pending)
+    gate     dry run / budget, then warehouse.claim_staged (ledger: pending, atomically;
+             staging.restrict_to_claimed drops what another live run holds), then the pilot
     submit   operators.ClaudeBatchOperator, mapped over the shards    (batch ids, exactly once)
+    record   warehouse.mark_submitted for every shard, one task       (ledger: submitted)
     wait     sensors.ClaudeBatchSensor, deferred                      (no worker slot held)
     collect  results.collect_results + validation.validate_part, mapped over the shards
+             (S3 and the API only: parallel collects never contend for the warehouse)
     load     warehouse.load_run -> check_accounting -> record_run      (results table + ledger)
     report   counts, cost, the real-time equivalent, cache hit rate, durations -> report.json
 
@@ -32,11 +35,18 @@ import orjson
 
 from claude_batch.costs import PriceTable, default_prices
 from claude_batch.results import collect_results
-from claude_batch.staging import Manifest, StagingLimits, iter_shard_lines, read_manifest, stage_requests
+from claude_batch.staging import (
+    Manifest,
+    StagingLimits,
+    iter_shard_lines,
+    read_manifest,
+    restrict_to_claimed,
+    stage_requests,
+)
 from claude_batch.storage import ObjectStore, RunLayout
 from claude_batch.submission import BatchSubmitter, InlineRequests
 from claude_batch.validation import judge, validate_part
-from claude_batch.warehouse import AccountingError, SourceSpec, Warehouse
+from claude_batch.warehouse import RECORD_KEY_COLUMN, AccountingError, SourceSpec, Warehouse
 from claude_batch.workloads import Workload
 
 __all__ = ["PipelineConfig", "RunOptions", "SourceSpec", "claude_batch_dag", "claude_batch_pipeline"]
@@ -183,7 +193,7 @@ def run_stage(
         rows,
         workload,
         layout,
-        key_field=config.source.key_column,
+        key_field=RECORD_KEY_COLUMN,  # the key as the warehouse casts it to text (extract adds it)
         cache_setting=cache_setting,
         prices=config.prices,
         limits=config.staging_limits,
@@ -215,7 +225,11 @@ def run_gate(
     submit_api: Any,
     log: Any,
 ) -> list[str]:
-    """Apply dry run, budget and pilot; then record the items as pending and return the shard paths.
+    """Apply dry run and budget, claim the run's items, run the pilot; return the shard paths.
+
+    The claim is atomic (see :meth:`Warehouse.claim_staged`): items another live run holds are
+    dropped from this run's shards before anything is paid for, so two overlapping runs (a UI
+    trigger beside the schedule, a backfill) never send the same item.
 
     :returns: the request shard paths (relative to the store root) to submit, in part order.
     """
@@ -242,9 +256,28 @@ def run_gate(
     if ledger.by_status and ledger.accounted == ledger.extracted == sum(ledger.by_status.values()):
         log.info("Run %s already reached a final state for every item (%s); nothing to do.", layout.run_id, ledger.by_status)
         return []
+    claim = warehouse.claim_staged(workload, layout, manifest)
+    if not claim.complete:
+        manifest = restrict_to_claimed(layout, manifest, claim.not_claimed)
+        log.warning(
+            "Run %s could not claim %s staged item(s): held by another live run or already final (%s); "
+            "they were dropped from its shards. %s request(s) in %d shard(s) remain.",
+            layout.run_id,
+            f"{sum(len(keys) for keys in claim.not_claimed.values()):,}",
+            claim.describe_holders(),
+            f"{manifest.staged_requests:,}",
+            len(manifest.shards),
+        )
+        if not manifest.shards:
+            log.info("Run %s has nothing of its own to submit: its items are held by %s.", layout.run_id,
+                     claim.describe_holders())  # fmt: skip
     if options.pilot_size and manifest.shards:
-        run_pilot(workload, layout, manifest, options, client, submit_api, log)
-    warehouse.register_staged(workload, layout, manifest)
+        try:
+            run_pilot(workload, layout, manifest, options, client, submit_api, log)
+        except PilotFailed as exc:
+            released = warehouse.release_claim(workload, layout.run_id, f"released: {exc}")
+            log.info("Released %s item(s) of run %s for later runs.", f"{released:,}", layout.run_id)
+            raise
     return [f"{layout.prefix}/{shard.requests}" for shard in manifest.shards]
 
 
@@ -295,19 +328,36 @@ def run_pilot(
     return pass_rate
 
 
+def run_record_batches(
+    config: PipelineConfig, warehouse: Warehouse, layout: RunLayout, options: RunOptions, batch_ids: list[str]
+) -> int:
+    """Record in the ledger which batch each shard became (its items become ``submitted``).
+
+    One task for every shard, so a DuckDB warehouse sees one writer, not one per mapped submit.
+
+    :param batch_ids: the submit tasks' batch ids, in shard order.
+    :returns: the number of shards recorded.
+    """
+    workload = effective_workload(config, options)
+    manifest = _manifest(layout)
+    if len(batch_ids) != len(manifest.shards):
+        raise ValueError(f"{len(batch_ids)} batch ids for {len(manifest.shards)} shards in run {layout.run_id!r}")
+    for shard, batch_id in zip(manifest.shards, batch_ids, strict=True):
+        warehouse.mark_submitted(workload, layout, manifest, shard.part, batch_id)
+    return len(batch_ids)
+
+
 def run_collect(
     config: PipelineConfig,
-    warehouse: Warehouse,
     layout: RunLayout,
     options: RunOptions,
     client: anthropic.Anthropic,
     part: int,
     batch_id: str,
 ) -> dict[str, Any]:
-    """Record the batch in the ledger, collect its results to S3 and validate them."""
+    """Collect the batch's results to S3 and validate them (the warehouse is not touched)."""
     workload = effective_workload(config, options)
     manifest = _manifest(layout)
-    warehouse.mark_submitted(workload, layout, manifest, part, batch_id)
     collected = collect_results(
         client, layout, part, batch_id, manifest=manifest, prices=config.prices, conn_id=config.anthropic_conn_id
     )
@@ -328,8 +378,9 @@ def run_load(config: PipelineConfig, warehouse: Warehouse, layout: RunLayout, op
     workload = effective_workload(config, options)
     manifest = _manifest(layout)
     load = warehouse.load_run(workload, layout, manifest)
-    report = warehouse.check_accounting(workload, manifest)
-    warehouse.record_run(workload, manifest, load, report, config.prices)
+    report = warehouse.check_accounting(workload, manifest, layout=layout)
+    if not report.handed_on:  # a re-run after later runs took its retries keeps the history it wrote
+        warehouse.record_run(workload, manifest, load, report, config.prices)
     return {"load": dataclasses.asdict(load), "ledger": report.by_status, "extracted": report.extracted}
 
 
@@ -506,6 +557,13 @@ def claude_batch_pipeline(config: PipelineConfig, group_id: str | None = None):
             retries=3,
             retry_delay=timedelta(seconds=30),
         ).expand(shard=shards)
+        @task(task_id="record", retries=2, retry_delay=timedelta(seconds=30))
+        def record(batch_ids: list[str]) -> int:
+            layout = _context_layout(config, config.aws_conn_id)
+            with open_warehouse(config.warehouse_conn_id) as warehouse:
+                return run_record_batches(config, warehouse, layout, _context_options(), list(batch_ids))
+
+        recorded = record(submit.output)
         wait = ClaudeBatchSensor(
             task_id="wait",
             batch_ids=submit.output,
@@ -522,11 +580,10 @@ def claude_batch_pipeline(config: PipelineConfig, group_id: str | None = None):
             layout = _context_layout(config, config.aws_conn_id)
             hook = ClaudeBatchHook(conn_id=config.anthropic_conn_id)
             part = _part_of(layout, context["ti"].map_index)
-            with open_warehouse(config.warehouse_conn_id) as warehouse:
-                return run_collect(config, warehouse, layout, _context_options(), hook.conn, part, batch_id)
+            return run_collect(config, layout, _context_options(), hook.conn, part, batch_id)
 
         collected = collect.expand(batch_id=submit.output)
-        wait >> collected
+        recorded >> wait >> collected
 
         @task(task_id="load", outlets=[results_asset], retries=2, retry_delay=timedelta(seconds=30))
         def load(collected: list[dict[str, Any]]) -> dict[str, Any]:

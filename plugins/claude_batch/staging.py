@@ -21,7 +21,7 @@ from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from itertools import islice
 from operator import itemgetter
@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from claude_batch.contracts import MAX_BATCH_BYTES, MAX_REQUESTS_PER_BATCH, custom_id_for
@@ -1148,3 +1149,88 @@ def iter_rejections(layout: RunLayout, manifest: Manifest | None = None) -> Iter
     with layout.store.open(path, "rb") as handle:
         for line in handle:
             yield orjson.loads(line)
+
+
+def restrict_to_claimed(layout: RunLayout, manifest: Manifest, not_claimed: Mapping[int | None, set[str]]) -> Manifest:
+    """Drop the items this run could not claim from its shards and manifest, and write the manifest.
+
+    An item another live run holds (or one that became final meanwhile) must not be sent by this
+    run. Each shard that lost items is rewritten under a new name (``part-NNNNN.rK.jsonl`` with
+    its keys), never over the file the current manifest names, so a gate that dies midway leaves
+    the old manifest and shards intact and simply does it again. Counts, bytes, checksums and the
+    cost estimate follow; rejected rows another run holds leave the run's counts too.
+
+    :param layout: the run's layout.
+    :param manifest: the manifest as staged.
+    :param not_claimed: shard part (None: rejected rows) -> record keys not claimed.
+    :returns: the manifest the rest of the run uses.
+    """
+    shards: list[ShardManifest] = []
+    dropped = 0
+    for shard in manifest.shards:
+        drop = not_claimed.get(shard.part)
+        if not drop:
+            shards.append(shard)
+            continue
+        rewritten = _rewrite_shard(layout, shard, drop)
+        dropped += shard.count - (rewritten.count if rewritten else 0)
+        if rewritten is not None:
+            shards.append(rewritten)
+    dropped_rejects = len(not_claimed.get(None, ()))
+    staged = sum(shard.count for shard in shards)
+    scale = staged / manifest.staged_requests if manifest.staged_requests else 0.0
+    estimate = {
+        key: (value * scale if key.startswith("cost_usd") and isinstance(value, int | float) else value)
+        for key, value in (manifest.estimate or {}).items()
+    }
+    restricted = replace(
+        manifest,
+        shards=shards,
+        models=sorted({model for shard in shards for model in shard.models}),
+        extracted_rows=manifest.extracted_rows - dropped - dropped_rejects,
+        staged_requests=staged,
+        rejected_rows=manifest.rejected_rows - dropped_rejects,
+        estimate=estimate,
+    )
+    layout.store.write_json(layout.manifest, restricted.to_dict())
+    return restricted
+
+
+def _rewrite_shard(layout: RunLayout, shard: ShardManifest, drop: set[str]) -> ShardManifest | None:
+    """The shard without the items whose record keys are in ``drop`` (None when none is left)."""
+    keys = read_shard_keys(layout, shard)
+    keep = pc.invert(pc.is_in(keys.column("record_key"), value_set=pa.array(sorted(drop), pa.string())))
+    kept_keys = keys.filter(keep)
+    if kept_keys.num_rows == 0:
+        return None
+    mask = keep.to_pylist() if isinstance(keep, pa.Array) else keep.combine_chunks().to_pylist()
+    revision = _next_revision(shard.requests)
+    stem = f"{layout.prefix}/requests/part-{shard.part:05d}.r{revision}"
+    digest = hashlib.sha256()
+    size = 0
+    models: dict[str, int] = {}
+    for model in kept_keys.column("model").to_pylist():
+        models[model] = models.get(model, 0) + 1
+    with layout.store.open(f"{stem}.jsonl", "wb", block_size=_S3_BLOCK_SIZE) as out:
+        for line, wanted in zip(iter_shard_lines(layout, shard), mask, strict=True):
+            if wanted:
+                data = line + b"\n"
+                digest.update(data)
+                size += len(data)
+                out.write(data)
+    with layout.store.open(f"{stem}.keys.parquet", "wb") as handle:
+        pq.write_table(kept_keys, handle)
+    return ShardManifest(
+        part=shard.part,
+        requests=_relative(layout, f"{stem}.jsonl"),
+        keys=_relative(layout, f"{stem}.keys.parquet"),
+        count=kept_keys.num_rows,
+        bytes=size,
+        sha256=digest.hexdigest(),
+        models=dict(sorted(models.items())),
+    )
+
+
+def _next_revision(requests_path: str) -> int:
+    match = re.search(r"\.r(\d+)\.jsonl$", requests_path)
+    return int(match.group(1)) + 1 if match else 1

@@ -42,6 +42,10 @@ from claude_batch.workloads import CacheObservation, Workload
 log = logging.getLogger(__name__)
 
 DEFAULT_LEDGER_TABLE = "claude_batch_ledger"
+# The column extract adds to every row: the key column's value as the warehouse itself casts it to
+# text. Staging, the ledger and every comparison use this one text, so a CHAR(n), timestamp,
+# decimal or UUID key means the same item everywhere (see docs/ledger.md).
+RECORD_KEY_COLUMN = "_claude_batch_record_key"
 DEFAULT_RUNS_TABLE = "claude_batch_runs"
 DEFAULT_ATTEMPT_LIMIT = 3
 # Enough for DuckDB to load a run of a million rows at nearly full speed; beyond it DuckDB spills.
@@ -562,10 +566,36 @@ class AccountingReport:
     run_id: str
     extracted: int
     by_status: dict[str, int]
+    handed_on: int = 0  # left as retry/invalid, since claimed by a later run
 
     @property
     def accounted(self) -> int:
-        return sum(self.by_status.get(status, 0) for status in FINAL_STATUSES)
+        return sum(self.by_status.get(status, 0) for status in FINAL_STATUSES) + self.handed_on
+
+
+@dataclass
+class ClaimResult:
+    """What a run's claim took: its items, and the staged keys it could not take, by shard.
+
+    :param run_id: the claiming run.
+    :param claimed: staged items now held by this run (``pending``).
+    :param rejected: rejected rows recorded as ``dead`` for this run.
+    :param not_claimed: shard part (None: a rejected row) -> keys another run holds or that are final.
+    :param holders: the holding run id (or ``"<status> (done)"``) -> how many of this run's keys it has.
+    """
+
+    run_id: str
+    claimed: int = 0
+    rejected: int = 0
+    not_claimed: dict[int | None, set[str]] = field(default_factory=dict)
+    holders: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return not self.not_claimed
+
+    def describe_holders(self) -> str:
+        return ", ".join(f"{count:,} by {holder}" for holder, count in sorted(self.holders.items()))
 
 
 class Warehouse:
@@ -632,8 +662,10 @@ class Warehouse:
                 workload {text} NOT NULL, record_key {text} NOT NULL, prompt_version {text} NOT NULL,
                 custom_id {text}, status {text} NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
                 invalid_answers INTEGER NOT NULL DEFAULT 0, last_error {text}, batch_id {text},
-                run_id {text}, updated_at {ts} NOT NULL,
+                run_id {text}, updated_at {ts} NOT NULL, claimed_at {ts},
                 PRIMARY KEY (workload, record_key, prompt_version)){d.ledger_options}""",
+            # Ledgers made before claims existed gain the column.
+            f"ALTER TABLE {self._q(self.ledger_table)} ADD COLUMN IF NOT EXISTS claimed_at {ts}",
             f"""CREATE TABLE IF NOT EXISTS {self._q(self.runs_table)} (
                 workload {text} NOT NULL, run_id {text} NOT NULL, prompt_version {text},
                 cache_setting {text}, extracted {big}, staged {big}, rejected {big}, succeeded {big},
@@ -680,6 +712,7 @@ class Warehouse:
         key = f"src.{self._q(source.key_column)}"
         key_text = f"CAST({key} AS {self.dialect.sql_type(pa.string())})"
         columns = ", ".join(f"src.{self._q(c)}" for c in source.columns) if source.columns else "src.*"
+        columns += f", {key_text} AS {self._q(RECORD_KEY_COLUMN)}"
         origin = self._q(source.table) if source.table else f"({self.dialect.query_text(source.query or '')})"
         params: list[Any] = []
         wanted = []
@@ -732,16 +765,22 @@ class Warehouse:
 
     # -- ledger -----------------------------------------------------------------------------
 
-    def register_staged(self, workload: Workload, layout: RunLayout, manifest: Manifest) -> int:
-        """Record the run's staged items as ``pending`` and its rejected rows as ``dead``.
+    def claim_staged(self, workload: Workload, layout: RunLayout, manifest: Manifest) -> ClaimResult:
+        """Claim the run's staged items (``pending``) and record its rejected rows (``dead``), atomically.
 
-        Attempt counts of items seen before are kept. Returns the number of ledger rows written.
+        One transaction, one conditional upsert per shard: an item is taken only when it is new,
+        already this run's and still open (``pending``/``submitted``: a retried gate), or free
+        (``retry``/``invalid``) and last handled by another run. An item another run holds open,
+        or one that is final, is left as it is, so two live runs never hold, and never pay for,
+        the same item; on PostgreSQL the upsert's row locks make concurrent claims wait for each
+        other and re-check the condition. Attempt counts of items seen before are kept.
 
         :param workload: the workload staged.
         :param layout: the run's S3 layout.
         :param manifest: the staging manifest.
+        :returns: what was claimed, and for each shard the keys that were not, with their holders.
         """
-        written = 0
+        result = ClaimResult(manifest.run_id)
         with self.dialect.transaction(self.conn) as cursor:
             for shard in manifest.shards:
                 keys = read_shard_keys(layout, shard)
@@ -754,7 +793,8 @@ class Warehouse:
                         "last_error": pa.nulls(size, pa.string()),
                     }
                 )
-                written += self._upsert_staged(cursor, workload, manifest.run_id, staged)
+                claimed = self._claim(cursor, workload, manifest.run_id, staged, shard.part, result)
+                result.claimed += claimed
             rejected: list[dict[str, Any]] = []
             for rejection in iter_rejections(layout, manifest):
                 rejected.append(
@@ -766,38 +806,75 @@ class Warehouse:
                     }
                 )
                 if len(rejected) >= 10_000:
-                    written += self._upsert_staged(
-                        cursor,
-                        workload,
-                        manifest.run_id,
-                        pa.Table.from_pylist(rejected, _schema(_STAGED_COLUMNS)),
-                    )
+                    table = pa.Table.from_pylist(rejected, _schema(_STAGED_COLUMNS))
+                    result.rejected += self._claim(cursor, workload, manifest.run_id, table, None, result)
                     rejected.clear()
             if rejected:
-                written += self._upsert_staged(
-                    cursor,
-                    workload,
-                    manifest.run_id,
-                    pa.Table.from_pylist(rejected, _schema(_STAGED_COLUMNS)),
-                )
-        return written
+                table = pa.Table.from_pylist(rejected, _schema(_STAGED_COLUMNS))
+                result.rejected += self._claim(cursor, workload, manifest.run_id, table, None, result)
+        return result
 
-    def _upsert_staged(self, cursor: Any, workload: Workload, run_id: str, rows: pa.Table) -> int:
+    def _claim(
+        self, cursor: Any, workload: Workload, run_id: str, rows: pa.Table, part: int | None, result: ClaimResult
+    ) -> int:
+        """Upsert ``rows`` where the item may be taken; note the rest in ``result``. Returns rows taken."""
         d = self.dialect
         p = d.placeholder
+        ledger = self._q(self.ledger_table)
+        now = _utcnow()
         with d.rows_relation(cursor, "cb_staged", rows) as staged:
-            d.execute(
+            taken = d.execute(
                 cursor,
-                f"""INSERT INTO {self._q(self.ledger_table)} (workload, record_key, prompt_version, custom_id,
-                    status, attempts, invalid_answers, last_error, batch_id, run_id, updated_at)
-                SELECT {p}, s.record_key, {p}, s.custom_id, s.status, 0, 0, s.last_error, NULL, {p}, {p}
+                f"""INSERT INTO {ledger} AS l (workload, record_key, prompt_version, custom_id,
+                    status, attempts, invalid_answers, last_error, batch_id, run_id, updated_at, claimed_at)
+                SELECT {p}, s.record_key, {p}, s.custom_id, s.status, 0, 0, s.last_error, NULL, {p}, {p}, {p}
                 FROM {staged} s
                 ON CONFLICT (workload, record_key, prompt_version) DO UPDATE SET
-                    custom_id = excluded.custom_id, status = excluded.status, last_error = excluded.last_error,
-                    run_id = excluded.run_id, updated_at = excluded.updated_at""",
-                [workload.name, workload.prompt_version, run_id, _utcnow()],
+                    custom_id = excluded.custom_id,
+                    status = CASE WHEN l.status = 'submitted' AND l.run_id = excluded.run_id
+                        THEN l.status ELSE excluded.status END,
+                    last_error = excluded.last_error, run_id = excluded.run_id, updated_at = excluded.updated_at,
+                    claimed_at = CASE WHEN l.run_id = excluded.run_id AND l.claimed_at IS NOT NULL
+                        THEN l.claimed_at ELSE excluded.claimed_at END
+                WHERE (l.status IN ('pending', 'submitted') AND l.run_id = excluded.run_id)
+                    OR (l.status IN ('retry', 'invalid') AND l.run_id IS DISTINCT FROM excluded.run_id)""",
+                [workload.name, workload.prompt_version, run_id, now, now],
             )
-        return rows.num_rows
+            if taken >= 0 and taken == rows.num_rows:
+                return taken
+            # Some were not taken: which, and who holds them (few, in the race this guards against).
+            mine = f"l.run_id = {p} AND (l.status = s.status OR (s.status = 'pending' AND l.status = 'submitted'))"
+            left = d.query(
+                cursor,
+                f"""SELECT s.record_key, l.run_id, l.status FROM {staged} s JOIN {ledger} l
+                ON l.workload = {p} AND l.prompt_version = {p} AND l.record_key = s.record_key
+                WHERE NOT ({mine})""",
+                [workload.name, workload.prompt_version, run_id],
+            )
+        for key, holder, status in left:
+            result.not_claimed.setdefault(part, set()).add(key)
+            label = holder if status in ("pending", "submitted") else f"{status} (done)"
+            result.holders[label] = result.holders.get(label, 0) + 1
+        return rows.num_rows - len(left)
+
+    def release_claim(self, workload: Workload, run_id: str, reason: str) -> int:
+        """Give back the run's items not yet in a batch (a pilot that failed, a run given up).
+
+        They become ``retry`` held by no run, so the next run of any kind claims them; their
+        attempt counts are kept. Items already ``submitted`` stay: their batch will answer.
+
+        :returns: the number of items released.
+        """
+        d = self.dialect
+        p = d.placeholder
+        with d.transaction(self.conn) as cursor:
+            return d.execute(
+                cursor,
+                f"""UPDATE {self._q(self.ledger_table)} SET status = 'retry', run_id = NULL, last_error = {p},
+                    updated_at = {p}
+                WHERE workload = {p} AND prompt_version = {p} AND run_id = {p} AND status = 'pending'""",
+                [reason[:500], _utcnow(), workload.name, workload.prompt_version, run_id],
+            )
 
     def mark_submitted(
         self, workload: Workload, layout: RunLayout, manifest: Manifest, part: int, batch_id: str
@@ -1061,19 +1138,28 @@ class Warehouse:
         )
 
     def check_accounting(
-        self, workload: Workload, manifest: Manifest, *, sample: int = 20
+        self, workload: Workload, manifest: Manifest, *, sample: int = 20, layout: RunLayout | None = None
     ) -> AccountingReport:
         """Check ``extracted = succeeded + invalid + retry + dead`` for the run; raise naming the gap.
+
+        Items this run left as ``retry`` or ``invalid`` that a later run has since claimed count
+        as handed on (given ``layout``, the run's keys are looked up), so re-checking an older
+        run after a later one retried its items still holds.
 
         :param workload: the workload.
         :param manifest: the run's staging manifest (``extracted_rows`` is the left side).
         :param sample: how many unaccounted keys the error names.
+        :param layout: the run's layout, to find items handed on to later runs.
         """
         report = self.accounting(workload, manifest)
         open_items = report.by_status.get("pending", 0) + report.by_status.get("submitted", 0)
         total = sum(report.by_status.values())
         if report.accounted == report.extracted and open_items == 0 and total == report.extracted:
             return report
+        if layout is not None and open_items == 0 and total < report.extracted:
+            handed_on = self._handed_on(workload, layout, manifest)
+            if total + handed_on == report.extracted:
+                return AccountingReport(report.run_id, report.extracted, report.by_status, handed_on)
         p = self.dialect.placeholder
         keys = self._fetchall(
             f"""SELECT record_key, status, batch_id FROM {self._q(self.ledger_table)}
@@ -1095,6 +1181,26 @@ class Warehouse:
         if total != report.extracted:
             message += f"; the ledger holds {total} items for this run, not {report.extracted}"
         raise AccountingError(message)
+
+    def _handed_on(self, workload: Workload, layout: RunLayout, manifest: Manifest) -> int:
+        """How many of the run's staged items another run holds now (claimed after this run left them)."""
+        d = self.dialect
+        p = d.placeholder
+        handed_on = 0
+        with d.transaction(self.conn) as cursor:
+            for shard in manifest.shards:
+                keys = read_shard_keys(layout, shard).select(["record_key"])
+                with d.rows_relation(cursor, "cb_run_keys", keys, joined=True) as relation:
+                    handed_on += int(
+                        d.query(
+                            cursor,
+                            f"""SELECT COUNT(*) FROM {relation} k JOIN {self._q(self.ledger_table)} l
+                            ON l.workload = {p} AND l.prompt_version = {p} AND l.record_key = k.record_key
+                            WHERE l.run_id <> {p}""",
+                            [workload.name, workload.prompt_version, manifest.run_id],
+                        )[0][0]
+                    )
+        return handed_on
 
     # -- run history ------------------------------------------------------------------------
 

@@ -45,7 +45,7 @@ def run(warehouse, workload, client, emulator, store, run_id):
         cache_setting=cache_setting,
         limits=StagingLimits(max_requests_per_shard=4_000),
     )
-    warehouse.register_staged(workload, layout, manifest)
+    warehouse.claim_staged(workload, layout, manifest)
     collected = []
     for shard in manifest.shards:
         batch_id = submit_shard(client, layout, shard)

@@ -33,7 +33,7 @@ def run_once(warehouse, workload, store, run_id, outcome_for, interval=INTERVAL,
     layout = RunLayout(store, "invoices_dag", run_id)
     rows = warehouse.extract(workload, source, run_id, interval, chunk_rows=7)
     manifest = stage_requests(rows, workload, layout, key_field=source.key_column, cache_setting="off")
-    warehouse.register_staged(workload, layout, manifest)
+    warehouse.claim_staged(workload, layout, manifest)
     for shard in manifest.shards:
         write_results_part(layout, manifest, shard.part, outcome_for)
         validate_part(workload, layout, shard.part)
@@ -119,7 +119,7 @@ def test_items_in_flight_for_another_run_are_not_extracted_again(setup):
         key_field="id",
         cache_setting="off",
     )
-    warehouse.register_staged(workload, layout, manifest)
+    warehouse.claim_staged(workload, layout, manifest)
     assert list(warehouse.extract(workload, SOURCE, "run-b", INTERVAL)) == []
     assert len(list(warehouse.extract(workload, SOURCE, "run-a", INTERVAL))) == 4  # its own re-run
 
@@ -227,7 +227,7 @@ def test_a_load_that_fails_midway_leaves_nothing_behind(setup, monkeypatch):
         key_field="id",
         cache_setting="off",
     )
-    warehouse.register_staged(workload, layout, manifest)
+    warehouse.claim_staged(workload, layout, manifest)
     write_results_part(layout, manifest, 0, all_valid)
     validate_part(workload, layout, 0, batch_rows=10)
     before = ledger(warehouse.conn)
@@ -262,7 +262,7 @@ def test_accounting_fails_loudly_naming_the_gap(setup):
         key_field="id",
         cache_setting="off",
     )
-    warehouse.register_staged(workload, layout, manifest)
+    warehouse.claim_staged(workload, layout, manifest)
     warehouse.mark_submitted(workload, layout, manifest, 0, "msgbatch_lost")
     with pytest.raises(AccountingError) as failure:
         warehouse.check_accounting(workload, manifest)
@@ -295,7 +295,7 @@ def test_run_history_feeds_the_cache_policy(setup):
         key_field="id",
         cache_setting="1h",
     )
-    warehouse.register_staged(workload, layout, manifest)
+    warehouse.claim_staged(workload, layout, manifest)
     write_results_part(layout, manifest, 0, cached)
     validate_part(workload, layout, 0)
     load = warehouse.load_run(workload, layout, manifest)
@@ -350,7 +350,7 @@ def stage_in_shards(warehouse, workload, store, run_id, shard_rows):
         cache_setting="off",
         limits=StagingLimits(max_requests_per_shard=shard_rows),
     )
-    warehouse.register_staged(workload, layout, manifest)
+    warehouse.claim_staged(workload, layout, manifest)
     return layout, manifest
 
 

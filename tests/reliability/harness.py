@@ -38,7 +38,15 @@ from typing import Any, Literal
 from unittest import mock
 
 import anthropic
-from claude_batch.pipeline import PipelineConfig, RunOptions, run_collect, run_gate, run_load, run_stage
+from claude_batch.pipeline import (
+    PipelineConfig,
+    RunOptions,
+    run_collect,
+    run_gate,
+    run_load,
+    run_record_batches,
+    run_stage,
+)
 from claude_batch.staging import StagingLimits, read_manifest
 from claude_batch.storage import ObjectStore, RunLayout
 from claude_batch.warehouse import SourceSpec, Warehouse, dialect_for
@@ -369,10 +377,13 @@ def step_collect(stack: Stack, run_id: str, index: int, batch_id: str) -> dict[s
     layout = stack.layout(run_id)
     manifest = read_manifest(layout)
     assert manifest is not None
+    return run_collect(stack.config(), layout, RunOptions(), _hook().conn, manifest.shards[index].part, batch_id)
+
+
+def step_record(stack: Stack, run_id: str, batch_ids: list[str]) -> int:
+    """The record task: the ledger learns each shard's batch, in one task."""
     with stack.warehouse() as warehouse:
-        return run_collect(
-            stack.config(), warehouse, layout, RunOptions(), _hook().conn, manifest.shards[index].part, batch_id
-        )
+        return run_record_batches(stack.config(), warehouse, stack.layout(run_id), RunOptions(), batch_ids)
 
 
 def step_load(stack: Stack, run_id: str) -> dict[str, Any]:
@@ -402,6 +413,7 @@ STEPS: dict[str, Callable[..., Any]] = {
     "stage": step_stage,
     "gate": step_gate,
     "submit": step_submit,
+    "record": step_record,
     "collect": step_collect,
     "load": step_load,
 }
@@ -461,7 +473,7 @@ def check_run_accounting(stack: Stack, run_id: str) -> dict[str, Any]:
         return {"ok": False, "error": f"run {run_id} has no manifest"}
     with stack.warehouse() as warehouse:
         try:
-            report = warehouse.check_accounting(WORKLOAD, manifest)
+            report = warehouse.check_accounting(WORKLOAD, manifest, layout=stack.layout(run_id))
         except Exception as exc:  # AccountingError names the gap
             return {"ok": False, "error": str(exc)}
     return {"ok": True, "extracted": report.extracted, "by_status": report.by_status}
@@ -545,24 +557,37 @@ class PipelineRun:
         raise AssertionError("unreachable")
 
     def run(self) -> RunRecord:
+        for _step in self.steps():
+            pass
+        return self.record
+
+    def steps(self) -> Iterator[str]:
+        """The run's tasks one at a time: yields each task's name once it has run (to interleave runs)."""
         self._task("stage", [list(self.interval)])
+        yield "stage"
         shards = self._task("gate", [])
         self.record.shards = len(shards)
+        yield "gate"
         if not shards:  # the gate task skips the rest of the run
-            return self.record
+            return
         for index, shard in enumerate(shards):
             batch_id = self._task("submit", [index, shard], index)
             self.record.batch_ids.append(batch_id)
             if self.faults.after_submit is not None:
                 self.faults.after_submit(index, batch_id)
+            yield f"submit[{index}]"
+        self._task("record", [self.record.batch_ids])
+        yield "record"
         if self.faults.before_wait is not None:
             self.faults.before_wait()
         wait_for_batches(self.record.batch_ids)
+        yield "wait"
         for index, batch_id in enumerate(self.record.batch_ids):
             self._task("collect", [index, batch_id], index)
+            yield f"collect[{index}]"
         self.record.load = self._task("load", [])
         self.record.accounting = check_run_accounting(self.stack, self.run_id)
-        return self.record
+        yield "load"
 
 
 class WorkerKilled(RuntimeError):

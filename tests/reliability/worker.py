@@ -35,7 +35,7 @@ def arm(point: str) -> None:
     """Arrange for this process to be killed at ``point`` (patches live in this process only)."""
     from tests.reliability import harness
 
-    def die(*_args: Any) -> None:
+    def die(*_args: Any, **_kwargs: Any) -> None:
         _die()
 
     if point == "stage:mid_write":

@@ -134,7 +134,12 @@ def test_a_failing_pilot_stops_the_run_after_its_sample(workflow_dags, anthropic
     )
     stats = anthropic_conn.stats()
     assert stats["batches_created"] == 1 and stats["requests_received"] == 2  # the pilot, nothing else
-    assert ledger_rows(warehouse, "invoice_approval") == 0
+    # The claimed items are given back: retry, held by no run, for the next run to take.
+    released = query(
+        warehouse, "SELECT status, run_id, COUNT(*) FROM claude_batch_ledger WHERE workload = ? GROUP BY 1, 2",
+        "invoice_approval",
+    )
+    assert released == [("retry", None, 5)]
 
 
 def test_a_passing_pilot_lets_the_run_go_on(workflow_dags, anthropic_conn, warehouse):

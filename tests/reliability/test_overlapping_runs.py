@@ -1,0 +1,148 @@
+"""Overlapping runs of one workload never send, or pay for, the same item twice.
+
+Airflow runs several runs of a DAG at once: a UI trigger beside the scheduled run of the same
+interval, a backfill with ``max_active_runs=2``, a re-run of an older night. Here two runs'
+tasks are interleaved at every step boundary (stage A, stage B, gate A, gate B, submit A ...,
+and with one run some steps ahead), over the same interval and over retry items that both runs
+extract, on DuckDB and on PostgreSQL, with the emulator and moto. The count that matters is
+read from the emulator: how often each custom_id was answered (billed) across every batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+
+from tests.conftest import EMULATOR_API_KEY
+from tests.reliability.conftest import ROWS
+from tests.reliability.harness import DAY, RUN_1, PipelineRun, Stack, billed_custom_ids, query
+
+
+def interleave(first: Iterator[str], second: Iterator[str], lead: int) -> list[str]:
+    """Run ``lead`` steps of ``first``, then one step of each in turn until both are done."""
+    order: list[str] = []
+    for step in itertools.islice(first, lead):
+        order.append(f"A:{step}")
+    runs = {"A": first, "B": second}
+    while runs:
+        for name in list(runs):
+            step = next(runs[name], None)
+            if step is None:
+                del runs[name]
+            else:
+                order.append(f"{name}:{step}")
+    return order
+
+
+def ledger(stack: Stack) -> dict[str, int]:
+    return dict(query(stack, "SELECT status, COUNT(*) FROM claude_batch_ledger GROUP BY status"))
+
+
+def billed_twice(emulator) -> int:
+    billed, _ = billed_custom_ids(emulator, EMULATOR_API_KEY)
+    return sum(1 for count in billed.values() if count > 1)
+
+
+def check_every_item_once(stack: Stack, emulator, runs: list[PipelineRun]) -> None:
+    assert billed_twice(emulator) == 0
+    assert ledger(stack) == {"succeeded": ROWS}
+    total, distinct = query(stack, "SELECT COUNT(*), COUNT(DISTINCT record_key) FROM reliability_results")[0]
+    assert total == distinct == ROWS
+    for run in runs:
+        if run.record.shards:
+            assert run.record.accounting and run.record.accounting["ok"], run.record.accounting
+
+
+# Lead 0 is the issue's case (stage A, stage B, gate A, gate B); 1 puts B's stage after A's gate;
+# 4 starts B after A's submits and record (B finds everything held by A at extract).
+LEADS = [0, 1, 2, 4]
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("lead", LEADS)
+@pytest.mark.parametrize("warehouse", ["duckdb", "postgres"])
+def test_two_runs_of_one_interval_interleaved_pay_once(warehouse, lead, request, emulator):
+    stack = request.getfixturevalue(f"{warehouse}_stack")
+    # A UI trigger beside the scheduled run of the same interval.
+    scheduled = PipelineRun(stack, "scheduled__2026-03-01T00:00:00+00:00", RUN_1)
+    manual = PipelineRun(stack, "manual__2026-03-01T00:00:01+00:00", RUN_1)
+    order = interleave(scheduled.steps(), manual.steps(), lead)
+    check_every_item_once(stack, emulator, [scheduled, manual])
+    # One of them holds every item; the other stages nothing, or drops what it staged at its gate.
+    sent = emulator.stats()["requests_received"]
+    assert sent == ROWS, order
+    assert sorted([scheduled.record.shards, manual.record.shards])[0] == 0, order
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("lead", [0, 1])
+@pytest.mark.parametrize("warehouse", ["duckdb", "postgres"])
+def test_two_runs_sharing_retry_items_interleaved_pay_once(warehouse, lead, request, emulator):
+    stack = request.getfixturevalue(f"{warehouse}_stack")
+    emulator.configure(faults={"batch": {"errored_rate": 0.2, "error_types": ["overloaded_error"]}})
+    PipelineRun(stack, "night-1", RUN_1).run()
+    retries = ledger(stack).get("retry", 0)
+    assert retries > 0
+    emulator.configure(faults={})
+    received_before = emulator.stats()["requests_received"]
+    # The next two nights both extract the items due for retry (they have no rows of their own).
+    night_2 = PipelineRun(stack, "night-2", (DAY + timedelta(days=1), DAY + timedelta(days=2)))
+    night_3 = PipelineRun(stack, "night-3", (DAY + timedelta(days=2), DAY + timedelta(days=3)))
+    order = interleave(night_2.steps(), night_3.steps(), lead)
+    check_every_item_once(stack, emulator, [night_2, night_3])
+    assert emulator.stats()["requests_received"] - received_before == retries, order
+
+
+@pytest.mark.services
+def test_a_backfill_of_three_nights_two_at_a_time_pays_once(postgres_stack, emulator):
+    """``max_active_runs=2``: nights 2 and 3 overlap, night 4 starts when night 2 ends; all share retries."""
+    stack = postgres_stack
+    emulator.configure(faults={"batch": {"errored_rate": 0.3, "error_types": ["api_error"]}})
+    PipelineRun(stack, "night-1", RUN_1).run()
+    emulator.configure(faults={"batch": {"errored_rate": 0.1, "error_types": ["api_error"]}})
+    nights = [
+        PipelineRun(stack, f"backfill__night-{day}", (DAY + timedelta(days=day - 1), DAY + timedelta(days=day)))
+        for day in (2, 3, 4)
+    ]
+    steps = [night.steps() for night in nights]
+    active = [0, 1]
+    waiting = [2]
+    while active:
+        for index in list(active):
+            if next(steps[index], None) is None:
+                active.remove(index)
+                if waiting:
+                    active.append(waiting.pop(0))
+    emulator.configure(faults={})
+    PipelineRun(stack, "night-5", (DAY + timedelta(days=4), DAY + timedelta(days=5))).run()
+    PipelineRun(stack, "night-6", (DAY + timedelta(days=5), DAY + timedelta(days=6))).run()
+    assert billed_twice(emulator) == 0
+    statuses = ledger(stack)
+    assert set(statuses) <= {"succeeded", "dead"} and sum(statuses.values()) == ROWS, statuses
+    for night in nights:
+        if night.record.shards:
+            assert night.record.accounting and night.record.accounting["ok"], night.record.accounting
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("warehouse", ["duckdb", "postgres"])
+def test_re_running_an_older_run_after_a_later_retry_changes_nothing(warehouse, request, emulator):
+    stack = request.getfixturevalue(f"{warehouse}_stack")
+    emulator.configure(faults={"batch": {"errored_rate": 0.2, "error_types": ["overloaded_error"]}})
+    PipelineRun(stack, "night-1", RUN_1).run()
+    emulator.configure(faults={})
+    PipelineRun(stack, "night-2", (DAY + timedelta(days=1), DAY + timedelta(days=2))).run()
+    before_ledger = query(stack, "SELECT record_key, status, attempts, run_id, batch_id FROM claude_batch_ledger ORDER BY 1")
+    before_results = query(stack, "SELECT record_key, output_json, run_id FROM reliability_results ORDER BY 1")
+    before_runs = query(stack, "SELECT run_id, succeeded, retry, dead FROM claude_batch_runs ORDER BY 1")
+    received = emulator.stats()["requests_received"]
+    again = PipelineRun(stack, "night-1", RUN_1)  # every task of night 1 cleared and run again
+    again.run()
+    assert emulator.stats()["requests_received"] == received
+    assert query(stack, "SELECT record_key, status, attempts, run_id, batch_id FROM claude_batch_ledger ORDER BY 1") == before_ledger
+    assert query(stack, "SELECT record_key, output_json, run_id FROM reliability_results ORDER BY 1") == before_results
+    assert query(stack, "SELECT run_id, succeeded, retry, dead FROM claude_batch_runs ORDER BY 1") == before_runs
+    assert ledger(stack) == {"succeeded": ROWS}
