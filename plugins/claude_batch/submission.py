@@ -9,8 +9,11 @@ Plain Python, no Airflow: the operator is a thin shell over :class:`BatchSubmitt
   does not grow with the shard; the lines are sent as staged, never re-serialised.
 - Submission state is written in two phases with a fingerprint of the shard: the *intent*
   before the paid call, the *batch id* after it. A crash between the two is recovered by
-  listing the batches created since the intent and matching the request count, never by
-  paying again; if that cannot decide, it stops and says what to check.
+  listing the batches created since the intent, never by paying again: one unclaimed batch of
+  the right size is taken; among several, the one whose results hold exactly the shard's
+  custom_ids (recorded as a digest in the intent) is. A candidate still running makes the
+  attempt fail retryably (:class:`RecoveryPending`); two exact matches stop it, saying what to
+  check.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -47,6 +51,24 @@ class ShardRejected(ValueError):
 
 class SubmissionUndecidable(RuntimeError):
     """A previous attempt may have created the batch, and the API's list cannot say which."""
+
+
+class RecoveryPending(SubmissionUndecidable):
+    """Not decidable yet, but will be: a candidate batch has not ended, or its results could not be read.
+
+    Retryable: nothing was created, and a later attempt reads the candidates' results again.
+
+    :param message: what to wait for.
+    :param batch_ids: the candidates still to check.
+    """
+
+    def __init__(self, message: str, batch_ids: list[str]) -> None:
+        super().__init__(message)
+        self.batch_ids = batch_ids
+
+
+class _Unreadable(Exception):
+    """A candidate's results could not be read whole, so they prove nothing either way."""
 
 
 class RequestSource(Protocol):
@@ -111,11 +133,17 @@ class Limits:
 
 @dataclass(frozen=True)
 class ShardScan:
-    """What one pass over a shard learned: enough to send it and to recognise it again."""
+    """What one pass over a shard learned: enough to send it and to recognise it again.
+
+    ``custom_ids_digest`` is the same for the same custom_ids in any order (see
+    :func:`custom_ids_digest`); ``id_hashes`` holds their sorted 64-bit hashes (8 bytes each).
+    """
 
     request_count: int
     body_bytes: int
     fingerprint: str
+    custom_ids_digest: str = ""
+    id_hashes: Any = field(default=None, repr=False, compare=False)
 
 
 def scan_requests(source: RequestSource, limits: Limits = Limits()) -> ShardScan:
@@ -161,20 +189,50 @@ def scan_requests(source: RequestSource, limits: Limits = Limits()) -> ShardScan
         digest.update(b"\n")
     if count == 0:
         raise ShardRejected(f"{where}: no requests; the API needs at least one per batch")
-    if _has_repeats(id_hashes):
+    ordered = _sorted(id_hashes)
+    if _has_repeats(ordered):
         _raise_first_duplicate(source)
-    return ShardScan(request_count=count, body_bytes=body_bytes, fingerprint=digest.hexdigest())
+    return ShardScan(
+        request_count=count,
+        body_bytes=body_bytes,
+        fingerprint=digest.hexdigest(),
+        custom_ids_digest=_digest_of_sorted(ordered),
+        id_hashes=ordered,
+    )
 
 
 def _id_hash(custom_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(custom_id.encode(), digest_size=8).digest(), "little", signed=True)
 
 
-def _has_repeats(values: array) -> bool:
+def _sorted(values: array) -> Any:
     import numpy as np
 
-    ordered = np.sort(np.frombuffer(values, dtype=np.int64))
+    return np.sort(np.frombuffer(values, dtype=np.int64))
+
+
+def _has_repeats(ordered: Any) -> bool:
     return bool((ordered[1:] == ordered[:-1]).any())
+
+
+def _digest_of_sorted(ordered: Any) -> str:
+    return hashlib.sha256(ordered.astype("<i8", copy=False).tobytes()).hexdigest()
+
+
+def custom_ids_digest(custom_ids: Iterable[str]) -> str:
+    """The order-independent digest of a set of custom_ids, as recorded in the intent.
+
+    SHA-256 over the sorted 64-bit BLAKE2b hashes (little-endian) of the ids: 8 bytes an id
+    in memory, so 100,000 ids take 800 kB, not a set of strings.
+
+    :param custom_ids: the ids, in any order.
+    """
+    return _digest_of_sorted(_sorted(array("q", (_id_hash(custom_id) for custom_id in custom_ids))))
+
+
+def _contains(ordered: Any, value: int) -> bool:
+    at = int(ordered.searchsorted(value))
+    return at < len(ordered) and int(ordered[at]) == value
 
 
 def _raise_first_duplicate(source: RequestSource) -> None:
@@ -224,6 +282,8 @@ class SubmissionState:
     batch_id: str | None = None
     submitted_at: str | None = None
     superseded_batch_ids: list[str] = field(default_factory=list)
+    # None in states written before it existed: recovery then falls back to the shard's scan.
+    custom_ids_digest: str | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SubmissionState:
@@ -260,6 +320,46 @@ class BatchApi(Protocol):
     def retrieve_batch(self, batch_id: str) -> MessageBatch: ...
 
     def cancel_batch(self, batch_id: str) -> MessageBatch: ...
+
+
+class ResultIdsApi(Protocol):
+    """An optional extra of a :class:`BatchApi`: the custom_ids of an ended batch's results.
+
+    Without it, :func:`result_custom_ids` reads them through the SDK client at ``api.conn``
+    (as ``ClaudeBatchHook`` has).
+    """
+
+    def result_custom_ids(self, batch_id: str) -> Iterator[str]: ...
+
+
+def result_custom_ids(api: Any, batch_id: str) -> Iterator[str]:
+    """The custom_ids in an ended batch's results, streamed in the order the API serves them.
+
+    Only ``custom_id`` is kept of each line; closing the iterator early closes the download.
+
+    :param api: a :class:`ResultIdsApi`, or an object with an ``anthropic.Anthropic`` at ``conn``.
+    :param batch_id: a batch whose ``processing_status`` is ``ended``.
+    """
+    own = getattr(api, "result_custom_ids", None)
+    if own is not None:
+        yield from own(batch_id)
+        return
+    with api.conn.messages.batches.with_streaming_response.results(batch_id) as response:
+        for line in _split_lines(response.iter_bytes()):
+            yield orjson.loads(line)["custom_id"]
+
+
+def _split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    rest = b""
+    for chunk in chunks:
+        pieces = (rest + chunk).split(b"\n")
+        rest = pieces.pop()
+        for piece in pieces:
+            line = piece.strip()
+            if line:
+                yield line
+    if rest.strip():
+        yield rest.strip()
 
 
 def _now() -> datetime:
@@ -309,13 +409,21 @@ class BatchSubmitter:
         if state is not None:
             superseded = list(state.superseded_batch_ids)
             same_input = state.fingerprint == scan.fingerprint
-            previous_id = state.batch_id or (self._recover(state) if state.phase == "intent" else None)
+            previous_id = state.batch_id or (
+                self._recover(state, scan if same_input else None) if state.phase == "intent" else None
+            )
             if previous_id and same_input:
                 how = "reattached" if state.phase == "submitted" else "recovered"
                 if how == "recovered":
                     self._write_state(
                         SubmissionState(
-                            **{**asdict(state), "phase": "submitted", "batch_id": previous_id, "submitted_at": _now().isoformat()}
+                            **{
+                                **asdict(state),
+                                "phase": "submitted",
+                                "batch_id": previous_id,
+                                "submitted_at": _now().isoformat(),
+                                "custom_ids_digest": state.custom_ids_digest or scan.custom_ids_digest,
+                            }
                         )
                     )
                 log(f"Batch {previous_id} was already submitted for this input ({how}); not submitting again.")
@@ -333,22 +441,36 @@ class BatchSubmitter:
             source=source.description,
             intent_at=_now().isoformat(),
             superseded_batch_ids=superseded,
+            custom_ids_digest=scan.custom_ids_digest,
         )
         self._write_state(intent)
         batch = self.api.create_batch_from_body(
-            BatchBody(source), scan.body_bytes, scan.request_count, recover=lambda: self._find_one(intent)
+            BatchBody(source), scan.body_bytes, scan.request_count, recover=lambda: self._find_one(intent, scan)
         )
         intent.phase, intent.batch_id, intent.submitted_at = "submitted", batch.id, _now().isoformat()
         self._write_state(intent)
         log(f"Submitted batch {batch.id} with {scan.request_count:,} requests ({scan.body_bytes:,} bytes).")
         return SubmissionResult(batch.id, scan.request_count, "created")
 
-    def _recover(self, state: SubmissionState) -> str | None:
-        batch = self._find_one(state)
+    def _recover(self, state: SubmissionState, scan: ShardScan | None = None) -> str | None:
+        batch = self._find_one(state, scan)
         return batch.id if batch else None
 
-    def _find_one(self, state: SubmissionState) -> MessageBatch | None:
-        """The batch an interrupted attempt created, if exactly one can be it."""
+    def _find_one(self, state: SubmissionState, scan: ShardScan | None = None) -> MessageBatch | None:
+        """The batch an interrupted attempt created, if exactly one can be it.
+
+        One unclaimed batch of the right size is taken as it is. Among several, each that has
+        ended is ours if its results hold exactly the shard's custom_ids; a batch still running
+        cannot be checked yet.
+
+        :param state: the intent of the interrupted attempt.
+        :param scan: the scan of the same input (same fingerprint), if at hand: its id hashes let
+            a foreign batch be ruled out at its first foreign custom_id.
+        :raises RecoveryPending: (retryable) no ended candidate is ours and some have not ended or
+            could not be read.
+        :raises SubmissionUndecidable: several candidates hold exactly these custom_ids, or the
+            state has no digest to check them against.
+        """
         since = datetime.fromisoformat(state.intent_at) - CLOCK_SKEW
         claimed = self._claimed_batch_ids() | set(state.superseded_batch_ids)
         candidates = [
@@ -358,11 +480,68 @@ class BatchSubmitter:
         ]
         if len(candidates) <= 1:
             return candidates[0] if candidates else None
-        ids = ", ".join(batch.id for batch in candidates)
-        raise SubmissionUndecidable(
+        expected = state.custom_ids_digest or (scan.custom_ids_digest if scan is not None else None)
+        if not expected:
+            why = "This state has no digest of its custom_ids and the input changed since, so none can be checked."
+            raise SubmissionUndecidable(self._undecidable(state, candidates, why))
+        ours = scan.id_hashes if scan is not None and scan.custom_ids_digest == expected else None
+        matches: list[MessageBatch] = []
+        waiting: dict[str, str] = {}
+        for batch in candidates:
+            if batch.processing_status != "ended":
+                waiting[batch.id] = batch.processing_status
+                continue
+            try:
+                if self._holds_exactly(batch, expected, ours):
+                    matches.append(batch)
+            except _Unreadable as exc:
+                waiting[batch.id] = f"ended, but its results could not be read whole ({exc})"
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            why = f"{' and '.join(b.id for b in matches)} all hold exactly this shard's custom_ids (another run sent the same ones)."
+            raise SubmissionUndecidable(self._undecidable(state, candidates, why))
+        if not waiting:
+            return None  # every candidate holds other custom_ids: the create never landed
+        which = ", ".join(f"{batch_id} ({why})" for batch_id, why in waiting.items())
+        until = f"batch {next(iter(waiting))} ends" if len(waiting) == 1 else f"batches {', '.join(waiting)} end"
+        raise RecoveryPending(
             f"A previous attempt recorded its intent to submit {state.request_count:,} requests at "
             f"{state.intent_at} but not the batch id, and {len(candidates)} unclaimed batches of that size "
-            f"were created since: {ids}. Refusing to guess and refusing to pay twice. Check them in the "
+            f"were created since. None of those checked holds this shard's custom_ids; not checked yet: "
+            f"{which}. Only a batch's results list its custom_ids, and they exist once it has ended. "
+            f"Nothing was created. This will be decidable when {until}; a task retry checks again.",
+            list(waiting),
+        )
+
+    def _holds_exactly(self, batch: MessageBatch, expected: str, ours: Any) -> bool:
+        """Whether an ended batch's results hold exactly the custom_ids whose digest is ``expected``.
+
+        :param batch: an ended candidate of the right size.
+        :param expected: the shard's :func:`custom_ids_digest`.
+        :param ours: the shard's sorted id hashes, or ``None`` (then the whole results are read).
+        :raises _Unreadable: the results could not be read whole, so they prove nothing.
+        """
+        seen = array("q")
+        try:
+            with closing(result_custom_ids(self.api, batch.id)) as custom_ids:
+                for custom_id in custom_ids:
+                    value = _id_hash(custom_id)
+                    if ours is not None and not _contains(ours, value):
+                        return False  # a foreign id is proof, even from a cut stream
+                    seen.append(value)
+        except Exception as exc:  # a download cut, a 404, a bad line: retry later, never create
+            raise _Unreadable(f"{type(exc).__name__}: {exc}") from exc
+        if len(seen) != _total(batch):
+            raise _Unreadable(f"{len(seen):,} result lines for {_total(batch):,} requests")
+        return _digest_of_sorted(_sorted(seen)) == expected
+
+    def _undecidable(self, state: SubmissionState, candidates: list[MessageBatch], why: str) -> str:
+        ids = ", ".join(batch.id for batch in candidates)
+        return (
+            f"A previous attempt recorded its intent to submit {state.request_count:,} requests at "
+            f"{state.intent_at} but not the batch id, and {len(candidates)} unclaimed batches of that size "
+            f"were created since: {ids}. {why} Refusing to guess and refusing to pay twice. Check them in the "
             f"Claude Console: cancel the strays, then either write the right id into {self.state_uri} "
             "(set \"phase\": \"submitted\" and \"batch_id\") or delete that file to submit afresh."
         )

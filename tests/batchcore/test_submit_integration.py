@@ -10,6 +10,7 @@ from claude_batch.submission import (
     BatchSubmitter,
     InlineRequests,
     Limits,
+    RecoveryPending,
     ShardRejected,
     StoredShard,
     SubmissionUndecidable,
@@ -67,15 +68,18 @@ def test_crash_between_paid_call_and_state_write_does_not_pay_twice(anthropic_co
 def test_undecidable_recovery_refuses_to_guess(anthropic_conn, s3_store):
     shard = _shard(s3_store, make_requests(40))
     submitter = BatchSubmitter(ClaudeBatchHook(), s3_store, STATE)
-    submitter.submit(shard)
+    ours = submitter.submit(shard).batch_id
     state = s3_store.read_json(STATE)
-    # two unclaimed batches of the same size appear after the intent, and the id was never recorded
+    # another unclaimed batch of the same size and the same custom_ids appears after the intent
+    # (another run sent the same requests), and the id was never recorded
     client = ClaudeBatchHook().conn
-    client.messages.batches.create(requests=make_requests(40, prefix="x"))
+    twin = client.messages.batches.create(requests=make_requests(40, text="the same ids, other text")).id
     s3_store.write_json(STATE, {**state, "phase": "intent", "batch_id": None})
+    anthropic_conn.advance(3600)  # both ended: their results are read, and both hold the shard's ids
     with pytest.raises(SubmissionUndecidable, match="Refusing to guess") as info:
         BatchSubmitter(ClaudeBatchHook(), s3_store, STATE).submit(shard)
-    assert s3_store.uri(STATE) in str(info.value)
+    assert not isinstance(info.value, RecoveryPending)
+    assert s3_store.uri(STATE) in str(info.value) and ours in str(info.value) and twin in str(info.value)
     assert anthropic_conn.stats()["batches_created"] == 2
 
 
