@@ -24,8 +24,7 @@ import dataclasses
 import itertools
 import os
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -33,6 +32,7 @@ from typing import Any
 import anthropic
 import orjson
 
+from claude_batch.connections import open_warehouse
 from claude_batch.costs import PriceTable, default_prices
 from claude_batch.results import collect_results
 from claude_batch.staging import (
@@ -194,6 +194,7 @@ def run_stage(
         workload,
         layout,
         key_field=RECORD_KEY_COLUMN,  # the key as the warehouse casts it to text (extract adds it)
+        key_name=config.source.key_column,
         cache_setting=cache_setting,
         prices=config.prices,
         limits=config.staging_limits,
@@ -433,49 +434,6 @@ def _manifest(layout: RunLayout) -> Manifest:
     if manifest is None:
         raise FileNotFoundError(f"No manifest at {layout.store.uri(layout.manifest)}: the stage task has not run.")
     return manifest
-
-
-# --- connections ---------------------------------------------------------------------------
-
-
-@contextmanager
-def open_warehouse(conn_id: str) -> Iterator[Warehouse]:
-    """A :class:`Warehouse` on an Airflow connection, closed on exit.
-
-    DuckDB (``duckdb`` connections, host: the file) allows one writing process per file, and a
-    PostgreSQL session holds a server slot: a task must not keep either open after its stage.
-
-    :param conn_id: a ``duckdb`` connection, or any common.sql connection.
-    """
-    conn = _connect_warehouse(conn_id)
-    try:
-        yield Warehouse(conn)
-    finally:
-        conn.close()
-
-
-def _connect_warehouse(conn_id: str) -> Any:
-    from airflow.sdk import BaseHook
-
-    conn = BaseHook.get_connection(conn_id)
-    if conn.conn_type == "duckdb":
-        import duckdb
-
-        return duckdb.connect(conn.host or conn.schema or ":memory:")
-    if conn.conn_type in ("postgres", "postgresql"):
-        # The postgres provider hands out psycopg 3 when it is installed; the PostgreSQL dialect
-        # (COPY through copy_expert, named cursors) is written for psycopg2.
-        import psycopg2
-
-        return psycopg2.connect(
-                host=conn.host,
-                port=conn.port or 5432,
-                user=conn.login,
-                password=conn.password,
-                dbname=conn.schema or "postgres",
-            **{k: v for k, v in conn.extra_dejson.items() if k in ("sslmode", "options", "connect_timeout")},
-        )
-    return conn.get_hook().get_conn()
 
 
 # --- the Airflow shell ---------------------------------------------------------------------

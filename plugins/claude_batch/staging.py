@@ -550,10 +550,12 @@ class _Stager:
         prices: PriceTable,
         limits: StagingLimits,
         assumed_cache_hit_rate: float,
+        key_name: str | None = None,
     ) -> None:
         self.workload = workload
         self.layout = layout
         self.key_field = key_field
+        self.key_name = key_name or key_field
         self.cache_setting = cache_setting
         self.prices = prices
         self.limits = limits
@@ -879,10 +881,10 @@ class _Stager:
     # -- the slow paths (bad input, rare) -------------------------------------------------
 
     def _slow_key(self, row_number: int, row: Mapping[str, Any], raw: Any) -> tuple[str | None, str]:
-        key_field = self.key_field
+        key_name = self.key_name
         if raw is None:
-            reason = "is NULL" if key_field in row else "is missing"
-            self._reject(row_number, None, None, "null_key", f"record key {key_field!r} {reason}", row)
+            reason = "is NULL" if self.key_field in row else "is missing"
+            self._reject(row_number, None, None, "null_key", f"record key {key_name!r} {reason}", row)
             return None, ""
         if isinstance(raw, _BINARY):
             try:
@@ -895,7 +897,7 @@ class _Stager:
                 return None, ""
         key = raw if isinstance(raw, str) else str(raw)
         if not key or key.isspace():
-            self._reject(row_number, None, None, "empty_key", f"record key {key_field!r} is empty", row)
+            self._reject(row_number, None, None, "empty_key", f"record key {key_name!r} is empty", row)
             return None, ""
         if _BAD_CHARS.search(key):
             _code, what = _describe_bad_char(key)
@@ -1058,6 +1060,7 @@ def stage_requests(
     limits: StagingLimits | None = None,
     assumed_cache_hit_rate: float = 0.0,
     chunk_rows: int = 10_000,
+    key_name: str | None = None,
 ) -> Manifest:
     """Render rows into request shards and write the manifest; returns the manifest.
 
@@ -1072,6 +1075,7 @@ def stage_requests(
     :param limits: shard limits (default 100,000 requests, 128 MB).
     :param assumed_cache_hit_rate: the hit rate the expected cost assumes (measured in recent runs).
     :param chunk_rows: the most rows processed together (chunks shrink to about 4 MB of requests).
+    :param key_name: the key column as error messages name it (default ``key_field``).
     """
     stager = _Stager(
         workload,
@@ -1081,6 +1085,7 @@ def stage_requests(
         prices or default_prices(),
         limits or StagingLimits(),
         assumed_cache_hit_rate,
+        key_name,
     )
     with bulk_processing():
         try:

@@ -48,7 +48,7 @@ def test_model_override_is_checked_and_changes_the_prompt_version():
 def test_a_postgres_warehouse_connection_opens_with_psycopg2(postgres_dsn, monkeypatch):
     import json
 
-    from claude_batch.pipeline import open_warehouse
+    from claude_batch.connections import open_warehouse
     from claude_batch.warehouse import PostgresDialect
 
     monkeypatch.setenv(
@@ -64,7 +64,7 @@ def test_a_duckdb_warehouse_file_is_released_when_the_stage_ends(tmp_path, monke
     import json
 
     import duckdb
-    from claude_batch.pipeline import open_warehouse
+    from claude_batch.connections import open_warehouse
 
     path = tmp_path / "warehouse.duckdb"
     monkeypatch.setenv("AIRFLOW_CONN_CLAUDE_BATCH_WAREHOUSE", json.dumps({"conn_type": "duckdb", "host": str(path)}))
