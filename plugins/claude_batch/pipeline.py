@@ -24,7 +24,7 @@ import dataclasses
 import itertools
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -34,6 +34,7 @@ import orjson
 
 from claude_batch.connections import open_warehouse
 from claude_batch.costs import PriceTable, default_prices
+from claude_batch.recovery import RecoveryReport, recover_stranded
 from claude_batch.results import collect_results
 from claude_batch.staging import (
     Manifest,
@@ -200,6 +201,34 @@ def run_stage(
         limits=config.staging_limits,
     )
     return _stage_summary(manifest)
+
+
+def run_recover(
+    config: PipelineConfig,
+    warehouse: Warehouse,
+    layout: RunLayout,
+    options: RunOptions,
+    client: Any,
+    run_state: Callable[[str, str], str | None],
+    log: Any,
+) -> RecoveryReport:
+    """Before extracting: take back the items of runs that are over but still hold them.
+
+    See :mod:`claude_batch.recovery`: an ended batch of such a run is collected and loaded for
+    it (nothing paid twice), a shard it never submitted is released; both become extractable.
+    """
+    workload = effective_workload(config, options)
+    warehouse.ensure_tables(workload)
+    report = recover_stranded(
+        workload, warehouse, layout.store, client, run_state,
+        current_run_id=layout.run_id, prices=config.prices, conn_id=config.anthropic_conn_id,
+    )  # fmt: skip
+    if report.changed or report.waiting:
+        log.info(
+            "Recovered items of runs that are over: batches collected %s, items released %s, still waiting %s.",
+            report.collected, report.released, report.waiting,
+        )  # fmt: skip
+    return report
 
 
 def _stage_summary(manifest: Manifest) -> dict[str, Any]:
@@ -482,7 +511,9 @@ def claude_batch_pipeline(config: PipelineConfig, group_id: str | None = None):
             options = _context_options()
             interval = run_interval(options, context.get("data_interval_start"), context.get("data_interval_end"))
             layout = _context_layout(config, config.aws_conn_id)
+            hook = ClaudeBatchHook(conn_id=config.anthropic_conn_id)
             with open_warehouse(config.warehouse_conn_id) as warehouse:
+                run_recover(config, warehouse, layout, options, hook.conn, _dag_run_state(context), _task_log())
                 return run_stage(config, warehouse, layout, options, interval)
 
         @task(task_id="gate", retries=2, retry_delay=timedelta(seconds=30))
@@ -565,6 +596,19 @@ def claude_batch_pipeline(config: PipelineConfig, group_id: str | None = None):
         loaded = load(collected)
         report(loaded, collected)
     return group
+
+
+def _dag_run_state(context: Any) -> Callable[[str, str], str | None]:
+    """``(dag_id, run_id) -> state`` from Airflow's API server (None when it cannot say)."""
+
+    def state(dag_id: str, run_id: str) -> str | None:
+        try:
+            return str(context["ti"].get_dagrun_state(dag_id=dag_id, run_id=run_id))
+        except Exception as exc:  # a run Airflow no longer knows, or no answer: leave its items alone
+            _task_log().warning("Could not read the state of run %s of %s (%s); its items stay held.", run_id, dag_id, exc)
+            return None
+
+    return state
 
 
 def _part_of(layout: RunLayout, map_index: int) -> int:

@@ -573,6 +573,17 @@ class AccountingReport:
         return sum(self.by_status.get(status, 0) for status in FINAL_STATUSES) + self.handed_on
 
 
+@dataclass(frozen=True)
+class Holder:
+    """A run holding open items: which DAG run, how many items in each open state, since when."""
+
+    dag_id: str | None
+    run_id: str
+    pending: int
+    submitted: int
+    since: datetime | None
+
+
 @dataclass
 class ClaimResult:
     """What a run's claim took: its items, and the staged keys it could not take, by shard.
@@ -662,10 +673,11 @@ class Warehouse:
                 workload {text} NOT NULL, record_key {text} NOT NULL, prompt_version {text} NOT NULL,
                 custom_id {text}, status {text} NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
                 invalid_answers INTEGER NOT NULL DEFAULT 0, last_error {text}, batch_id {text},
-                run_id {text}, updated_at {ts} NOT NULL, claimed_at {ts},
+                run_id {text}, updated_at {ts} NOT NULL, claimed_at {ts}, dag_id {text},
                 PRIMARY KEY (workload, record_key, prompt_version)){d.ledger_options}""",
-            # Ledgers made before claims existed gain the column.
+            # Ledgers made before claims existed gain the columns.
             f"ALTER TABLE {self._q(self.ledger_table)} ADD COLUMN IF NOT EXISTS claimed_at {ts}",
+            f"ALTER TABLE {self._q(self.ledger_table)} ADD COLUMN IF NOT EXISTS dag_id {text}",
             f"""CREATE TABLE IF NOT EXISTS {self._q(self.runs_table)} (
                 workload {text} NOT NULL, run_id {text} NOT NULL, prompt_version {text},
                 cache_setting {text}, extracted {big}, staged {big}, rejected {big}, succeeded {big},
@@ -793,7 +805,7 @@ class Warehouse:
                         "last_error": pa.nulls(size, pa.string()),
                     }
                 )
-                claimed = self._claim(cursor, workload, manifest.run_id, staged, shard.part, result)
+                claimed = self._claim(cursor, workload, layout, staged, shard.part, result)
                 result.claimed += claimed
             rejected: list[dict[str, Any]] = []
             for rejection in iter_rejections(layout, manifest):
@@ -807,17 +819,18 @@ class Warehouse:
                 )
                 if len(rejected) >= 10_000:
                     table = pa.Table.from_pylist(rejected, _schema(_STAGED_COLUMNS))
-                    result.rejected += self._claim(cursor, workload, manifest.run_id, table, None, result)
+                    result.rejected += self._claim(cursor, workload, layout, table, None, result)
                     rejected.clear()
             if rejected:
                 table = pa.Table.from_pylist(rejected, _schema(_STAGED_COLUMNS))
-                result.rejected += self._claim(cursor, workload, manifest.run_id, table, None, result)
+                result.rejected += self._claim(cursor, workload, layout, table, None, result)
         return result
 
     def _claim(
-        self, cursor: Any, workload: Workload, run_id: str, rows: pa.Table, part: int | None, result: ClaimResult
+        self, cursor: Any, workload: Workload, layout: RunLayout, rows: pa.Table, part: int | None, result: ClaimResult
     ) -> int:
         """Upsert ``rows`` where the item may be taken; note the rest in ``result``. Returns rows taken."""
+        run_id = layout.run_id
         d = self.dialect
         p = d.placeholder
         ledger = self._q(self.ledger_table)
@@ -826,19 +839,20 @@ class Warehouse:
             taken = d.execute(
                 cursor,
                 f"""INSERT INTO {ledger} AS l (workload, record_key, prompt_version, custom_id,
-                    status, attempts, invalid_answers, last_error, batch_id, run_id, updated_at, claimed_at)
-                SELECT {p}, s.record_key, {p}, s.custom_id, s.status, 0, 0, s.last_error, NULL, {p}, {p}, {p}
+                    status, attempts, invalid_answers, last_error, batch_id, run_id, updated_at, claimed_at, dag_id)
+                SELECT {p}, s.record_key, {p}, s.custom_id, s.status, 0, 0, s.last_error, NULL, {p}, {p}, {p}, {p}
                 FROM {staged} s
                 ON CONFLICT (workload, record_key, prompt_version) DO UPDATE SET
                     custom_id = excluded.custom_id,
                     status = CASE WHEN l.status = 'submitted' AND l.run_id = excluded.run_id
                         THEN l.status ELSE excluded.status END,
                     last_error = excluded.last_error, run_id = excluded.run_id, updated_at = excluded.updated_at,
+                    dag_id = excluded.dag_id,
                     claimed_at = CASE WHEN l.run_id = excluded.run_id AND l.claimed_at IS NOT NULL
                         THEN l.claimed_at ELSE excluded.claimed_at END
                 WHERE (l.status IN ('pending', 'submitted') AND l.run_id = excluded.run_id)
                     OR (l.status IN ('retry', 'invalid') AND l.run_id IS DISTINCT FROM excluded.run_id)""",
-                [workload.name, workload.prompt_version, run_id, now, now],
+                [workload.name, workload.prompt_version, run_id, now, now, layout.dag_id],
             )
             if taken >= 0 and taken == rows.num_rows:
                 return taken
@@ -857,24 +871,58 @@ class Warehouse:
             result.holders[label] = result.holders.get(label, 0) + 1
         return rows.num_rows - len(left)
 
-    def release_claim(self, workload: Workload, run_id: str, reason: str) -> int:
-        """Give back the run's items not yet in a batch (a pilot that failed, a run given up).
+    def release_claim(
+        self,
+        workload: Workload,
+        run_id: str,
+        reason: str,
+        *,
+        layout: RunLayout | None = None,
+        parts: Sequence[Any] | None = None,
+    ) -> int:
+        """Give back the run's items not yet in a batch (a pilot that failed, a run that is over).
 
         They become ``retry`` held by no run, so the next run of any kind claims them; their
         attempt counts are kept. Items already ``submitted`` stay: their batch will answer.
 
+        :param layout: with ``parts``, release only the items of those shards of the run.
+        :param parts: the shards (``ShardManifest``) whose items to release (default: all).
         :returns: the number of items released.
         """
         d = self.dialect
         p = d.placeholder
+        update = f"""UPDATE {self._q(self.ledger_table)} SET status = 'retry', run_id = NULL, last_error = {p},
+                updated_at = {p}
+            WHERE workload = {p} AND prompt_version = {p} AND run_id = {p} AND status = 'pending'"""
+        params = [reason[:500], _utcnow(), workload.name, workload.prompt_version, run_id]
+        if parts is None:
+            with d.transaction(self.conn) as cursor:
+                return d.execute(cursor, update, params)
+        if layout is None:
+            raise ValueError("release_claim needs the run's layout to release by shard")
+        released = 0
         with d.transaction(self.conn) as cursor:
-            return d.execute(
-                cursor,
-                f"""UPDATE {self._q(self.ledger_table)} SET status = 'retry', run_id = NULL, last_error = {p},
-                    updated_at = {p}
-                WHERE workload = {p} AND prompt_version = {p} AND run_id = {p} AND status = 'pending'""",
-                [reason[:500], _utcnow(), workload.name, workload.prompt_version, run_id],
-            )
+            for shard in parts:
+                keys = read_shard_keys(layout, shard).select(["record_key"])
+                with d.rows_relation(cursor, "cb_release", keys) as relation:
+                    released += max(
+                        d.execute(cursor, f"{update} AND record_key IN (SELECT record_key FROM {relation})", params), 0
+                    )
+        return released
+
+    def open_holders(self, workload: Workload) -> list[Holder]:
+        """Runs holding open items (``pending``/``submitted``) of the workload's prompt version."""
+        p = self.dialect.placeholder
+        rows = self._fetchall(
+            f"""SELECT dag_id, run_id, SUM(CASE WHEN status = 'pending' THEN 1 ELSE 0 END),
+                SUM(CASE WHEN status = 'submitted' THEN 1 ELSE 0 END), MIN(claimed_at)
+            FROM {self._q(self.ledger_table)}
+            WHERE workload = {p} AND prompt_version = {p} AND status IN ('pending', 'submitted')
+                AND run_id IS NOT NULL
+            GROUP BY dag_id, run_id ORDER BY MIN(claimed_at)""",
+            [workload.name, workload.prompt_version],
+        )
+        return [Holder(dag_id, run_id, int(pending or 0), int(submitted or 0), since) for dag_id, run_id, pending, submitted, since in rows]
 
     def mark_submitted(
         self, workload: Workload, layout: RunLayout, manifest: Manifest, part: int, batch_id: str
@@ -1196,7 +1244,7 @@ class Warehouse:
                             cursor,
                             f"""SELECT COUNT(*) FROM {relation} k JOIN {self._q(self.ledger_table)} l
                             ON l.workload = {p} AND l.prompt_version = {p} AND l.record_key = k.record_key
-                            WHERE l.run_id <> {p}""",
+                            WHERE l.run_id IS DISTINCT FROM {p}""",
                             [workload.name, workload.prompt_version, manifest.run_id],
                         )[0][0]
                     )

@@ -45,6 +45,7 @@ from claude_batch.pipeline import (
     run_gate,
     run_load,
     run_record_batches,
+    run_recover,
     run_stage,
 )
 from claude_batch.staging import StagingLimits, read_manifest
@@ -349,9 +350,16 @@ def _hook():
     return ClaudeBatchHook(conn_id="anthropic_default")
 
 
+# Airflow's view of the runs a test stands for: run_id -> DAG run state ("running" when absent).
+RUN_STATES: dict[str, str] = {}
+
+
 def step_stage(stack: Stack, run_id: str, interval: tuple[datetime, datetime]) -> dict[str, Any]:
     with stack.warehouse() as warehouse:
-        return run_stage(stack.config(), warehouse, stack.layout(run_id), RunOptions(), interval)
+        layout = stack.layout(run_id)
+        state = lambda dag_id, held_by: RUN_STATES.get(held_by, "running")  # noqa: E731
+        run_recover(stack.config(), warehouse, layout, RunOptions(), _hook().conn, state, log)
+        return run_stage(stack.config(), warehouse, layout, RunOptions(), interval)
 
 
 def step_gate(stack: Stack, run_id: str) -> list[str]:
