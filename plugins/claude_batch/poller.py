@@ -180,6 +180,12 @@ class Subscription:
         """Wait for the next round that covers this subscription's batches."""
         return await self._rounds.get()
 
+    def newest(self, found: PollRound) -> PollRound:
+        """``found``, or the newest round already queued behind it (a slow consumer skips stale ones)."""
+        while not self._rounds.empty():
+            found = self._rounds.get_nowait()
+        return found
+
     def forget(self, batch_ids: set[str]) -> None:
         """Stop watching batches that need no more polling (they have ended)."""
         self.batch_ids -= batch_ids

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
 
@@ -13,10 +13,27 @@ from airflow.sdk.exceptions import AirflowException, AirflowSkipException
 from claude_batch.hooks import ClaudeBatchHook
 from claude_batch.poller import BatchSnapshot
 from claude_batch.triggers import (
+    DEFAULT_BATCH_TIMEOUT,
     DEFAULT_MAX_POLL_INTERVAL,
     DEFAULT_MIN_POLL_INTERVAL,
+    ON_TIMEOUT_CANCEL_AND_COLLECT,
+    ON_TIMEOUT_FAIL,
     ClaudeBatchTrigger,
+    check_on_timeout,
+    completion_event,
+    overdue_batches,
+    progress_summary,
 )
+
+__all__ = [
+    "DEFAULT_BATCH_TIMEOUT",
+    "ON_TIMEOUT_CANCEL_AND_COLLECT",
+    "ON_TIMEOUT_FAIL",
+    "ClaudeBatchFailed",
+    "ClaudeBatchSensor",
+    "apply_completion_policy",
+    "handle_trigger_event",
+]
 
 
 class ClaudeBatchFailed(AirflowException):
@@ -68,7 +85,13 @@ def apply_completion_policy(
 def handle_trigger_event(
     event: dict[str, Any] | None, fail_on_partial: bool, log: Any, skip_if_all_canceled: bool = True
 ) -> dict[str, Any]:
-    """Turn a :class:`ClaudeBatchTrigger` event into a summary or a clear failure."""
+    """Turn a :class:`ClaudeBatchTrigger` event into a summary or a clear failure.
+
+    A ``success`` event may name batches canceled for their deadline (``timed_out``, under
+    ``on_timeout="cancel_and_collect"``): they count as ended, the summary lists them with their
+    counts under ``timed_out``, and the task is never skipped for them (their canceled requests
+    must reach the ledger as retries). ``cancel_failed`` names batches whose cancel was refused.
+    """
     if not event or "status" not in event:
         raise ClaudeBatchFailed(f"Unexpected trigger event: {event!r}")
     if event["status"] == "error":
@@ -76,7 +99,14 @@ def handle_trigger_event(
     if event["status"] == "timeout":
         raise ClaudeBatchFailed(event["message"])
     snapshots = [BatchSnapshot.from_dict(item) for item in event["batches"]]
-    return apply_completion_policy(snapshots, fail_on_partial, log, skip_if_all_canceled)
+    timed_out = {item["id"]: item for item in event.get("timed_out") or []}
+    cancel_failed = list(event.get("cancel_failed") or [])
+    if timed_out or cancel_failed:
+        log.warning("%s", event.get("message") or f"Timed out: {sorted(timed_out)}; not canceled: {cancel_failed}")
+    summary = apply_completion_policy(snapshots, fail_on_partial, log, skip_if_all_canceled and not timed_out)
+    summary["timed_out"] = timed_out
+    summary["cancel_failed"] = cancel_failed
+    return summary
 
 
 class ClaudeBatchSensor(BaseSensorOperator):
@@ -85,7 +115,13 @@ class ClaudeBatchSensor(BaseSensorOperator):
     :param batch_ids: one batch id or a list (e.g. the ids a mapped submit returned). Templated.
     :param conn_id: the ``anthropic`` connection.
     :param deferrable: wait in the triggerer (default) instead of poking from a worker.
-    :param batch_timeout: seconds from each batch's submission before giving up and cancelling it.
+    :param batch_timeout: seconds from each batch's own submission (``created_at``) before it is
+        cancelled (``None``: wait for the API, which expires batches at 24 hours; the pipeline uses
+        :data:`DEFAULT_BATCH_TIMEOUT`, 23 hours). The wait goes on until every batch has ended.
+    :param on_timeout: ``"fail"`` (default): a batch cancelled for its deadline fails the task once
+        every batch has ended. ``"cancel_and_collect"``: it counts as ended; the task succeeds and
+        its summary lists it under ``timed_out`` with its counts, so that collect keeps its
+        successes and the ledger retries its canceled requests.
     :param min_poll_interval: the first polling interval (deferrable mode); backs off from here.
     :param max_poll_interval: the ceiling of the polling interval.
     :param fail_on_partial: fail when any request errored, expired or was canceled.
@@ -106,6 +142,7 @@ class ClaudeBatchSensor(BaseSensorOperator):
         max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL,
         fail_on_partial: bool = False,
         skip_if_all_canceled: bool = True,
+        on_timeout: str = ON_TIMEOUT_FAIL,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("poke_interval", min_poll_interval)
@@ -118,6 +155,8 @@ class ClaudeBatchSensor(BaseSensorOperator):
         self.max_poll_interval = max_poll_interval
         self.fail_on_partial = fail_on_partial
         self.skip_if_all_canceled = skip_if_all_canceled
+        self.on_timeout = check_on_timeout(on_timeout)
+        self._cancel_failed: set[str] = set()
 
     @cached_property
     def hook(self) -> ClaudeBatchHook:
@@ -139,6 +178,7 @@ class ClaudeBatchSensor(BaseSensorOperator):
                 timeout=self.batch_timeout,
                 min_poll_interval=self.min_poll_interval,
                 max_poll_interval=self.max_poll_interval,
+                on_timeout=self.on_timeout,
             ),
             method_name="execute_complete",
         )
@@ -149,22 +189,23 @@ class ClaudeBatchSensor(BaseSensorOperator):
     def poke(self, context: Context) -> Any:
         snapshots = [BatchSnapshot.from_batch(batch) for batch in self._find(self._ids())]
         now = datetime.now(UTC)
-        pending = [snap for snap in snapshots if not snap.ended]
-        for snap in pending[:5]:
-            self.log.info("%s", snap.progress_line(now))
-        if not pending:
+        self.log.info("%s", progress_summary(snapshots, self.batch_timeout, now))
+        if all(snap.ended for snap in snapshots):
             from airflow.sdk import PokeReturnValue
 
-            summary = apply_completion_policy(snapshots, self.fail_on_partial, self.log, self.skip_if_all_canceled)
+            event = completion_event(snapshots, self.batch_timeout, self.on_timeout, self._cancel_failed)
+            summary = handle_trigger_event(event, self.fail_on_partial, self.log, self.skip_if_all_canceled)
             return PokeReturnValue(is_done=True, xcom_value=summary)
-        if self.batch_timeout is not None:
-            overdue = [
-                s.id for s in pending if datetime.fromisoformat(s.created_at) + timedelta(seconds=self.batch_timeout) < now
-            ]
-            if overdue:
-                for batch_id in overdue:
-                    self.hook.cancel_batch(batch_id)
-                raise ClaudeBatchFailed(f"Batch(es) {overdue} did not end within {self.batch_timeout:.0f} s; cancelled.")
+        # Each batch past its own deadline is cancelled once (the API then shows cancel_initiated_at);
+        # the sensor pokes on until every batch has ended.
+        for batch_id in overdue_batches(snapshots, self.batch_timeout, now.timestamp()):
+            try:
+                self.hook.cancel_batch(batch_id)
+                self.log.info("Batch %s passed its %.0f s deadline; requested cancellation.", batch_id, self.batch_timeout)
+                self._cancel_failed.discard(batch_id)
+            except Exception as exc:
+                self.log.warning("Could not cancel batch %s past its deadline: %s. Retrying at the next poke.", batch_id, exc)
+                self._cancel_failed.add(batch_id)
         return False
 
     def _find(self, batch_ids: list[str]):

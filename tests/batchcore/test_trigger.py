@@ -43,6 +43,7 @@ def test_trigger_serialises_to_primitives_and_resumes_in_a_new_process_loop(anth
     trigger = ClaudeBatchTrigger(batch_ids=ids, min_poll_interval=0.1, max_poll_interval=0.3)
     classpath, kwargs = trigger.serialize()
     assert json.loads(json.dumps(kwargs)) == kwargs
+    assert kwargs["on_timeout"] == "fail" and kwargs["timeout"] is None
 
     async def first_triggerer():
         task = asyncio.create_task(_first_event(trigger))
@@ -120,7 +121,7 @@ def test_timeout_from_submission_cancels(monkeypatch):
 
     from tests.conftest import EMULATOR_API_KEY
 
-    with EmulatorServer(api_key=EMULATOR_API_KEY, time_scale=1.0, processing_seconds=HOUR) as emu:
+    with EmulatorServer(api_key=EMULATOR_API_KEY, time_scale=1.0, processing_seconds=HOUR, cancel_seconds=0.3) as emu:
         monkeypatch.setenv(
             "AIRFLOW_CONN_ANTHROPIC_DEFAULT",
             json.dumps({"conn_type": "anthropic", "host": emu.base_url, "password": EMULATOR_API_KEY}),
@@ -128,7 +129,10 @@ def test_timeout_from_submission_cancels(monkeypatch):
         (batch_id,) = _create(1, n=2)
         trigger = ClaudeBatchTrigger(batch_ids=[batch_id], timeout=1.0, min_poll_interval=0.3, max_poll_interval=0.3)
         event = asyncio.run(_first_event(trigger))
+        # "fail" (the default) still fails, but only once the canceled batch has ended
         assert event.payload["status"] == "timeout" and batch_id in event.payload["message"]
+        assert [item["id"] for item in event.payload["timed_out"]] == [batch_id]
+        assert event.payload["batches"][0]["processing_status"] == "ended"
         assert ClaudeBatchHook().retrieve_batch(batch_id).cancel_initiated_at is not None
         with pytest.raises(ClaudeBatchFailed, match="did not end within"):
             handle_trigger_event(event.payload, fail_on_partial=False, log=_Log())
@@ -141,7 +145,7 @@ def test_a_timeout_cancel_survives_transient_errors_and_says_when_it_could_not_c
     from tests.conftest import EMULATOR_API_KEY
 
     cancel_fault = {"endpoint": "cancel", "status": status, "rate": 1.0, "times": 2, "retry_after": 0}
-    with EmulatorServer(api_key=EMULATOR_API_KEY, time_scale=1.0, processing_seconds=HOUR) as emu:
+    with EmulatorServer(api_key=EMULATOR_API_KEY, time_scale=1.0, processing_seconds=HOUR, cancel_seconds=0.3) as emu:
         monkeypatch.setenv(
             "AIRFLOW_CONN_ANTHROPIC_DEFAULT",
             json.dumps({"conn_type": "anthropic", "host": emu.base_url, "password": EMULATOR_API_KEY}),
@@ -151,13 +155,27 @@ def test_a_timeout_cancel_survives_transient_errors_and_says_when_it_could_not_c
         emu.configure(faults={"http": [cancel_fault]})
         event = asyncio.run(_first_event(_timeout_trigger(first)))
         assert event.payload["status"] == "timeout" and "cancellation was requested" in event.payload["message"]
+        assert event.payload["cancel_failed"] == []
         assert ClaudeBatchHook().retrieve_batch(first).cancel_initiated_at is not None
-        # Refused every time: the batch runs on, and the message says so by id.
+        # Refused every time: the batch runs on, the trigger waits for it to end (here: it expires),
+        # and the event says so by id.
         emu.configure(faults={"http": [{**cancel_fault, "times": None}]})
-        event = asyncio.run(_first_event(_timeout_trigger(second)))
+
+        async def refused_until_expiry():
+            cancels = emu.stats()["http_requests"]["cancel"]
+            task = asyncio.create_task(_first_event(_timeout_trigger(second)))
+            while emu.stats()["http_requests"]["cancel"] == cancels:  # wait for a cancel attempt
+                await asyncio.sleep(0.1)
+            emu.advance(25 * HOUR)
+            return await task
+
+        event = asyncio.run(refused_until_expiry())
+        assert event.payload["status"] == "timeout" and event.payload["cancel_failed"] == [second]
         assert f"cancelling ['{second}'] failed" in event.payload["message"]
+        assert event.payload["timed_out"] == []
+        assert event.payload["batches"][0]["processing_status"] == "ended"  # it ran on until it ended
         assert ClaudeBatchHook().retrieve_batch(second).cancel_initiated_at is None
-        with pytest.raises(ClaudeBatchFailed, match="Claude Console"):
+        with pytest.raises(ClaudeBatchFailed, match="ran on"):
             handle_trigger_event(event.payload, fail_on_partial=False, log=_Log())
 
 
