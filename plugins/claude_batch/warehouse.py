@@ -782,7 +782,9 @@ class Warehouse:
 
         One transaction, one conditional upsert per shard: an item is taken only when it is new,
         already this run's and still open (``pending``/``submitted``: a retried gate), or free
-        (``retry``/``invalid``) and last handled by another run. An item another run holds open,
+        (``retry``/``invalid``) and last handled by another run (or by none: released). A
+        rejected row seen again (a row without a usable key matches no ledger key, so every run
+        of its interval extracts it) is recorded ``dead`` again for this run. An item another run holds open,
         or one that is final, is left as it is, so two live runs never hold, and never pay for,
         the same item; on PostgreSQL the upsert's row locks make concurrent claims wait for each
         other and re-check the condition. Attempt counts of items seen before are kept.
@@ -851,7 +853,8 @@ class Warehouse:
                     claimed_at = CASE WHEN l.run_id = excluded.run_id AND l.claimed_at IS NOT NULL
                         THEN l.claimed_at ELSE excluded.claimed_at END
                 WHERE (l.status IN ('pending', 'submitted') AND l.run_id = excluded.run_id)
-                    OR (l.status IN ('retry', 'invalid') AND l.run_id IS DISTINCT FROM excluded.run_id)""",
+                    OR (l.status IN ('retry', 'invalid') AND l.run_id IS DISTINCT FROM excluded.run_id)
+                    OR (l.status = 'dead' AND excluded.status = 'dead')""",
                 [workload.name, workload.prompt_version, run_id, now, now, layout.dag_id],
             )
             if taken >= 0 and taken == rows.num_rows:

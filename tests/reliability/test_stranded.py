@@ -16,7 +16,15 @@ import pytest
 from tests.conftest import EMULATOR_API_KEY
 from tests.reliability import harness
 from tests.reliability.conftest import ROWS
-from tests.reliability.harness import DAY, RUN_1, RUN_2, PipelineRun, billed_custom_ids, query, wait_for_batches
+from tests.reliability.harness import (
+    DAY,
+    RUN_1,
+    RUN_2,
+    PipelineRun,
+    billed_custom_ids,
+    query,
+    wait_for_batches,
+)
 
 RUN_3 = (DAY + timedelta(days=2), DAY + timedelta(days=3))
 
