@@ -34,6 +34,7 @@ import orjson
 
 from claude_batch.connections import open_warehouse
 from claude_batch.costs import PriceTable, default_prices
+from claude_batch.preflight import check_model, check_storage_root, check_workload_source
 from claude_batch.recovery import RecoveryReport, recover_stranded
 from claude_batch.results import collect_results
 from claude_batch.staging import (
@@ -142,8 +143,7 @@ def effective_workload(config: PipelineConfig, options: RunOptions) -> Workload:
     """The workload as this run sends it (a chosen model changes the prompt version)."""
     if not options.model or options.model == config.workload.model:
         return config.workload
-    if options.model not in config.models:
-        raise ValueError(f"model {options.model!r} is not allowed here; choose one of {list(config.models)}")
+    check_model(options.model, config.models)
     return dataclasses.replace(config.workload, model=options.model)
 
 
@@ -184,6 +184,10 @@ def run_stage(
     staged = read_manifest(layout)
     if staged is not None and staged.prompt_version == workload.prompt_version:
         return _stage_summary(staged)
+    # Mistakes in the source or the template fail here, naming the cause, before any row is read.
+    check_workload_source(
+        warehouse.source_columns(config.source), workload, config.source, dialect_name=warehouse.dialect.name
+    )
     warehouse.ensure_tables(workload)
     observations = warehouse.recent_cache_observations(workload)
     cache_setting = workload.choose_cache_setting(observations, config.prices)
@@ -688,6 +692,11 @@ def claude_batch_dag(
     """
     from airflow.sdk import DAG
     from airflow.sdk.definitions.deadline import AsyncCallback, DeadlineAlert, DeadlineReference
+
+    # Mistakes a DAG file can hold fail when it is parsed, naming the cause.
+    check_model(config.workload.model, config.models, role="the workload's model")
+    if config.storage_root:
+        check_storage_root(config.storage_root)
 
     if isinstance(schedule, str) and not schedule.startswith("@once") and schedule != "@continuous":
         # Airflow 3 turns cron strings into trigger timetables whose runs have an empty data

@@ -3,7 +3,8 @@
 A thin layer over fsspec (s3fs for ``s3://`` roots, the local filesystem otherwise) so the
 plain-Python core streams to and from S3 without Airflow, while Airflow tasks build the same
 store from an ``aws`` connection. Every key is resolved under the configured root: a relative
-part may not climb out of it.
+part may not climb out of it. A root must be ``s3://bucket/prefix`` or an absolute local path
+(:func:`claude_batch.preflight.check_storage_root`); anything else is refused when the store is built.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from typing import IO, Any
 
 import fsspec
 import orjson
+
+from claude_batch.preflight import StorageRootError, check_storage_root
+
+__all__ = ["ObjectStore", "RunLayout", "StorageRootError", "UnsafePathError", "safe_segment"]
 
 # Characters kept as they are in a key segment; anything else (``:``, ``+``, spaces from a
 # run_id or a user's value) is percent-encoded so one segment stays one directory.
@@ -38,11 +43,15 @@ def safe_segment(value: str) -> str:
 class ObjectStore:
     """A root URI (``s3://bucket/prefix`` or a local directory) and the filesystem behind it.
 
-    :param root: ``s3://bucket/prefix``, ``file:///dir`` or a plain local path.
+    :param root: ``s3://bucket/prefix``, ``file:///abs/dir`` or an absolute local path; also
+        fsspec's in-process ``memory://name/prefix`` for a store one process builds and uses
+        itself (tests). Anything else (``s3:/bucket``, a relative path, ``gs://``...) raises
+        :class:`~claude_batch.preflight.StorageRootError` naming the root.
     :param storage_options: fsspec options, e.g. ``key``, ``secret``, ``endpoint_url``.
     """
 
     def __init__(self, root: str, **storage_options: Any) -> None:
+        root = check_storage_root(root, in_process=True)
         protocol, path = fsspec.core.split_protocol(root)
         protocol = protocol or "file"
         if protocol == "file":
@@ -54,7 +63,12 @@ class ObjectStore:
 
     @classmethod
     def from_airflow(cls, root: str, aws_conn_id: str | None = "aws_default") -> ObjectStore:
-        """Build the store from an Airflow ``aws`` connection (credentials and endpoint)."""
+        """Build the store from an Airflow ``aws`` connection (credentials and endpoint).
+
+        The root is checked first (:func:`~claude_batch.preflight.check_storage_root`, no
+        ``memory://``: a run's tasks are separate processes), before any connection is read.
+        """
+        root = check_storage_root(root)
         if not root.startswith("s3://") or aws_conn_id is None:
             return cls(root)
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook

@@ -750,6 +750,17 @@ class Warehouse:
         params += [workload.name, workload.prompt_version, run_id]
         return sql, params
 
+    def source_columns(self, source: SourceSpec) -> list[str]:
+        """The column names the source yields (a query that reads no rows)."""
+        from claude_batch.preflight import source_columns_query
+
+        sql, params = source_columns_query(source, self.dialect)
+        with self.dialect.transaction(self.conn) as cursor:
+            cursor.execute(sql, list(params) if self.dialect.placeholder == "?" else tuple(params))
+            names = [column[0] for column in cursor.description]
+            cursor.fetchall()
+        return names
+
     def extract(
         self,
         workload: Workload,

@@ -40,7 +40,7 @@ def test_model_override_is_checked_and_changes_the_prompt_version():
     assert effective_workload(config, RunOptions()) is TINY_TRIAGE
     sonnet = effective_workload(config, RunOptions(model="claude-sonnet-4-5"))
     assert sonnet.model == "claude-sonnet-4-5" and sonnet.prompt_version != TINY_TRIAGE.prompt_version
-    with pytest.raises(ValueError, match="not allowed here"):
+    with pytest.raises(ValueError, match="model 'gpt-4' is not one of the allowed models"):
         effective_workload(config, RunOptions(model="gpt-4"))
     assert RunOptions.from_params({"model": "", "row_limit": 5, "unknown": 1}) == RunOptions(row_limit=5)
 

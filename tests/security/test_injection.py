@@ -98,10 +98,10 @@ def test_a_hostile_window_that_got_past_the_params_is_refused_or_bound(warehouse
 
 def test_a_hostile_model_is_refused_before_anything_is_extracted_or_staged(warehouse, tmp_path):
     options = RunOptions(model=f"claude-haiku-4-5{DROP}")
-    with pytest.raises(ValueError, match="is not allowed here"):
+    with pytest.raises(ValueError, match="is not one of the allowed models"):
         effective_workload(CONFIG, options)
     layout = RunLayout(ObjectStore(str(tmp_path)), "dag", "run-1")
-    with pytest.raises(ValueError, match="is not allowed here"):
+    with pytest.raises(ValueError, match="is not one of the allowed models"):
         run_stage(CONFIG, warehouse, layout, options, None)
     assert not layout.store.exists(layout.manifest)
 
