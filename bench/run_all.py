@@ -18,6 +18,7 @@ from bench.common import REPO, RESULTS, scale
 BENCHMARKS = [
     "bench.bench_fault_matrix",
     "bench.bench_submit",
+    "bench.bench_queue",
     "bench.bench_trigger",
     "bench.bench_staging",
     "bench.bench_collect",

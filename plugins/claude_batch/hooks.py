@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -29,6 +30,14 @@ TRANSIENT_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 # Statuses after which the API certainly did not create a batch, so the create can be re-sent.
 NOT_CREATED_STATUS = frozenset({429, 529})
 LIST_PAGE_LIMIT = 1000
+# The longest a create sleeps in the worker, in all, between its short retries (request-rate
+# 429, 529, 5xx). A full processing queue is not waited for here at all: see
+# ClaudeBatchQueueFullError and claude_batch.batch_queue.
+DEFAULT_CREATE_MAX_SLEEP = 120.0
+# A 429 whose message names the processing queue is "the queue is full", not "too many calls".
+_QUEUE_WORDS = re.compile(r"\bqueue", re.IGNORECASE)
+_QUEUE_LIMIT = re.compile(r"limit of ([\d,_]+) (?:batch )?requests", re.IGNORECASE)
+_QUEUE_WAITING = re.compile(r"\(([\d,_]+) (?:requests )?(?:are )?(?:waiting|in processing|processing)", re.IGNORECASE)
 
 
 class ClaudeBatchError(Exception):
@@ -47,6 +56,40 @@ class ClaudeBatchRateLimitError(ClaudeBatchError):
     """Rate-limited or overloaded after every retry."""
 
 
+class ClaudeBatchQueueFullError(ClaudeBatchRateLimitError):
+    """The API refused a create because its processing queue has no room: nothing was created.
+
+    The organisation's queue holds a fixed number of requests in processing (by tier); it
+    drains over hours, so this is waited for outside the worker (see
+    :mod:`claude_batch.batch_queue`), not slept through.
+
+    :param request_count: the requests of the refused create.
+    :param retry_after: the server's ``retry-after`` in seconds, if it sent one.
+    :param queue_limit: the queue's limit, when the API's message states it.
+    :param queued: the requests in processing when refused, when the message states it.
+    :param maybe_created_before: an earlier send of this create failed ambiguously (a timeout,
+        a 5xx) and was only judged not to have created the batch by listing: whoever resumes
+        should let the submission state's recovery ask the API again.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        request_count: int,
+        retry_after: float | None = None,
+        queue_limit: int | None = None,
+        queued: int | None = None,
+        maybe_created_before: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.request_count = request_count
+        self.retry_after = retry_after
+        self.queue_limit = queue_limit
+        self.queued = queued
+        self.maybe_created_before = maybe_created_before
+
+
 class ClaudeBatchValidationError(ClaudeBatchError):
     """The API rejected the request itself (fix the input, do not retry)."""
 
@@ -60,6 +103,62 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, anthropic.APIConnectionError):
         return True
     return isinstance(exc, anthropic.APIStatusError) and exc.status_code in TRANSIENT_STATUS
+
+
+def is_queue_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is the API refusing a create because the processing queue is full.
+
+    Both this and the request-rate limit answer HTTP 429 ``rate_limit_error``; the queue's
+    message names the processing queue ("... would exceed the limit of N requests waiting in
+    the processing queue ..."), the request-rate one names requests per minute.
+    """
+    return (
+        isinstance(exc, anthropic.APIStatusError)
+        and exc.status_code == 429
+        and bool(_QUEUE_WORDS.search(_api_message(exc)))
+    )
+
+
+def queue_full_error(
+    exc: anthropic.APIStatusError, conn_id: str, request_count: int, maybe_created_before: bool = False
+) -> ClaudeBatchQueueFullError:
+    """The :class:`ClaudeBatchQueueFullError` for a queue-full 429, with what its message states."""
+    message = _api_message(exc)
+    request_id = exc.response.headers.get("request-id", "unknown")
+    return ClaudeBatchQueueFullError(
+        f"The API's processing queue has no room for a batch of {request_count:,} requests "
+        f"(HTTP 429, request-id {request_id}): {message}. Nothing was created. Wait for the queue to "
+        f"drain (ClaudeBatchOperator defers until it does) or submit smaller shards; connection {conn_id!r}.",
+        request_count=request_count,
+        retry_after=_server_retry_after(exc),
+        queue_limit=_first_int(_QUEUE_LIMIT, message),
+        queued=_first_int(_QUEUE_WAITING, message),
+        maybe_created_before=maybe_created_before,
+    )
+
+
+def _first_int(pattern: re.Pattern[str], text: str) -> int | None:
+    match = pattern.search(text)
+    if not match:
+        return None
+    try:
+        return int(match.group(1).replace(",", "").replace("_", ""))
+    except ValueError:
+        return None
+
+
+def _server_retry_after(exc: anthropic.APIStatusError) -> float | None:
+    """The server's ``retry-after-ms`` / ``retry-after`` in seconds (uncapped), if any."""
+    headers = exc.response.headers
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            return max(float(value) / scale, 0.0)
+        except ValueError:
+            continue
+    return None
 
 
 def explain_api_error(exc: BaseException, conn_id: str, action: str) -> ClaudeBatchError:
@@ -179,23 +278,35 @@ class ClaudeBatchHook(AnthropicHook):
         request_count: int,
         recover: Callable[[], MessageBatch | None],
         max_attempts: int = 8,
+        max_sleep: float = DEFAULT_CREATE_MAX_SLEEP,
     ) -> MessageBatch:
         """Create one batch from a streamed JSON body, never creating it twice.
 
         The SDK would retry a failed create blindly, and the API has no idempotency key, so
-        this sends with SDK retries off. After a 429 or 529 the batch certainly was not
-        created and the body is sent again after ``retry-after``. After anything ambiguous (a
-        timeout, a dropped connection, a 5xx) ``recover`` is asked first whether the batch
-        exists after all; only if it says no is the body sent again.
+        this sends with SDK retries off. After a request-rate 429 or a 529 the batch certainly
+        was not created and the body is sent again after ``retry-after``. After anything
+        ambiguous (a timeout, a dropped connection, a 5xx) ``recover`` is asked first whether
+        the batch exists after all; only if it says no is the body sent again. These short
+        retries sleep in the worker for at most ``max_sleep`` seconds in all.
+
+        A 429 for a full processing queue is not retried here: the queue drains over hours,
+        and sleeping for it would hold a worker slot. It raises
+        :class:`ClaudeBatchQueueFullError` at once (nothing was created), for the caller to
+        wait elsewhere (ClaudeBatchOperator defers).
 
         :param body: a re-iterable of the bytes of ``{"requests": [...]}``.
         :param body_bytes: the body's exact length (sent as Content-Length).
         :param request_count: the number of requests in the body (for messages).
         :param recover: returns the batch this create made, if the API has it, else ``None``.
         :param max_attempts: sends at most this many times.
+        :param max_sleep: the most seconds slept between sends, in all.
+        :raises ClaudeBatchQueueFullError: the processing queue has no room for this batch.
         """
         client = self.conn.with_options(max_retries=0)
+        action = f"creating a batch of {request_count} requests"
         last_error: BaseException | None = None
+        maybe_created_before = False
+        slept = 0.0
         for attempt in range(max_attempts):
             try:
                 return client.post(
@@ -205,8 +316,10 @@ class ClaudeBatchHook(AnthropicHook):
                     options={"headers": {"Content-Type": "application/json", "Content-Length": str(body_bytes)}},
                 )
             except anthropic.APIStatusError as exc:
+                if is_queue_full(exc):
+                    raise queue_full_error(exc, self.conn_id, request_count, maybe_created_before) from exc
                 if exc.status_code not in TRANSIENT_STATUS:
-                    raise explain_api_error(exc, self.conn_id, f"creating a batch of {request_count} requests") from exc
+                    raise explain_api_error(exc, self.conn_id, action) from exc
                 last_error = exc
             except anthropic.APIConnectionError as exc:
                 last_error = exc
@@ -222,7 +335,19 @@ class ClaudeBatchHook(AnthropicHook):
                         found.id,
                     )
                     return found
+                maybe_created_before = True
+            if attempt + 1 >= max_attempts:
+                break
             delay = _retry_after_seconds(last_error, attempt)
+            if slept + delay > max_sleep:
+                self.log.warning(
+                    "Creating a batch failed (%s); not sleeping %.1f s more in the worker (%.1f s of %.0f s used).",
+                    _describe(last_error),
+                    delay,
+                    slept,
+                    max_sleep,
+                )
+                break
             self.log.warning(
                 "Creating a batch failed (%s); attempt %d of %d, retrying in %.1f s.",
                 _describe(last_error),
@@ -231,8 +356,9 @@ class ClaudeBatchHook(AnthropicHook):
                 delay,
             )
             time.sleep(delay)
+            slept += delay
         assert last_error is not None
-        raise explain_api_error(last_error, self.conn_id, f"creating a batch of {request_count} requests")
+        raise explain_api_error(last_error, self.conn_id, action) from last_error
 
     # --- reads ---------------------------------------------------------------------------
 

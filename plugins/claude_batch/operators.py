@@ -10,7 +10,22 @@ from functools import cached_property
 from typing import Any
 
 from airflow.sdk import BaseOperator, BaseOperatorLink, Context
+from airflow.sdk.exceptions import AirflowFailException
 
+from claude_batch.batch_queue import (
+    DEFAULT_QUEUE_POLL_INTERVAL,
+    DEFAULT_QUEUE_RECHECK_INTERVAL,
+    DEFAULT_QUEUE_WAIT_TIMEOUT,
+    DEFER_TIMEOUT_SLACK,
+    QueueAwareApi,
+    QueueNeverFits,
+    QueueRefused,
+    QueueRoomTrigger,
+    QueueWait,
+    effective_limit,
+    human_seconds,
+    parse_deadline,
+)
 from claude_batch.hooks import ClaudeBatchHook
 from claude_batch.poller import BatchSnapshot
 from claude_batch.sensors import apply_completion_policy, handle_trigger_event
@@ -22,6 +37,8 @@ CONSOLE_BATCH_URL = os.environ.get(
     "CLAUDE_BATCH_CONSOLE_URL", "https://platform.claude.com/workspaces/default/batches/{batch_id}"
 )
 WAIT_MODES = ("defer", "poll", "none")
+# The queue budget when the operator is not given one (e.g. set on the workers of a deployment).
+QUEUE_BUDGET_ENV = "CLAUDE_BATCH_QUEUE_BUDGET"
 
 
 class ClaudeConsoleBatchLink(BaseOperatorLink):
@@ -60,9 +77,21 @@ class ClaudeBatchOperator(BaseOperator):
     :param min_poll_interval: the first polling interval; backs off to ``max_poll_interval``.
     :param max_poll_interval: the ceiling of the polling interval.
     :param fail_on_partial: fail when any request errored, expired or was canceled.
+    :param queue_budget: the most requests in processing (across every batch of the workspace,
+        so every run and DAG of the deployment shares it) that this submit may bring the queue
+        to; before creating, the queue is read from the API and the task defers while
+        ``processing + this shard`` would exceed it. ``None``: the ``CLAUDE_BATCH_QUEUE_BUDGET``
+        environment variable if set, else no budget (only the API's own queue-full 429 defers).
+    :param queue_wait_timeout: seconds, from the first refusal, to keep waiting for queue room
+        before failing (``None``: no limit but ``queue_deadline``). Default 20 hours.
+    :param queue_deadline: an absolute time (datetime or ISO string; naive is UTC) after which
+        the wait for queue room fails. Templated. The earlier of this and the timeout wins.
+    :param queue_poll_interval: seconds between the waiting trigger's queue readings.
+    :param queue_recheck_interval: the longest one deferral lasts when no room is seen (the task
+        then tries to submit again itself); never shorter than the API's ``retry-after``.
     """
 
-    template_fields: Sequence[str] = ("shard", "storage_root", "conn_id")
+    template_fields: Sequence[str] = ("shard", "storage_root", "conn_id", "queue_deadline")
     operator_extra_links = (ClaudeConsoleBatchLink(),)
     ui_color = "#d4a27f"
 
@@ -79,6 +108,11 @@ class ClaudeBatchOperator(BaseOperator):
         min_poll_interval: float = DEFAULT_MIN_POLL_INTERVAL,
         max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL,
         fail_on_partial: bool = False,
+        queue_budget: int | None = None,
+        queue_wait_timeout: float | None = DEFAULT_QUEUE_WAIT_TIMEOUT,
+        queue_deadline: datetime | str | None = None,
+        queue_poll_interval: float = DEFAULT_QUEUE_POLL_INTERVAL,
+        queue_recheck_interval: float = DEFAULT_QUEUE_RECHECK_INTERVAL,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -86,6 +120,12 @@ class ClaudeBatchOperator(BaseOperator):
             raise ValueError("Give exactly one of `shard` and `requests`.")
         if wait not in WAIT_MODES:
             raise ValueError(f"wait must be one of {WAIT_MODES}, not {wait!r}")
+        if queue_budget is not None and queue_budget < 1:
+            raise ValueError(f"queue_budget must be a positive number of requests or None, not {queue_budget!r}")
+        if queue_wait_timeout is not None and queue_wait_timeout < 0:
+            raise ValueError("queue_wait_timeout must be >= 0 seconds or None")
+        if queue_poll_interval <= 0 or queue_recheck_interval <= 0:
+            raise ValueError("queue_poll_interval and queue_recheck_interval must be > 0 seconds")
         self.shard = shard
         self.requests = requests
         self.storage_root = storage_root
@@ -96,6 +136,11 @@ class ClaudeBatchOperator(BaseOperator):
         self.min_poll_interval = min_poll_interval
         self.max_poll_interval = max_poll_interval
         self.fail_on_partial = fail_on_partial
+        self.queue_budget = queue_budget
+        self.queue_wait_timeout = queue_wait_timeout
+        self.queue_deadline = queue_deadline
+        self.queue_poll_interval = queue_poll_interval
+        self.queue_recheck_interval = max(queue_recheck_interval, queue_poll_interval)
         self.batch_id: str | None = None
 
     @cached_property
@@ -118,12 +163,74 @@ class ClaudeBatchOperator(BaseOperator):
         return f"{run}/state/{safe_segment(ti.task_id)}.part-{map_index:05d}.json"
 
     def execute(self, context: Context) -> Any:
+        return self._submit_and_wait(context, QueueWait())
+
+    def execute_after_queue_wait(
+        self, context: Context, event: dict[str, Any] | None = None, queue_wait: dict[str, Any] | None = None
+    ) -> Any:
+        """Resume after a wait for queue room: submit again (and wait, as ``wait`` says)."""
+        event = event or {}
+        wait = QueueWait.from_dict(event.get("queue_wait") or queue_wait)
+        processing = event.get("processing")
+        held = "unknown" if processing is None else f"{processing:,}"
+        if event.get("status") == "error":
+            self.log.warning(
+                "The wait for queue room ended with an error (%s); submitting again, which says what is wrong.",
+                event.get("message"),
+            )
+        else:
+            self.log.info(
+                "Queue wait over (%s, %s requests in processing) after %s and %d deferral(s); submitting again.",
+                event.get("status", "resumed"),
+                held,
+                human_seconds(wait.waited_seconds()),
+                wait.deferrals,
+            )
+        return self._submit_and_wait(context, wait)
+
+    def _queue_budget(self) -> int | None:
+        if self.queue_budget is not None:
+            return self.queue_budget
+        value = os.environ.get(QUEUE_BUDGET_ENV, "").strip()
+        if not value:
+            return None
+        budget = int(value.replace("_", "").replace(",", ""))
+        if budget < 1:
+            raise ValueError(f"{QUEUE_BUDGET_ENV} must be a positive number of requests, not {value!r}")
+        return budget
+
+    def _submit_and_wait(self, context: Context, wait: QueueWait) -> Any:
         store = self._store()
-        source: RequestSource = (
-            StoredShard(store, self.shard) if self.shard is not None else InlineRequests(self.requests or [])
-        )
-        submitter = BatchSubmitter(self.hook, store, self._state_relpath(context))
-        result = submitter.submit(source, log=self.log.info)
+        relpath = self._state_relpath(context)
+        api = QueueAwareApi(self.hook, budget=self._queue_budget(), api_limit=wait.api_limit, log=self.log.info)
+        try:
+            if wait.needed is not None and (store.read_json_or_none(relpath) or {}).get("phase") == "refused":
+                # Resumed, and certainly nothing created yet: look before scanning the shard and
+                # sending it into a full queue again. (A kept intent goes to the submitter, which
+                # first asks the API whether the earlier ambiguous send created the batch.)
+                refused = api.check_room(wait.needed)
+                if refused is not None:
+                    self._defer_for_queue(refused, wait, api, store.uri(relpath))
+            source: RequestSource = (
+                StoredShard(store, self.shard) if self.shard is not None else InlineRequests(self.requests or [])
+            )
+            submitter = BatchSubmitter(api, store, relpath)
+            try:
+                result = submitter.submit(source, log=self.log.info)
+            except QueueRefused as refused:
+                self._release_intent(submitter, refused.reason, refused)
+                self._defer_for_queue(refused, wait, api, submitter.state_uri)
+            except QueueNeverFits:
+                self._release_intent(submitter, "never_fits")
+                raise
+        except QueueNeverFits as exc:
+            raise AirflowFailException(str(exc)) from exc
+        if wait.deferrals:
+            self.log.info(
+                "Submitted after waiting %s for room in the processing queue (%d deferral(s)).",
+                human_seconds(wait.waited_seconds()),
+                wait.deferrals,
+            )
         self.batch_id = result.batch_id
         context["ti"].xcom_push(key="batch_id", value=result.batch_id)
         context["ti"].xcom_push(
@@ -144,6 +251,101 @@ class ClaudeBatchOperator(BaseOperator):
                 timeout=timedelta(seconds=self.batch_timeout + 3600) if self.batch_timeout else None,
             )
         return self._wait_in_place(result.batch_id)
+
+    def _release_intent(
+        self, submitter: BatchSubmitter, refused_by: str, refused: QueueRefused | None = None
+    ) -> None:
+        """After a refusal nothing was created: mark the intent so the resume sends afresh.
+
+        Left as ``intent``, the resume would look for a batch this attempt made among those
+        created since (hours of them, after a long wait). A ``refused`` state has no batch id
+        and is not an intent, so the submitter writes a new intent and creates; superseded ids
+        are kept. When an earlier send of this create failed ambiguously, the intent stays, and
+        the resume asks the API first, as after a crash.
+        """
+        if refused is not None and refused.maybe_created_before:
+            self.log.warning(
+                "An earlier send of this create failed ambiguously; keeping the intent in %s so the resume "
+                "first asks the API whether that send created the batch.",
+                submitter.state_uri,
+            )
+            return
+        data = submitter.store.read_json_or_none(submitter.state_relpath)
+        if data and data.get("phase") == "intent" and not data.get("batch_id"):
+            submitter.store.write_json(
+                submitter.state_relpath,
+                {**data, "phase": "refused", "refused_at": _utcnow().isoformat(), "refused_by": refused_by},
+            )
+
+    def _defer_for_queue(self, refused: QueueRefused, wait: QueueWait, api: QueueAwareApi, state_uri: str) -> None:
+        """Defer until the queue has room (holding no worker slot), or fail past the deadline."""
+        now = _utcnow()
+        if wait.started_at is None:
+            wait.started_at = now.isoformat()
+            candidates = [parse_deadline(self.queue_deadline)]
+            if self.queue_wait_timeout is not None:
+                candidates.append(now + timedelta(seconds=self.queue_wait_timeout))
+            known = [moment for moment in candidates if moment is not None]
+            wait.deadline = min(known).isoformat() if known else None
+        wait.needed = refused.needed
+        wait.processing = refused.processing
+        wait.reason = refused.reason
+        if refused.reason == "api" and refused.limit is not None:
+            wait.api_limit = refused.limit
+        limit = effective_limit(api.budget, wait.api_limit)
+        if limit is not None and refused.needed > limit:
+            raise AirflowFailException(
+                f"A batch of {refused.needed:,} requests can never fit in the processing queue "
+                f"({limit:,} requests). Stage smaller shards."
+            )
+        deadline = parse_deadline(wait.deadline)
+        if deadline is not None and now >= deadline:
+            raise AirflowFailException(self._queue_timeout_message(refused, wait, deadline, state_uri))
+        wake = now + timedelta(seconds=max(refused.retry_after or 0.0, self.queue_recheck_interval))
+        if deadline is not None:
+            wake = min(wake, deadline)
+        wait.deferrals += 1
+        trigger = QueueRoomTrigger(
+            conn_id=self.conn_id,
+            needed=refused.needed,
+            wake_at=wake.isoformat(),
+            limit=limit,
+            baseline=None if limit is not None else refused.processing,
+            poll_interval=self.queue_poll_interval,
+            queue_wait=wait.to_dict(),
+        )
+        self.log.info(
+            "No room: %s. Nothing was created. Deferring (no worker slot held) until the queue has room, "
+            "re-checking by %s; deferral %d, waiting %s so far, giving up at %s.",
+            refused.describe(),
+            wake.isoformat(timespec="seconds"),
+            wait.deferrals,
+            human_seconds(wait.waited_seconds(now)),
+            deadline.isoformat(timespec="seconds") if deadline else "never",
+        )
+        self.defer(
+            trigger=trigger,
+            method_name="execute_after_queue_wait",
+            kwargs={"queue_wait": wait.to_dict()},
+            timeout=timedelta(seconds=(wake - now).total_seconds() + DEFER_TIMEOUT_SLACK),
+        )
+
+    def _queue_timeout_message(
+        self, refused: QueueRefused, wait: QueueWait, deadline: datetime, state_uri: str
+    ) -> str:
+        limits = []
+        if self.queue_wait_timeout is not None:
+            limits.append(f"queue_wait_timeout={self.queue_wait_timeout:,.0f} s")
+        if self.queue_deadline:
+            limits.append(f"queue_deadline={self.queue_deadline}")
+        return (
+            f"Gave up waiting for room in the Claude API's processing queue: {refused.describe()}, "
+            f"after waiting {human_seconds(wait.waited_seconds())} since {wait.started_at} "
+            f"({wait.deferrals} deferral(s); deadline {deadline.isoformat(timespec='seconds')} from "
+            f"{', '.join(limits) or 'the configuration'}). Nothing was created for this shard ({state_uri}); "
+            "clearing the task submits it. Raise queue_wait_timeout, lower the other load on the "
+            "organisation's queue, or raise queue_budget."
+        )
 
     def _wait_in_place(self, batch_id: str) -> dict[str, Any]:
         interval = self.min_poll_interval
@@ -168,7 +370,6 @@ class ClaudeBatchOperator(BaseOperator):
                 self.hook.cancel_batch(self.batch_id)
             except Exception as exc:
                 self.log.warning("Could not cancel batch %s: %s", self.batch_id, exc)
-
 
 
 def _utcnow() -> datetime:
