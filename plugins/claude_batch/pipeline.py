@@ -47,8 +47,9 @@ from claude_batch.staging import (
 )
 from claude_batch.storage import ObjectStore, RunLayout
 from claude_batch.submission import BatchSubmitter, InlineRequests
+from claude_batch.triggers import DEFAULT_BATCH_TIMEOUT
 from claude_batch.validation import judge, validate_part
-from claude_batch.warehouse import RECORD_KEY_COLUMN, AccountingError, SourceSpec, Warehouse
+from claude_batch.warehouse import RECORD_KEY_COLUMN, AccountingError, LoadSummary, SourceSpec, Warehouse
 from claude_batch.workloads import Workload
 
 __all__ = ["PipelineConfig", "RunOptions", "SourceSpec", "claude_batch_dag", "claude_batch_pipeline"]
@@ -58,6 +59,10 @@ DEFAULT_POOL = "claude_batch"
 
 class BudgetExceeded(RuntimeError):
     """The run's cost estimate is over the budget it was given; nothing was submitted."""
+
+
+class NothingToSubmit(RuntimeError):
+    """Every item this run staged is held by another live run (or became final): the run skips."""
 
 
 class PilotFailed(RuntimeError):
@@ -81,7 +86,14 @@ class PipelineConfig:
     :param min_poll_interval: the first polling interval of the wait (default
         ``CLAUDE_BATCH_MIN_POLL_SECONDS`` or 30; the demo and tests shorten it).
     :param max_poll_interval: the ceiling the polling interval backs off to.
-    :param batch_timeout: seconds from submission before a batch is cancelled (None: API's 24 h).
+    :param batch_timeout: seconds from each batch's submission after which the wait cancels it,
+        collects what it answered and leaves the rest to the next round (default 23 hours;
+        None: only the API's 24-hour expiry).
+    :param max_rounds: how often a run goes round (submit, wait, collect, load): round 2 and
+        later resend this run's items left ``retry`` (expired, canceled, transient errors) until
+        every item is final or out of attempts (default 3; 1: no follow-up rounds).
+    :param run_deadline_hours: no follow-up round starts this long after the run started (the
+        items stay ``retry`` for the next run); None: no bound but ``max_rounds``.
     :param prices: the price table.
     """
 
@@ -96,8 +108,14 @@ class PipelineConfig:
     allowed_models: tuple[str, ...] = ()
     min_poll_interval: float = field(default_factory=lambda: float(os.environ.get("CLAUDE_BATCH_MIN_POLL_SECONDS", "30")))
     max_poll_interval: float = 600.0
-    batch_timeout: float | None = None
+    batch_timeout: float | None = DEFAULT_BATCH_TIMEOUT
+    max_rounds: int = 3
+    run_deadline_hours: float | None = 20.0
     prices: PriceTable = field(default_factory=default_prices)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_rounds <= 10:
+            raise ValueError(f"max_rounds must be 1..10, not {self.max_rounds}")
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -292,6 +310,7 @@ def run_gate(
         return []
     claim = warehouse.claim_staged(workload, layout, manifest)
     if not claim.complete:
+        manifest_count = manifest.staged_requests
         manifest = restrict_to_claimed(layout, manifest, claim.not_claimed)
         log.warning(
             "Run %s could not claim %s staged item(s): held by another live run or already final (%s); "
@@ -302,9 +321,11 @@ def run_gate(
             f"{manifest.staged_requests:,}",
             len(manifest.shards),
         )
-        if not manifest.shards:
-            log.info("Run %s has nothing of its own to submit: its items are held by %s.", layout.run_id,
-                     claim.describe_holders())  # fmt: skip
+        if not manifest.shards and not claim.rejected:
+            raise NothingToSubmit(
+                f"run {layout.run_id} has nothing of its own to submit: its {manifest_count:,} staged item(s) are "
+                f"held by another live run or already final ({claim.describe_holders()})"
+            )
     if options.pilot_size and manifest.shards:
         try:
             run_pilot(workload, layout, manifest, options, client, submit_api, log)
@@ -362,6 +383,51 @@ def run_pilot(
     return pass_rate
 
 
+def run_requeue(
+    config: PipelineConfig,
+    warehouse: Warehouse,
+    layout: RunLayout,
+    options: RunOptions,
+    log: Any,
+) -> list[str]:
+    """Round ``layout.round``: stage this run's items left ``retry`` by its earlier rounds again.
+
+    Expired, canceled (a batch past its timeout) and transiently errored items go straight into
+    a follow-up batch of the same run instead of waiting for the next night. Idempotent: a
+    round that staged keeps its manifest.
+
+    No round starts ``config.run_deadline_hours`` after the run staged (its first manifest).
+
+    :returns: the round's shard paths (empty: nothing to resend, or no time left).
+    """
+    workload = effective_workload(config, options)
+    staged = read_manifest(layout)
+    if staged is None:
+        first = _manifest(layout.in_round(1))
+        age = datetime.now(UTC) - datetime.fromisoformat(first.created_at)
+        if config.run_deadline_hours is not None and age > timedelta(hours=config.run_deadline_hours):
+            log.info("Run %s staged %s ago, past its %sh deadline: no round %d; its retries wait for "
+                     "the next run.", layout.run_id, age, config.run_deadline_hours, layout.round)  # fmt: skip
+            return []
+        taken = warehouse.take_back_retries(workload, layout.run_id)
+        staged = stage_requests(
+            warehouse.extract_held(workload, config.source, layout.run_id),
+            workload,
+            layout,
+            key_field=RECORD_KEY_COLUMN,
+            key_name=config.source.key_column,
+            cache_setting=first.cache_setting,
+            prices=config.prices,
+            limits=config.staging_limits,
+        )
+        claim = warehouse.claim_staged(workload, layout, staged)
+        if not claim.complete:
+            staged = restrict_to_claimed(layout, staged, claim.not_claimed)
+        log.info("Round %d of run %s: %s item(s) back from retry, %s request(s) in %d shard(s).", layout.round,
+                 layout.run_id, f"{taken:,}", f"{staged.staged_requests:,}", len(staged.shards))  # fmt: skip
+    return [f"{layout.prefix}/{shard.requests}" for shard in staged.shards]
+
+
 def run_record_batches(
     config: PipelineConfig, warehouse: Warehouse, layout: RunLayout, options: RunOptions, batch_ids: list[str]
 ) -> int:
@@ -407,15 +473,43 @@ def run_collect(
     }
 
 
-def run_load(config: PipelineConfig, warehouse: Warehouse, layout: RunLayout, options: RunOptions) -> dict[str, Any]:
-    """Upsert valid rows, move the ledger, check the accounting and record the run."""
+def run_load(
+    config: PipelineConfig,
+    warehouse: Warehouse,
+    layout: RunLayout,
+    options: RunOptions,
+    previous: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Upsert valid rows, move the ledger, check the run's accounting and record the run.
+
+    :param layout: the round's layout (its manifest says what it sent).
+    :param previous: the earlier round's result of this step: the run's totals go on from it.
+    """
     workload = effective_workload(config, options)
     manifest = _manifest(layout)
+    first_layout = layout.in_round(1)
+    first = manifest if layout.round == 1 else _manifest(first_layout)
     load = warehouse.load_run(workload, layout, manifest)
-    report = warehouse.check_accounting(workload, manifest, layout=layout)
+    total = _add_loads(load, previous["load"]) if previous else load
+    # Every round is checked against what the run extracted: its items are all final (retry included).
+    report = warehouse.check_accounting(workload, first, layout=first_layout)
     if not report.handed_on:  # a re-run after later runs took its retries keeps the history it wrote
-        warehouse.record_run(workload, manifest, load, report, config.prices)
-    return {"load": dataclasses.asdict(load), "ledger": report.by_status, "extracted": report.extracted}
+        warehouse.record_run(workload, first, total, report, config.prices)
+    rounds = [*(previous or {}).get("rounds", []), {"round": layout.round, "sent": manifest.staged_requests,
+              "by_status": dict(load.by_status)}]  # fmt: skip
+    return {"load": dataclasses.asdict(total), "ledger": report.by_status, "extracted": report.extracted,
+            "rounds": rounds}  # fmt: skip
+
+
+def _add_loads(load: LoadSummary, earlier: Mapping[str, Any]) -> LoadSummary:
+    """The run's load totals: this round's plus the earlier rounds' (``earlier``: asdict of a LoadSummary)."""
+    total = dataclasses.replace(load, by_status=dict(load.by_status))
+    for name in ("rows", "results_upserted", "ledger_updated", "input_tokens", "output_tokens",
+                 "cache_creation_input_tokens", "cache_read_input_tokens", "cost_usd"):  # fmt: skip
+        setattr(total, name, getattr(total, name) + earlier.get(name, 0))
+    for status, count in (earlier.get("by_status") or {}).items():
+        total.by_status[status] = total.by_status.get(status, 0) + count
+    return total
 
 
 def build_report(
@@ -442,6 +536,7 @@ def build_report(
         "rejected_by_reason": manifest.rejected_by_reason,
         "ledger": loaded["ledger"],
         "batches": len(collected),
+        "rounds": loaded.get("rounds", []),
         "tokens": {
             "input": int(load["input_tokens"]),
             "output": int(load["output_tokens"]),
@@ -472,12 +567,12 @@ def _manifest(layout: RunLayout) -> Manifest:
 # --- the Airflow shell ---------------------------------------------------------------------
 
 
-def _context_layout(config: PipelineConfig, aws_conn_id: str | None) -> RunLayout:
+def _context_layout(config: PipelineConfig, aws_conn_id: str | None, round_number: int = 1) -> RunLayout:
     from airflow.sdk import get_current_context
 
     context = get_current_context()
     store = ObjectStore.from_airflow(config.root(), aws_conn_id)
-    return RunLayout(store, context["dag"].dag_id, context["run_id"])
+    return RunLayout(store, context["dag"].dag_id, context["run_id"], round_number)
 
 
 def _context_options() -> RunOptions:
@@ -530,6 +625,8 @@ def claude_batch_pipeline(config: PipelineConfig, group_id: str | None = None):
                     shards = run_gate(config, warehouse, layout, options, hook.conn, hook, _task_log())
             except (BudgetExceeded, PilotFailed) as exc:
                 raise AirflowFailException(str(exc)) from exc  # a decision, not a fault: no retry
+            except NothingToSubmit as exc:
+                raise AirflowSkipException(str(exc)) from exc
             if not shards:
                 reason = (
                     "dry run: estimate written to report.json"
@@ -539,66 +636,102 @@ def claude_batch_pipeline(config: PipelineConfig, group_id: str | None = None):
                 raise AirflowSkipException(f"{reason}; staged {staged['staged']:,} requests.")
             return shards
 
-        shards = gate(stage())
-        submit = ClaudeBatchOperator.partial(
-            task_id="submit",
-            storage_root=config.storage_root,
-            conn_id=config.anthropic_conn_id,
-            aws_conn_id=config.aws_conn_id,
-            wait="none",
-            pool=config.pool,
-            retries=3,
-            retry_delay=timedelta(seconds=30),
-        ).expand(shard=shards)
-        @task(task_id="record", retries=2, retry_delay=timedelta(seconds=30))
-        def record(batch_ids: list[str]) -> int:
-            layout = _context_layout(config, config.aws_conn_id)
-            with open_warehouse(config.warehouse_conn_id) as warehouse:
-                return run_record_batches(config, warehouse, layout, _context_options(), list(batch_ids))
+        def one_round(number: int, shards: Any, previous: Any) -> tuple[Any, Any]:
+            """Submit, record, wait, collect and load one round; returns (load output, collect outputs)."""
+            suffix = "" if number == 1 else f"_{number}"
+            submit = ClaudeBatchOperator.partial(
+                task_id=f"submit{suffix}",
+                storage_root=config.storage_root,
+                conn_id=config.anthropic_conn_id,
+                aws_conn_id=config.aws_conn_id,
+                wait="none",
+                pool=config.pool,
+                retries=3,
+                retry_delay=timedelta(seconds=30),
+            ).expand(shard=shards)
 
-        recorded = record(submit.output)
-        wait = ClaudeBatchSensor(
-            task_id="wait",
-            batch_ids=submit.output,
-            conn_id=config.anthropic_conn_id,
-            min_poll_interval=config.min_poll_interval,
-            max_poll_interval=config.max_poll_interval,
-            batch_timeout=config.batch_timeout,
-            skip_if_all_canceled=False,  # canceled requests must still reach the ledger (retry)
-        )
-
-        @task(task_id="collect", retries=3, retry_delay=timedelta(seconds=30))
-        def collect(batch_id: str) -> dict[str, Any]:
-            context = get_current_context()
-            layout = _context_layout(config, config.aws_conn_id)
-            hook = ClaudeBatchHook(conn_id=config.anthropic_conn_id)
-            part = _part_of(layout, context["ti"].map_index)
-            return run_collect(config, layout, _context_options(), hook.conn, part, batch_id)
-
-        collected = collect.expand(batch_id=submit.output)
-        recorded >> wait >> collected
-
-        @task(task_id="load", outlets=[results_asset], retries=2, retry_delay=timedelta(seconds=30))
-        def load(collected: list[dict[str, Any]]) -> dict[str, Any]:
-            layout = _context_layout(config, config.aws_conn_id)
-            try:
+            @task(task_id=f"record{suffix}", retries=2, retry_delay=timedelta(seconds=30))
+            def record(batch_ids: list[str]) -> int:
+                layout = _context_layout(config, config.aws_conn_id, number)
                 with open_warehouse(config.warehouse_conn_id) as warehouse:
-                    return run_load(config, warehouse, layout, _context_options())
-            except AccountingError as exc:
-                raise AirflowFailException(str(exc)) from exc  # the gap is in the data: a retry cannot close it
+                    return run_record_batches(config, warehouse, layout, _context_options(), list(batch_ids))
 
-        @task(task_id="report")
-        def report(loaded: dict[str, Any], collected: list[dict[str, Any]]) -> dict[str, Any]:
+            wait = ClaudeBatchSensor(
+                task_id=f"wait{suffix}",
+                batch_ids=submit.output,
+                conn_id=config.anthropic_conn_id,
+                min_poll_interval=config.min_poll_interval,
+                max_poll_interval=config.max_poll_interval,
+                batch_timeout=config.batch_timeout,
+                # A batch past its timeout is canceled and collected: its answers are kept and the
+                # rest goes round again, instead of failing the run and stranding the items.
+                on_timeout="cancel_and_collect",
+                skip_if_all_canceled=False,  # canceled requests must still reach the ledger (retry)
+            )
+
+            @task(task_id=f"collect{suffix}", retries=3, retry_delay=timedelta(seconds=30))
+            def collect(batch_id: str) -> dict[str, Any]:
+                context = get_current_context()
+                layout = _context_layout(config, config.aws_conn_id, number)
+                hook = ClaudeBatchHook(conn_id=config.anthropic_conn_id)
+                part = _part_of(layout, context["ti"].map_index)
+                return run_collect(config, layout, _context_options(), hook.conn, part, batch_id)
+
+            collected = collect.expand(batch_id=submit.output)
+            record(submit.output) >> wait >> collected
+
+            @task(task_id=f"load{suffix}", outlets=[results_asset], retries=2, retry_delay=timedelta(seconds=30))
+            def load(collected: list[dict[str, Any]], previous: dict[str, Any] | None) -> dict[str, Any]:
+                layout = _context_layout(config, config.aws_conn_id, number)
+                try:
+                    with open_warehouse(config.warehouse_conn_id) as warehouse:
+                        result = run_load(config, warehouse, layout, _context_options(), previous)
+                except AccountingError as exc:
+                    raise AirflowFailException(str(exc)) from exc  # the gap is in the data: a retry cannot close it
+                result["collected"] = [*(previous or {}).get("collected", []), *collected]
+                return result
+
+            return load(collected, previous), collected
+
+        loaded, _ = one_round(1, gate(stage()), None)
+        load_tasks = [loaded]
+        for number in range(2, config.max_rounds + 1):
+
+            @task(task_id=f"requeue_{number}", retries=2, retry_delay=timedelta(seconds=30))
+            def requeue(previous: dict[str, Any], number: int = number) -> list[str]:
+                layout = _context_layout(config, config.aws_conn_id, number)
+                with open_warehouse(config.warehouse_conn_id) as warehouse:
+                    shards = run_requeue(config, warehouse, layout, _context_options(), _task_log())
+                if not shards:
+                    left = previous["ledger"].get("retry", 0)
+                    raise AirflowSkipException(
+                        f"no round {number}: " + (f"{left:,} item(s) left to retry by the next run" if left else "every item is final")
+                    )
+                return shards
+
+            loaded, _ = one_round(number, requeue(loaded), loaded)
+            load_tasks.append(loaded)
+
+        # The report comes after the last round that ran: later rounds skip when nothing was left.
+        @task(task_id="report", trigger_rule="none_failed_min_one_success")
+        def report(first: dict[str, Any]) -> dict[str, Any]:
+            context = get_current_context()
+            later = [
+                context["ti"].xcom_pull(task_ids=task_id)
+                for task_id in [f"{group.group_id}.load_{n}" for n in range(2, config.max_rounds + 1)]
+            ]
+            loaded = [result for result in [first, *later] if result][-1]
             layout = _context_layout(config, config.aws_conn_id)
-            result = build_report(layout, loaded, list(collected), config.prices)
+            result = build_report(layout, loaded, list(loaded.get("collected", [])), config.prices)
             write_report(layout, result)
             _emit_metrics(config.workload.name, result)
             log = _task_log()
             log.info("Run report: %s", orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
             return result
 
-        loaded = load(collected)
-        report(loaded, collected)
+        report_task = report(load_tasks[0])
+        for later_load in load_tasks[1:]:
+            later_load >> report_task
     return group
 
 

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 # Airflow DAG run states after which a run will not move its items any more.
 OVER_STATES = frozenset({"failed", "success"})
 _STATE_FILE = re.compile(r"(?P<task>.+)\.part-(?P<index>\d{5})\.json")
+_SUBMIT_TASK = re.compile(r"(?:^|\.)submit(?:_(?P<round>\d+))?$")
 
 
 @dataclass
@@ -86,21 +87,27 @@ def recover_stranded(
             report.live.append(holder.run_id)
             continue
         layout = RunLayout(store, holder.dag_id, holder.run_id)
-        manifest = read_manifest(layout)
-        if manifest is None:  # claimed but never staged here: nothing was sent
+        if read_manifest(layout) is None:  # claimed but never staged here: nothing was sent
             report.released[holder.run_id] = warehouse.release_claim(
                 workload, holder.run_id, f"released: run {holder.run_id} ended ({state}) before it submitted"
             )
             continue
-        _recover_run(workload, warehouse, layout, manifest, client, state, report, prices, conn_id)
+        batches = _submitted_batches(layout)
+        for number in sorted({1, *(n for n, _ in batches)}):
+            round_layout = layout.in_round(number)
+            manifest = read_manifest(round_layout)
+            if manifest is not None:
+                parts = {index: batch for (n, index), batch in batches.items() if n == number}
+                _recover_round(workload, warehouse, round_layout, manifest, parts, client, state, report, prices, conn_id)
     return report
 
 
-def _recover_run(
+def _recover_round(
     workload: Workload,
     warehouse: Warehouse,
     layout: RunLayout,
     manifest: Manifest,
+    by_index: dict[int, str | None],
     client: Any,
     state: str,
     report: RecoveryReport,
@@ -108,7 +115,8 @@ def _recover_run(
     conn_id: str,
 ) -> None:
     run_id = layout.run_id
-    batches = _submitted_batches(layout, manifest)
+    # A submit task's map index i sent the round manifest's i-th shard.
+    batches = {manifest.shards[i].part: batch for i, batch in by_index.items() if i < len(manifest.shards)}
     never_submitted = []
     for shard in manifest.shards:
         if shard.part not in batches:
@@ -138,18 +146,20 @@ def _recover_run(
         report.released[run_id] = report.released.get(run_id, 0) + released
 
 
-def _submitted_batches(layout: RunLayout, manifest: Manifest) -> dict[int, str | None]:
-    """Shard part -> the batch its submit created (None: an intent without a batch id yet)."""
-    found: dict[int, str | None] = {}
+def _submitted_batches(layout: RunLayout) -> dict[tuple[int, int], str | None]:
+    """(round, map index) -> the batch that submit task created (None: an intent, no batch id yet).
+
+    Submission state is written per submit task and map index under ``<run>/state/``: round 1's
+    task is ``<group>.submit``, round N's ``<group>.submit_N`` (the pilot's is not a shard's).
+    """
+    found: dict[tuple[int, int], str | None] = {}
     for path in layout.store.list(f"{layout.prefix}/state"):
         match = _STATE_FILE.fullmatch(path.rsplit("/", 1)[-1])
-        if not match or match["task"].endswith("pilot"):
-            continue
-        index = int(match["index"])
-        if index >= len(manifest.shards):
+        task = _SUBMIT_TASK.search(match["task"]) if match else None
+        if task is None:
             continue
         data = layout.store.read_json_or_none(path)
-        if data is None:
-            continue
-        found[manifest.shards[index].part] = SubmissionState.from_json(data).batch_id
+        if data is not None:
+            number = int(task["round"]) if task["round"] else 1
+            found[(number, int(match["index"]))] = SubmissionState.from_json(data).batch_id
     return found

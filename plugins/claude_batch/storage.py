@@ -148,20 +148,30 @@ class ObjectStore:
 
 @dataclass(frozen=True)
 class RunLayout:
-    """The S3 layout of one DAG run (DESIGN.md): ``<root>/<dag_id>/<run_id>/...``.
+    """The S3 layout of one DAG run (docs/layout.md): ``<root>/<dag_id>/<run_id>/...``.
+
+    A run goes round: a follow-up round (2, 3, ...) resends the items its earlier rounds left
+    to retry, with its own manifest, shards and results under ``<run>/round-N/``.
 
     :param store: the object store holding the root.
     :param dag_id: the DAG id.
     :param run_id: the DAG run id (encoded into one safe segment).
+    :param round: the round (1: the run's first submission, directly under the run's prefix).
     """
 
     store: ObjectStore
     dag_id: str
     run_id: str
+    round: int = 1
 
     @property
     def prefix(self) -> str:
-        return f"{safe_segment(self.dag_id)}/{safe_segment(self.run_id)}"
+        base = f"{safe_segment(self.dag_id)}/{safe_segment(self.run_id)}"
+        return base if self.round == 1 else f"{base}/round-{self.round}"
+
+    def in_round(self, number: int) -> RunLayout:
+        """The same run's layout for round ``number``."""
+        return RunLayout(self.store, self.dag_id, self.run_id, number)
 
     def _rel(self, name: str) -> str:
         return f"{self.prefix}/{name}"

@@ -711,6 +711,14 @@ class Warehouse:
 
     # -- extract ----------------------------------------------------------------------------
 
+    def _source_select(self, source: SourceSpec) -> tuple[str, str, str]:
+        """The select list (with the record key as text), the FROM item and the key-as-text expression."""
+        key_text = f"CAST(src.{self._q(source.key_column)} AS {self.dialect.sql_type(pa.string())})"
+        columns = ", ".join(f"src.{self._q(c)}" for c in source.columns) if source.columns else "src.*"
+        columns += f", {key_text} AS {self._q(RECORD_KEY_COLUMN)}"
+        origin = self._q(source.table) if source.table else f"({self.dialect.query_text(source.query or '')})"
+        return columns, origin, key_text
+
     def extract_query(
         self,
         workload: Workload,
@@ -721,11 +729,7 @@ class Warehouse:
         """The extract statement and its parameters (see :meth:`extract`)."""
         p = self.dialect.placeholder
         ledger = self._q(self.ledger_table)
-        key = f"src.{self._q(source.key_column)}"
-        key_text = f"CAST({key} AS {self.dialect.sql_type(pa.string())})"
-        columns = ", ".join(f"src.{self._q(c)}" for c in source.columns) if source.columns else "src.*"
-        columns += f", {key_text} AS {self._q(RECORD_KEY_COLUMN)}"
-        origin = self._q(source.table) if source.table else f"({self.dialect.query_text(source.query or '')})"
+        columns, origin, key_text = self._source_select(source)
         params: list[Any] = []
         wanted = []
         if interval is not None and source.interval_column is not None:
@@ -784,6 +788,40 @@ class Warehouse:
         """
         sql, params = self.extract_query(workload, source, run_id, interval)
         for chunk in self.dialect.stream(self.conn, sql, params, chunk_rows):
+            yield from chunk
+
+    def take_back_retries(self, workload: Workload, run_id: str) -> int:
+        """This run's ``retry`` items become its ``pending`` items again, for its next round.
+
+        One conditional UPDATE: an item another run claimed meanwhile is not this run's any more.
+        Attempt counts are kept (the load counts each answer), so an item goes round at most
+        until the attempt limit makes it ``dead``.
+        """
+        d = self.dialect
+        p = d.placeholder
+        with d.transaction(self.conn) as cursor:
+            return max(
+                d.execute(
+                    cursor,
+                    f"""UPDATE {self._q(self.ledger_table)} SET status = 'pending', updated_at = {p}
+                    WHERE workload = {p} AND prompt_version = {p} AND run_id = {p} AND status = 'retry'""",
+                    [_utcnow(), workload.name, workload.prompt_version, run_id],
+                ),
+                0,
+            )
+
+    def extract_held(
+        self, workload: Workload, source: SourceSpec, run_id: str, *, chunk_rows: int = 10_000
+    ) -> Iterator[dict[str, Any]]:
+        """Stream the source rows of the items this run holds ``pending`` (a follow-up round's rows)."""
+        p = self.dialect.placeholder
+        ledger = self._q(self.ledger_table)
+        columns, origin, key_text = self._source_select(source)
+        sql = (
+            f"SELECT {columns} FROM {origin} src WHERE {key_text} IN (SELECT h.record_key FROM {ledger} h "
+            f"WHERE h.workload = {p} AND h.prompt_version = {p} AND h.run_id = {p} AND h.status = 'pending')"
+        )
+        for chunk in self.dialect.stream(self.conn, sql, [workload.name, workload.prompt_version, run_id], chunk_rows):
             yield from chunk
 
     # -- ledger -----------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from unittest import mock
 
 import anthropic
 from claude_batch.pipeline import (
+    NothingToSubmit,
     PipelineConfig,
     RunOptions,
     run_collect,
@@ -46,6 +47,7 @@ from claude_batch.pipeline import (
     run_load,
     run_record_batches,
     run_recover,
+    run_requeue,
     run_stage,
 )
 from claude_batch.staging import StagingLimits, read_manifest
@@ -365,46 +367,66 @@ def step_stage(stack: Stack, run_id: str, interval: tuple[datetime, datetime]) -
 def step_gate(stack: Stack, run_id: str) -> list[str]:
     hook = _hook()
     with stack.warehouse() as warehouse:
-        return run_gate(stack.config(), warehouse, stack.layout(run_id), RunOptions(), hook.conn, hook, log)
+        try:
+            return run_gate(stack.config(), warehouse, stack.layout(run_id), RunOptions(), hook.conn, hook, log)
+        except NothingToSubmit:  # the gate task skips: another live run holds every item
+            return []
 
 
-def step_submit(stack: Stack, run_id: str, index: int, shard: str) -> str:
+def step_submit(stack: Stack, run_id: str, index: int, shard: str, round_number: int = 1) -> str:
     """The mapped submit task: ClaudeBatchOperator.execute with the task's context."""
     from claude_batch.operators import ClaudeBatchOperator
 
+    task_id = "submit" if round_number == 1 else f"submit_{round_number}"
     operator = ClaudeBatchOperator(
-        task_id="submit", shard=shard, storage_root=stack.store_root, aws_conn_id="aws_default", wait="none"
+        task_id=task_id, shard=shard, storage_root=stack.store_root, aws_conn_id="aws_default", wait="none"
     )
     # The same store ObjectStore.from_airflow builds from the aws connection, without the ~1 s
     # its boto3 client costs per task on this machine.
     operator._store = stack.store
-    return operator.execute({"ti": _TaskInstance(run_id, "submit", index), "run_id": run_id})
+    return operator.execute({"ti": _TaskInstance(run_id, task_id, index), "run_id": run_id})
 
 
-def step_collect(stack: Stack, run_id: str, index: int, batch_id: str) -> dict[str, Any]:
-    layout = stack.layout(run_id)
+def step_collect(stack: Stack, run_id: str, index: int, batch_id: str, round_number: int = 1) -> dict[str, Any]:
+    layout = stack.layout(run_id).in_round(round_number)
     manifest = read_manifest(layout)
     assert manifest is not None
     return run_collect(stack.config(), layout, RunOptions(), _hook().conn, manifest.shards[index].part, batch_id)
 
 
-def step_record(stack: Stack, run_id: str, batch_ids: list[str]) -> int:
+def step_record(stack: Stack, run_id: str, batch_ids: list[str], round_number: int = 1) -> int:
     """The record task: the ledger learns each shard's batch, in one task."""
     with stack.warehouse() as warehouse:
-        return run_record_batches(stack.config(), warehouse, stack.layout(run_id), RunOptions(), batch_ids)
+        layout = stack.layout(run_id).in_round(round_number)
+        return run_record_batches(stack.config(), warehouse, layout, RunOptions(), batch_ids)
 
 
-def step_load(stack: Stack, run_id: str) -> dict[str, Any]:
+def step_load(stack: Stack, run_id: str, round_number: int = 1, previous: dict | None = None) -> dict[str, Any]:
     with stack.warehouse() as warehouse:
-        return run_load(stack.config(), warehouse, stack.layout(run_id), RunOptions())
+        layout = stack.layout(run_id).in_round(round_number)
+        return run_load(stack.config(), warehouse, layout, RunOptions(), previous)
 
 
-def wait_for_batches(batch_ids: list[str], timeout: float = 120.0) -> dict[str, Any]:
-    """The deferred wait: the pipeline's ClaudeBatchTrigger, run until its event."""
+def step_requeue(stack: Stack, run_id: str, round_number: int) -> list[str]:
+    """Round N's requeue task: this run's retries staged again as the round's shards."""
+    with stack.warehouse() as warehouse:
+        return run_requeue(stack.config(), warehouse, stack.layout(run_id).in_round(round_number), RunOptions(), log)
+
+
+def wait_for_batches(
+    batch_ids: list[str], timeout: float = 120.0, batch_timeout: float | None = None
+) -> dict[str, Any]:
+    """The deferred wait: the pipeline's ClaudeBatchTrigger, run until its event.
+
+    :param batch_timeout: as the pipeline's wait: each batch past it is canceled and collected.
+    """
     from claude_batch.triggers import ClaudeBatchTrigger
 
     async def first_event():
-        trigger = ClaudeBatchTrigger(batch_ids=batch_ids, min_poll_interval=0.05, max_poll_interval=0.2)
+        trigger = ClaudeBatchTrigger(
+            batch_ids=batch_ids, min_poll_interval=0.05, max_poll_interval=0.2,
+            timeout=batch_timeout, on_timeout="cancel_and_collect",
+        )  # fmt: skip
         events = trigger.run()
         try:
             return await asyncio.wait_for(anext(events), timeout)
@@ -424,6 +446,7 @@ STEPS: dict[str, Callable[..., Any]] = {
     "record": step_record,
     "collect": step_collect,
     "load": step_load,
+    "requeue": step_requeue,
 }
 
 
@@ -446,6 +469,7 @@ class Faults:
     :param kill: a worker process killed at a step boundary (then the task's retry).
     :param after_submit: called with (shard index, batch id) after each submit (e.g. a cancel).
     :param before_wait: called before the wait (e.g. jumping emulated time past expiry).
+    :param before_round: called with the round number before a follow-up round's requeue.
     :param after_failure: called with (step, attempt, exception) after a failed attempt, before
         the retry (e.g. to prove a failed load left nothing behind).
     :param during: called with (step, map index, attempt) for a context manager that wraps
@@ -457,6 +481,7 @@ class Faults:
     kill: KillPoint | None = None
     after_submit: Callable[[int, str], None] | None = None
     before_wait: Callable[[], None] | None = None
+    before_round: Callable[[int], None] | None = None
     after_failure: Callable[[str, int, BaseException], None] | None = None
     during: Callable[[str, int, int], contextlib.AbstractContextManager[Any]] | None = None
     injected: int = 0
@@ -470,6 +495,7 @@ class RunRecord:
     shards: int = 0
     batch_ids: list[str] = field(default_factory=list)
     failed_attempts: list[str] = field(default_factory=list)
+    waits: list[dict[str, Any]] = field(default_factory=list)
     load: dict[str, Any] | None = None
     accounting: dict[str, Any] | None = None
 
@@ -532,11 +558,22 @@ def run_killed_worker(stack: Stack, kill: KillPoint, step: str, args: list[Any],
 class PipelineRun:
     """One DAG run's steps with task retries; ``record`` says what happened."""
 
-    def __init__(self, stack: Stack, run_id: str, interval: tuple[datetime, datetime], faults: Faults | None = None):
+    def __init__(
+        self,
+        stack: Stack,
+        run_id: str,
+        interval: tuple[datetime, datetime],
+        faults: Faults | None = None,
+        *,
+        rounds: int = 1,
+        wait_options: dict[str, Any] | None = None,
+    ):
         self.stack = stack
         self.run_id = run_id
         self.interval = interval
         self.faults = faults or Faults()
+        self.rounds = rounds  # 1: the fault matrix's runs leave their retries to the next run
+        self.wait_options = wait_options or {}
         self.record = RunRecord(run_id)
 
     def _task(self, step: str, args: list[Any], index: int = 0) -> Any:
@@ -578,24 +615,36 @@ class PipelineRun:
         yield "gate"
         if not shards:  # the gate task skips the rest of the run
             return
-        for index, shard in enumerate(shards):
-            batch_id = self._task("submit", [index, shard], index)
-            self.record.batch_ids.append(batch_id)
-            if self.faults.after_submit is not None:
-                self.faults.after_submit(index, batch_id)
-            yield f"submit[{index}]"
-        self._task("record", [self.record.batch_ids])
-        yield "record"
-        if self.faults.before_wait is not None:
-            self.faults.before_wait()
-        wait_for_batches(self.record.batch_ids)
-        yield "wait"
-        for index, batch_id in enumerate(self.record.batch_ids):
-            self._task("collect", [index, batch_id], index)
-            yield f"collect[{index}]"
-        self.record.load = self._task("load", [])
-        self.record.accounting = check_run_accounting(self.stack, self.run_id)
-        yield "load"
+        previous = None
+        for number in range(1, self.rounds + 1):
+            if number > 1:
+                if self.faults.before_round is not None:
+                    self.faults.before_round(number)
+                shards = self._task("requeue", [number])
+                yield f"requeue_{number}"
+                if not shards:  # nothing left to resend: the round (and later ones) skip
+                    return
+                self.record.shards += len(shards)
+            batch_ids = []
+            for index, shard in enumerate(shards):
+                batch_id = self._task("submit", [index, shard, number], index)
+                batch_ids.append(batch_id)
+                self.record.batch_ids.append(batch_id)
+                if self.faults.after_submit is not None and number == 1:
+                    self.faults.after_submit(index, batch_id)
+                yield f"submit[{index}]" if number == 1 else f"submit_{number}[{index}]"
+            self._task("record", [batch_ids, number])
+            yield "record" if number == 1 else f"record_{number}"
+            if self.faults.before_wait is not None and number == 1:
+                self.faults.before_wait()
+            self.record.waits.append(wait_for_batches(batch_ids, **self.wait_options))
+            yield "wait" if number == 1 else f"wait_{number}"
+            for index, batch_id in enumerate(batch_ids):
+                self._task("collect", [index, batch_id, number], index)
+                yield f"collect[{index}]" if number == 1 else f"collect_{number}[{index}]"
+            previous = self.record.load = self._task("load", [number, previous])
+            self.record.accounting = check_run_accounting(self.stack, self.run_id)
+            yield "load" if number == 1 else f"load_{number}"
 
 
 class WorkerKilled(RuntimeError):

@@ -47,7 +47,11 @@ def test_the_corpus_has_at_least_twenty_kinds_of_bad_rows():
 
 def test_the_corpus_run_succeeds(corpus_run):
     assert corpus_run.state == "success", corpus_run.notes
-    assert all(state == "success" for state in corpus_run.notes["tasks"].values()), corpus_run.notes
+    tasks = corpus_run.notes["tasks"]
+    # Round 1 does everything; later rounds skip (nothing is left to retry: no item errored).
+    follow_up = re.compile(r"\.(requeue|submit|record|wait|collect|load)_\d")
+    assert all(state == "success" for task, state in tasks.items() if not follow_up.search(task)), tasks
+    assert {state for task, state in tasks.items() if follow_up.search(task)} == {"skipped"}, tasks
     staged = sum(1 for case in CASES if case.status != "dead" or case.reason is None)
     assert corpus_run.emulator_stats["batches_created"] == 2  # 25 requests a shard
     assert corpus_run.emulator_stats["requests_received"] == staged

@@ -160,3 +160,22 @@ def test_a_passing_pilot_lets_the_run_go_on(workflow_dags, anthropic_conn, wareh
         ("INV-004", "Marketing", 78_000.0, False),
         ("INV-005", "Finance", 850_000.0, True),
     ]
+
+
+def test_a_run_goes_round_with_its_transient_failures_until_they_are_out_of_attempts(
+    workflow_dags, anthropic_conn, warehouse
+):
+    """Every answer errors transiently: rounds 2 and 3 (requeue_N ... load_N) resend, then the items are dead."""
+    anthropic_conn.configure(faults={"batch": {"errored_rate": 1.0, "error_types": ["overloaded_error"]}})
+    dag = workflow_dags["invoice_approval"]
+    run = dag.test(logical_date=INVOICE_RUN)
+    states = task_states(run)
+    assert run.state == "success", states
+    assert all(states[f"{task}_{n}"] == "success" for task in ("requeue", "record", "wait", "load") for n in (2, 3)), states
+    stats = anthropic_conn.stats()
+    assert stats["batches_created"] == 3 and stats["requests_received"] == 3 * 5  # each invoice sent three times
+    ledger = query(warehouse, "SELECT status, attempts, COUNT(*) FROM claude_batch_ledger WHERE workload = ? GROUP BY 1, 2",
+                   "invoice_approval")  # fmt: skip
+    assert ledger == [("dead", 3, 5)]
+    report = run.get_task_instance("invoice_approval.report").xcom_pull(task_ids="invoice_approval.report")
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3] and report["batches"] == 3
