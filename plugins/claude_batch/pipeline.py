@@ -94,6 +94,12 @@ class PipelineConfig:
         every item is final or out of attempts (default 3; 1: no follow-up rounds).
     :param run_deadline_hours: no follow-up round starts this long after the run started (the
         items stay ``retry`` for the next run); None: no bound but ``max_rounds``.
+    :param queue_budget: requests in the organisation's batch processing queue a submit may
+        bring it to (all DAGs and runs share it; read from the API); None: only the API's own
+        queue-full 429 (default ``CLAUDE_BATCH_QUEUE_BUDGET`` if set). A shard that does not fit
+        waits deferred, holding no worker slot.
+    :param queue_wait_timeout: how long a shard waits for room in the queue before its submit
+        fails naming the queue (default 20 hours).
     :param prices: the price table.
     """
 
@@ -111,6 +117,8 @@ class PipelineConfig:
     batch_timeout: float | None = DEFAULT_BATCH_TIMEOUT
     max_rounds: int = 3
     run_deadline_hours: float | None = 20.0
+    queue_budget: int | None = None
+    queue_wait_timeout: float | None = 20 * 3600.0
     prices: PriceTable = field(default_factory=default_prices)
 
     def __post_init__(self) -> None:
@@ -645,6 +653,8 @@ def claude_batch_pipeline(config: PipelineConfig, group_id: str | None = None):
                 conn_id=config.anthropic_conn_id,
                 aws_conn_id=config.aws_conn_id,
                 wait="none",
+                queue_budget=config.queue_budget,
+                queue_wait_timeout=config.queue_wait_timeout,
                 pool=config.pool,
                 retries=3,
                 retry_delay=timedelta(seconds=30),
