@@ -1,6 +1,6 @@
 """Contracts shared by every stage: API limits and the custom_id rule.
 
-The custom_id rule (DESIGN.md): a record key that is already a valid custom_id is used as is;
+The custom_id rule (docs/layout.md): a record key that is already a valid custom_id is used as is;
 any other key is replaced by a stable hash. Every id of the hashed shape is produced by
 hashing (a literal key of that shape is hashed too), so a literal key can never collide with
 the hash of another key, and results always join back to their record.
