@@ -97,9 +97,10 @@ def test_two_runs_sharing_retry_items_interleaved_pay_once(warehouse, lead, requ
 
 
 @pytest.mark.services
-def test_a_backfill_of_three_nights_two_at_a_time_pays_once(postgres_stack, emulator):
+@pytest.mark.parametrize("warehouse", ["duckdb", "postgres"])
+def test_a_backfill_of_three_nights_two_at_a_time_pays_once(warehouse, request, emulator):
     """``max_active_runs=2``: nights 2 and 3 overlap, night 4 starts when night 2 ends; all share retries."""
-    stack = postgres_stack
+    stack = request.getfixturevalue(f"{warehouse}_stack")
     emulator.configure(faults={"batch": {"errored_rate": 0.3, "error_types": ["api_error"]}})
     PipelineRun(stack, "night-1", RUN_1).run()
     emulator.configure(faults={"batch": {"errored_rate": 0.1, "error_types": ["api_error"]}})

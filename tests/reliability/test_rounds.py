@@ -143,3 +143,25 @@ def test_a_run_goes_round_until_its_items_are_out_of_attempts(postgres_stack, wa
     assert sent == sum(r["sent"] for r in rounds)
     billed, _ = billed_custom_ids(wall_clock, EMULATOR_API_KEY)
     assert max(billed.values()) == 1 and len(billed) == statuses["succeeded"]
+
+
+@pytest.mark.services
+def test_no_round_starts_past_the_runs_deadline(duckdb_stack, emulator):
+    """Past ``run_deadline_hours`` the retries are left to the next run instead of a new round."""
+    import dataclasses
+
+    from claude_batch.pipeline import RunOptions, run_requeue
+
+    from tests.reliability.harness import log
+
+    stack = duckdb_stack
+    emulator.configure(faults={"batch": {"expired_rate": 0.2}})
+    PipelineRun(stack, "night-1", RUN_1).run()
+    left = ledger(stack)["retry"]
+    late = dataclasses.replace(stack.config(), run_deadline_hours=0.0)
+    with stack.warehouse() as warehouse:
+        assert run_requeue(late, warehouse, stack.layout("night-1").in_round(2), RunOptions(), log) == []
+    assert ledger(stack)["retry"] == left  # untouched: the next night takes them
+    emulator.configure(faults={})
+    PipelineRun(stack, "night-2", RUN_2).run()
+    assert ledger(stack) == {"succeeded": ROWS}
