@@ -16,7 +16,7 @@ import pytest
 from tests.fullstack.chromium import Chromium, ChromiumUnavailable, ensure_chromium
 from tests.fullstack.conftest import BROWSER_DAG, BROWSER_DAY, support_ticket_key
 from tests.fullstack.stack import ADMIN_USER, ARTIFACTS, AirflowStack, StackError, model_family, wait_for
-from tests.fullstack.webdriver import CONTROL, ENTER, ChromeDriver
+from tests.fullstack.webdriver import CONTROL, ENTER, ChromeDriver, WebDriverError
 
 pytestmark = [pytest.mark.services, pytest.mark.airflow]
 
@@ -131,7 +131,10 @@ def _watch_run_page(driver: ChromeDriver) -> str:
     state = ""
     while time.monotonic() < deadline:
         badges = driver.find_all("[data-testid=header-card] [data-testid=state-badge]")
-        state = badges[0].text.strip() if badges else ""
+        try:
+            state = badges[0].text.strip() if badges else ""
+        except WebDriverError:  # the UI re-drew the badge between finding and reading it (stale)
+            state = ""
         if state in ("Success", "Failed"):
             return state
         if time.monotonic() - last_reload > 20:
