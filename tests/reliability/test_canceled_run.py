@@ -5,6 +5,7 @@ every request of a run was canceled, the wait sensor used to skip; collect, load
 accounting check were skipped with it, the DAG run ended ``success`` and the items stayed
 ``pending`` for a run that would never load them, so no later run extracted them again: lost
 without a word (fixed in fd6fcc4: the pipeline's wait no longer skips). This keeps it fixed.
+Canceled items now go round in the same run (rounds 2 and 3) until they are out of attempts.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def test_a_run_whose_batches_are_all_canceled_accounts_for_every_item(small_corp
     finally:
         stop.set()
         canceller.join(5)
-    assert anthropic_conn.stats()["batches_created"] == 2
+    # Canceled items go round: rounds 2 and 3 resend them (and are canceled again), 2 shards a round.
+    assert anthropic_conn.stats()["batches_created"] == 6
     conn = duckdb.connect(str(warehouse))  # the run's own connection may still be open in this process
     try:
         ledger = dict(conn.execute("SELECT status, COUNT(*) FROM claude_batch_ledger GROUP BY 1").fetchall())
@@ -71,5 +73,5 @@ def test_a_run_whose_batches_are_all_canceled_accounts_for_every_item(small_corp
     finally:
         conn.close()
     assert run.state == "success"
-    assert ledger == {"retry": 30}, ledger  # every item has an outcome: canceled, so the next run retries it
+    assert ledger == {"dead": 30}, ledger  # every item has an outcome: canceled three times, out of attempts
     assert reasons == {"the request was canceled before it ran"}
