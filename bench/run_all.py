@@ -24,6 +24,7 @@ BENCHMARKS = [
     "bench.bench_collect",
     "bench.bench_load",
     "bench.bench_emulator_memory",
+    "bench.bench_emulator_speed",
 ]
 
 

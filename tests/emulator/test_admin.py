@@ -19,7 +19,8 @@ from .helpers import API_KEY, RFC3339, finish, items
 STATS_KEYS = {
     "batches_created", "batches_deleted", "requests_received", "requests_processing", "results_served",
     "results_downloads", "messages_created", "faults_injected", "http_requests", "batches_by_status",
-    "prompt_cache_entries", "emulated_now", "time_scale",
+    "prompt_cache_entries", "emulated_now", "api_now", "time_scale", "results_lines_pending",
+    "results_stored_bytes",
 }  # fmt: skip
 
 
@@ -104,7 +105,8 @@ def test_in_process_server_picks_a_free_port_and_stops(emu):
 def test_command_line_server(tmp_path):
     executable = Path(sys.executable).parent / "claude-batch-emulator"
     command = [str(executable), "--host", "127.0.0.1", "--port", "0", "--api-key", API_KEY, "--time-scale", "3600",
-               "--processing-seconds", "60", "--seed", "5", "--fault", "count_tokens:529:1:1", "--cache-hit-rate", "0.5"]  # fmt: skip
+               "--processing-seconds", "60", "--seed", "5", "--fault", "count_tokens:529:1:1", "--cache-hit-rate", "0.5",
+               "--no-precompute-results"]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = process.stdout.readline()
@@ -116,7 +118,7 @@ def test_command_line_server(tmp_path):
                 client.messages.count_tokens(model="m", messages=[{"role": "user", "content": "hi"}])
             batch = client.messages.batches.create(requests=items(2))
             config = httpx.get(f"{base_url}/_emulator/config", headers={"x-api-key": API_KEY}).json()
-            assert config["cache_hit_rate"] == 0.5 and config["seed"] == 5
+            assert config["cache_hit_rate"] == 0.5 and config["seed"] == 5 and config["precompute_results"] is False
             for _ in range(200):  # 60 emulated seconds at 3600x: about 17 ms
                 if client.messages.batches.retrieve(batch.id).processing_status == "ended":
                     break

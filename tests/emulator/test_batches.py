@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import anthropic
 import orjson
@@ -266,3 +266,57 @@ def test_beta_batches_client_works_too(client, emu):
     assert beta.retrieve(created.id).request_counts.succeeded == 2
     assert [b.id for b in beta.list()] == [created.id]
     assert sorted(line.custom_id for line in beta.results(created.id)) == ["req-0", "req-1"]
+
+
+# ---- timestamps on the API clock ----------------------------------------------------------------
+def _at(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
+def test_timestamps_keep_client_side_ages_and_expiry_in_step_with_the_time_scale(http, emu):
+    from claude_batch.poller import BatchSnapshot
+
+    emu.configure(time_scale=60.0, processing_seconds=600.0, processing_jitter=0.0)
+    before = time.time()
+    created = http.post("/v1/messages/batches", content=orjson.dumps({"requests": items(2)})).json()
+    # created_at is the wall-clock time of the create; 24 emulated hours are 24 minutes at 60x
+    assert before - 0.5 <= _at(created["created_at"]) <= time.time() + 0.5
+    assert _at(created["expires_at"]) - _at(created["created_at"]) == pytest.approx(24 * 60, abs=1e-6)
+    time.sleep(0.2)
+    line = BatchSnapshot.from_api(http.get(f"/v1/messages/batches/{created['id']}").json()).progress_line(
+        datetime.now(UTC)
+    )
+    assert "age 0m00s, expires in 23m59s" in line or "age 0m01s, expires in 23m5" in line, line
+    emu.advance(3600)  # an emulated hour: a minute on the API clock
+    newer = http.post("/v1/messages/batches", content=orjson.dumps({"requests": items(1, "n")})).json()
+    assert _at(newer["created_at"]) - time.time() == pytest.approx(60, abs=1.0)
+    ended = http.get(f"/v1/messages/batches/{created['id']}").json()
+    assert ended["processing_status"] == "ended"  # 600 emulated seconds: 10 s on the API clock
+    assert _at(ended["ended_at"]) - _at(ended["created_at"]) == pytest.approx(10, abs=1e-6)
+
+
+def test_cancel_and_archive_times_follow_the_api_clock(http, emu):
+    emu.configure(time_scale=3600.0, processing_seconds=10 * 3600.0, processing_jitter=0.0, cancel_seconds=60.0)
+    created = http.post("/v1/messages/batches", content=orjson.dumps({"requests": items(2)})).json()
+    emu.advance(2 * 3600)  # 2 s on the API clock
+    canceled = http.post(f"/v1/messages/batches/{created['id']}/cancel").json()
+    assert _at(canceled["cancel_initiated_at"]) - _at(created["created_at"]) == pytest.approx(2, abs=0.05)
+    emu.advance(29 * DAY)
+    archived = http.get(f"/v1/messages/batches/{created['id']}").json()
+    assert _at(archived["ended_at"]) == pytest.approx(_at(canceled["cancel_initiated_at"]) + 60 / 3600, abs=0.05)
+    assert _at(archived["archived_at"]) - _at(created["created_at"]) == pytest.approx(29 * DAY / 3600, abs=1e-6)
+
+
+def test_the_api_clock_is_the_emulated_one_at_time_scale_1(http, emu):
+    stats = emu.stats()
+    assert stats["time_scale"] == 1.0
+    created = http.post("/v1/messages/batches", content=orjson.dumps({"requests": items(1)})).json()
+    emu.advance(DAY + 1)
+    ended = http.get(f"/v1/messages/batches/{created['id']}").json()
+    assert datetime.fromisoformat(ended["expires_at"]) - datetime.fromisoformat(ended["created_at"]) == timedelta(
+        hours=24
+    )
+    after = emu.stats()
+    emulated = _at(after["emulated_now"]) - _at(stats["emulated_now"])
+    api = _at(after["api_now"]) - _at(stats["api_now"])
+    assert emulated == pytest.approx(api, abs=0.05) and emulated >= DAY

@@ -33,14 +33,22 @@ def test_empty_requests_list_is_400(http, emu):
     assert_error(post_batch(http, {"requests": []}), 400, "invalid_request_error", "at least 1 item")
 
 
-def test_too_many_requests_is_413(http, client, emu):
+def test_too_many_requests_is_400_naming_the_count(http, client, emu):
+    # The API schema's requests.maxItems: a validation error, not the edge's 413 (that is for bytes).
     emu.configure(max_requests_per_batch=5)
     assert post_batch(http, {"requests": items(5)}).status_code == 200
-    assert_error(post_batch(http, {"requests": items(6)}), 413, "request_too_large", "at most 5 requests")
-    with pytest.raises(anthropic.APIStatusError) as caught:
+    message = assert_error(post_batch(http, {"requests": items(8)}), 400, "invalid_request_error")
+    assert message == "requests: List should have at most 5 items after validation, not 8"
+    with pytest.raises(anthropic.BadRequestError) as caught:
         client.messages.batches.create(requests=items(6))
-    assert caught.value.status_code == 413
+    assert caught.value.status_code == 400 and "at most 5 items" in caught.value.message
     assert emu.stats()["batches_created"] == 1
+
+
+def test_too_many_requests_in_a_broken_body_is_a_json_error(http, emu):
+    emu.configure(max_requests_per_batch=2)
+    body = orjson.dumps({"requests": items(4)})[:-3]  # cut inside the last item
+    assert_error(post_batch(http, body), 400, "invalid_request_error", "not valid JSON")
 
 
 def test_body_over_the_size_limit_is_413_declared_or_streamed(http, emu):
@@ -219,3 +227,48 @@ def test_parser_rejects_broken_json(body):
 def test_parser_does_not_cut_numbers_at_chunk_boundaries():
     found, _ = parse_in_chunks(b'{"requests": [123456789, 9876]}', 2)
     assert found == [123456789, 9876]
+
+
+def _slow_items(body: bytes) -> list:
+    """The items as the one-by-one path decodes them (chunks too small for the bulk path)."""
+    found, _ = parse_in_chunks(body, 997)
+    return found
+
+
+@pytest.mark.parametrize("separator", [b",", b", ", b",\n  "])
+def test_parser_bulk_path_gives_the_same_items_as_one_by_one(separator):
+    trap = '},{"custom_id": "not-an-item"'  # an item boundary look-alike inside a string
+    requests = []
+    for index in range(3000):
+        params = {"text": f"item {index} " + (trap if index % 7 == 0 else "x" * (index % 50)), "n": index * 1.5}
+        if index % 11 == 0:
+            params["nested"] = [{"custom_id": "inner", "params": {}}, {"custom_id": "inner2"}]  # nested look-alikes
+        requests.append({"custom_id": f"r{index}", "params": params})
+    body = b'{"requests": [' + separator.join(orjson.dumps(r) for r in requests) + b"]}"
+    assert len(body) > 1 << 18
+    found, parser = parse_in_chunks(body, 1 << 16)
+    assert found == requests == _slow_items(body)
+    assert parser.items_seen == 3000
+
+
+def test_parser_falls_back_for_what_orjson_refuses():
+    filler = [{"custom_id": f"f{i}", "params": {"text": "y" * 100}} for i in range(600)]
+    items_json = [orjson.dumps(item) for item in filler]
+    items_json[300] = b'{"custom_id": "nan", "params": {"t": NaN, "big": 123456789012345678901234567890}}'
+    body = b'{"requests": [' + b",".join(items_json) + b"]}"
+    found, _ = parse_in_chunks(body, 1 << 20)
+    assert found[300]["params"]["big"] == 123456789012345678901234567890
+    assert found[300]["params"]["t"] != found[300]["params"]["t"]  # NaN
+    assert found[:300] == filler[:300] and found[301:] == filler[301:]
+
+
+def test_parser_bulk_path_reports_broken_items_like_one_by_one():
+    good = b",".join(orjson.dumps({"custom_id": f"g{i}", "params": {"t": "z" * 200}}) for i in range(400))
+    body = b'{"requests": [' + good + b',{"custom_id": "bad", "params": {"t": tru}},' + good + b"]}"
+    with pytest.raises(BodyError) as bulk:
+        parse_in_chunks(body, 1 << 20)
+    with pytest.raises(BodyError) as slow:
+        parse_in_chunks(body, 997)
+    # the same message (the position in it counts from the parser's buffer, which depends on chunking)
+    assert str(bulk.value).split(": line")[0] == str(slow.value).split(": line")[0]
+    assert str(bulk.value).startswith("Request body is not valid JSON: Expecting value")

@@ -6,7 +6,7 @@ API (auth by ``x-api-key`` or ``Authorization: Bearer``, ``anthropic-version`` r
   GET    /v1/messages/batches/{id}             retrieve
   POST   /v1/messages/batches/{id}/cancel      cancel
   DELETE /v1/messages/batches/{id}             delete
-  GET    /v1/messages/batches/{id}/results     results (JSONL stream)
+  GET    /v1/messages/batches/{id}/results     results (JSONL stream, application/x-jsonl)
   POST   /v1/messages                          messages
   POST   /v1/messages/count_tokens             count_tokens
 Admin (same API key):
@@ -14,6 +14,9 @@ Admin (same API key):
   POST /_emulator/advance {"seconds": N}; GET /_emulator/health needs no key.
 
 Every response carries a ``request-id`` header; errors have the API's JSON error body.
+A create with more than ``max_requests_per_batch`` requests is a 400 (the API schema's
+``requests.maxItems``); a body over ``max_body_bytes`` a 413 ``request_too_large`` (which the
+real API's edge answers before the API itself, see the README).
 """
 
 from __future__ import annotations
@@ -37,14 +40,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .errors import ApiError, error_body
 from .ids import random_id, rfc3339
 from .parser import BodyError, RequestsBodyParser
-from .store import BatchBuilder, BatchStore, TooLarge
+from .store import BatchBuilder, BatchStore, TooManyRequests, paused_gc
 from .validation import ItemError
 
 log = logging.getLogger(__name__)
 
 _VERSION_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _PARSE_CHUNK_BYTES = 1 << 20  # parse the create body in ~1 MB steps, off the event loop
-_RESULTS_CHUNK_BYTES = 64 * 1024
+RESULTS_MEDIA_TYPE = "application/x-jsonl"  # what the API (and its OpenAPI document) serves results as
 
 
 class JSONResponse(Response):
@@ -71,11 +74,16 @@ class CuttableStreamingResponse(StreamingResponse):
 
 
 class RequestIdMiddleware:
-    """Gives every request an id (``request.state.request_id``) and every response the header."""
+    """Gives every request an id (``request.state.request_id``) and every response the header.
 
-    def __init__(self, app: ASGIApp, id_source: Callable[[], str]) -> None:
+    It also counts the requests being served in ``store.in_flight`` (until the response's last
+    byte is sent): the background results worker waits while any are.
+    """
+
+    def __init__(self, app: ASGIApp, id_source: Callable[[], str], store: BatchStore) -> None:
         self.app = app
         self.id_source = id_source
+        self.store = store
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -90,7 +98,11 @@ class RequestIdMiddleware:
                 message["headers"] = [*message.get("headers", []), header]
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        self.store.in_flight += 1
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self.store.in_flight -= 1
 
 
 def _request_id(request: Request) -> str:
@@ -234,29 +246,34 @@ def create_app(store: BatchStore, api_key: str) -> ASGIApp:
         cut_state: dict[str, bool] = {}
 
         async def body() -> AsyncIterator[bytes]:
+            """The results file block by block (~1,000 lines each), made first where still missing."""
             lines_allowed = cut[0] if cut else None
-            parts: list[bytes] = []
-            size = served = 0
-            for line in store.result_lines(batch):
-                if lines_allowed is not None and served >= lines_allowed:
-                    if cut[1]:
-                        parts.append(line[: max(1, len(line) // 2)])
+            served = 0
+            results = batch.results
+            for block in range(results.block_count if results is not None else 0):
+                if len(results.blocks) <= block:
+                    await anyio.to_thread.run_sync(store.make_results_block, batch, block)
+                if batch.results is None:  # deleted (or reset) meanwhile: the connection just closes
                     cut_state["cut"] = True
-                    break
-                parts.append(line + b"\n")
-                size += len(line) + 1
-                served += 1
-                if size >= _RESULTS_CHUNK_BYTES:
-                    yield b"".join(parts)
-                    store.count_results_served(len(parts))
-                    parts, size = [], 0
-                    await asyncio.sleep(0)  # let other requests in between chunks
-            if parts:
-                complete_lines = sum(1 for part in parts if part.endswith(b"\n"))
-                yield b"".join(parts)
-                store.count_results_served(complete_lines)
+                    return
+                data, count = store.results_block(batch, block)
+                if lines_allowed is not None and served + count > lines_allowed:
+                    keep = lines_allowed - served
+                    lines = data.split(b"\n")
+                    data = b"".join(line + b"\n" for line in lines[:keep])
+                    if cut[1]:
+                        data += lines[keep][: max(1, len(lines[keep]) // 2)]
+                    cut_state["cut"] = True
+                    if data:
+                        yield data
+                    store.count_results_served(keep)
+                    return
+                yield data
+                store.count_results_served(count)
+                served += count
+                await asyncio.sleep(0)  # let other requests in between blocks
 
-        return CuttableStreamingResponse(body(), cut_state, media_type="application/binary")
+        return CuttableStreamingResponse(body(), cut_state, media_type=RESULTS_MEDIA_TYPE)
 
     # ---- real-time ----------------------------------------------------------------------------
     async def messages(request: Request) -> Response:
@@ -319,7 +336,7 @@ def create_app(store: BatchStore, api_key: str) -> ASGIApp:
         Route("/_emulator/health", health, methods=["GET"]),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
-    return RequestIdMiddleware(app, lambda: random_id("req_", store.request_id_rng))
+    return RequestIdMiddleware(app, lambda: random_id("req_", store.request_id_rng), store)
 
 
 def _too_large(limit: int) -> ApiError:
@@ -327,15 +344,28 @@ def _too_large(limit: int) -> ApiError:
 
 
 def _parse_step(parser: RequestsBodyParser, builder: BatchBuilder, data: bytes, final: bool) -> ApiError | None:
-    """Feed one piece of the create body; returns the error to answer with, if any."""
+    """Feed one piece of the create body; returns the error to answer with, if any.
+
+    Past ``max_requests_per_batch`` the items are only counted (the 400 names how many there
+    were, as the API's validation does), and the rest of the body is still parsed.
+    """
     try:
-        for item in parser.feed(data):
-            builder.add(item)
-        if final:
-            for item in parser.finish():
-                builder.add(item)
-    except TooLarge as error:
-        return ApiError(413, str(error))
+        with paused_gc():
+            for item in parser.feed(data):
+                _add(builder, item)
+            if final:
+                for item in parser.finish():
+                    _add(builder, item)
     except (BodyError, ItemError) as error:
         return ApiError(400, str(error))
     return None
+
+
+def _add(builder: BatchBuilder, item: object) -> None:
+    if builder.extra_requests:
+        builder.count_extra()
+        return
+    try:
+        builder.add(item)
+    except TooManyRequests:
+        pass  # counted; the create answers 400 once the whole body is read

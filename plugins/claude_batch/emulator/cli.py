@@ -42,6 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-requests-per-minute", type=int, default=None)
     parser.add_argument("--public-base-url", default=None, help="base of results_url (default: as the client called)")
     parser.add_argument(
+        "--no-precompute-results",
+        action="store_true",
+        help="make result lines when downloaded, not in the background from the batch's creation on",
+    )
+    parser.add_argument(
         "--fault",
         action="append",
         default=[],
@@ -93,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 "max_queued_requests": args.max_queued_requests,
                 "batch_requests_per_minute": args.batch_requests_per_minute,
                 "public_base_url": args.public_base_url,
+                "precompute_results": not args.no_precompute_results,
             },
         )
     except (ValueError, KeyError) as error:

@@ -58,6 +58,9 @@ class EmulatorConfig:
     max_queued_requests: int | None = None  # requests still processing across batches; over it, create is 429
     batch_requests_per_minute: int | None = None  # per emulated minute on the batch endpoints; over it, 429
     public_base_url: str | None = None  # base of results_url; default: the URL the client used
+    # Make each batch's result lines in the background from its creation on (while no request
+    # is being served), so downloads stream stored lines; off: a download makes what is missing.
+    precompute_results: bool = True
     faults: FaultConfig = field(default_factory=FaultConfig)
 
     def updated(self, **changes: Any) -> EmulatorConfig:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _ID_BODY_LENGTH = 22
@@ -26,3 +26,11 @@ def derived_id(prefix: str, *parts: object) -> str:
 def rfc3339(epoch_seconds: float) -> str:
     """RFC 3339 in UTC with microseconds and a ``Z`` suffix, like ``2024-08-20T18:37:24.100435Z``."""
     return datetime.fromtimestamp(epoch_seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def rfc3339_us(epoch_microseconds: int) -> str:
+    """``rfc3339`` from whole microseconds, so that exact differences stay exact in the text."""
+    return (_EPOCH + timedelta(microseconds=epoch_microseconds)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

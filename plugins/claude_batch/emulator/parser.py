@@ -3,8 +3,15 @@
 A 100,000-request body can be a few hundred megabytes; parsing it whole would hold the raw
 bytes, the decoded text and the full object tree at once. ``RequestsBodyParser`` is fed the
 body in chunks and hands out each element of the top-level ``requests`` array as soon as it is
-complete, keeping only the unparsed tail of the text in memory. Each element is decoded with
-the standard library's C scanner (``JSONDecoder.raw_decode``).
+complete, keeping only the unparsed tail of the text in memory.
+
+Most of the array is decoded in bulk with orjson: from the current item to the last place in the
+buffer that looks like the start of a new item (``},{"custom_id"``...), all items at once. That
+guess is only a guess (the text could sit inside a string or a nested object), but then the
+slice is not valid JSON as an array, orjson says so, and those items are decoded one by one
+with the standard library's scanner (``JSONDecoder.raw_decode``), as is everything else (the
+keys around the array, its tail, values orjson refuses such as NaN or integers over 64 bits),
+with the same results and error messages.
 """
 
 from __future__ import annotations
@@ -14,7 +21,12 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
+
 _WHITESPACE = " \t\n\r"
+# How one item of ``requests`` usually ends and the next begins (an item has only these two keys).
+_ITEM_BOUNDARIES = ('},{"custom_id"', '},{"params"', '}, {"custom_id"', '}, {"params"')
+_BULK_MIN_CHARS = 32 * 1024  # below this much pending text, items are decoded one by one
 
 
 class BodyError(ValueError):
@@ -91,6 +103,22 @@ class RequestsBodyParser:
         self._pos = end
         return True, value
 
+    def _bulk_items(self) -> list | None:
+        """The items from the cursor to the last likely item boundary, decoded at once; None if not."""
+        buffer, pos = self._buffer, self._pos
+        if len(buffer) - pos < _BULK_MIN_CHARS:
+            return None
+        cut = max(buffer.rfind(boundary, pos) for boundary in _ITEM_BOUNDARIES)
+        if cut <= pos:
+            return None
+        try:
+            items = orjson.loads("[" + buffer[pos : cut + 1] + "]")
+        except orjson.JSONDecodeError:
+            return None  # the guess was wrong, or something orjson refuses: one by one
+        self._pos = cut + 1
+        self._retry_when_length = 0
+        return items
+
     def _expect(self, char: str, what: str) -> None:
         found = self._buffer[self._pos]
         if found != char:
@@ -149,6 +177,12 @@ class RequestsBodyParser:
                 if char == "]" and self._first_in_container:
                     self._pos += 1
                     self._state = self._AFTER_VALUE
+                    continue
+                bulk = self._bulk_items() if char == "{" else None
+                if bulk is not None:
+                    self._state = self._AFTER_ITEM
+                    self.items_seen += len(bulk)
+                    yield from bulk
                     continue
                 complete, item = self._decode_value(final)
                 if not complete:

@@ -10,8 +10,10 @@ A responder is any callable ``responder(params, context) -> dict``:
   resolved model, estimated input tokens);
 - it returns a Message-like dict; only ``content`` (a list of content blocks) is required.
   The emulator fills in ``id``, ``type``, ``role``, ``model``, ``stop_reason`` (``tool_use``
-  when there is a tool_use block, else ``end_turn``), ``stop_sequence`` and ``usage``;
-  a returned ``usage`` dict overrides the computed figures key by key. The emulator then
+  when there is a tool_use block, else ``end_turn``), ``stop_sequence``, ``stop_details`` and
+  ``container`` (null unless returned) and ``usage``; a returned ``usage`` dict overrides the
+  computed figures key by key. Text blocks get ``citations: null`` and tool_use blocks
+  ``caller: {"type": "direct"}`` unless they carry their own. The emulator then
   applies ``stop_sequences`` and ``max_tokens`` (text is cut, ``stop_reason`` becomes
   ``max_tokens``), so a custom responder does not need to;
 - to make a request fail, raise ``ResponderError(error_type, message)``: the batch result is
@@ -142,6 +144,7 @@ def base_usage(
     cache_prefix_tokens: int,
     cache_1h_tokens: int,
     service_tier: str,
+    inference_geo: str | None = None,
 ) -> dict:
     """Usage before output: input split into uncached, cache-write and cache-read tokens."""
     written = cache_prefix_tokens if cache_outcome == CACHE_WRITE else 0
@@ -153,8 +156,17 @@ def base_usage(
         "cache_read_input_tokens": read,
         "cache_creation": {"ephemeral_5m_input_tokens": written - written_1h, "ephemeral_1h_input_tokens": written_1h},
         "output_tokens": 0,
+        "output_tokens_details": {"thinking_tokens": 0},
+        "server_tool_use": None,  # no server tools (web search, web fetch) run in the emulator
         "service_tier": service_tier,
+        "inference_geo": inference_geo,
     }
+
+
+def requested_inference_geo(params: dict) -> str | None:
+    """The ``inference_geo`` a request asked for (the usage reports it back), else None."""
+    geo = params.get("inference_geo")
+    return geo if isinstance(geo, str) else None
 
 
 def _block_output_tokens(block: dict) -> int:
@@ -165,6 +177,10 @@ def _block_output_tokens(block: dict) -> int:
     if block.get("type") == "thinking":
         return text_tokens(block.get("thinking") or "")
     return json_tokens(block)
+
+
+# What the API reports with stop_reason "refusal" when it gives no category or explanation.
+_REFUSAL_DETAILS = {"type": "refusal", "category": None, "explanation": None}
 
 
 def finish_message(reply: dict, params: dict, context: ResponseContext, usage: dict) -> dict:
@@ -206,8 +222,19 @@ def finish_message(reply: dict, params: dict, context: ResponseContext, usage: d
     if stop_reason is None:
         stop_reason = "tool_use" if any(b.get("type") == "tool_use" for b in content) else "end_turn"
 
+    thinking_tokens = 0
+    for block in content:
+        kind = block.get("type")
+        if kind == "text":
+            block.setdefault("citations", None)
+        elif kind == "tool_use":
+            block.setdefault("caller", {"type": "direct"})
+        elif kind == "thinking":
+            thinking_tokens += _block_output_tokens(block)
+
     usage = dict(usage)
     usage["output_tokens"] = max(output_tokens, 1)
+    usage["output_tokens_details"] = {"thinking_tokens": min(thinking_tokens, usage["output_tokens"])}
     usage.update(reply.get("usage") or {})
     return {
         "id": reply.get("id") or context.message_id,
@@ -217,7 +244,9 @@ def finish_message(reply: dict, params: dict, context: ResponseContext, usage: d
         "content": content,
         "stop_reason": stop_reason,
         "stop_sequence": stop_sequence,
+        "stop_details": reply.get("stop_details", dict(_REFUSAL_DETAILS) if stop_reason == "refusal" else None),
         "usage": usage,
+        "container": reply.get("container"),
     }
 
 

@@ -103,6 +103,7 @@ class EmulatorServer:
         if self._thread is not None:
             return self
         quiet_intentional_cuts()
+        self.store.open()
         self._socket = bind_listening_socket(self.host, self.port)
         self.port = self._socket.getsockname()[1]
         config = uvicorn.Config(self.app, log_level=self.log_level, access_log=False, lifespan="off")
@@ -126,6 +127,7 @@ class EmulatorServer:
             self._thread.join(timeout)
         if self._socket is not None:
             self._socket.close()
+        self.store.close()
         self._server = self._thread = self._socket = None
 
     def __enter__(self) -> EmulatorServer:

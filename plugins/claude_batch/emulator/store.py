@@ -12,11 +12,23 @@ While a batch is ``in_progress`` every request counts as ``processing``. It ends
 ``created_at + processing_seconds`` (with a little seeded jitter); or, when canceled,
 ``cancel_seconds`` after the cancel, with the requests not finished by the cancel ``canceled``;
 or at ``expires_at`` (24 h), with the unfinished ones ``expired``. Ends are kept in a heap and
-applied lazily, at the next request or clock change, so nothing runs in the background.
+applied lazily, at the next request or clock change.
+
+Result lines are made once per batch and kept compressed (``results_file.py``); a background
+thread starts making them when the batch is created and pauses while requests are served.
+
+Timestamps. The batch lifecycle runs on the emulated clock. The times the API reports
+(``created_at``, ``expires_at``, ``ended_at``...) are on the *API clock*, which runs at wall-clock
+speed, starts at the wall-clock time and moves by ``seconds / time_scale`` on ``advance``: an
+emulated interval shows as that interval divided by ``time_scale``. So a client computing
+``now - created_at`` or ``expires_at - now`` with its own clock gets how long the batch has
+really run and how long it really has left (at ``time_scale`` 60 a new batch "expires in 24m",
+as its 24 emulated hours take 24 minutes). At ``time_scale`` 1 the two clocks are the same.
 """
 
 from __future__ import annotations
 
+import gc
 import heapq
 import math
 import random
@@ -26,6 +38,7 @@ from array import array
 from bisect import bisect_left, bisect_right
 from collections import Counter, deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import orjson
@@ -33,7 +46,7 @@ import orjson
 from .config import EmulatorConfig
 from .errors import ERROR_TYPE_BY_STATUS, ApiError, error_body, invalid_request, not_found
 from .faults import ENDPOINTS, FaultInjector
-from .ids import derived_id, random_id, rfc3339
+from .ids import derived_id, random_id, rfc3339, rfc3339_us
 from .responder import (
     CACHE_NONE,
     CACHE_READ,
@@ -45,9 +58,19 @@ from .responder import (
     ResponseContext,
     base_usage,
     finish_message,
+    requested_inference_geo,
 )
+from .results_file import BLOCK_LINES, STEP_LINES, ResultsFile, ResultsWorker
 from .tokens import TemplateShape, analyse_prompt, template_shape
-from .validation import ItemError, check_item, params_error
+from .validation import (
+    CUSTOM_ID_RE,
+    ItemError,
+    check_item,
+    head_error,
+    messages_error,
+    params_error,
+    tail_error,
+)
 
 # What becomes of a request that gets processed (decided at create time).
 FATE_SUCCEEDED = 0
@@ -61,22 +84,51 @@ STATUSES = ("in_progress", "canceling", "ended")
 _NO_TEMPLATE = -1
 
 
-class TooLarge(ValueError):
-    """The batch is over a size limit: HTTP 413 request_too_large."""
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """No cyclic garbage collection for a short burst of allocation (a create's parse step, a few
+    result lines): the objects it makes are freed by reference counting, and the collector's
+    passes over a big process (an Airflow test run) would cost up to a fifth of the time."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+class TooManyRequests(ValueError):
+    """More requests than a batch may hold (the API schema's ``requests.maxItems``): HTTP 400."""
 
 
 class EmulatedClock:
-    """Wall-clock time scaled by ``time_scale``, plus any explicit jumps forward."""
+    """Wall-clock time scaled by ``time_scale``, plus any explicit jumps forward.
+
+    Also keeps the *API clock* the API's timestamps are reported on: it runs at wall-clock
+    speed and moves by ``seconds / time_scale`` on ``advance`` (see the module docstring).
+    """
 
     def __init__(self, time_scale: float, start: float | None = None) -> None:
         self._lock = threading.Lock()
         self._anchor_real = time.monotonic()
         self._anchor_emulated = time.time() if start is None else start
+        self._anchor_api = self._anchor_emulated
         self._scale = time_scale
 
     def now(self) -> float:
         with self._lock:
             return self._anchor_emulated + (time.monotonic() - self._anchor_real) * self._scale
+
+    def api_now(self) -> float:
+        with self._lock:
+            return self._anchor_api + (time.monotonic() - self._anchor_real)
+
+    def readings(self) -> tuple[float, float, float]:
+        """(emulated now, API-clock now, time_scale), read together."""
+        with self._lock:
+            elapsed = time.monotonic() - self._anchor_real
+            return self._anchor_emulated + elapsed * self._scale, self._anchor_api + elapsed, self._scale
 
     @property
     def time_scale(self) -> float:
@@ -86,6 +138,7 @@ class EmulatedClock:
         with self._lock:
             real = time.monotonic()
             self._anchor_emulated += (real - self._anchor_real) * self._scale
+            self._anchor_api += real - self._anchor_real
             self._anchor_real = real
             self._scale = time_scale
 
@@ -94,6 +147,14 @@ class EmulatedClock:
             raise ValueError("emulated time only moves forward")
         with self._lock:
             self._anchor_emulated += seconds
+            self._anchor_api += seconds / self._scale
+
+    def restart(self, time_scale: float) -> None:
+        """Both clocks back to the wall-clock time (a reset: no batch is left to see the jump back)."""
+        with self._lock:
+            self._anchor_real = time.monotonic()
+            self._anchor_emulated = self._anchor_api = time.time()
+            self._scale = time_scale
 
 
 class Batch:
@@ -104,8 +165,16 @@ class Batch:
         "status", "cancel_initiated_at", "ended_at", "done_fraction", "counts",
         "custom_ids", "templates", "template_ids", "messages", "invalid", "completion", "fates",
         "error_types", "fate_counts", "cache_codes", "input_tokens", "cache_tokens", "cache_1h_tokens",
-        "created_at_text", "expires_at_text", "stall_fraction",
+        "created_at_text", "expires_at_text", "stall_fraction", "api_created_us", "api_scale", "results",
     )  # fmt: skip
+
+    def api_us(self, emulated: float) -> int:
+        """An emulated instant of this batch's life on the API clock, in whole microseconds.
+
+        Measured from the creation, at the time scale of the creation, so that the batch's own
+        timestamps keep their emulated order and exact differences (expiry is created + 24 h/scale).
+        """
+        return self.api_created_us + round((emulated - self.created_at) * 1e6 / self.api_scale)
 
     def processing_counts(self) -> dict[str, int]:
         if self.counts is not None:
@@ -116,6 +185,19 @@ class Batch:
         return "canceled" if self.cancel_initiated_at is not None else "expired"
 
 
+class _Template:
+    """What the requests of a batch that share their non-message params have in common."""
+
+    __slots__ = ("id", "problem_before_messages", "problem_after_messages", "shape", "min_cacheable")
+
+    def __init__(self, template_id: int, before: str | None, after: str | None) -> None:
+        self.id = template_id
+        self.problem_before_messages = before
+        self.problem_after_messages = after
+        self.shape: TemplateShape | None = None
+        self.min_cacheable = 0
+
+
 class BatchBuilder:
     """Takes the request items of one create, in order, and turns them into a Batch."""
 
@@ -124,6 +206,7 @@ class BatchBuilder:
         self.now = store.clock.now()
         self._prompt_cache = store.prompt_cache
         self._rng = random.Random(f"{store.seed}:batch:{number}")
+        self._max_requests = self.config.max_requests_per_batch
         faults = self.config.faults.batch
         self._errored_rate = faults.errored_rate
         self._expired_rate = faults.expired_rate
@@ -135,7 +218,8 @@ class BatchBuilder:
         self.stalled = stall_roll < faults.stall_rate
         self.stall_fraction = stall_point if self.stalled else 1.0
         self._first_index_by_custom_id: dict[str, int] = {}
-        self._template_id_by_bytes: dict[bytes, int] = {}
+        # The params other than messages, as orjson bytes -> what requests sharing them have in common.
+        self._template_by_bytes: dict[bytes, _Template] = {}
         self.custom_ids: list[str] = []
         self.templates: list[bytes] = []
         self.template_ids = array("i")
@@ -143,34 +227,30 @@ class BatchBuilder:
         self.invalid: dict[int, str] = {}
         self.completion = array("f")
         self.fates = bytearray()
-        self.fate_counts: Counter[int] = Counter()
         self.cache_codes = bytearray()
         self.input_tokens = array("I")
         self.cache_tokens = array("I")
         self.cache_1h_tokens = array("I")
         self.cache_writes: dict[bytes, float] = {}  # prefixes this batch writes, with their TTL
         self._hit_rate = self.config.cache_hit_rate
-        self._template_shapes: dict[int, TemplateShape] = {}
-        self._min_cacheable_by_model: dict[str, int] = {}
-
-    def _min_cacheable(self, model: str) -> int:
-        minimum = self._min_cacheable_by_model.get(model)
-        if minimum is None:
-            minimum = self.config.min_cacheable_for(self.config.resolve_model(model))
-            self._min_cacheable_by_model[model] = minimum
-        return minimum
+        self.extra_requests = 0  # requests past max_requests_per_batch (counted, not kept)
 
     @property
     def size(self) -> int:
         return len(self.custom_ids)
 
     def add(self, item: Any) -> None:
-        index = self.size
-        if index >= self.config.max_requests_per_batch:
-            raise TooLarge(
-                f"requests: a batch may hold at most {self.config.max_requests_per_batch} requests"
-            )
-        custom_id, params = check_item(index, item)
+        index = len(self.custom_ids)
+        if index >= self._max_requests:
+            self.extra_requests += 1
+            raise TooManyRequests(self.too_many_message())
+        # The usual item, checked inline (this runs 100,000 times per big create); check_item otherwise.
+        if type(item) is dict and len(item) == 2:
+            custom_id, params = item.get("custom_id"), item.get("params")
+            if type(custom_id) is not str or type(params) is not dict or not CUSTOM_ID_RE.fullmatch(custom_id):
+                custom_id, params = check_item(index, item)
+        else:
+            custom_id, params = check_item(index, item)
         first = self._first_index_by_custom_id.setdefault(custom_id, index)
         if first != index:
             raise ItemError(
@@ -178,30 +258,26 @@ class BatchBuilder:
                 "custom_id must be unique within a batch"
             )
         # Three draws per request, always, so outcomes do not shift when one request changes.
-        finish_point, fault_roll, cache_roll = self._rng.random(), self._rng.random(), self._rng.random()
+        rng = self._rng.random
+        finish_point, fault_roll, cache_roll = rng(), rng(), rng()
         self.custom_ids.append(custom_id)
         self.completion.append(max(finish_point, 1e-6))
 
-        problem = params_error(params, in_batch=True)
-        stored = None if problem else self._store_params(params)
-        if stored is None:
+        template, messages_bytes, problem = self._split(params)
+        if template is None:
             self.invalid[index] = problem or "params: integer or number out of range"
             self._append_outcome(FATE_INVALID, _NO_TEMPLATE, b"", 0, CACHE_NONE, 0, 0)
             return
-        template_id, messages_bytes = stored
         if fault_roll < self._errored_rate:
             fate = FATE_ERRORED + int(fault_roll / self._errored_rate * len(self.error_types)) % len(self.error_types)
         elif fault_roll < self._errored_rate + self._expired_rate:
             fate = FATE_EXPIRED
         else:
             fate = FATE_SUCCEEDED
-        template = self._template_shapes.get(template_id)
-        if template is None:
-            template = self._template_shapes[template_id] = template_shape(params)
-        shape = analyse_prompt(params, template)
+        shape = analyse_prompt(params, template.shape)
         cache_code = CACHE_NONE
         if fate == FATE_SUCCEEDED and shape.cache_key is not None:
-            if shape.cache_prefix_tokens >= self._min_cacheable(params["model"]):
+            if shape.cache_prefix_tokens >= template.min_cacheable:
                 key = shape.cache_key
                 warm = key in self.cache_writes or self._prompt_cache.is_warm(key, self.now)
                 if warm and cache_roll < self._hit_rate:
@@ -212,7 +288,7 @@ class BatchBuilder:
                     self.cache_writes[key] = max(ttl, self.cache_writes.get(key, 0.0))
         self._append_outcome(
             fate,
-            template_id,
+            template.id,
             messages_bytes,
             shape.total_tokens,
             cache_code,
@@ -220,27 +296,56 @@ class BatchBuilder:
             shape.cache_1h_tokens,
         )
 
-    def _store_params(self, params: dict) -> tuple[int, bytes] | None:
-        """Keep params compactly: the non-message part once per batch, the messages as bytes."""
+    def count_extra(self) -> None:
+        """One more request past the limit (the rest of the body is still read, to count them)."""
+        self.extra_requests += 1
+
+    def too_many_message(self) -> str:
+        total = self._max_requests + self.extra_requests
+        return f"requests: List should have at most {self._max_requests} items after validation, not {total}"
+
+    def _split(self, params: dict) -> tuple[_Template | None, bytes, str | None]:
+        """(template, messages as orjson bytes, None), or (None, b"", why the params are invalid).
+
+        The params other than messages are checked once per distinct set (most batches repeat
+        one system prompt, model and schema in every request); the messages of every request.
+        """
         try:
-            template = orjson.dumps({key: value for key, value in params.items() if key != "messages"})
+            key = orjson.dumps({name: value for name, value in params.items() if name != "messages"})
+        except (TypeError, orjson.JSONEncodeError):
+            return None, b"", params_error(params, in_batch=True)
+        template = self._template_by_bytes.get(key)
+        if template is None:
+            template = self._new_template(key, params)
+        problem = template.problem_before_messages or messages_error(params) or template.problem_after_messages
+        if problem is not None:
+            return None, b"", problem
+        try:
             # orjson's result sits in an oversized (8 KB) allocation; an exact copy keeps 100k of them small.
             messages_bytes = bytes(memoryview(orjson.dumps(params["messages"])))
         except (TypeError, orjson.JSONEncodeError):
-            return None
-        template_id = self._template_id_by_bytes.get(template)
-        if template_id is None:
-            template = bytes(memoryview(template))
-            template_id = len(self.templates)
-            self._template_id_by_bytes[template] = template_id
-            self.templates.append(template)
-        return template_id, messages_bytes
+            return None, b"", None
+        return template, messages_bytes, None
+
+    def _new_template(self, key: bytes, params: dict) -> _Template:
+        before, after = head_error(params), tail_error(params, in_batch=True)
+        template = _Template(_NO_TEMPLATE, before, after)
+        if before is None and after is None:
+            template.id = len(self.templates)
+            self.templates.append(bytes(memoryview(key)))
+            template.shape = template_shape(params)
+            template.min_cacheable = self.config.min_cacheable_for(self.config.resolve_model(params["model"]))
+        self._template_by_bytes[bytes(memoryview(key))] = template
+        return template
+
+    @property
+    def fate_counts(self) -> Counter[int]:
+        return Counter(self.fates)
 
     def _append_outcome(
         self, fate: int, template_id: int, messages_bytes: bytes, tokens: int, cache_code: int, prefix: int, one_hour: int
     ) -> None:
         self.fates.append(fate)
-        self.fate_counts[fate] += 1
         self.template_ids.append(template_id)
         self.messages.append(messages_bytes)
         self.input_tokens.append(tokens)
@@ -270,10 +375,16 @@ class BatchStore:
         self._id_rng = random.Random(f"{seed}:ids")  # never reset, so ids stay unique across resets
         self.request_id_rng = random.Random(f"{seed}:request-ids")
         self._next_seq = 0
+        self.in_flight = 0  # HTTP requests being served (the app counts them); the results worker waits for 0
+        self._production_lock = threading.Lock()  # one maker of result lines at a time (responders need not be thread-safe)
+        self._results_worker = ResultsWorker(self._worker_step, lambda: self.in_flight > 0)
         self._reset_state()
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def _reset_state(self) -> None:
+        self._results_worker.clear()
+        for batch in getattr(self, "_batch_by_seq", {}).values():
+            batch.results = None  # a maker still working on it stops
         self._batches_by_id: dict[str, Batch] = {}
         self._seq_by_id: dict[str, int] = {}  # also of deleted batches, so they still work as cursors
         self._order: list[int] = []  # seqs of live batches, oldest first
@@ -290,11 +401,21 @@ class BatchStore:
         self.status_counts: Counter[str] = Counter({status: 0 for status in STATUSES})
 
     def reset(self) -> None:
-        """Forget every batch, zero the counters, restore the start configuration without faults."""
+        """Forget every batch, zero the counters, restore the start configuration without faults.
+
+        The clocks start again from the wall-clock time, as at the start.
+        """
         with self._lock:
             self.config = self.initial_config.updated(faults={})
-            self.clock.set_time_scale(self.config.time_scale)
+            self.clock.restart(self.config.time_scale)
             self._reset_state()
+
+    def close(self) -> None:
+        """Stop the background results worker (the server is going away); ``open`` undoes it."""
+        self._results_worker.close()
+
+    def open(self) -> None:
+        self._results_worker.reopen()
 
     def configure(self, **changes: Any) -> EmulatorConfig:
         with self._lock:
@@ -413,6 +534,8 @@ class BatchStore:
         """Register a fully read batch; raises ApiError when it is empty or the queue is full."""
         if builder.size == 0:
             raise invalid_request("requests: List should have at least 1 item after validation, not 0")
+        if builder.extra_requests:
+            raise invalid_request(builder.too_many_message())
         with self._lock:
             now = self._tick()
             limit = self.config.max_queued_requests
@@ -432,6 +555,9 @@ class BatchStore:
             batch.size = builder.size
             batch.created_at = now
             batch.expires_at = now + builder.config.expiry_seconds
+            emulated_now, api_now, scale = self.clock.readings()
+            batch.api_created_us = round((api_now + (now - emulated_now) / scale) * 1e6)
+            batch.api_scale = scale
             batch.duration = builder.duration
             batch.stall_fraction = builder.stall_fraction
             batch.ready_at = math.inf if builder.stalled else now + builder.duration
@@ -440,8 +566,11 @@ class BatchStore:
             batch.cancel_initiated_at = batch.ended_at = None
             batch.done_fraction = 0.0
             batch.counts = None
-            batch.created_at_text = rfc3339(batch.created_at)
-            batch.expires_at_text = rfc3339(batch.expires_at)
+            batch.created_at_text = rfc3339_us(batch.api_created_us)
+            batch.expires_at_text = rfc3339_us(
+                batch.api_created_us + round(builder.config.expiry_seconds * 1e6 / scale)
+            )
+            batch.results = ResultsFile(batch.size)
             for name in (
                 "custom_ids", "templates", "template_ids", "messages", "invalid", "completion", "fates",
                 "error_types", "fate_counts", "cache_codes", "input_tokens", "cache_tokens", "cache_1h_tokens",
@@ -461,6 +590,8 @@ class BatchStore:
             self.counters["requests_received"] += batch.size
             if builder.stalled:
                 self.faults_injected["batch_stalled"] += 1
+            if self.config.precompute_results:
+                self._results_worker.submit(batch)
             return batch
 
     def _get(self, batch_id: str) -> Batch:
@@ -510,6 +641,7 @@ class BatchStore:
                 )
             del self._batches_by_id[batch_id]
             del self._batch_by_seq[batch.seq]
+            batch.results = None
             position = bisect_left(self._order, batch.seq)
             del self._order[position]
             self.status_counts["ended"] -= 1
@@ -549,18 +681,28 @@ class BatchStore:
         return seq
 
     def _to_api(self, batch: Batch, now: float, base_url: str) -> dict:
-        archive_at = batch.created_at + batch.config.archive_seconds
+        """The batch as the API reports it, its timestamps on the API clock (see the module docstring)."""
+        archive_seconds = batch.config.archive_seconds
         ended = batch.status == "ended"
+        if ended:
+            # An end by expiry is reported at exactly expires_at.
+            ended_at = batch.expires_at_text if batch.ended_at == batch.expires_at else rfc3339_us(batch.api_us(batch.ended_at))
+        else:
+            ended_at = None
+        archived = now >= batch.created_at + archive_seconds
+        cancel = batch.cancel_initiated_at
         return {
             "id": batch.id,
             "type": "message_batch",
             "processing_status": batch.status,
             "request_counts": dict(batch.processing_counts()),
-            "ended_at": rfc3339(batch.ended_at) if ended else None,
+            "ended_at": ended_at,
             "created_at": batch.created_at_text,
             "expires_at": batch.expires_at_text,
-            "archived_at": rfc3339(archive_at) if now >= archive_at else None,
-            "cancel_initiated_at": None if batch.cancel_initiated_at is None else rfc3339(batch.cancel_initiated_at),
+            "archived_at": (
+                rfc3339_us(batch.api_created_us + round(archive_seconds * 1e6 / batch.api_scale)) if archived else None
+            ),
+            "cancel_initiated_at": None if cancel is None else rfc3339_us(batch.api_us(cancel)),
             "results_url": f"{base_url}/v1/messages/batches/{batch.id}/results" if ended else None,
         }
 
@@ -588,55 +730,101 @@ class BatchStore:
         with self._lock:
             self.counters["results_served"] += lines
 
-    def result_lines(self, batch: Batch) -> Iterator[bytes]:
-        """One JSON line (without newline) per request, in request order, built on demand."""
-        responder = self.responder
-        config = batch.config
-        unfinished = orjson.dumps({"type": batch.unfinished_result()})
-        expired = b'{"type":"expired"}'
-        parsed_templates: dict[int, dict] = {}
-        completion, fates = batch.completion, batch.fates
+    # ---- results files ------------------------------------------------------------------------
+    def _worker_step(self, batch: Batch) -> bool:
+        return self.make_result_lines(batch, STEP_LINES)
+
+    def make_result_lines(self, batch: Batch, limit: int) -> bool:
+        """Make up to ``limit`` more lines of the batch's results file; True once it is complete."""
+        with self._production_lock, paused_gc():
+            results = batch.results
+            if results is None or results.complete:
+                return True
+            start, end = results.next_step(limit)
+            results.add_lines(self._lines(batch, results, start, end))
+            return results.complete
+
+    def make_results_block(self, batch: Batch, block: int) -> None:
+        """Make the results file up to the end of ``block`` (what a download waits for)."""
+        while True:
+            results = batch.results
+            if results is None or len(results.blocks) > block:
+                return
+            self.make_result_lines(batch, BLOCK_LINES)
+
+    def results_block(self, batch: Batch, block: int) -> tuple[bytes, int]:
+        """The served bytes of one made block, and its line count.
+
+        The stored lines are those of requests that ran to their end; the ones a cancel or the
+        expiry cut short (``completion > done_fraction``) are swapped for canceled / expired.
+        """
+        results = batch.results
+        if results is None:
+            raise not_found(f"No Message Batch found with id {batch.id!r}.")
+        raw = results.block(block)
+        start, end = results.block_span(block)
         done = batch.done_fraction
-        for index in range(batch.size):
-            custom_id = batch.custom_ids[index]
-            prefix = b'{"custom_id":"' + custom_id.encode() + b'","result":'
+        completion = batch.completion
+        if done >= 1.0 or not any(completion[index] > done for index in range(start, end)):
+            return raw, end - start
+        unfinished = b'{"type":"' + batch.unfinished_result().encode() + b'"}}'
+        custom_ids = batch.custom_ids
+        lines = raw.split(b"\n")  # the last item is the empty text after the final newline
+        for offset, index in enumerate(range(start, end)):
             if completion[index] > done:
-                yield prefix + unfinished + b"}"
-                continue
+                lines[offset] = b'{"custom_id":"' + custom_ids[index].encode() + b'","result":' + unfinished
+        return b"\n".join(lines), end - start
+
+    def result_lines(self, batch: Batch) -> Iterator[bytes]:
+        """One JSON line (without newline) per request, in request order, as a download serves them."""
+        results = batch.results
+        for block in range(results.block_count if results is not None else 0):
+            self.make_results_block(batch, block)
+            data, _count = self.results_block(batch, block)
+            yield from data.split(b"\n")[:-1]
+
+    def _lines(self, batch: Batch, results: ResultsFile, start: int, end: int) -> list[bytes]:
+        """The result lines (newline-terminated) of requests start..end, as if each ran to its end."""
+        context = results.context
+        if not context:
+            context["templates"] = {}
+            context["responder"] = self.responder
+        responder = context["responder"]
+        templates = context["templates"]
+        custom_ids, fates = batch.custom_ids, batch.fates
+        lines = []
+        for index in range(start, end):
             fate = fates[index]
             if fate == FATE_SUCCEEDED:
-                result = self._succeeded_result(batch, index, custom_id, parsed_templates, responder, config)
+                result = orjson.dumps(self._succeeded_result(batch, index, templates, responder))
             elif fate == FATE_EXPIRED:
-                yield prefix + expired + b"}"
-                continue
+                result = b'{"type":"expired"}'
             elif fate == FATE_INVALID:
-                result = _errored(batch, index, "invalid_request_error", batch.invalid[index])
+                result = orjson.dumps(_errored(batch, index, "invalid_request_error", batch.invalid[index]))
             else:
                 error_type = batch.error_types[fate - FATE_ERRORED]
-                result = _errored(batch, index, error_type, _BATCH_ERROR_MESSAGES.get(error_type, error_type))
-            yield prefix + orjson.dumps(result) + b"}"
+                message = _BATCH_ERROR_MESSAGES.get(error_type, error_type)
+                result = orjson.dumps(_errored(batch, index, error_type, message))
+            # custom_id matches ^[a-zA-Z0-9_-]{1,64}$: nothing in it needs escaping.
+            lines.append(b'{"custom_id":"' + custom_ids[index].encode() + b'","result":' + result + b"}\n")
+        return lines
 
-    def _succeeded_result(
-        self,
-        batch: Batch,
-        index: int,
-        custom_id: str,
-        parsed_templates: dict[int, dict],
-        responder: Responder,
-        config: EmulatorConfig,
-    ) -> dict:
+    def _succeeded_result(self, batch: Batch, index: int, templates: dict, responder: Responder) -> dict:
         template_id = batch.template_ids[index]
-        template = parsed_templates.get(template_id)
+        template = templates.get(template_id)
         if template is None:
-            template = parsed_templates[template_id] = orjson.loads(batch.templates[template_id])
-        params = dict(template)
+            template_params = orjson.loads(batch.templates[template_id])
+            model = batch.config.resolve_model(template_params["model"])
+            template = templates[template_id] = (template_params, model, requested_inference_geo(template_params))
+        template_params, model, inference_geo = template
+        params = dict(template_params)
         params["messages"] = orjson.loads(batch.messages[index])
         context = ResponseContext(
-            custom_id=custom_id,
+            custom_id=batch.custom_ids[index],
             batch_id=batch.id,
             request_index=index,
             service_tier="batch",
-            model=config.resolve_model(params["model"]),
+            model=model,
             input_tokens=batch.input_tokens[index],
             message_id=derived_id("msg_", batch.id, index),
         )
@@ -646,6 +834,7 @@ class BatchStore:
             cache_prefix_tokens=batch.cache_tokens[index],
             cache_1h_tokens=batch.cache_1h_tokens[index],
             service_tier="batch",
+            inference_geo=inference_geo,
         )
         try:
             message = finish_message(responder(params, context), params, context, usage)
@@ -687,6 +876,7 @@ class BatchStore:
             cache_prefix_tokens=shape.cache_prefix_tokens,
             cache_1h_tokens=shape.cache_1h_tokens,
             service_tier="standard",
+            inference_geo=requested_inference_geo(params),
         )
         try:
             reply = self.responder(params, context)
@@ -718,7 +908,16 @@ class BatchStore:
                 "batches_by_status": dict(self.status_counts),
                 "prompt_cache_entries": len(self.prompt_cache),
                 "emulated_now": rfc3339(now),
+                "api_now": rfc3339(self.clock.api_now()),
                 "time_scale": self.clock.time_scale,
+                "results_lines_pending": sum(
+                    batch.size - batch.results.next_index
+                    for batch in self._batch_by_seq.values()
+                    if batch.results is not None
+                ),
+                "results_stored_bytes": sum(
+                    batch.results.stored_bytes for batch in self._batch_by_seq.values() if batch.results is not None
+                ),
             }
 
 

@@ -178,9 +178,9 @@ def analyse_prompt(params: dict, template: TemplateShape | None = None) -> Promp
     ``template`` is ``template_shape(params)``, passed in when many requests share it.
     """
     template = template or template_shape(params)
-    message_segments = _message_segments(params.get("messages"))
-    if not any(isinstance(cache_control, dict) for _, cache_control, _ in message_segments):
-        message_tokens = sum(tokens for tokens, _, _ in message_segments)
+    messages = params.get("messages")
+    message_tokens = _uncached_message_tokens(messages)
+    if message_tokens is not None:  # no breakpoint in the messages: the template's prefix is the prefix
         prefix = template.prefix
         return PromptShape(
             total_tokens=prefix.total_tokens + message_tokens,
@@ -188,4 +188,24 @@ def analyse_prompt(params: dict, template: TemplateShape | None = None) -> Promp
             cache_1h_tokens=prefix.cache_1h_tokens,
             cache_key=prefix.cache_key,
         )
+    message_segments = _message_segments(messages)
     return _prefix(template.segments + message_segments, template.fixed_tokens, template.model, template.schema)
+
+
+def _uncached_message_tokens(messages: Any) -> int | None:
+    """The messages' tokens (as ``_message_segments`` counts them), or None if a block has cache_control."""
+    if not isinstance(messages, list):
+        return 0
+    total = 0
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            total += -(-len(content) // CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE
+        elif isinstance(content, list):
+            for position, block in enumerate(content):
+                if isinstance(block, dict) and isinstance(block.get("cache_control"), dict):
+                    return None
+                total += block_tokens(block) + (TOKENS_PER_MESSAGE if position == 0 else 0)
+    return total

@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 CUSTOM_ID_PATTERN = "^[a-zA-Z0-9_-]{1,64}$"
-_CUSTOM_ID_RE = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+CUSTOM_ID_RE = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _ROLES = ("user", "assistant")
 
 
@@ -31,7 +31,7 @@ def check_item(index: int, item: Any) -> tuple[str, dict]:
     custom_id = item["custom_id"]
     if not isinstance(custom_id, str):
         raise ItemError(f"{where}.custom_id: Input should be a valid string")
-    if not _CUSTOM_ID_RE.fullmatch(custom_id):
+    if not CUSTOM_ID_RE.fullmatch(custom_id):
         raise ItemError(f"{where}.custom_id: String should match pattern '{CUSTOM_ID_PATTERN}'")
     if "params" not in item:
         raise ItemError(f"{where}.params: Field required")
@@ -64,7 +64,22 @@ def _check_blocks(path: str, blocks: list) -> str | None:
 
 
 def params_error(params: dict, *, in_batch: bool, count_tokens: bool = False) -> str | None:
-    """Why ``params`` is not a valid Messages request, or None when it is."""
+    """Why ``params`` is not a valid Messages request, or None when it is.
+
+    The checks run in a fixed order and the first failure is reported: ``head_error`` (model,
+    max_tokens), then ``messages_error``, then ``tail_error`` (everything else). The head and
+    tail look only at the params other than ``messages``, so a batch checks them once for all
+    requests that share those params.
+    """
+    return (
+        head_error(params, count_tokens=count_tokens)
+        or messages_error(params)
+        or tail_error(params, in_batch=in_batch)
+    )
+
+
+def head_error(params: dict, *, count_tokens: bool = False) -> str | None:
+    """The model and max_tokens checks."""
     model = params.get("model")
     if "model" not in params:
         return "model: Field required"
@@ -79,7 +94,11 @@ def params_error(params: dict, *, in_batch: bool, count_tokens: bool = False) ->
             return "max_tokens: Input should be a valid integer"
         if max_tokens < 1:
             return "max_tokens: Input should be greater than or equal to 1"
+    return None
 
+
+def messages_error(params: dict) -> str | None:
+    """The checks of ``messages``."""
     if "messages" not in params:
         return "messages: Field required"
     messages = params["messages"]
@@ -102,7 +121,11 @@ def params_error(params: dict, *, in_batch: bool, count_tokens: bool = False) ->
                 return problem
         elif not isinstance(content, str):
             return f"{path}.content: Input should be a valid string or list of content blocks"
+    return None
 
+
+def tail_error(params: dict, *, in_batch: bool) -> str | None:
+    """The checks after ``messages``: system, stream, sampling, stop sequences, tools, output_config."""
     system = params.get("system")
     if system is not None:
         if isinstance(system, list):
