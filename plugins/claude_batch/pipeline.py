@@ -5,7 +5,11 @@ data-flow order:
 
     stage    warehouse.extract -> staging.stage_requests            (shards + manifest on S3)
     gate     dry run / budget, then warehouse.claim_staged (ledger: pending, atomically;
-             staging.restrict_to_claimed drops what another live run holds), then the pilot
+             staging.restrict_to_claimed drops what another live run holds), then
+             pilot.split_pilot: the first pilot_size requests become the pilot's shards
+    pilot    pilot_submit, pilot_record, pilot_wait, pilot_collect, pilot_load: a round of its
+             own (<run>/pilot/), then pilot_decide (the pass-rate threshold) and pilot_approval
+             (a person, when the run asks): see claude_batch.pilot. Skipped without a pilot.
     submit   operators.ClaudeBatchOperator, mapped over the shards    (batch ids, exactly once)
     record   warehouse.mark_submitted for every shard, one task       (ledger: submitted)
     wait     sensors.ClaudeBatchSensor, deferred                      (no worker slot held)
@@ -23,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -34,21 +37,30 @@ import orjson
 
 from claude_batch.connections import open_warehouse
 from claude_batch.costs import PriceTable, default_prices
+from claude_batch.pilot import (
+    approval_text,
+    exclude_pilot,
+    judge_pilot,
+    pilot_layout,
+    read_pilot,
+    shard_paths,
+    split_pilot,
+    threshold_message,
+    with_pilot,
+)
 from claude_batch.preflight import check_model, check_storage_root, check_workload_source
 from claude_batch.recovery import RecoveryReport, recover_stranded
 from claude_batch.results import collect_results
 from claude_batch.staging import (
     Manifest,
     StagingLimits,
-    iter_shard_lines,
     read_manifest,
     restrict_to_claimed,
     stage_requests,
 )
 from claude_batch.storage import ObjectStore, RunLayout
-from claude_batch.submission import BatchSubmitter, InlineRequests
 from claude_batch.triggers import DEFAULT_BATCH_TIMEOUT
-from claude_batch.validation import judge, validate_part
+from claude_batch.validation import validate_part
 from claude_batch.warehouse import RECORD_KEY_COLUMN, AccountingError, LoadSummary, SourceSpec, Warehouse
 from claude_batch.workloads import Workload
 
@@ -100,6 +112,11 @@ class PipelineConfig:
         waits deferred, holding no worker slot.
     :param queue_wait_timeout: how long a shard waits for room in the queue before its submit
         fails naming the queue (default 20 hours).
+    :param pilot_approval: the default of the ``pilot_approval`` Param: after a pilot, a person
+        approves the full run (``pilot_approval`` task, Airflow's human-in-the-loop approval)
+        instead of the pass-rate threshold deciding.
+    :param pilot_approval_timeout: seconds to wait for that answer; past it the full run is
+        rejected (its items given back). None: wait until someone answers.
     :param prices: the price table.
     """
 
@@ -119,6 +136,8 @@ class PipelineConfig:
     run_deadline_hours: float | None = 20.0
     queue_budget: int | None = None
     queue_wait_timeout: float | None = 20 * 3600.0
+    pilot_approval: bool = False
+    pilot_approval_timeout: float | None = 24 * 3600.0
     prices: PriceTable = field(default_factory=default_prices)
 
     def __post_init__(self) -> None:
@@ -143,8 +162,11 @@ class RunOptions:
     :param model: override the workload's model (must be one of the allowed models).
     :param row_limit: stage at most this many rows (0: no limit).
     :param dry_run: extract, stage and estimate; submit nothing.
-    :param pilot_size: first send this many requests alone; stop if they validate poorly.
+    :param pilot_size: first send this many requests alone; stop if they validate poorly (their
+        answers are kept: the full run sends only the rest).
     :param pilot_min_pass_rate: the share of valid pilot answers needed to go on.
+    :param pilot_approval: after the pilot, a person decides whether the full run goes on (shown
+        the pass rate, sample answers and the estimate) instead of ``pilot_min_pass_rate``.
     :param budget_usd: refuse to submit when the estimate is above this (0: no budget).
     :param window_start: overrides the data interval's start (a date), with ``window_end``.
     :param window_end: overrides the data interval's end (exclusive).
@@ -155,6 +177,7 @@ class RunOptions:
     dry_run: bool = False
     pilot_size: int = 0
     pilot_min_pass_rate: float = 0.8
+    pilot_approval: bool = False
     budget_usd: float = 0.0
     window_start: str | None = None
     window_end: str | None = None
@@ -285,13 +308,18 @@ def run_gate(
     submit_api: Any,
     log: Any,
 ) -> list[str]:
-    """Apply dry run and budget, claim the run's items, run the pilot; return the shard paths.
+    """Apply dry run and budget, claim the run's items, split off the pilot; return round 1's shards.
 
     The claim is atomic (see :meth:`Warehouse.claim_staged`): items another live run holds are
     dropped from this run's shards before anything is paid for, so two overlapping runs (a UI
-    trigger beside the schedule, a backfill) never send the same item.
+    trigger beside the schedule, a backfill) never send the same item. With ``pilot_size``, the
+    first requests move to the pilot's own shards (:func:`claude_batch.pilot.split_pilot`,
+    :func:`run_pilot_shards` lists them); round 1 keeps the rest. Nothing is sent here.
 
-    :returns: the request shard paths (relative to the store root) to submit, in part order.
+    :param client: not used (the pilot is sent by its own tasks since it became a round of its
+        own); kept so callers of this step need not change.
+    :param submit_api: not used either, as ``client``.
+    :returns: round 1's request shard paths (relative to the store root) to submit, in part order.
     """
     manifest = _manifest(layout)
     workload = effective_workload(config, options)
@@ -334,61 +362,113 @@ def run_gate(
                 f"run {layout.run_id} has nothing of its own to submit: its {manifest_count:,} staged item(s) are "
                 f"held by another live run or already final ({claim.describe_holders()})"
             )
-    if options.pilot_size and manifest.shards:
-        try:
-            run_pilot(workload, layout, manifest, options, client, submit_api, log)
-        except PilotFailed as exc:
-            released = warehouse.release_claim(workload, layout.run_id, f"released: {exc}")
-            log.info("Released %s item(s) of run %s for later runs.", f"{released:,}", layout.run_id)
-            raise
-    return [f"{layout.prefix}/{shard.requests}" for shard in manifest.shards]
+    manifest = _split_pilot(config, warehouse, workload, layout, manifest, options, log)
+    return shard_paths(layout, manifest)
 
 
-def run_pilot(
+def _split_pilot(
+    config: PipelineConfig,
+    warehouse: Warehouse,
     workload: Workload,
     layout: RunLayout,
     manifest: Manifest,
     options: RunOptions,
-    client: anthropic.Anthropic,
-    submit_api: Any,
     log: Any,
-    poll_seconds: float = 5.0,
-) -> float:
-    """Send the first ``pilot_size`` requests alone, wait, and stop the run if they validate poorly.
+) -> Manifest:
+    """Round 1's manifest once the pilot is split off (as it was when the pilot exists already)."""
+    pilot = read_pilot(layout, workload.prompt_version)
+    if pilot is not None:
+        # A retried gate (maybe one that died midway through the split) or a re-run: the pilot is
+        # the one split before. Its items are claimed again as round 1's are, and kept out of round 1.
+        claim = warehouse.claim_staged(workload, pilot_layout(layout), pilot)
+        if not claim.complete:
+            pilot = restrict_to_claimed(pilot_layout(layout), pilot, claim.not_claimed)
+        return exclude_pilot(layout, manifest, pilot)
+    if not options.pilot_size or not manifest.shards:
+        return manifest
+    if options.pilot_size >= manifest.staged_requests:
+        log.info(
+            "The pilot of %s request(s) would be the whole run (%s staged): no pilot, the run goes as a whole.",
+            f"{options.pilot_size:,}", f"{manifest.staged_requests:,}",
+        )  # fmt: skip
+        return manifest
+    rest, pilot = split_pilot(layout, manifest, options.pilot_size, config.staging_limits)
+    log.info(
+        "Pilot: %s request(s) in %d shard(s) go first, alone (%s); the other %s wait for its verdict.",
+        f"{pilot.staged_requests:,}", len(pilot.shards), layout.store.uri(pilot_layout(layout).prefix),
+        f"{rest.staged_requests:,}",
+    )  # fmt: skip
+    return rest
 
-    The pilot has its own submission state, so a retried gate re-attaches to the same pilot batch.
-    Its requests are sent again with the full run (a known, small cost, shown in the log).
+
+def run_pilot_shards(config: PipelineConfig, layout: RunLayout, options: RunOptions) -> list[str]:
+    """The pilot's request shard paths (empty: the run has no pilot), for ``pilot_submit``."""
+    pilot = read_pilot(layout, effective_workload(config, options).prompt_version)
+    return shard_paths(pilot_layout(layout), pilot) if pilot is not None else []
+
+
+def run_pilot_load(
+    config: PipelineConfig, warehouse: Warehouse, layout: RunLayout, options: RunOptions
+) -> dict[str, Any]:
+    """Load the pilot's answers like a round's: valid rows upserted, every pilot item moved on.
+
+    Its items become ``succeeded``, ``invalid``, ``retry`` or ``dead``, so round 1 never sends
+    them; the run's accounting and history wait for round 1's load, which goes on from this
+    result (``previous``), so the run's totals include the pilot.
+
+    :param layout: the pilot's layout (:func:`claude_batch.pilot.pilot_layout`).
     """
-    lines = list(itertools.islice(iter_shard_lines(layout, manifest.shards[0]), options.pilot_size))
-    requests = [orjson.loads(line) for line in lines]
-    submitter = BatchSubmitter(submit_api, layout.store, f"{layout.prefix}/state/pilot.part-00000.json")
-    batch_id = submitter.submit(InlineRequests(requests, "pilot sample"), log=log.info).batch_id
-    while client.messages.batches.retrieve(batch_id).processing_status != "ended":
-        time.sleep(poll_seconds)
-    valid = judged = 0
-    reasons: dict[str, int] = {}
-    for line in client.messages.batches.results(batch_id):
-        judged += 1
-        if line.result.type != "succeeded":
-            reasons[line.result.type] = reasons.get(line.result.type, 0) + 1
-            continue
-        message = line.result.message
-        payload = next((b.text for b in message.content if b.type == "text"), None)
-        if workload.output_mode == "tool":
-            payload = next((orjson.dumps(b.input).decode() for b in message.content if b.type == "tool_use"), None)
-        verdict = judge(workload, payload, message.stop_reason, message.usage.output_tokens)
-        if verdict.status == "valid":
-            valid += 1
-        else:
-            reasons[verdict.reason_code or "invalid"] = reasons.get(verdict.reason_code or "invalid", 0) + 1
-    pass_rate = valid / max(judged, 1)
-    log.info("Pilot batch %s: %d of %d answers valid (%.0f%%); %s", batch_id, valid, judged, pass_rate * 100, reasons)
-    if pass_rate < options.pilot_min_pass_rate:
-        raise PilotFailed(
-            f"The pilot's validation pass rate is {pass_rate:.0%} ({valid} of {judged}), under the "
-            f"threshold {options.pilot_min_pass_rate:.0%}; nothing else was submitted. Failures: {reasons}"
-        )
-    return pass_rate
+    workload = effective_workload(config, options)
+    manifest = _manifest(layout)
+    load = warehouse.load_run(workload, layout, manifest)
+    rounds = [{"round": layout.round, "pilot": True, "sent": manifest.staged_requests, "by_status": dict(load.by_status)}]
+    return {"load": dataclasses.asdict(load), "rounds": rounds}
+
+
+def run_pilot_decide(
+    config: PipelineConfig, warehouse: Warehouse, layout: RunLayout, options: RunOptions, log: Any
+) -> dict[str, Any]:
+    """Judge the pilot's validated answers; stop the run under the threshold unless a person decides.
+
+    Without ``pilot_approval``, a pass rate (valid / judged) under ``pilot_min_pass_rate`` gives
+    the run's other items back (``retry``, held by no run) and raises :class:`PilotFailed`. With
+    it, the decision carries the approval's subject and body (pass rate, sample answers with
+    their verdicts, the full run's estimate) and the threshold is only shown.
+
+    :param layout: round 1's layout.
+    :returns: the decision (for XCom, the approval and the report).
+    """
+    workload = effective_workload(config, options)
+    pilot = _manifest(pilot_layout(layout))
+    rest = _manifest(layout)
+    verdict = judge_pilot(pilot_layout(layout), pilot)
+    threshold = options.pilot_min_pass_rate
+    approval = bool(options.pilot_approval and options.pilot_size)
+    log.info(
+        "Pilot batch(es) %s: %d of %d answers valid (%.0f%%), threshold %.0f%%; failures %s; %s.",
+        verdict.batch_ids, verdict.valid, verdict.judged, verdict.pass_rate * 100, threshold * 100,
+        verdict.failures, "a person decides" if approval else "the threshold decides",
+    )  # fmt: skip
+    decision = {**verdict.to_dict(), "threshold": threshold, "approval": approval,
+                "rest_requests": rest.staged_requests, "rest_estimated_cost_usd": _estimated_cost(rest)}  # fmt: skip
+    if approval:
+        subject, body = approval_text(verdict, rest, workload=workload.name, run_id=layout.run_id, threshold=threshold)
+        decision.update(subject=subject, body=body)
+        return decision
+    if options.pilot_size and verdict.pass_rate < threshold:
+        message = threshold_message(verdict, threshold)
+        run_release(config, warehouse, layout, options, f"released: {message}", log)
+        raise PilotFailed(message)
+    return decision
+
+
+def run_release(
+    config: PipelineConfig, warehouse: Warehouse, layout: RunLayout, options: RunOptions, reason: str, log: Any
+) -> int:
+    """Give back the run's items not yet sent (a pilot that failed or was rejected); returns how many."""
+    released = warehouse.release_claim(effective_workload(config, options), layout.run_id, reason)
+    log.info("Released %s item(s) of run %s for later runs.", f"{released:,}", layout.run_id)
+    return released
 
 
 def run_requeue(
@@ -491,12 +571,14 @@ def run_load(
     """Upsert valid rows, move the ledger, check the run's accounting and record the run.
 
     :param layout: the round's layout (its manifest says what it sent).
-    :param previous: the earlier round's result of this step: the run's totals go on from it.
+    :param previous: the earlier round's result of this step (for round 1, the pilot's
+        :func:`run_pilot_load`): the run's totals go on from it.
     """
     workload = effective_workload(config, options)
     manifest = _manifest(layout)
     first_layout = layout.in_round(1)
-    first = manifest if layout.round == 1 else _manifest(first_layout)
+    # The run as a whole: round 1's manifest with its pilot's shards (the pilot's items are the run's).
+    first = with_pilot(first_layout, manifest if layout.round == 1 else _manifest(first_layout))
     load = warehouse.load_run(workload, layout, manifest)
     total = _add_loads(load, previous["load"]) if previous else load
     # Every round is checked against what the run extracted: its items are all final (retry included).
@@ -521,10 +603,18 @@ def _add_loads(load: LoadSummary, earlier: Mapping[str, Any]) -> LoadSummary:
 
 
 def build_report(
-    layout: RunLayout, loaded: Mapping[str, Any], collected: list[Mapping[str, Any]], prices: PriceTable
+    layout: RunLayout,
+    loaded: Mapping[str, Any],
+    collected: list[Mapping[str, Any]],
+    prices: PriceTable,
+    pilot: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The run report: counts per outcome, cost vs real time, cache hit rate, durations."""
-    manifest = _manifest(layout)
+    """The run report: counts per outcome, cost vs real time, cache hit rate, durations.
+
+    :param pilot: the pilot's decision (``pilot_decide``), if the run had a pilot; its tokens and
+        cost are in ``loaded`` already, its requests in ``staged``.
+    """
+    manifest = with_pilot(layout, _manifest(layout))
     load = loaded["load"]
     cost = float(load["cost_usd"])
     realtime = cost / prices.batch_discount if prices.batch_discount else cost
@@ -557,8 +647,16 @@ def build_report(
         "estimated_cost_usd": _estimated_cost(manifest),
         "cache_hit_rate": round(cache_read / (cache_read + cache_write), 4) if cache_read + cache_write else None,
         "batch_seconds": {"max": max(durations), "mean": sum(durations) / len(durations)} if durations else None,
+        "pilot": _pilot_summary(pilot),
         "reported_at": datetime.now(UTC).isoformat(),
     }
+
+
+def _pilot_summary(decision: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if not decision:
+        return None
+    keys = ("requests", "valid", "judged", "pass_rate", "threshold", "failures", "approval", "batch_ids", "cost_usd")
+    return {key: decision.get(key) for key in keys}
 
 
 def write_report(layout: RunLayout, report: Mapping[str, Any]) -> None:
@@ -601,6 +699,7 @@ def claude_batch_pipeline(config: PipelineConfig, group_id: str | None = None):
 
     from claude_batch.hooks import ClaudeBatchHook
     from claude_batch.operators import ClaudeBatchOperator
+    from claude_batch.pilot import PilotApprovalOperator
     from claude_batch.sensors import ClaudeBatchSensor
 
     results_asset = Asset(
@@ -631,7 +730,7 @@ def claude_batch_pipeline(config: PipelineConfig, group_id: str | None = None):
             try:
                 with open_warehouse(config.warehouse_conn_id) as warehouse:
                     shards = run_gate(config, warehouse, layout, options, hook.conn, hook, _task_log())
-            except (BudgetExceeded, PilotFailed) as exc:
+            except BudgetExceeded as exc:
                 raise AirflowFailException(str(exc)) from exc  # a decision, not a fault: no retry
             except NothingToSubmit as exc:
                 raise AirflowSkipException(str(exc)) from exc
@@ -644,11 +743,14 @@ def claude_batch_pipeline(config: PipelineConfig, group_id: str | None = None):
                 raise AirflowSkipException(f"{reason}; staged {staged['staged']:,} requests.")
             return shards
 
-        def one_round(number: int, shards: Any, previous: Any) -> tuple[Any, Any]:
-            """Submit, record, wait, collect and load one round; returns (load output, collect outputs)."""
-            suffix = "" if number == 1 else f"_{number}"
+        def task_name(base: str, number: int) -> str:
+            """``submit`` (round 1), ``submit_N`` (round N), ``pilot_submit`` (the pilot, round 0)."""
+            return f"pilot_{base}" if number == 0 else base if number == 1 else f"{base}_{number}"
+
+        def send(number: int, shards: Any, **submit_kwargs: Any) -> tuple[Any, Any]:
+            """Submit, record, wait and collect round ``number``'s shards; returns (submit, collect outputs)."""
             submit = ClaudeBatchOperator.partial(
-                task_id=f"submit{suffix}",
+                task_id=task_name("submit", number),
                 storage_root=config.storage_root,
                 conn_id=config.anthropic_conn_id,
                 aws_conn_id=config.aws_conn_id,
@@ -658,16 +760,17 @@ def claude_batch_pipeline(config: PipelineConfig, group_id: str | None = None):
                 pool=config.pool,
                 retries=3,
                 retry_delay=timedelta(seconds=30),
+                **submit_kwargs,
             ).expand(shard=shards)
 
-            @task(task_id=f"record{suffix}", retries=2, retry_delay=timedelta(seconds=30))
+            @task(task_id=task_name("record", number), retries=2, retry_delay=timedelta(seconds=30))
             def record(batch_ids: list[str]) -> int:
                 layout = _context_layout(config, config.aws_conn_id, number)
                 with open_warehouse(config.warehouse_conn_id) as warehouse:
                     return run_record_batches(config, warehouse, layout, _context_options(), list(batch_ids))
 
             wait = ClaudeBatchSensor(
-                task_id=f"wait{suffix}",
+                task_id=task_name("wait", number),
                 batch_ids=submit.output,
                 conn_id=config.anthropic_conn_id,
                 min_poll_interval=config.min_poll_interval,
@@ -679,7 +782,7 @@ def claude_batch_pipeline(config: PipelineConfig, group_id: str | None = None):
                 skip_if_all_canceled=False,  # canceled requests must still reach the ledger (retry)
             )
 
-            @task(task_id=f"collect{suffix}", retries=3, retry_delay=timedelta(seconds=30))
+            @task(task_id=task_name("collect", number), retries=3, retry_delay=timedelta(seconds=30))
             def collect(batch_id: str) -> dict[str, Any]:
                 context = get_current_context()
                 layout = _context_layout(config, config.aws_conn_id, number)
@@ -689,10 +792,18 @@ def claude_batch_pipeline(config: PipelineConfig, group_id: str | None = None):
 
             collected = collect.expand(batch_id=submit.output)
             record(submit.output) >> wait >> collected
+            return submit, collected
 
-            @task(task_id=f"load{suffix}", outlets=[results_asset], retries=2, retry_delay=timedelta(seconds=30))
+        def one_round(number: int, shards: Any, previous: Any, **submit_kwargs: Any) -> tuple[Any, Any]:
+            """Submit, record, wait, collect and load one round; returns (submit, load output)."""
+            submit, collected = send(number, shards, **submit_kwargs)
+
+            @task(task_id=f"load{'' if number == 1 else f'_{number}'}", outlets=[results_asset], retries=2,
+                  retry_delay=timedelta(seconds=30))  # fmt: skip
             def load(collected: list[dict[str, Any]], previous: dict[str, Any] | None) -> dict[str, Any]:
                 layout = _context_layout(config, config.aws_conn_id, number)
+                if number == 1:  # round 1 goes on from the pilot's load (None: no pilot)
+                    previous = get_current_context()["ti"].xcom_pull(task_ids=f"{group.group_id}.pilot_load")
                 try:
                     with open_warehouse(config.warehouse_conn_id) as warehouse:
                         result = run_load(config, warehouse, layout, _context_options(), previous)
@@ -701,9 +812,54 @@ def claude_batch_pipeline(config: PipelineConfig, group_id: str | None = None):
                 result["collected"] = [*(previous or {}).get("collected", []), *collected]
                 return result
 
-            return load(collected, previous), collected
+            return submit, load(collected, previous)
 
-        loaded, _ = one_round(1, gate(stage()), None)
+        # The pilot: a round of its own (round 0), then the decision; it all skips without a pilot.
+        @task(task_id="pilot", retries=2, retry_delay=timedelta(seconds=30))
+        def pilot(shards: list[str]) -> list[str]:
+            pilot_shards = run_pilot_shards(config, _context_layout(config, config.aws_conn_id), _context_options())
+            if not pilot_shards:
+                raise AirflowSkipException("no pilot (pilot_size 0, or as large as the run): round 1 goes on")
+            return pilot_shards
+
+        @task(task_id="pilot_load", retries=2, retry_delay=timedelta(seconds=30))
+        def pilot_load(collected: list[dict[str, Any]]) -> dict[str, Any]:
+            layout = _context_layout(config, config.aws_conn_id, 0)
+            with open_warehouse(config.warehouse_conn_id) as warehouse:
+                result = run_pilot_load(config, warehouse, layout, _context_options())
+            result["collected"] = list(collected)
+            return result
+
+        @task(task_id="pilot_decide", retries=2, retry_delay=timedelta(seconds=30))
+        def pilot_decide(loaded: dict[str, Any]) -> dict[str, Any]:
+            layout = _context_layout(config, config.aws_conn_id)
+            try:
+                with open_warehouse(config.warehouse_conn_id) as warehouse:
+                    return run_pilot_decide(config, warehouse, layout, _context_options(), _task_log())
+            except PilotFailed as exc:
+                raise AirflowFailException(str(exc)) from exc  # a decision, not a fault: no retry
+
+        def release_on_reject(context: Any, reason: str) -> int:
+            layout = _context_layout(config, config.aws_conn_id)
+            with open_warehouse(config.warehouse_conn_id) as warehouse:
+                return run_release(config, warehouse, layout, _context_options(), f"released: {reason}", _task_log())
+
+        gated = gate(stage())
+        _, pilot_collected = send(0, pilot(gated))
+        decided = pilot_decide(pilot_load(pilot_collected))
+        approval = PilotApprovalOperator(
+            task_id="pilot_approval",
+            decision_task_id=f"{group.group_id}.pilot_decide",
+            on_reject=release_on_reject,
+            response_timeout=(
+                timedelta(seconds=config.pilot_approval_timeout) if config.pilot_approval_timeout else None
+            ),
+        )
+        decided >> approval
+        # Round 1 goes on after the decision, or without it when there was no pilot (skipped);
+        # it skips with the gate, and not at all when the pilot failed or was rejected.
+        first_submit, loaded = one_round(1, gated, None, trigger_rule="none_failed_min_one_success")
+        [decided, approval] >> first_submit
         load_tasks = [loaded]
         for number in range(2, config.max_rounds + 1):
 
@@ -719,7 +875,7 @@ def claude_batch_pipeline(config: PipelineConfig, group_id: str | None = None):
                     )
                 return shards
 
-            loaded, _ = one_round(number, requeue(loaded), loaded)
+            _, loaded = one_round(number, requeue(loaded), loaded)
             load_tasks.append(loaded)
 
         # The report comes after the last round that ran: later rounds skip when nothing was left.
@@ -732,7 +888,8 @@ def claude_batch_pipeline(config: PipelineConfig, group_id: str | None = None):
             ]
             loaded = [result for result in [first, *later] if result][-1]
             layout = _context_layout(config, config.aws_conn_id)
-            result = build_report(layout, loaded, list(loaded.get("collected", [])), config.prices)
+            decision = context["ti"].xcom_pull(task_ids=f"{group.group_id}.pilot_decide")
+            result = build_report(layout, loaded, list(loaded.get("collected", [])), config.prices, decision)
             write_report(layout, result)
             _emit_metrics(config.workload.name, result)
             log = _task_log()
@@ -798,6 +955,11 @@ def run_params(config: PipelineConfig, default_row_limit: int = 0) -> dict[str, 
         ),
         "pilot_min_pass_rate": Param(
             0.8, type="number", minimum=0, maximum=1, description="Stop unless this share of pilot answers is valid."
+        ),
+        "pilot_approval": Param(
+            config.pilot_approval,
+            type="boolean",
+            description="After the pilot, a person approves the full run (instead of pilot_min_pass_rate).",
         ),
         "budget_usd": Param(
             0.0, type="number", minimum=0, description="Refuse to submit when the estimate is above this (0: none)."

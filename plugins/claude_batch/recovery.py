@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 # Airflow DAG run states after which a run will not move its items any more.
 OVER_STATES = frozenset({"failed", "success"})
 _STATE_FILE = re.compile(r"(?P<task>.+)\.part-(?P<index>\d{5})\.json")
-_SUBMIT_TASK = re.compile(r"(?:^|\.)submit(?:_(?P<round>\d+))?$")
+_SUBMIT_TASK = re.compile(r"(?:^|\.)(?:(?P<pilot>pilot_)submit|submit(?:_(?P<round>\d+))?)$")
 
 
 @dataclass
@@ -93,7 +93,8 @@ def recover_stranded(
             )
             continue
         batches = _submitted_batches(layout)
-        for number in sorted({1, *(n for n, _ in batches)}):
+        # Round 0 is the run's pilot (its own manifest under <run>/pilot/, when it had one).
+        for number in sorted({0, 1, *(n for n, _ in batches)}):
             round_layout = layout.in_round(number)
             manifest = read_manifest(round_layout)
             if manifest is not None:
@@ -150,7 +151,8 @@ def _submitted_batches(layout: RunLayout) -> dict[tuple[int, int], str | None]:
     """(round, map index) -> the batch that submit task created (None: an intent, no batch id yet).
 
     Submission state is written per submit task and map index under ``<run>/state/``: round 1's
-    task is ``<group>.submit``, round N's ``<group>.submit_N`` (the pilot's is not a shard's).
+    task is ``<group>.submit``, round N's ``<group>.submit_N``, the pilot's (round 0)
+    ``<group>.pilot_submit``.
     """
     found: dict[tuple[int, int], str | None] = {}
     for path in layout.store.list(f"{layout.prefix}/state"):
@@ -160,6 +162,6 @@ def _submitted_batches(layout: RunLayout) -> dict[tuple[int, int], str | None]:
             continue
         data = layout.store.read_json_or_none(path)
         if data is not None:
-            number = int(task["round"]) if task["round"] else 1
+            number = 0 if task["pilot"] else int(task["round"]) if task["round"] else 1
             found[(number, int(match["index"]))] = SubmissionState.from_json(data).batch_id
     return found

@@ -151,12 +151,14 @@ class RunLayout:
     """The S3 layout of one DAG run (docs/layout.md): ``<root>/<dag_id>/<run_id>/...``.
 
     A run goes round: a follow-up round (2, 3, ...) resends the items its earlier rounds left
-    to retry, with its own manifest, shards and results under ``<run>/round-N/``.
+    to retry, with its own manifest, shards and results under ``<run>/round-N/``. Round 0 is the
+    run's pilot (the first ``pilot_size`` requests, sent alone before round 1), under ``<run>/pilot/``.
 
     :param store: the object store holding the root.
     :param dag_id: the DAG id.
     :param run_id: the DAG run id (encoded into one safe segment).
-    :param round: the round (1: the run's first submission, directly under the run's prefix).
+    :param round: the round (1: the run's first submission, directly under the run's prefix;
+        0: its pilot).
     """
 
     store: ObjectStore
@@ -167,7 +169,9 @@ class RunLayout:
     @property
     def prefix(self) -> str:
         base = f"{safe_segment(self.dag_id)}/{safe_segment(self.run_id)}"
-        return base if self.round == 1 else f"{base}/round-{self.round}"
+        if self.round == 1:
+            return base
+        return f"{base}/pilot" if self.round == 0 else f"{base}/round-{self.round}"
 
     def in_round(self, number: int) -> RunLayout:
         """The same run's layout for round ``number``."""

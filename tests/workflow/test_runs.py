@@ -128,26 +128,38 @@ def test_a_failing_pilot_stops_the_run_after_its_sample(workflow_dags, anthropic
     dag = workflow_dags["invoice_approval"]
     run = dag.test(logical_date=INVOICE_RUN, run_conf={"pilot_size": 2, "pilot_min_pass_rate": 0.5})
     assert run.state == "failed"
-    assert task_states(run)["gate"] == "failed"
+    states = task_states(run)
+    # The pilot went through its own round, deferred wait included; the decision stopped the run.
+    assert all(states[f"pilot_{task}"] == "success" for task in ("submit", "record", "wait", "collect", "load")), states
+    assert states["gate"] == "success" and states["pilot_decide"] == "failed", states
+    assert states["pilot_approval"] == "upstream_failed" and states["submit"] == "upstream_failed", states
     assert (
-        "The pilot's validation pass rate is 0% (0 of 2), under the threshold 50%" in capfd.readouterr().out
+        "The pilot's validation pass rate is 0% (0 of 2), under the threshold 50%; nothing else was submitted. "
+        "Failures: {'overloaded_error': 2}" in capfd.readouterr().out
     )
     stats = anthropic_conn.stats()
     assert stats["batches_created"] == 1 and stats["requests_received"] == 2  # the pilot, nothing else
-    # The claimed items are given back: retry, held by no run, for the next run to take.
-    released = query(
-        warehouse, "SELECT status, run_id, COUNT(*) FROM claude_batch_ledger WHERE workload = ? GROUP BY 1, 2",
+    # The pilot's items have their outcome (a transient error: retry, as any round leaves them);
+    # the run's other claimed items are given back: retry, held by no run, for the next run to take.
+    ledger = query(
+        warehouse,
+        "SELECT status, run_id, attempts, COUNT(*) FROM claude_batch_ledger WHERE workload = ? GROUP BY ALL ORDER BY ALL",
         "invoice_approval",
     )
-    assert released == [("retry", None, 5)]
+    assert ledger == [("retry", run.run_id, 1, 2), ("retry", None, 0, 3)]
 
 
-def test_a_passing_pilot_lets_the_run_go_on(workflow_dags, anthropic_conn, warehouse):
+def test_a_passing_pilot_lets_the_run_go_on_without_sending_its_items_again(
+    workflow_dags, anthropic_conn, warehouse, s3_store
+):
     dag = workflow_dags["invoice_approval"]
     run = dag.test(logical_date=INVOICE_RUN, run_conf={"pilot_size": 2})
-    assert run.state == "success", task_states(run)
+    states = task_states(run)
+    assert run.state == "success", states
+    assert states["pilot_decide"] == "success" and states["pilot_approval"] == "skipped", states
     stats = anthropic_conn.stats()
-    assert stats["batches_created"] == 2 and stats["requests_received"] == 2 + 5  # pilot, then the run
+    # The pilot's 2 answers are kept: the full run sends only the other 3 (and pays for them once).
+    assert stats["batches_created"] == 2 and stats["requests_received"] == 2 + 3
     rows = query(
         warehouse,
         "SELECT record_key, department, amount, approval_required FROM invoice_approval_results ORDER BY 1",
@@ -160,6 +172,18 @@ def test_a_passing_pilot_lets_the_run_go_on(workflow_dags, anthropic_conn, wareh
         ("INV-004", "Marketing", 78_000.0, False),
         ("INV-005", "Finance", 850_000.0, True),
     ]
+    ledger = query(warehouse, "SELECT status, attempts, COUNT(*) FROM claude_batch_ledger WHERE workload = ? GROUP BY ALL",
+                   "invoice_approval")  # fmt: skip
+    assert ledger == [("succeeded", 1, 5)]  # each invoice answered once
+    # The report and the run's history count the pilot: its requests, batch, tokens and cost.
+    report = s3_store.read_json(RunLayout(s3_store, dag.dag_id, run.run_id).report)
+    assert report["extracted"] == report["staged"] == 5 and report["ledger"] == {"succeeded": 5}
+    assert report["batches"] == 2 and [(r["round"], r["sent"]) for r in report["rounds"]] == [(0, 2), (1, 3)]
+    assert report["pilot"]["pass_rate"] == 1.0 and report["pilot"]["judged"] == 2
+    history = query(warehouse, "SELECT staged, succeeded, cost_usd, input_tokens FROM claude_batch_runs WHERE run_id = ?",
+                    run.run_id)  # fmt: skip
+    assert history == [(5, 5, pytest.approx(report["cost_usd"]), report["tokens"]["input"])]
+    assert report["cost_usd"] > report["pilot"]["cost_usd"] > 0
 
 
 def test_a_run_goes_round_with_its_transient_failures_until_they_are_out_of_attempts(
