@@ -268,7 +268,7 @@ def describe_report(report: dict[str, Any], clock: str = "") -> str:
         f"rejected before sending {report['rejected']:,}" + (f" {rejected}" if rejected else ""),
         f"outcomes        {outcomes}",
         f"batches         {report['batches']}"
-        + (f", longest {durations['max']:.0f} s, mean {durations['mean']:.0f} s" if durations else "")
+        + (f", longest {durations['max']:.1f} s, mean {durations['mean']:.1f} s" if durations else "")
         + (f" ({clock})" if durations and clock else ""),
         f"tokens          input {tokens.get('input', 0):,}, output {tokens.get('output', 0):,}, "
         f"cache write {tokens.get('cache_write', 0):,}, cache read {tokens.get('cache_read', 0):,}",
@@ -374,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = read_report(s3_endpoint, run.dag_id)
             if report is not None:
                 print(f"\nRun report: {run.dag_id} ({STORAGE_ROOT}/{run.dag_id}/.../report.json)")
-                print(describe_report(report, "" if real_api else "emulated time"))
+                print(describe_report(report, "" if real_api else "the emulator's fast clock"))
         if emulator is not None:
             stats = emulator.stats()
             print(
