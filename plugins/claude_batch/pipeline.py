@@ -907,7 +907,8 @@ def _dag_run_state(context: Any) -> Callable[[str, str], str | None]:
 
     def state(dag_id: str, run_id: str) -> str | None:
         try:
-            return str(context["ti"].get_dagrun_state(dag_id=dag_id, run_id=run_id))
+            found = context["ti"].get_dagrun_state(dag_id=dag_id, run_id=run_id)
+            return str(getattr(found, "value", found))  # a DagRunState enum: its value, "failed"
         except Exception as exc:  # a run Airflow no longer knows, or no answer: leave its items alone
             _task_log().warning("Could not read the state of run %s of %s (%s); its items stay held.", run_id, dag_id, exc)
             return None
