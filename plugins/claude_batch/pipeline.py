@@ -61,7 +61,14 @@ from claude_batch.staging import (
 from claude_batch.storage import ObjectStore, RunLayout
 from claude_batch.triggers import DEFAULT_BATCH_TIMEOUT
 from claude_batch.validation import validate_part
-from claude_batch.warehouse import RECORD_KEY_COLUMN, AccountingError, LoadSummary, SourceSpec, Warehouse
+from claude_batch.warehouse import (
+    RECORD_KEY_COLUMN,
+    AccountingError,
+    ClaimResult,
+    LoadSummary,
+    SourceSpec,
+    Warehouse,
+)
 from claude_batch.workloads import Workload
 
 __all__ = ["PipelineConfig", "RunOptions", "SourceSpec", "claude_batch_dag", "claude_batch_pipeline"]
@@ -299,6 +306,14 @@ def _estimated_cost(manifest: Manifest) -> float:
     return float((manifest.estimate or {}).get("cost_usd_expected", 0.0))
 
 
+def _claim(warehouse: Warehouse, workload: Workload, layout: RunLayout, manifest: Manifest) -> tuple[Manifest, ClaimResult]:
+    """Claim the manifest's items; what the run could not take is dropped from its shards."""
+    claim = warehouse.claim_staged(workload, layout, manifest)
+    if not claim.complete:
+        manifest = restrict_to_claimed(layout, manifest, claim.not_claimed)
+    return manifest, claim
+
+
 def run_gate(
     config: PipelineConfig,
     warehouse: Warehouse,
@@ -344,10 +359,9 @@ def run_gate(
     if ledger.by_status and ledger.accounted == ledger.extracted == sum(ledger.by_status.values()):
         log.info("Run %s already reached a final state for every item (%s); nothing to do.", layout.run_id, ledger.by_status)
         return []
-    claim = warehouse.claim_staged(workload, layout, manifest)
+    staged = manifest.staged_requests
+    manifest, claim = _claim(warehouse, workload, layout, manifest)
     if not claim.complete:
-        manifest_count = manifest.staged_requests
-        manifest = restrict_to_claimed(layout, manifest, claim.not_claimed)
         log.warning(
             "Run %s could not claim %s staged item(s): held by another live run or already final (%s); "
             "they were dropped from its shards. %s request(s) in %d shard(s) remain.",
@@ -359,7 +373,7 @@ def run_gate(
         )
         if not manifest.shards and not claim.rejected:
             raise NothingToSubmit(
-                f"run {layout.run_id} has nothing of its own to submit: its {manifest_count:,} staged item(s) are "
+                f"run {layout.run_id} has nothing of its own to submit: its {staged:,} staged item(s) are "
                 f"held by another live run or already final ({claim.describe_holders()})"
             )
     manifest = _split_pilot(config, warehouse, workload, layout, manifest, options, log)
@@ -380,9 +394,7 @@ def _split_pilot(
     if pilot is not None:
         # A retried gate (maybe one that died midway through the split) or a re-run: the pilot is
         # the one split before. Its items are claimed again as round 1's are, and kept out of round 1.
-        claim = warehouse.claim_staged(workload, pilot_layout(layout), pilot)
-        if not claim.complete:
-            pilot = restrict_to_claimed(pilot_layout(layout), pilot, claim.not_claimed)
+        pilot, _ = _claim(warehouse, workload, pilot_layout(layout), pilot)
         return exclude_pilot(layout, manifest, pilot)
     if not options.pilot_size or not manifest.shards:
         return manifest
@@ -508,12 +520,10 @@ def run_requeue(
             prices=config.prices,
             limits=config.staging_limits,
         )
-        claim = warehouse.claim_staged(workload, layout, staged)
-        if not claim.complete:
-            staged = restrict_to_claimed(layout, staged, claim.not_claimed)
+        staged, _ = _claim(warehouse, workload, layout, staged)
         log.info("Round %d of run %s: %s item(s) back from retry, %s request(s) in %d shard(s).", layout.round,
                  layout.run_id, f"{taken:,}", f"{staged.staged_requests:,}", len(staged.shards))  # fmt: skip
-    return [f"{layout.prefix}/{shard.requests}" for shard in staged.shards]
+    return shard_paths(layout, staged)
 
 
 def run_record_batches(

@@ -99,16 +99,7 @@ class StoredShard:
     def lines(self) -> Iterator[bytes]:
         # Split 1 MB reads ourselves (bigger reads fragment the heap as shards grow): fsspec's readline re-reads its block for every line.
         with self.store.open(self.relpath, "rb", block_size=_FETCH_BYTES) as handle:
-            rest = b""
-            while chunk := handle.read(_READ_BYTES):
-                pieces = (rest + chunk).split(b"\n")
-                rest = pieces.pop()
-                for piece in pieces:
-                    line = piece.strip()
-                    if line:
-                        yield line
-            if rest.strip():
-                yield rest.strip()
+            yield from _split_lines(iter(lambda: handle.read(_READ_BYTES), b""))
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from claude_batch.poller import BatchSnapshot
 from claude_batch.sensors import ClaudeBatchFailed, handle_trigger_event
 from claude_batch.triggers import DEFAULT_BATCH_TIMEOUT, ClaudeBatchTrigger
 
-from tests.batchcore.conftest import make_requests
+from tests.batchcore.conftest import RecordingLog, make_requests
 from tests.conftest import EMULATOR_API_KEY
 
 HOUR = 3600.0
@@ -35,16 +35,6 @@ def wall_clock_emulator(monkeypatch):
             json.dumps({"conn_type": "anthropic", "host": emu.base_url, "password": EMULATOR_API_KEY}),
         )
         yield emu
-
-
-class _Log:
-    def __init__(self):
-        self.lines = []
-
-    def info(self, *args):
-        self.lines.append(args[0] % args[1:])
-
-    warning = info
 
 
 def _create(n: int, prefix: str) -> str:
@@ -84,7 +74,7 @@ def test_each_batch_is_canceled_at_its_own_deadline_and_the_wait_collects_all(wa
             time.sleep(1.5)
         ids.append(_create(3, prefix=f"t{i}_"))
     trigger = _trigger(ids, timeout)
-    trigger._log = log = _Log()  # the trigger's logger, read back below
+    trigger._log = log = RecordingLog()  # the trigger's logger, read back below
     event = asyncio.run(_event(trigger))
     payload = event.payload
     assert payload["status"] == "success" and payload["cancel_failed"] == []
@@ -101,7 +91,7 @@ def test_each_batch_is_canceled_at_its_own_deadline_and_the_wait_collects_all(wa
     assert all(item["canceled"] == 3 and item["succeeded"] == 0 for item in payload["timed_out"])
 
     # the sensor succeeds (not skipped, although every request was canceled) so that collect runs
-    summary = handle_trigger_event(payload, fail_on_partial=False, log=_Log())
+    summary = handle_trigger_event(payload, fail_on_partial=False, log=RecordingLog())
     assert sorted(summary["timed_out"]) == sorted(ids) and summary["request_counts"]["canceled"] == 9
 
     # one line per round for the whole wait, with the nearest deadline while one is ahead
@@ -127,11 +117,11 @@ def test_a_stalled_batch_is_canceled_and_keeps_its_partial_successes(wall_clock_
     assert _at(snap.cancel_initiated_at) >= _at(snap.created_at) + 3.0
     types = Counter(line.result.type for line in ClaudeBatchHook().conn.messages.batches.results(batch_id))
     assert types == {"succeeded": snap.succeeded, "canceled": snap.canceled}
-    summary = handle_trigger_event(event.payload, fail_on_partial=False, log=_Log())
+    summary = handle_trigger_event(event.payload, fail_on_partial=False, log=RecordingLog())
     assert summary["timed_out"][batch_id]["succeeded"] == snap.succeeded
     assert summary["timed_out"][batch_id]["canceled"] == snap.canceled
     with pytest.raises(ClaudeBatchFailed, match="canceled="):  # fail_on_partial still applies
-        handle_trigger_event(event.payload, fail_on_partial=True, log=_Log())
+        handle_trigger_event(event.payload, fail_on_partial=True, log=RecordingLog())
 
 
 def test_fail_mode_waits_for_every_batch_then_fails(wall_clock_emulator):
@@ -147,7 +137,7 @@ def test_fail_mode_waits_for_every_batch_then_fails(wall_clock_emulator):
     assert outcomes == {slow: "canceled", quick: "succeeded"}
     assert emu.stats()["batches_by_status"] == {"in_progress": 0, "canceling": 0, "ended": 2}
     with pytest.raises(ClaudeBatchFailed, match="did not end within"):
-        handle_trigger_event(payload, fail_on_partial=False, log=_Log())
+        handle_trigger_event(payload, fail_on_partial=False, log=RecordingLog())
 
 
 def test_a_refused_cancel_is_retried_at_the_next_round(wall_clock_emulator):

@@ -13,7 +13,7 @@ from claude_batch.poller import BatchSnapshot
 from claude_batch.sensors import ClaudeBatchFailed, handle_trigger_event
 from claude_batch.triggers import ClaudeBatchTrigger
 
-from tests.batchcore.conftest import make_requests
+from tests.batchcore.conftest import RecordingLog, make_requests
 
 HOUR = 3600.0
 
@@ -25,16 +25,6 @@ def _create(count: int, n: int = 1) -> list[str]:
 
 async def _first_event(trigger: ClaudeBatchTrigger, timeout: float = 30):
     return await asyncio.wait_for(anext(trigger.run()), timeout)
-
-
-class _Log:
-    def __init__(self):
-        self.lines = []
-
-    def info(self, *args):
-        self.lines.append(args[0] % args[1:])
-
-    warning = info
 
 
 def test_trigger_serialises_to_primitives_and_resumes_in_a_new_process_loop(anthropic_conn):
@@ -60,7 +50,7 @@ def test_trigger_serialises_to_primitives_and_resumes_in_a_new_process_loop(anth
     snapshots = [BatchSnapshot.from_dict(item) for item in event.payload["batches"]]
     assert [s.id for s in snapshots] == ids
     assert all(s.outcome == "succeeded" and s.succeeded == 4 for s in snapshots)
-    summary = handle_trigger_event(event.payload, fail_on_partial=False, log=_Log())
+    summary = handle_trigger_event(event.payload, fail_on_partial=False, log=RecordingLog())
     assert summary["request_counts"]["succeeded"] == 12
 
 
@@ -93,8 +83,8 @@ def test_expired_batch_is_reported_as_expired_not_success(anthropic_conn):
     (snap,) = [BatchSnapshot.from_dict(item) for item in event.payload["batches"]]
     assert snap.outcome == "expired" and snap.expired == 5 and snap.ended_at is not None
     with pytest.raises(ClaudeBatchFailed, match="expired=5"):
-        handle_trigger_event(event.payload, fail_on_partial=True, log=_Log())
-    log = _Log()
+        handle_trigger_event(event.payload, fail_on_partial=True, log=RecordingLog())
+    log = RecordingLog()
     handle_trigger_event(event.payload, fail_on_partial=False, log=log)
     assert "did not succeed" in log.lines[0] and "expired" in log.lines[0]
 
@@ -107,7 +97,7 @@ def test_cancelled_batch_skips(anthropic_conn):
     event = asyncio.run(_first_event(ClaudeBatchTrigger(batch_ids=[batch_id], min_poll_interval=0.1)))
     assert event.payload["batches"][0]["canceled"] == 3
     with pytest.raises(AirflowSkipException, match="canceled"):
-        handle_trigger_event(event.payload, fail_on_partial=False, log=_Log())
+        handle_trigger_event(event.payload, fail_on_partial=False, log=RecordingLog())
 
 
 def test_missing_batch_is_an_error_event(anthropic_conn):
@@ -135,7 +125,7 @@ def test_timeout_from_submission_cancels(monkeypatch):
         assert event.payload["batches"][0]["processing_status"] == "ended"
         assert ClaudeBatchHook().retrieve_batch(batch_id).cancel_initiated_at is not None
         with pytest.raises(ClaudeBatchFailed, match="did not end within"):
-            handle_trigger_event(event.payload, fail_on_partial=False, log=_Log())
+            handle_trigger_event(event.payload, fail_on_partial=False, log=RecordingLog())
 
 
 @pytest.mark.parametrize("status", [429, 500, 529])
@@ -176,7 +166,7 @@ def test_a_timeout_cancel_survives_transient_errors_and_says_when_it_could_not_c
         assert event.payload["batches"][0]["processing_status"] == "ended"  # it ran on until it ended
         assert ClaudeBatchHook().retrieve_batch(second).cancel_initiated_at is None
         with pytest.raises(ClaudeBatchFailed, match="ran on"):
-            handle_trigger_event(event.payload, fail_on_partial=False, log=_Log())
+            handle_trigger_event(event.payload, fail_on_partial=False, log=RecordingLog())
 
 
 def test_a_cancel_refused_because_the_batch_just_ended_is_not_reported_as_running_on(monkeypatch):

@@ -61,6 +61,17 @@ def ticket_rows(count: int, *, start: int = 0, day: dt.datetime = INTERVAL[0]) -
 
 
 @pytest.fixture
+def setup(warehouse_conn, local_store):
+    """A warehouse (each dialect in turn) with the test workload's tables, the workload, a local store."""
+    from claude_batch.warehouse import Warehouse
+
+    workload = make_workload()
+    warehouse = Warehouse(warehouse_conn)
+    warehouse.ensure_tables(workload)
+    return warehouse, workload, local_store
+
+
+@pytest.fixture
 def duckdb_conn():
     import duckdb
 

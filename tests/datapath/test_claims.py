@@ -55,14 +55,6 @@ def finish(warehouse, workload, layout, manifest, outcome_for):
     return load, warehouse.check_accounting(workload, manifest, layout=layout)
 
 
-@pytest.fixture
-def setup(warehouse_conn, local_store):
-    workload = make_workload()
-    warehouse = Warehouse(warehouse_conn)
-    warehouse.ensure_tables(workload)
-    return warehouse, workload, local_store
-
-
 def test_the_second_run_to_claim_drops_what_the_first_holds_and_names_it(setup):
     warehouse, workload, store = setup
     create_tickets(warehouse.conn, ticket_rows(30))

@@ -47,14 +47,6 @@ def all_valid(record_key, custom_id):
     return succeeded(custom_id, GOOD)
 
 
-@pytest.fixture
-def setup(warehouse_conn, local_store):
-    workload = make_workload()
-    warehouse = Warehouse(warehouse_conn)
-    warehouse.ensure_tables(workload)
-    return warehouse, workload, local_store
-
-
 def ledger(conn, key=None):
     rows = query(
         conn, "SELECT record_key, status, attempts, last_error, run_id FROM claude_batch_ledger ORDER BY 1"
