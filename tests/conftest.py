@@ -6,11 +6,14 @@ Tests that need PostgreSQL skip with a clear reason when it is not running, unle
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +29,12 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 # Airflow reads its configuration at import: point it at a test home before any test imports it.
 REPO = Path(__file__).resolve().parent.parent
-os.environ.setdefault("AIRFLOW_HOME", str(REPO / ".airflow" / "test"))
+if "AIRFLOW_HOME" not in os.environ:
+    # A home of its own per pytest process: two suites on one machine (a developer's and CI's, or
+    # two agents') never share a SQLite metadata database. `airflow db migrate` on it costs ~5 s.
+    _home = tempfile.mkdtemp(prefix="claude-batch-airflow-")
+    atexit.register(shutil.rmtree, _home, ignore_errors=True)
+    os.environ["AIRFLOW_HOME"] = _home
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
 # dag.test() runs only DAGs found in a bundle: the project's dags/ and the tests' own.
