@@ -19,6 +19,7 @@ BENCHMARKS = [
     "bench.bench_fault_matrix",
     "bench.bench_submit",
     "bench.bench_queue",
+    "bench.bench_end_to_end",
     "bench.bench_trigger",
     "bench.bench_staging",
     "bench.bench_collect",

@@ -35,6 +35,7 @@ from typing import Any
 import anthropic
 import orjson
 
+from claude_batch.batch_queue import DEFAULT_QUEUE_POLL_INTERVAL
 from claude_batch.connections import open_warehouse
 from claude_batch.costs import PriceTable, default_prices
 from claude_batch.pilot import (
@@ -119,6 +120,8 @@ class PipelineConfig:
         waits deferred, holding no worker slot.
     :param queue_wait_timeout: how long a shard waits for room in the queue before its submit
         fails naming the queue (default 20 hours).
+    :param queue_poll_interval: seconds between the queue readings of a shard waiting for room
+        (default 60; the benchmarks shorten it, as the emulator runs in fast time).
     :param pilot_approval: the default of the ``pilot_approval`` Param: after a pilot, a person
         approves the full run (``pilot_approval`` task, Airflow's human-in-the-loop approval)
         instead of the pass-rate threshold deciding.
@@ -143,6 +146,7 @@ class PipelineConfig:
     run_deadline_hours: float | None = 20.0
     queue_budget: int | None = None
     queue_wait_timeout: float | None = 20 * 3600.0
+    queue_poll_interval: float = DEFAULT_QUEUE_POLL_INTERVAL
     pilot_approval: bool = False
     pilot_approval_timeout: float | None = 24 * 3600.0
     prices: PriceTable = field(default_factory=default_prices)
@@ -767,6 +771,7 @@ def claude_batch_pipeline(config: PipelineConfig, group_id: str | None = None):
                 wait="none",
                 queue_budget=config.queue_budget,
                 queue_wait_timeout=config.queue_wait_timeout,
+                queue_poll_interval=config.queue_poll_interval,
                 pool=config.pool,
                 retries=3,
                 retry_delay=timedelta(seconds=30),
