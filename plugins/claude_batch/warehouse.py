@@ -46,6 +46,8 @@ DEFAULT_LEDGER_TABLE = "claude_batch_ledger"
 # text. Staging, the ledger and every comparison use this one text, so a CHAR(n), timestamp,
 # decimal or UUID key means the same item everywhere (see docs/ledger.md).
 RECORD_KEY_COLUMN = "_claude_batch_record_key"
+# A claim of this many rows or more refreshes the ledger's planner statistics (PostgreSQL).
+STATISTICS_REFRESH_ROWS = 1_000
 DEFAULT_RUNS_TABLE = "claude_batch_runs"
 DEFAULT_ATTEMPT_LIMIT = 3
 # Enough for DuckDB to load a run of a million rows at nearly full speed; beyond it DuckDB spills.
@@ -220,6 +222,9 @@ class Dialect:
 
     def drop_temp_table(self, cursor: Any, name: str) -> None:
         self.execute(cursor, f"DROP TABLE IF EXISTS {self.quote(name)}")
+
+    def refresh_statistics(self, conn: Any, table: str) -> None:
+        """Bring the planner's statistics of ``table`` up to date after a bulk change (if it keeps any)."""
 
     def load_arrow(self, cursor: Any, table: str, data: pa.Table | pa.RecordBatch) -> int:
         """Append ``data`` to ``table`` (same column names) through the warehouse's bulk path.
@@ -445,6 +450,14 @@ class PostgresDialect(Dialect):
         )
         yield
         self.query(cursor, "SELECT set_config('work_mem', %s, true)", [previous])
+
+    def refresh_statistics(self, conn: Any, table: str) -> None:
+        # A claim can add 100,000s of rows of a new prompt version that autovacuum has not seen:
+        # the planner then takes them for one row and probes every staged key against each
+        # (measured: mark_submitted of one 100,000-item shard ran past 8 minutes). In its own
+        # short transaction, so no claim holds the table's ANALYZE lock while it waits on rows.
+        with self.transaction(conn) as cursor:
+            self.execute(cursor, f"ANALYZE {table}")
 
     @contextmanager
     def rows_relation(
@@ -875,6 +888,8 @@ class Warehouse:
             if rejected:
                 table = pa.Table.from_pylist(rejected, _schema(_STAGED_COLUMNS))
                 result.rejected += self._claim(cursor, workload, layout, table, None, result)
+        if result.claimed + result.rejected >= STATISTICS_REFRESH_ROWS:
+            self.dialect.refresh_statistics(self.conn, self._q(self.ledger_table))
         return result
 
     def _claim(
@@ -956,7 +971,7 @@ class Warehouse:
         with d.transaction(self.conn) as cursor:
             for shard in parts:
                 keys = read_shard_keys(layout, shard).select(["record_key"])
-                with d.rows_relation(cursor, "cb_release", keys) as relation:
+                with d.rows_relation(cursor, "cb_release", keys, joined=True) as relation:
                     released += max(
                         d.execute(cursor, f"{update} AND record_key IN (SELECT record_key FROM {relation})", params), 0
                     )
@@ -1016,10 +1031,10 @@ class Warehouse:
         condition_params: list[Any],
         workload: Workload,
     ) -> None:
-        """UPDATE the ledger rows of ``keys`` (few enough that their order does not matter)."""
+        """UPDATE the ledger rows of ``keys`` (joined: a 100,000-key shard must not be probed row by row)."""
         d = self.dialect
         p = d.placeholder
-        with d.transaction(self.conn) as cursor, d.rows_relation(cursor, "cb_keys", keys) as relation:
+        with d.transaction(self.conn) as cursor, d.rows_relation(cursor, "cb_keys", keys, joined=True) as relation:
             d.execute(
                 cursor,
                 f"""UPDATE {self._q(self.ledger_table)} SET {assignments.format(p=p)}
