@@ -687,10 +687,13 @@ class Warehouse:
                 custom_id {text}, status {text} NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
                 invalid_answers INTEGER NOT NULL DEFAULT 0, last_error {text}, batch_id {text},
                 run_id {text}, updated_at {ts} NOT NULL, claimed_at {ts}, dag_id {text},
+                requeued_by {text}, requeued_at {ts},
                 PRIMARY KEY (workload, record_key, prompt_version)){d.ledger_options}""",
-            # Ledgers made before claims existed gain the columns.
+            # Ledgers made before claims (and requeues) existed gain the columns.
             f"ALTER TABLE {self._q(self.ledger_table)} ADD COLUMN IF NOT EXISTS claimed_at {ts}",
             f"ALTER TABLE {self._q(self.ledger_table)} ADD COLUMN IF NOT EXISTS dag_id {text}",
+            f"ALTER TABLE {self._q(self.ledger_table)} ADD COLUMN IF NOT EXISTS requeued_by {text}",
+            f"ALTER TABLE {self._q(self.ledger_table)} ADD COLUMN IF NOT EXISTS requeued_at {ts}",
             f"""CREATE TABLE IF NOT EXISTS {self._q(self.runs_table)} (
                 workload {text} NOT NULL, run_id {text} NOT NULL, prompt_version {text},
                 cache_setting {text}, extracted {big}, staged {big}, rejected {big}, succeeded {big},
@@ -1009,18 +1012,47 @@ class Warehouse:
             workload,
         )
 
-    def requeue(self, workload: Workload, record_keys: Iterable[str]) -> int:
-        """Put dead or invalid items back to ``retry`` with fresh attempts (after fixing their cause)."""
-        keys = pa.table({"record_key": pa.array(list(record_keys), pa.string())})
-        self._update_keys(
-            keys,
-            "status = 'retry', attempts = 0, invalid_answers = 0, updated_at = {p}",
-            [_utcnow()],
-            "status IN ('dead', 'invalid')",
-            [],
-            workload,
-        )
-        return keys.num_rows
+    def requeue(self, workload: Workload, record_keys: Iterable[str], *, by: str | None = None) -> int:
+        """Put dead or invalid items back to ``retry`` with fresh attempts (after fixing their cause).
+
+        The next run of the workload extracts them whatever its interval (as every ``retry`` item)
+        and its gate claims them. Only items that are ``dead`` or ``invalid`` move, in one
+        conditional UPDATE: an item a run holds open (``pending``/``submitted``) or that is done
+        is left alone. The item keeps its last run (``run_id``) and its ``last_error`` (why it
+        was dead); ``requeued_by`` and ``requeued_at`` say who asked, and when.
+
+        :param workload: the workload (only its ``name`` and ``prompt_version`` are read).
+        :param record_keys: the items' record keys.
+        :param by: who asked (recorded in ``requeued_by``).
+        :returns: the number of items requeued.
+        """
+        keys = pa.table({"record_key": pa.array(sorted(set(record_keys)), pa.string())})
+        if keys.num_rows == 0:
+            return 0
+        d = self.dialect
+        p = d.placeholder
+        ledger = self._q(self.ledger_table)
+        now = _utcnow()
+        params = [now, (by or "")[:200] or None, now, workload.name, workload.prompt_version]
+        with d.transaction(self.conn) as cursor, d.rows_relation(cursor, "cb_requeue", keys, joined=True) as relation:
+            changed = d.execute(
+                cursor,
+                f"""UPDATE {ledger} SET status = 'retry', attempts = 0, invalid_answers = 0, updated_at = {p},
+                    requeued_by = {p}, requeued_at = {p}
+                WHERE workload = {p} AND prompt_version = {p} AND status IN ('dead', 'invalid')
+                AND record_key IN (SELECT record_key FROM {relation})""",
+                params,
+            )
+            if changed < 0:  # a driver that does not count: the rows this statement stamped
+                changed = int(
+                    d.query(
+                        cursor,
+                        f"""SELECT COUNT(*) FROM {ledger} WHERE requeued_at = {p} AND workload = {p}
+                        AND prompt_version = {p} AND record_key IN (SELECT record_key FROM {relation})""",
+                        [now, workload.name, workload.prompt_version],
+                    )[0][0]
+                )
+        return changed
 
     def _update_keys(
         self,
