@@ -2,12 +2,14 @@
 
 Each measurement runs in a fresh interpreter: rows are generated on the fly (support tickets
 of 300 to 900 characters), rendered into requests and streamed to shards on a local-directory
-store; the floor serialises the same rows with orjson to a local file. Both first process
-1,000 rows untimed, so one-time costs (pyarrow's lazy imports, about 0.25 s) stay out of the
-rate (their memory counts). Peak memory is the process's peak RSS minus its RSS after imports,
-before the warm-up; the table also shows the peak RSS itself. Each figure is
-the median of three runs. Sizes: 10,000 and 100,000 rows (``BENCH_SCALE=full``: 100,000 and
-1,000,000). Run: ``python -m bench.bench_staging``.
+store; the floor serialises the same rows with orjson to a local file. Both first process 1,000
+rows untimed, so one-time costs (pyarrow's lazy imports, about 0.25 s) stay out of the rate
+(their memory counts). Peak memory is the
+process's peak RSS minus its RSS after imports, before the warm-up; the table also shows the
+peak RSS itself. The floor and staging run in turn, five times each (so both see the same
+machine, which may be shared); the table shows the run of median time of each, and
+``staging / floor`` is the median of the five pairs' ratios. Sizes: 10,000 and 100,000 rows
+(``BENCH_SCALE=full``: 100,000 and 1,000,000). Run: ``python -m bench.bench_staging``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from bench.common import (
 )
 
 WARM_UP_ROWS = 1_000
-RUNS = 3
+RUNS = 5
 SENTENCES = (
     "I was charged twice for my subscription this month and need a refund.",
     "The app crashes every time I open the settings page on Android 14.",
@@ -140,26 +142,28 @@ def measure_staging(count: int) -> dict:
     }
 
 
-def median_run(function: str, count: int) -> dict:
-    """The run with the median time of ``RUNS``, each in a fresh interpreter."""
-    runs = sorted(
-        (run_isolated("bench.bench_staging", function, count=count) for _ in range(RUNS)),
-        key=lambda run: run["seconds"],
-    )
-    return runs[len(runs) // 2]
+def median_runs(count: int) -> tuple[dict, dict, float]:
+    """The floor's and staging's runs of median time, and the median ratio of ``RUNS`` pairs run in turn."""
+    floors, stagings = [], []
+    for _ in range(RUNS):
+        floors.append(run_isolated("bench.bench_staging", "measure_floor", count=count))
+        stagings.append(run_isolated("bench.bench_staging", "measure_staging", count=count))
+    ratios = sorted(floor["seconds"] / staged["seconds"] for floor, staged in zip(floors, stagings, strict=True))
+    floors.sort(key=lambda run: run["seconds"])
+    stagings.sort(key=lambda run: run["seconds"])
+    return floors[RUNS // 2], stagings[RUNS // 2], ratios[RUNS // 2]
 
 
 def main() -> None:
     rows = []
     for count in row_counts():
-        floor = median_run("measure_floor", count)
-        staged = median_run("measure_staging", count)
+        floor, staged, ratio = median_runs(count)
         rows.append(
             {
                 "rows": count,
                 "staging rows/s": count / staged["seconds"],
                 "floor rows/s": count / floor["seconds"],
-                "staging / floor": floor["seconds"] / staged["seconds"],
+                "staging / floor": ratio,
                 "staging CPU us/row": staged["cpu_seconds"] / count * 1e6,
                 "floor CPU us/row": floor["cpu_seconds"] / count * 1e6,
                 "staging MB/s": staged["bytes"] / 1e6 / staged["seconds"],
@@ -169,6 +173,7 @@ def main() -> None:
                 "staging peak MB": staged["peak_mb"],
                 "staging peak RSS MB": staged["rss_mb"],
                 "floor peak MB": floor["peak_mb"],
+                "load average": os.getloadavg()[0],
             }
         )
     growth = rows[-1]["staging peak MB"] / max(rows[0]["staging peak MB"], 0.1)
@@ -179,7 +184,9 @@ def main() -> None:
         f"{growth:.2f}x (targets: under 400 MB at 1,000,000 rows, at most 1.2x the 100,000 figure; "
         "throughput at least half the floor's rows/s). Each request repeats the system prompt and the "
         "schema, so staging writes several times the floor's bytes: MB/s shows that side. CPU us/row is "
-        "user + system time of the whole process (staging hashes and writes on a second thread)."
+        "user + system time of the whole process (staging hashes and writes on a second thread, so on a busy "
+        "machine, where that thread finds no free core, the ratio falls towards the CPU ratio). Load average: "
+        "the machine's 1-minute load after the row's runs."
     )
     write_results("staging", rows, markdown)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from claude_batch.costs import PriceTable, cost_array, default_prices
 from claude_batch.staging import Manifest, ShardManifest, read_manifest
 from claude_batch.storage import RunLayout
-from claude_batch.tuning import bulk_processing
+from claude_batch.tuning import bulk_processing, release_arrow_memory, return_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +145,12 @@ class ResultRows:
     A call's rows live as Python tuples only until it returns: a row group held as Python objects
     would take several times its Arrow size, and leave the heap fragmented after.
 
-    :param positions: custom_id -> its place among the shard's keys; when given, each row's
-        place is kept as the column ``position`` (null for an id that is not the shard's).
+    :param keys: the shard's keys; when given, each row's place among them is kept as the column
+        ``position`` (null for an id that is not the shard's).
     """
 
-    def __init__(self, positions: Mapping[str, int] | None = None) -> None:
-        self.positions = positions
+    def __init__(self, keys: _ShardKeys | None = None) -> None:
+        self.keys = keys
         self.pieces: list[list[pa.Array]] = []
         self.size = 0
 
@@ -205,16 +205,15 @@ class ResultRows:
     def _add_piece(self, rows: list[tuple[Any, ...]]) -> None:
         columns = list(zip(*rows, strict=True))
         piece = [pa.array(values, kind) for kind, values in zip(_ROW_TYPES, columns, strict=True)]
-        if self.positions is not None:
-            # The id strings are at hand here; a dict lookup is cheaper than Arrow hashing the shard's keys.
-            piece.append(pa.array(list(map(self.positions.get, columns[0])), pa.int32()))
+        if self.keys is not None:
+            piece.append(self.keys.positions(columns[0], piece[0]))
         self.pieces.append(piece)
         self.size += len(rows)
 
     def columns(self) -> dict[str, pa.ChunkedArray]:
         """The rows as one column per field of :data:`_ROW_FIELDS` (and ``position``), one chunk a call."""
         names, kinds = _ROW_FIELDS, _ROW_TYPES
-        if self.positions is not None:
+        if self.keys is not None:
             names, kinds = (*names, "position"), (*kinds, pa.int32())
         return {
             name: pa.chunked_array([piece[index] for piece in self.pieces], kind)
@@ -270,22 +269,61 @@ def _cost_column(models: pa.ChunkedArray, tokens: dict[str, pa.ChunkedArray], pr
 
 
 class _ShardKeys:
-    """The shard's keys: where each custom_id is (a dict) and the record keys (an Arrow column)."""
+    """The shard's keys: where each custom_id is, and the record keys (Arrow columns).
+
+    A custom_id is found by its hash among the keys' hashes, sorted (12 bytes a key beside the
+    ids' Arrow column), then checked against the id itself, so an id that is not the shard's is
+    never taken for one that is. A dict of 100,000 ids took 12 MB, the largest part of collect's
+    memory.
+    """
+
+    _HASH_SLICE = 16_384  # ids held as Python strings at once while hashing
 
     def __init__(self, table: pa.Table) -> None:
-        custom_ids = table.column("custom_id").to_pylist()
-        self.position_of = dict(zip(custom_ids, range(len(custom_ids)), strict=True))
+        self.custom_ids = table.column("custom_id").combine_chunks()
         self.record_keys = table.column("record_key").combine_chunks()
+        size = len(self.custom_ids)
+        hashes = np.empty(size, dtype=np.int64)
+        for start in range(0, size, self._HASH_SLICE):
+            ids = self.custom_ids.slice(start, self._HASH_SLICE).to_pylist()
+            hashes[start : start + len(ids)] = np.fromiter(map(hash, ids), dtype=np.int64, count=len(ids))
+        order = np.argsort(hashes, kind="stable")
+        self._hashes = hashes[order]
+        self._order = order.astype(np.int32)
+        # Two of the shard's ids with one 64-bit hash (about 1 in 10^9 shards of 100,000): a dict then.
+        self._by_id: dict[str, int] | None = None
+        if size > 1 and bool(np.any(self._hashes[1:] == self._hashes[:-1])):
+            ids = self.custom_ids.to_pylist()
+            self._by_id = dict(zip(ids, range(size), strict=True))
 
     def __len__(self) -> int:
         return len(self.record_keys)
 
+    def positions(self, ids: Sequence[str], id_array: pa.Array) -> pa.Array:
+        """Each id's place among the shard's keys (int32; null for an id that is not the shard's).
+
+        :param ids: the ids as Python strings.
+        :param id_array: the same ids as an Arrow string array.
+        """
+        if self._by_id is not None:
+            return pa.array(list(map(self._by_id.get, ids)), pa.int32())
+        if not len(self._hashes):
+            return pa.nulls(len(ids), pa.int32())
+        wanted = np.fromiter(map(hash, ids), dtype=np.int64, count=len(ids))
+        at = np.minimum(np.searchsorted(self._hashes, wanted), len(self._hashes) - 1)
+        candidates = self._order[at]
+        hashed_alike = self._hashes[at] == wanted
+        same = pc.equal(self.custom_ids.take(pa.array(candidates, mask=~hashed_alike)), id_array)
+        found = same.fill_null(False).to_numpy(zero_copy_only=False)
+        return pa.array(candidates, pa.int32(), mask=~found)
+
 
 def _read_shard_keys(layout: RunLayout, shard: ShardManifest) -> _ShardKeys:
     # ParquetFile rather than staging.read_shard_keys's read_table, which imports pyarrow.dataset
-    # (a quarter of a second, in a task that needs nothing else from it).
+    # (a quarter of a second, in a task that needs nothing else from it). One thread: a small file,
+    # and each reading thread would keep memory of its own.
     with layout.store.open(f"{layout.prefix}/{shard.keys}", "rb") as handle:
-        return _ShardKeys(pq.ParquetFile(handle).read(columns=["custom_id", "record_key"]))
+        return _ShardKeys(pq.ParquetFile(handle).read(columns=["custom_id", "record_key"], use_threads=False))
 
 
 def _iter_chunks_of_lines(chunks: Iterator[bytes]) -> Iterator[tuple[bytes, list[bytes], bool]]:
@@ -334,7 +372,7 @@ class _Download:
             ) as parquet_handle,
             parquet_writer(parquet_handle, RESULTS_SCHEMA, _UNIQUE_COLUMNS) as writer,
         ):
-            rows = ResultRows(self.keys.position_of)
+            rows = ResultRows(self.keys)
             # For the whole download: collections would walk each call's row tuples again and
             # again (nothing here makes cycles), and each chunk's buffers would be mapped afresh.
             with bulk_processing():
@@ -373,6 +411,8 @@ class _Download:
         for name in self.totals:
             self.totals[name] += int(pc.sum(table.column(name)).as_py() or 0)
         self.cost += float(pc.sum(table.column("cost_usd")).as_py() or 0.0)
+        del table, fields, positions
+        release_arrow_memory()
 
     def _note_custom_ids(self, custom_ids: pa.ChunkedArray, positions: pa.ChunkedArray) -> None:
         """Mark the shard's custom_ids seen; note repeats and ids that are not the shard's."""
@@ -465,7 +505,7 @@ def collect_results(
     prices: PriceTable | None = None,
     max_attempts: int = 4,
     retry_wait_seconds: float = 1.0,
-    row_group_rows: int = 20_000,
+    row_group_rows: int = 10_000,
     conn_id: str = DEFAULT_CONN_ID,
 ) -> CollectSummary:
     """Download the results of ``batch_id`` (the batch of shard ``part``) into S3.
@@ -507,12 +547,14 @@ def collect_results(
             "is it the right batch?"
         )
     keys = _read_shard_keys(layout, shard)
+    release_arrow_memory()
     problems: list[str] = []
     for attempt in range(1, max_attempts + 1):
         download = _Download(layout, part, batch_id, keys, row_group_rows)
         stream = _stream(client, batch_id)
         try:
             download.run(stream, manifest.prompt_version, table)
+            return_freed_memory()
         except anthropic.APIStatusError as exc:
             if not _is_transient(exc):
                 _delete_results(layout, part)
@@ -569,4 +611,4 @@ def iter_result_batches(layout: RunLayout, part: int, batch_rows: int = 50_000) 
     """The collected results of shard ``part``, streamed in record batches."""
     with layout.store.open(layout.results_parquet(part), "rb") as handle:
         parquet = pq.ParquetFile(handle)
-        yield from parquet.iter_batches(batch_size=batch_rows)
+        yield from parquet.iter_batches(batch_size=batch_rows, use_threads=False)

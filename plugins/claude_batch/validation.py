@@ -25,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 
 from claude_batch.results import iter_result_batches, parquet_writer
 from claude_batch.storage import RunLayout
-from claude_batch.tuning import bulk_processing, gc_paused
+from claude_batch.tuning import bulk_processing, gc_paused, release_arrow_memory, return_freed_memory
 from claude_batch.workloads import OutputColumn, Rule, Workload, unwrap_optional
 
 STATUSES = ("valid", "invalid", "errored", "expired", "canceled")
@@ -362,16 +362,17 @@ def validate_batch(workload: Workload, batch: pa.RecordBatch | pa.Table) -> pa.R
 
 
 def validate_part(
-    workload: Workload, layout: RunLayout, part: int, *, batch_rows: int = 20_000
+    workload: Workload, layout: RunLayout, part: int, *, batch_rows: int = 10_000
 ) -> ValidationSummary:
     """Validate the collected results of shard ``part`` into ``validated/part-NNNNN.parquet``.
 
-    Streams row group by row group; re-running overwrites the same object.
+    Streams slice by slice (``_SLICE_ROWS`` answers at a time), in row groups of ``batch_rows``;
+    re-running overwrites the same object.
 
     :param workload: the task spec the results answer.
     :param layout: the run's S3 layout.
     :param part: the shard's part number.
-    :param batch_rows: rows validated together (bounds memory).
+    :param batch_rows: rows per row group of the validated part (with the slice size, bounds memory).
     """
     summary = ValidationSummary(part)
     schema = validated_schema(workload)
@@ -380,23 +381,44 @@ def validate_part(
         parquet_writer(handle, schema, _UNIQUE_COLUMNS) as writer,
         bulk_processing(),  # no collections between slices either: nothing here makes cycles
     ):
-        for batch in iter_result_batches(layout, part, batch_rows):
-            # Validated in slices: the Python objects of a slice's answers are dropped before the
-            # next, and only Arrow columns (a fraction of their size) are held for the row group.
-            slices = [
-                validate_batch(workload, batch.slice(offset, _SLICE_ROWS))
-                for offset in range(0, batch.num_rows, _SLICE_ROWS)
-            ]
-            validated = pa.Table.from_batches(slices, schema=schema)
-            writer.write_table(validated, row_group_size=max(validated.num_rows, 1))
-            summary.rows += validated.num_rows
-            status = validated.column("status")
-            for item in pc.value_counts(status).to_pylist():
-                summary.by_status[item["values"]] = summary.by_status.get(item["values"], 0) + item["counts"]
-            failed = validated.column("reason_code").filter(pc.not_equal(status, "valid"))
-            for item in pc.value_counts(failed.drop_null()).to_pylist():
-                summary.by_reason[item["values"]] = summary.by_reason.get(item["values"], 0) + item["counts"]
+        # Read and validate slice by slice: the Python objects of a slice's answers are
+        # dropped before the next, and only the validated Arrow columns (a fraction of the
+        # results' size) wait for their row group of ``batch_rows``.
+        pending: list[pa.RecordBatch] = []
+        pending_rows = 0
+        for batch in iter_result_batches(layout, part, max(1, min(batch_rows, _SLICE_ROWS))):
+            validated = validate_batch(workload, batch)
+            del batch
+            while validated.num_rows:
+                take = min(validated.num_rows, batch_rows - pending_rows)
+                pending.append(validated.slice(0, take))
+                pending_rows += take
+                validated = validated.slice(take)
+                if pending_rows == batch_rows:
+                    _write_row_group(writer, schema, pending, summary)
+                    pending, pending_rows = [], 0
+        if pending_rows:
+            _write_row_group(writer, schema, pending, summary)
+    return_freed_memory()
     return summary
+
+
+def _write_row_group(
+    writer: pq.ParquetWriter, schema: pa.Schema, batches: list[pa.RecordBatch], summary: ValidationSummary
+) -> None:
+    """Write validated batches as one row group and count them; the memory they held goes back."""
+    validated = pa.Table.from_batches(batches, schema=schema)
+    batches.clear()
+    writer.write_table(validated, row_group_size=max(validated.num_rows, 1))
+    summary.rows += validated.num_rows
+    status = validated.column("status")
+    for item in pc.value_counts(status).to_pylist():
+        summary.by_status[item["values"]] = summary.by_status.get(item["values"], 0) + item["counts"]
+    failed = validated.column("reason_code").filter(pc.not_equal(status, "valid"))
+    for item in pc.value_counts(failed.drop_null()).to_pylist():
+        summary.by_reason[item["values"]] = summary.by_reason.get(item["values"], 0) + item["counts"]
+    del validated, status, failed
+    release_arrow_memory()
 
 
 def iter_validated(layout: RunLayout, part: int, batch_rows: int = 50_000) -> Iterator[pa.RecordBatch]:

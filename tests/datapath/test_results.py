@@ -206,3 +206,69 @@ def test_cost_is_priced_per_model_and_null_for_an_unknown_model():
         assert row["cost_usd"] == (None if cost is None else pytest.approx(cost, rel=1e-12))
     assert (rows[0]["cache_creation_5m_input_tokens"], rows[0]["cache_creation_1h_input_tokens"]) == (100, 200)
     assert (rows[1]["cache_creation_5m_input_tokens"], rows[1]["cache_creation_1h_input_tokens"]) == (50, 0)
+
+
+def _mixed_lines(count):
+    from tests.datapath.helpers import ended, errored, succeeded
+
+    kinds = [
+        lambda i: succeeded(f"k{i:04d}", f'{{"n": {i}}}', usage={"input_tokens": i, "output_tokens": 3}),
+        lambda i: errored(f"k{i:04d}", message=f"boom {i}"),
+        lambda i: ended(f"k{i:04d}", "expired"),
+        lambda i: succeeded(f"k{i:04d}", tool_input={"n": i}, stop_reason="tool_use"),
+    ]
+    return [kinds[i % 4](i) for i in range(count)]
+
+
+def test_row_groups_and_chunks_of_any_size_write_the_same_results(tmp_path):
+    """The results Parquet does not depend on the chunk size: one row a row group, or all in one."""
+    import pyarrow.parquet as pq
+    from claude_batch.costs import default_prices
+    from claude_batch.results import _Download, _ShardKeys
+    from claude_batch.storage import ObjectStore
+
+    keys = [f"k{i:04d}" for i in range(250)]
+    shard_keys = _ShardKeys(pa_keys(keys))
+    lines = _mixed_lines(250)
+    body = b"".join(orjson.dumps(line) + b"\n" for line in reversed(lines))
+    tables = []
+    for name, row_group_rows, chunk, groups in (
+        ("tiny", 1, 7, 250), ("small", 16, 301, 16), ("whole", 10_000, len(body), 1),
+    ):  # fmt: skip
+        layout = RunLayout(ObjectStore(str(tmp_path / name)), "dag", "run")
+        download = _Download(layout, 0, "msgbatch_1", shard_keys, row_group_rows)
+        download.run(iter([body[i : i + chunk] for i in range(0, len(body), chunk)]), "pv", default_prices())
+        download.check({"succeeded": 125, "errored": 63, "expired": 62})
+        assert not download.problems and download.seen.all()
+        assert (download.lines, download.bytes) == (250, len(body))
+        tables.append(read_results(layout, 0))
+        with layout.store.open(layout.results_parquet(0), "rb") as handle:
+            assert pq.ParquetFile(handle).metadata.num_row_groups == groups
+    assert tables[0].equals(tables[1]) and tables[1].equals(tables[2])
+    assert tables[0].column("record_key").to_pylist() == [f"record-k{i:04d}" for i in reversed(range(250))]
+
+
+def pa_keys(keys):
+    import pyarrow as pa
+
+    return pa.table({"custom_id": keys, "record_key": [f"record-{key}" for key in keys]})
+
+
+def test_shard_keys_find_each_id_by_its_hash_and_check_it(monkeypatch):
+    import pyarrow as pa
+    from claude_batch import results
+
+    ids = ["a", "zz", "b", "a-but-not-the-shards", ""]
+    keys = results._ShardKeys(pa_keys(["a", "b", "c"]))
+    assert keys._by_id is None
+    assert keys.positions(ids, pa.array(ids)).to_pylist() == [0, None, 1, None, None]
+    # Every id hashed alike: the shard's own ids go to a dict, and a look-up still checks the id.
+    monkeypatch.setattr(results, "hash", lambda value: 7, raising=False)
+    colliding = results._ShardKeys(pa_keys(["a", "b", "c"]))
+    assert colliding._by_id == {"a": 0, "b": 1, "c": 2}
+    assert colliding.positions(ids, pa.array(ids)).to_pylist() == [0, None, 1, None, None]
+    single = results._ShardKeys(pa_keys(["a"]))  # one key: no collision among the shard's own ids
+    assert single._by_id is None
+    assert single.positions(ids, pa.array(ids)).to_pylist() == [0, None, None, None, None]
+    empty = results._ShardKeys(pa_keys([]))
+    assert empty.positions(ids, pa.array(ids)).to_pylist() == [None] * 5

@@ -220,3 +220,29 @@ def test_judge_and_validate_batch_agree_on_every_kind_of_answer():
     for row, (payload, stop) in zip(rows, cases, strict=True):
         verdict = judge(workload, payload, stop, output_tokens=20)
         assert (row["status"], row["reason_code"], row["reason"]) == (verdict.status, verdict.reason_code, verdict.reason)
+
+
+def test_validated_parts_are_the_same_whatever_the_slice_and_row_group_sizes(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+    from claude_batch import validation
+    from claude_batch.storage import ObjectStore, RunLayout
+
+    workload = make_workload()
+    answers = [GOOD, "oops", '{"category": "bug", "total_amount": 300000, "summary": "x"}', None]
+    lines = [succeeded(f"k{i:03d}", answers[i % 4]) for i in range(97)] + [errored("e1"), ended("x1", "expired")]
+    parts = {}
+    for slice_rows, batch_rows in ((1, 1), (3, 10), (7, 8), (4_096, 10_000)):
+        monkeypatch.setattr(validation, "_SLICE_ROWS", slice_rows)
+        layout = RunLayout(ObjectStore(str(tmp_path / f"{slice_rows}-{batch_rows}")), "dag", "run")
+        with layout.store.open(layout.results_parquet(0), "wb") as handle:
+            pq.write_table(pa_table(results_batch(lines)), handle, row_group_size=9)
+        summary = validate_part(workload, layout, 0, batch_rows=batch_rows)
+        with layout.store.open(validation.validated_path(layout, 0), "rb") as handle:
+            validated = pq.ParquetFile(handle)
+            sizes = [validated.metadata.row_group(i).num_rows for i in range(validated.num_row_groups)]
+            parts[(slice_rows, batch_rows)] = (validated.read(), summary)
+        assert sizes == [batch_rows] * (99 // batch_rows) + ([99 % batch_rows] if 99 % batch_rows else [])
+    (first, first_summary), *others = parts.values()
+    assert first_summary.by_status == {"valid": 49, "invalid": 48, "errored": 1, "expired": 1, "canceled": 0}
+    for table, summary in others:
+        assert table.equals(first) and summary == first_summary
