@@ -26,6 +26,7 @@ BENCHMARKS = [
     "bench.bench_load",
     "bench.bench_emulator_memory",
     "bench.bench_emulator_speed",
+    "bench.bench_caching",
 ]
 
 

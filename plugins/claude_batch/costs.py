@@ -281,6 +281,7 @@ class ModelEstimate:
     variable_input_tokens: int = 0
     max_output_tokens: int = 0
     expected_output_tokens: int = 0
+    content_chars: int = 0  # characters of the user messages (what count_tokens calibrates)
 
 
 @dataclass
@@ -350,7 +351,173 @@ class CostEstimate:
                     and e.prefix_tokens_per_request >= table.for_model(model).min_cacheable_tokens,
                     "variable_input_tokens": e.variable_input_tokens,
                     "max_output_tokens": e.max_output_tokens,
+                    "content_chars": e.content_chars,
                 }
                 for model, e in sorted(self.per_model.items())
             },
         }
+
+
+# --- what a run cost, against what it would have cost -------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenTotals:
+    """A run's billed tokens for one model (cache writes and reads apart from plain input)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_write_tokens: int = 0
+    cache_read_tokens: int = 0
+
+    @property
+    def all_input_tokens(self) -> int:
+        """Every input token, cached or not: what a request without caching is billed for."""
+        return self.input_tokens + self.cache_write_tokens + self.cache_read_tokens
+
+    def __add__(self, other: TokenTotals) -> TokenTotals:
+        return TokenTotals(
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.cache_write_tokens + other.cache_write_tokens,
+            self.cache_read_tokens + other.cache_read_tokens,
+        )
+
+
+def uncached_cost(tokens: Mapping[str, TokenTotals], prices: PriceTable | None = None, *, batch: bool) -> float:
+    """The same tokens with no caching at all: every input token at the plain input price.
+
+    :param tokens: billed tokens by the model that answered (dated snapshots are fine).
+    :param batch: batch prices (the discount applied) or plain real-time list prices.
+    """
+    table = prices or default_prices()
+    total = 0.0
+    for model, counts in tokens.items():
+        price = table.for_model(model)
+        total += (price.input * counts.all_input_tokens + price.output * counts.output_tokens) / 1_000_000
+    return total * table.batch_discount if batch else total
+
+
+@dataclass(frozen=True)
+class RunCosts:
+    """What a run cost and what the same tokens would have cost otherwise (the report's definitions).
+
+    - ``actual_usd``: what the batches cost, priced from every result's usage (exact).
+    - ``realtime_uncached_usd``: the same tokens sent as plain real-time Messages calls, no caching.
+    - ``batch_uncached_usd``: the same tokens in batches with caching off.
+    - ``saving_from_batching_usd`` = real-time uncached - batch uncached (the batch discount).
+    - ``saving_from_caching_usd`` = batch uncached - actual; negative when caching cost money.
+    - ``saving_usd`` = real-time uncached - actual: the two savings together.
+    - the estimate made before anything was sent, its band, and its gap to the actual cost.
+
+    :param exact: False when the references had to apportion a multi-model run's tokens.
+    """
+
+    actual_usd: float
+    realtime_uncached_usd: float
+    batch_uncached_usd: float
+    estimated_usd: float | None = None
+    estimate_low_usd: float | None = None
+    estimate_high_usd: float | None = None
+    estimate_method: str | None = None
+    exact: bool = True
+
+    @property
+    def saving_from_batching_usd(self) -> float:
+        return self.realtime_uncached_usd - self.batch_uncached_usd
+
+    @property
+    def saving_from_caching_usd(self) -> float:
+        return self.batch_uncached_usd - self.actual_usd
+
+    @property
+    def saving_usd(self) -> float:
+        return self.realtime_uncached_usd - self.actual_usd
+
+    @property
+    def estimate_gap_usd(self) -> float | None:
+        return None if self.estimated_usd is None else self.estimated_usd - self.actual_usd
+
+    @property
+    def estimate_gap_pct(self) -> float | None:
+        """(estimate - actual) / actual, in percent (None without an estimate or a cost)."""
+        gap = self.estimate_gap_usd
+        return None if gap is None or not self.actual_usd else 100.0 * gap / self.actual_usd
+
+    def to_dict(self) -> dict[str, Any]:
+        def money(value: float | None) -> float | None:
+            return None if value is None else round(value, 6)
+
+        share = self.actual_usd / self.realtime_uncached_usd if self.realtime_uncached_usd else None
+        gap_pct = self.estimate_gap_pct
+        return {
+            "actual_usd": money(self.actual_usd),
+            "realtime_uncached_usd": money(self.realtime_uncached_usd),
+            "batch_uncached_usd": money(self.batch_uncached_usd),
+            "saving_from_batching_usd": money(self.saving_from_batching_usd),
+            "saving_from_caching_usd": money(self.saving_from_caching_usd),
+            "saving_usd": money(self.saving_usd),
+            "share_of_realtime": None if share is None else round(share, 4),
+            "estimate": {
+                "expected_usd": money(self.estimated_usd),
+                "low_usd": money(self.estimate_low_usd),
+                "high_usd": money(self.estimate_high_usd),
+                "gap_usd": money(self.estimate_gap_usd),
+                "gap_pct": None if gap_pct is None else round(gap_pct, 2),
+                "method": self.estimate_method,
+            },
+            "exact": self.exact,
+        }
+
+
+def run_costs(
+    actual_usd: float,
+    tokens: Mapping[str, TokenTotals],
+    prices: PriceTable | None = None,
+    estimate: Mapping[str, Any] | None = None,
+    *,
+    exact: bool = True,
+) -> RunCosts:
+    """The report's cost figures for a run.
+
+    :param actual_usd: the run's cost as priced from every result (``LoadSummary.cost_usd``).
+    :param tokens: the run's billed tokens by answering model.
+    :param estimate: the manifest's estimate (``cost_usd_expected``, ``cost_usd_low``, ...).
+    """
+    table = prices or default_prices()
+    estimate = estimate or {}
+
+    def number(key: str) -> float | None:
+        value = estimate.get(key)
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    return RunCosts(
+        actual_usd=actual_usd,
+        realtime_uncached_usd=uncached_cost(tokens, table, batch=False),
+        batch_uncached_usd=uncached_cost(tokens, table, batch=True),
+        estimated_usd=number("cost_usd_expected"),
+        estimate_low_usd=number("cost_usd_low"),
+        estimate_high_usd=number("cost_usd_high"),
+        estimate_method=estimate.get("method") if isinstance(estimate.get("method"), str) else None,
+        exact=exact,
+    )
+
+
+def apportion_tokens(total: TokenTotals, shares: Mapping[str, float]) -> dict[str, TokenTotals]:
+    """``total`` split over models in proportion to ``shares`` (for multi-model runs known only in total).
+
+    One model (or no shares) gets everything, which is exact.
+    """
+    weights = {model: max(float(share), 0.0) for model, share in shares.items()}
+    if len(weights) <= 1 or not sum(weights.values()):
+        return {next(iter(weights), "unknown"): total}
+    whole = sum(weights.values())
+    return {
+        model: TokenTotals(
+            round(total.input_tokens * weight / whole),
+            round(total.output_tokens * weight / whole),
+            round(total.cache_write_tokens * weight / whole),
+            round(total.cache_read_tokens * weight / whole),
+        )
+        for model, weight in weights.items()
+    }

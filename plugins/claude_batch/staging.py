@@ -1005,6 +1005,7 @@ class _Stager:
                 + REQUEST_OVERHEAD_TOKENS * count,
                 max_output_tokens=self.max_tokens * count,
                 expected_output_tokens=expected_output * count,
+                content_chars=self.chars_by_model[model],
             )
         manifest = Manifest(
             workload=self.workload.name,

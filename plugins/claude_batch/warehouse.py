@@ -701,6 +701,16 @@ class Warehouse:
                 cache_creation_input_tokens {big}, cache_read_input_tokens {big}, cost_usd {double},
                 realtime_cost_usd {double}, recorded_at {ts} NOT NULL,
                 PRIMARY KEY (workload, run_id))""",
+            # Run histories made before the cost report's definitions gain their columns (see record_run).
+            *(
+                f"ALTER TABLE {self._q(self.runs_table)} ADD COLUMN IF NOT EXISTS {name} {kind}"
+                for name, kind in (
+                    ("answers", big), ("batch_uncached_cost_usd", double), ("batching_saving_usd", double),
+                    ("caching_saving_usd", double), ("estimated_cost_usd", double), ("estimate_low_usd", double),
+                    ("estimate_high_usd", double), ("cache_policy", text), ("cache_probe_setting", text),
+                    ("cache_probe_requests", big), ("cache_decision", text),
+                )
+            ),  # fmt: skip
         ]
         if d.run_index:
             index = validate_identifier(f"{self.ledger_table.split('.')[-1]}_run")
@@ -1359,21 +1369,67 @@ class Warehouse:
         report: AccountingReport | None = None,
         prices: PriceTable | None = None,
     ) -> None:
-        """Write (or overwrite) the run's line in the run history: counts, tokens, cost, cache use."""
+        """Write (or overwrite) the run's line in the run history: counts, tokens, cost, caching.
+
+        The costs use the report's definitions (:class:`claude_batch.costs.RunCosts`):
+        ``realtime_cost_usd`` is the same tokens as plain real-time calls without caching,
+        ``batch_uncached_cost_usd`` the same in batches without caching, ``batching_saving_usd`` and
+        ``caching_saving_usd`` (negative when caching cost money) the two savings apart, beside the
+        estimate and its band. Lines written before these definitions have no
+        ``batch_uncached_cost_usd`` (their ``realtime_cost_usd`` was the cost at list prices). A
+        multi-model run's reference costs apportion its tokens by the requests each model was sent
+        (``cache_decision``'s ``costs_exact`` is false); the report reads them per model.
+        The caching decision and its evidence go in ``cache_decision`` (JSON), the probe apart.
+        """
+        import orjson
+
+        from claude_batch.costs import TokenTotals, apportion_tokens, run_costs
+
         report = report or self.accounting(workload, manifest)
         table = prices or default_prices()
+        estimate = manifest.estimate or {}
+        plan = estimate.get("cache_plan") or {}
+        probe = plan.get("probe") or {}
+        probing = bool(probe.get("requests")) and probe.get("setting") in ("5m", "1h")
+        shares = {model: entry.get("requests", 0) for model, entry in (estimate.get("per_model") or {}).items()}
+        by_model = apportion_tokens(
+            TokenTotals(load.input_tokens, load.output_tokens, load.cache_creation_input_tokens,
+                        load.cache_read_input_tokens),
+            shares or dict.fromkeys(manifest.models or [workload.model], 1),
+        )  # fmt: skip
+        costs = run_costs(load.cost_usd, by_model, table, estimate, exact=len(by_model) <= 1)
+        # The batches whose requests used the cache, each starting with a write (see claude_batch.caching).
+        if probing:
+            cached_batches = max(1, len(next((s.models for s in manifest.shards if s.part == probe.get("part")), {})))
+        elif manifest.cache_setting in ("5m", "1h"):
+            cached_batches = sum(max(1, len(shard.models)) for shard in manifest.shards)
+        else:
+            cached_batches = 0
+        decision = {**plan, "costs_exact": costs.exact, "estimate_method": estimate.get("method"),
+                    "cached_batches": cached_batches}  # fmt: skip
+
+        def money(value: float | None) -> float | None:
+            return None if value is None else round(value, 6)
+
         values = [
             workload.name, manifest.run_id, workload.prompt_version, manifest.cache_setting,
             manifest.extracted_rows, manifest.staged_requests, manifest.rejected_rows,
             report.by_status.get("succeeded", 0), report.by_status.get("invalid", 0),
             report.by_status.get("retry", 0), report.by_status.get("dead", 0),
             load.input_tokens, load.output_tokens, load.cache_creation_input_tokens, load.cache_read_input_tokens,
-            round(load.cost_usd, 6), round(load.cost_usd / table.batch_discount, 6), _utcnow(),
+            round(load.cost_usd, 6), money(costs.realtime_uncached_usd), _utcnow(),
+            load.by_status.get("valid", 0) + load.by_status.get("invalid", 0),
+            money(costs.batch_uncached_usd), money(costs.saving_from_batching_usd), money(costs.saving_from_caching_usd),
+            money(costs.estimated_usd), money(costs.estimate_low_usd), money(costs.estimate_high_usd),
+            plan.get("policy") or workload.cache, probe.get("setting") if probing else None,
+            int(probe.get("requests") or 0) if probing else 0, orjson.dumps(decision).decode(),
         ]  # fmt: skip
         names = (
             "workload, run_id, prompt_version, cache_setting, extracted, staged, rejected, succeeded, invalid, "
             "retry, dead, input_tokens, output_tokens, cache_creation_input_tokens, cache_read_input_tokens, "
-            "cost_usd, realtime_cost_usd, recorded_at"
+            "cost_usd, realtime_cost_usd, recorded_at, answers, batch_uncached_cost_usd, batching_saving_usd, "
+            "caching_saving_usd, estimated_cost_usd, estimate_low_usd, estimate_high_usd, cache_policy, "
+            "cache_probe_setting, cache_probe_requests, cache_decision"
         )
         updates = ", ".join(f"{n} = excluded.{n}" for n in names.split(", ")[2:])
         with self.dialect.transaction(self.conn) as cursor:
@@ -1384,20 +1440,55 @@ class Warehouse:
                 values,
             )
 
-    def recent_cache_observations(self, workload: Workload, limit: int = 5) -> list[CacheObservation]:
-        """Cache tokens of the workload's most recent runs, for ``Workload.choose_cache_setting``."""
+    def recent_cache_observations(self, workload: Workload, limit: int = 3) -> list[CacheObservation]:
+        """The workload's recent runs as the caching policy and the estimate read them, latest first.
+
+        For each setting a run measured (its own, or its probe's when it went with caching off and
+        probed; ``off`` when it measured none) the ``limit`` latest such runs, however many runs of
+        other settings came after them: a streak of runs without caching erases no evidence. The
+        latest ``limit`` runs overall are always among them (for the output tokens per answer).
+        ``runs_ago`` counts the workload's runs recorded since each.
+        """
+        import orjson
+
         p = self.dialect.placeholder
+        measured = (
+            "CASE WHEN cache_setting IN ('5m', '1h') THEN cache_setting "
+            "WHEN cache_probe_setting IN ('5m', '1h') THEN cache_probe_setting ELSE 'off' END"
+        )
         rows = self._fetchall(
-            f"""SELECT cache_setting, cache_read_input_tokens, cache_creation_input_tokens
-            FROM {self._q(self.runs_table)} WHERE workload = {p}
-            ORDER BY recorded_at DESC LIMIT {int(limit)}""",
+            f"""SELECT measured, cache_setting, cache_probe_setting, cache_read_input_tokens,
+                cache_creation_input_tokens, answers, succeeded, invalid, output_tokens, prompt_version, run_id,
+                cache_decision, runs_ago
+            FROM (
+                SELECT m.*, ROW_NUMBER() OVER (ORDER BY recorded_at DESC, run_id DESC) - 1 AS runs_ago,
+                    ROW_NUMBER() OVER (PARTITION BY measured ORDER BY recorded_at DESC, run_id DESC) AS nth
+                FROM (SELECT r.*, {measured} AS measured FROM {self._q(self.runs_table)} r WHERE workload = {p}) m
+            ) t
+            WHERE nth <= {int(limit)} ORDER BY runs_ago""",
             [workload.name],
         )
-        return [
-            CacheObservation(setting, int(read or 0), int(written or 0))
-            for setting, read, written in rows
-            if setting in ("5m", "1h")
-        ]
+        observations = []
+        for (setting, run_setting, probe_setting, read, written, answers, succeeded, invalid, output,
+             version, run_id, decision, runs_ago) in rows:  # fmt: skip
+            try:
+                plan = orjson.loads(decision) if decision else {}
+            except orjson.JSONDecodeError:
+                plan = {}
+            plan = plan if isinstance(plan, dict) else {}
+            prefix = plan.get("prefix_tokens")
+            batches = plan.get("cached_batches")
+            observations.append(
+                CacheObservation(
+                    setting, int(read or 0), int(written or 0), runs_ago=int(runs_ago),
+                    probe=run_setting not in ("5m", "1h") and probe_setting in ("5m", "1h"),
+                    prefix_tokens=int(prefix) if isinstance(prefix, int | float) and prefix > 0 else None,
+                    answers=int(answers if answers is not None else (succeeded or 0) + (invalid or 0)),
+                    output_tokens=int(output or 0), prompt_version=version, run_setting=run_setting, run_id=run_id,
+                    batches=int(batches) if isinstance(batches, int) and batches > 0 else None,
+                )  # fmt: skip
+            )
+        return observations
 
     def ledger_counts(self, workload: Workload) -> dict[str, int]:
         """Items of the workload's current prompt version, by status."""

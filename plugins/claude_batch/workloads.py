@@ -31,9 +31,7 @@ from pydantic import BaseModel
 from claude_batch.costs import (
     CacheSetting,
     PriceTable,
-    default_prices,
     estimate_tokens,
-    prefix_cost_factor,
 )
 
 CachePolicy = Literal["off", "5m", "1h", "auto"]
@@ -86,11 +84,34 @@ class Rule:
 
 @dataclass(frozen=True)
 class CacheObservation:
-    """Cache tokens measured in one recent run that used ``setting``."""
+    """One recent run of a workload, as the caching policy and the cost estimate read it.
+
+    :param setting: the cache setting whose hit rate the run measured: the run's own setting, or
+        its probe's when the run went with caching off and probed (``off``: nothing measured).
+    :param cache_read_tokens: cache reads of the run (all of them the probe's for a probe run).
+    :param cache_write_tokens: cache writes of the run.
+    :param runs_ago: how many runs of the workload were recorded after this one (0: the latest).
+    :param probe: whether the measurement came from a probe.
+    :param prefix_tokens: the cached prefix's tokens per request as the run counted them.
+    :param answers: the run's answers (valid and invalid), for the output tokens per answer.
+    :param output_tokens: the run's output tokens.
+    :param prompt_version: the run's prompt version.
+    :param run_setting: the setting the run's other requests used.
+    :param batches: the batches the measured requests were in.
+    """
 
     setting: CacheSetting
     cache_read_tokens: int
     cache_write_tokens: int
+    runs_ago: int = 0
+    probe: bool = False
+    prefix_tokens: int | None = None
+    answers: int = 0
+    output_tokens: int = 0
+    prompt_version: str | None = None
+    run_setting: CacheSetting | None = None
+    run_id: str | None = None
+    batches: int | None = None  # the batches its cached requests were in (each starts with a write)
 
     @property
     def hit_rate(self) -> float | None:
@@ -349,40 +370,19 @@ class Workload:
         observations: Iterable[CacheObservation] = (),
         prices: PriceTable | None = None,
     ) -> CacheSetting:
-        """Resolve the caching policy for a run.
+        """Resolve the caching policy for a run (see :func:`claude_batch.caching.decide`).
 
         A prefix under the smallest minimum cacheable length of the workload's models is never
-        cached. A fixed policy is used as is. ``auto`` picks the measured setting with the lowest
-        expected cost, and only one whose measured hit rate beats no caching (break-even about
-        53% for 1h, 22% for 5m); with nothing measured yet it probes with 1h, the setting the
-        batch guide recommends, and the next run learns from that.
+        cached; a fixed policy is used as is. ``auto`` uses a setting only when its measured hit
+        rate makes it cheaper than no caching even at the low end of its confidence interval;
+        otherwise caching is off (and :func:`~claude_batch.caching.decide` names what to probe).
 
-        :param observations: cache tokens of recent runs (see ``Warehouse.recent_cache_observations``).
+        :param observations: recent runs (see ``Warehouse.recent_cache_observations``).
         :param prices: the price table (cache multipliers, minimum cacheable lengths).
         """
-        table = prices or default_prices()
-        minimum = min(table.for_model(model).min_cacheable_tokens for model in self.models)
-        if self.prefix_tokens < minimum:
-            return "off"
-        if self.cache != "auto":
-            return self.cache
-        reads: dict[str, int] = {}
-        writes: dict[str, int] = {}
-        for observation in observations:
-            if observation.setting == "off":
-                continue
-            reads[observation.setting] = reads.get(observation.setting, 0) + observation.cache_read_tokens
-            writes[observation.setting] = writes.get(observation.setting, 0) + observation.cache_write_tokens
-        measured = {s: reads[s] / (reads[s] + writes[s]) for s in reads if reads[s] + writes[s] > 0}
-        if not measured:
-            return "1h"
-        best: CacheSetting = "off"
-        best_factor = 1.0
-        for setting, hit_rate in sorted(measured.items()):
-            factor = prefix_cost_factor(setting, hit_rate, table)  # type: ignore[arg-type]
-            if factor < best_factor:
-                best, best_factor = setting, factor  # type: ignore[assignment]
-        return best
+        from claude_batch.caching import decide
+
+        return decide(self, observations, prices).setting
 
     # -- what comes back ------------------------------------------------------------------
 

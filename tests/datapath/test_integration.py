@@ -64,8 +64,9 @@ def run(warehouse, workload, client, emulator, store, run_id):
 @pytest.mark.services
 def test_two_runs_with_errors_and_expiries_account_for_every_item(warehouse_conn, s3_store, emulator):
     # Sonnet 4.5 caches prefixes from 1,024 tokens: a ~1,100-token prompt keeps requests small.
+    # A fixed 1-hour cache: auto starts with caching off and probes (tests/pipeline/test_caching_policy.py).
     workload = make_workload(system_prompt="Read the ticket; classify it and extract the invoice total. " * 70,
-                             model="claude-sonnet-4-5", cache="auto")  # fmt: skip
+                             model="claude-sonnet-4-5", cache="1h")  # fmt: skip
     warehouse = Warehouse(warehouse_conn)
     warehouse.ensure_tables(workload)
     create_tickets(warehouse_conn, [*ticket_rows(ROWS), *BAD_ROWS])
@@ -84,7 +85,7 @@ def test_two_runs_with_errors_and_expiries_account_for_every_item(warehouse_conn
     manifest, collected, load, report = run(warehouse, workload, client, emulator, s3_store, "run-1")
     assert manifest.extracted_rows == ROWS + len(BAD_ROWS)
     assert manifest.rejected_by_reason == {"duplicate_key": 1, "empty_text": 1, "null_key": 1}
-    assert manifest.cache_setting == "1h"  # nothing measured yet: auto probes with the 1-hour cache
+    assert manifest.cache_setting == "1h"
     assert collected[0].attempts == 2  # the cut stream was downloaded again
     errored, expired = load.by_status["errored"], load.by_status["expired"]
     staged = manifest.staged_requests
@@ -98,7 +99,7 @@ def test_two_runs_with_errors_and_expiries_account_for_every_item(warehouse_conn
     retried = {key for key, status in query(warehouse_conn, "SELECT record_key, status FROM claude_batch_ledger")
                if status in ("retry", "invalid")}  # fmt: skip
     manifest2, _, load2, report2 = run(warehouse, workload, client, emulator, s3_store, "run-2")
-    assert manifest2.cache_setting == "1h"  # measured hit rate well above 53%
+    assert manifest2.cache_setting == "1h"
     # The blank row is dead for this prompt version; the keyless row and the duplicate come back
     # (the duplicate only while its key's first row is still being retried).
     assert manifest2.staged_requests == len(retried)

@@ -166,21 +166,32 @@ class TestCachePolicy:
         for policy in ("off", "5m", "1h"):
             assert make_workload(system_prompt=self.big_prompt, cache=policy).choose_cache_setting() == policy
 
-    def test_auto_probes_with_1h_when_nothing_is_measured(self):
-        assert make_workload(system_prompt=self.big_prompt, cache="auto").choose_cache_setting([]) == "1h"
+    def test_auto_starts_with_caching_off_when_nothing_is_measured(self):
+        assert make_workload(system_prompt=self.big_prompt, cache="auto").choose_cache_setting([]) == "off"
+
+    @staticmethod
+    def measured(setting, hit_rate, requests=500, prefix=5_600):
+        """A run that measured ``setting`` over ``requests`` cached requests of ``prefix`` tokens."""
+        reads = round(requests * hit_rate)
+        return CacheObservation(setting, reads * prefix, (requests - reads) * prefix, prefix_tokens=prefix)
 
     @pytest.mark.parametrize(
-        ("observations", "expected"),
+        ("measured", "expected"),
         [
-            ([CacheObservation("1h", 60, 40)], "1h"),  # 60% > 53%: 1h pays
-            ([CacheObservation("1h", 50, 50)], "off"),  # 50% < 53%: it would have cost more
-            ([CacheObservation("5m", 30, 70)], "5m"),  # 30% > 22%
-            ([CacheObservation("5m", 20, 80)], "off"),
-            ([CacheObservation("1h", 95, 5), CacheObservation("5m", 40, 60)], "1h"),
-            ([CacheObservation("1h", 55, 45), CacheObservation("5m", 90, 10)], "5m"),
-            ([CacheObservation("off", 0, 0)], "1h"),
+            ([("1h", 0.60)], "1h"),  # 60% > 53%: 1h pays, even at the low end of its interval
+            ([("1h", 0.50)], "off"),  # 50% < 53%: it would have cost more
+            ([("5m", 0.30)], "5m"),  # 30% > 22%
+            ([("5m", 0.20)], "off"),
+            ([("1h", 0.95), ("5m", 0.40)], "1h"),
+            ([("1h", 0.55), ("5m", 0.90)], "5m"),
+            ([("off", 0.0)], "off"),
         ],
     )
-    def test_auto_never_picks_a_setting_that_cost_more_than_no_caching(self, observations, expected):
+    def test_auto_never_picks_a_setting_that_cost_more_than_no_caching(self, measured, expected):
         workload = make_workload(system_prompt=self.big_prompt, cache="auto")
+        observations = [self.measured(setting, rate) for setting, rate in measured]
         assert workload.choose_cache_setting(observations) == expected
+
+    def test_auto_does_not_commit_on_a_handful_of_requests(self):
+        workload = make_workload(system_prompt=self.big_prompt, cache="auto")
+        assert workload.choose_cache_setting([self.measured("1h", 0.60, requests=10)]) == "off"

@@ -1,0 +1,545 @@
+"""The cost estimate of a staged run, made before anything is sent, with the band it is good to.
+
+Three things set a run's cost: its input tokens, its output tokens and how its cached prefix is
+billed. Each is measured where it can be, and stated where it cannot:
+
+- **Input tokens** are counted by the API's free ``count_tokens`` endpoint on a uniform random
+  sample of the run's requests (:data:`SAMPLE_REQUESTS`, 200, reservoir-sampled from the rows as
+  staging reads them). Three more calls per model count what every request shares: the request
+  with a one-character message (the fixed part) and the tools and system prompt alone (the
+  prefix a cache breakpoint covers). The rest of each request grows with its message, so the
+  run's variable tokens are a regression estimate on the message's characters, which staging
+  counts for *every* request: exact where the sample's tokens per character hold. Two standard
+  errors of that estimate (with the finite-population correction), plus 2% for ``count_tokens``
+  being an estimate itself, are the input band. 200 requests keep the calls bounded (about 200
+  calls, four at a time, per run) and put the variable part within a few percent even for
+  text whose length varies widely; the shared prefix, usually most of the tokens, is counted
+  exactly. Without a client, or when counting fails, the estimate falls back to about four
+  characters a token, with a band of 25%.
+- **Output tokens** per answer are measured in the workload's last runs of the same prompt
+  version (band: their spread, at least 10%); on a first run, the workload's
+  ``expected_output_tokens`` if it states one (band: from nothing to twice that), else a quarter
+  of ``max_tokens`` (the workloads in ``dags/`` state 20 to 30% of theirs), the band from
+  nothing to ``max_tokens``.
+- **The cached prefix** is priced at the hit rate measured for the run's setting
+  (:meth:`claude_batch.caching.CacheDecision.hit_rate`), only where the counted prefix reaches
+  the model's minimum cacheable length; a probe's requests at the probe setting's.
+
+Then the batch discount. ``cost_usd_expected`` is the estimate; ``cost_usd_low`` and
+``cost_usd_high`` take every input at the end of its band that lowers or raises the cost (the
+gate refuses a budget only when even ``cost_usd_low`` is over it); ``cost_usd_max`` is the worst
+case (every answer ``max_tokens`` long, every cached prefix a write).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from claude_batch.caching import CacheDecision, size_probe, split_probe
+from claude_batch.costs import (
+    CHARS_PER_TOKEN,
+    REQUEST_OVERHEAD_TOKENS,
+    CacheSetting,
+    PriceTable,
+    estimate_tokens,
+    prefix_cost_factor,
+)
+from claude_batch.staging import Manifest, read_shard_keys
+from claude_batch.storage import RunLayout
+from claude_batch.workloads import CacheObservation, Workload
+
+SAMPLE_REQUESTS = 200
+COUNT_WORKERS = 4
+COUNT_BAND = 0.02  # count_tokens is itself an estimate of what is billed
+CHARACTER_BAND = 0.25  # the fallback: about four characters a token
+FIRST_RUN_OUTPUT_SHARE = 0.25
+STATED_OUTPUT_FACTOR = 2.0  # a stated expectation: answers from none to twice as long
+MEASURED_OUTPUT_BAND = 0.10
+OUTPUT_HISTORY_RUNS = 3
+_COUNTED_PARAMS = ("model", "messages", "system", "tools", "tool_choice", "output_config", "thinking")
+
+
+# --- the sample -----------------------------------------------------------------------------------
+
+
+class RowSample:
+    """A uniform random sample of the rows a run stages, taken while staging reads them.
+
+    :meth:`wrap` passes every row through and keeps ``size`` of them (Vitter's reservoir, algorithm
+    L: a random number only where a row is taken, so the rows that pass cost a comparison each).
+
+    :param seed: makes the sample the same on a re-run of the same run.
+    """
+
+    def __init__(self, size: int = SAMPLE_REQUESTS, seed: str = "") -> None:
+        self.size = size
+        self.rows: list[Mapping[str, Any]] = []
+        self.seen = 0
+        self._rng = random.Random(seed)
+
+    def _unit(self) -> float:
+        return self._rng.random() or 0.5
+
+    def wrap(self, rows: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
+        size, sample = self.size, self.rows
+        iterator = iter(rows)
+        seen = 0
+        try:
+            if size <= 0:
+                for row in iterator:
+                    seen += 1
+                    yield row
+                return
+            for row in iterator:
+                sample.append(row)
+                seen += 1
+                yield row
+                if len(sample) >= size:
+                    break
+            else:
+                return
+            weight = math.exp(math.log(self._unit()) / size)
+            take = seen + math.floor(math.log(self._unit()) / math.log(1 - weight))
+            for row in iterator:
+                if seen == take:
+                    sample[self._rng.randrange(size)] = row
+                    weight *= math.exp(math.log(self._unit()) / size)
+                    take += math.floor(math.log(self._unit()) / math.log(1 - weight)) + 1
+                seen += 1
+                yield row
+        finally:
+            self.seen = seen
+
+
+# --- input tokens ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelTokens:
+    """The input tokens of one model's requests in a run.
+
+    :param fixed_tokens: a request of the run with a one-character message (what every request has).
+    :param prefix_tokens: the tools and system prompt: what the cache breakpoint covers.
+    :param variable_tokens: the tokens beyond ``fixed_tokens``, over all the model's requests.
+    :param variable_error: one standard error of ``variable_tokens``.
+    """
+
+    model: str
+    requests: int
+    content_chars: int
+    fixed_tokens: float
+    prefix_tokens: int
+    variable_tokens: float
+    variable_error: float
+    sampled: int = 0
+    method: str = "count_tokens"
+
+    @property
+    def input_tokens(self) -> float:
+        return self.requests * self.fixed_tokens + self.variable_tokens
+
+    def band(self) -> float:
+        """The input band, relative: two standard errors of the variable part, plus the count's own."""
+        base = CHARACTER_BAND if self.method == "characters" else COUNT_BAND
+        return base + (2 * self.variable_error / self.input_tokens if self.input_tokens else 0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "sampled": self.sampled,
+            "fixed_tokens": round(self.fixed_tokens, 1),
+            "prefix_tokens": self.prefix_tokens,
+            "variable_tokens": round(self.variable_tokens),
+            "input_tokens_per_request": round(self.input_tokens / self.requests, 1) if self.requests else 0,
+            "input_band": round(self.band(), 4),
+            "method": self.method,
+        }
+
+
+def count_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``count_tokens`` takes of a request's params (not ``max_tokens``, sampling or metadata)."""
+    return {key: params[key] for key in _COUNTED_PARAMS if key in params}
+
+
+def _with_message(params: Mapping[str, Any], text: str) -> dict[str, Any]:
+    return {**count_params(params), "messages": [{"role": "user", "content": text}]}
+
+
+def _prefix_only(params: Mapping[str, Any], text: str) -> dict[str, Any]:
+    """The part a cache breakpoint on the system block covers (tools, then system), and a message."""
+    kept = {key: params[key] for key in ("model", "system", "tools") if key in params}
+    return {**kept, "messages": [{"role": "user", "content": text}]}
+
+
+def _bare(model: str, text: str) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": text}]}
+
+
+def _regression_total(chars: list[float], extra: list[float], requests: int, content_chars: int) -> tuple[float, float]:
+    """(total, standard error) of the variable tokens: a regression estimate on characters.
+
+    ``extra[i]`` is a sampled request's tokens beyond the fixed part, ``chars[i]`` its message's
+    characters; ``content_chars`` is the characters of all ``requests``' messages.
+    """
+    n = len(extra)
+    if n == 0:
+        return 0.0, 0.0
+    mean_c = sum(chars) / n
+    mean_v = sum(extra) / n
+    var_c = sum((c - mean_c) ** 2 for c in chars)
+    if n >= 3 and var_c > 0:
+        slope = sum((c - mean_c) * (v - mean_v) for c, v in zip(chars, extra, strict=True)) / var_c
+        intercept = mean_v - slope * mean_c
+        total = requests * intercept + slope * content_chars
+        residual = sum((v - intercept - slope * c) ** 2 for c, v in zip(chars, extra, strict=True)) / (n - 2)
+    else:
+        total = requests * mean_v
+        residual = sum((v - mean_v) ** 2 for v in extra) / (n - 1) if n > 1 else 0.0
+    correction = max(0.0, 1.0 - n / requests) if requests else 0.0
+    error = requests * math.sqrt(correction * residual / n) if requests else 0.0
+    return max(total, 0.0), error
+
+
+def measure_tokens(
+    client: Any,
+    workload: Workload,
+    setting: CacheSetting,
+    sampled: list[tuple[Mapping[str, Any], str]],
+    per_model: Mapping[str, tuple[int, int]],
+) -> dict[str, ModelTokens]:
+    """Count the sample's input tokens with ``count_tokens`` and extend them to every request.
+
+    :param sampled: (row, model) of each sampled request that was staged.
+    :param per_model: model -> (staged requests, characters of their messages).
+    :returns: the input tokens by model.
+    """
+    requests = []
+    for row, model in sampled:
+        params = workload.render(row, setting)
+        params["model"] = model
+        requests.append(params)
+    template = requests[0] if requests else {**workload.render({}, setting), "model": workload.model}
+    calls: list[dict[str, Any]] = [count_params(params) for params in requests]
+    base_of: dict[str, tuple[int, int, int]] = {}
+    for model in per_model:
+        example = next((params for params in requests if params["model"] == model), {**template, "model": model})
+        first = len(calls)
+        calls += [_with_message(example, "x"), _prefix_only(example, "x"), _bare(model, "x")]
+        base_of[model] = (first, first + 1, first + 2)
+
+    def count(params: dict[str, Any]) -> int:
+        return int(client.messages.count_tokens(**params).input_tokens)
+
+    with ThreadPoolExecutor(COUNT_WORKERS) as pool:
+        counted = list(pool.map(count, calls))
+    measured: dict[str, ModelTokens] = {}
+    all_chars: list[float] = []
+    all_extra: list[float] = []
+    by_model: dict[str, tuple[list[float], list[float]]] = {}
+    for index, params in enumerate(requests):
+        fixed_index, _, _ = base_of[params["model"]]
+        chars = float(len(params["messages"][0]["content"]) - 1)  # beyond the one-character message
+        extra = float(counted[index] - counted[fixed_index])
+        by_model.setdefault(params["model"], ([], []))
+        by_model[params["model"]][0].append(chars)
+        by_model[params["model"]][1].append(extra)
+        all_chars.append(chars)
+        all_extra.append(extra)
+    for model, (staged, content_chars) in per_model.items():
+        fixed_index, prefix_index, bare_index = base_of[model]
+        chars, extra = by_model.get(model, ([], []))
+        if len(extra) < 3:  # too few of this model's requests sampled: the run's tokens per character
+            chars, extra = all_chars, all_extra
+        beyond = max(content_chars - staged, 0)
+        total, error = _regression_total(chars, extra, staged, beyond)
+        measured[model] = ModelTokens(
+            model, staged, content_chars, float(counted[fixed_index]),
+            max(counted[prefix_index] - counted[bare_index], 0), total, error, sampled=len(by_model.get(model, ([], []))[1]),
+        )  # fmt: skip
+    return measured
+
+
+def character_tokens(workload: Workload, per_model: Mapping[str, tuple[int, int]]) -> dict[str, ModelTokens]:
+    """The fallback: about four characters a token (what staging's own estimate assumes)."""
+    system = estimate_tokens(workload.system_prompt)
+    tools = estimate_tokens(str(workload.json_schema)) if workload.output_mode == "tool" else 0
+    return {
+        model: ModelTokens(
+            model, staged, chars, float(workload.prefix_tokens + REQUEST_OVERHEAD_TOKENS), system + tools,
+            chars / CHARS_PER_TOKEN, 0.0, method="characters",
+        )  # fmt: skip
+        for model, (staged, chars) in per_model.items()
+    }
+
+
+# --- output tokens -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutputTokens:
+    """Output tokens per answer: the point the estimate takes, its band, where it comes from."""
+
+    point: float
+    low: float
+    high: float
+    source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"per_answer": round(self.point, 2), "low": round(self.low, 2), "high": round(self.high, 2),
+                "source": self.source}  # fmt: skip
+
+
+def output_tokens(workload: Workload, observations: Iterable[CacheObservation]) -> OutputTokens:
+    """Measured in the last runs of the same prompt version; else stated; else a quarter of max_tokens."""
+    limit = float(workload.max_tokens)
+    runs = [
+        o for o in sorted(observations, key=lambda o: o.runs_ago)
+        if o.prompt_version == workload.prompt_version and o.answers > 0
+    ][:OUTPUT_HISTORY_RUNS]  # fmt: skip
+    if runs:
+        answers = sum(o.answers for o in runs)
+        point = sum(o.output_tokens for o in runs) / answers
+        spread = max(abs(o.output_tokens / o.answers - point) / point for o in runs) if point else 0.0
+        band = max(MEASURED_OUTPUT_BAND, spread)
+        return OutputTokens(point, point * (1 - band), min(limit, point * (1 + band)),
+                            f"measured: {answers:,} answers over {len(runs)} run(s)")  # fmt: skip
+    if workload.expected_output_tokens:
+        point = float(min(workload.expected_output_tokens, workload.max_tokens))
+        return OutputTokens(point, 0.0, min(limit, point * STATED_OUTPUT_FACTOR),
+                            "first run: the workload's expected_output_tokens")  # fmt: skip
+    return OutputTokens(limit * FIRST_RUN_OUTPUT_SHARE, 0.0, limit,
+                        f"first run: assumed {FIRST_RUN_OUTPUT_SHARE:.0%} of max_tokens")  # fmt: skip
+
+
+# --- the estimate --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Costs:
+    expected: float = 0.0
+    low: float = 0.0
+    high: float = 0.0
+    worst: float = 0.0
+    uncached: float = 0.0  # at list prices
+    input_tokens: float = 0.0
+    output_tokens: float = 0.0
+    max_output_tokens: float = 0.0
+    parts: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _price_part(
+    costs: _Costs, tokens: ModelTokens, requests: int, setting: CacheSetting, decision: CacheDecision,
+    output: OutputTokens, workload: Workload, prices: PriceTable, name: str, batches: int,
+) -> None:  # fmt: skip
+    """Add ``requests`` of the model's requests, in ``batches`` batches, at ``setting`` to ``costs`` (list prices).
+
+    Each batch's first request writes the prefix; the hit rate applies to the others.
+    """
+    if not requests:
+        return
+    price = prices.for_model(tokens.model)
+    share = requests / tokens.requests if tokens.requests else 0.0
+    input_tokens = tokens.input_tokens * share
+    band = tokens.band()
+    prefix = requests * tokens.prefix_tokens
+    cacheable = setting != "off" and tokens.prefix_tokens >= price.min_cacheable_tokens
+    rate = decision.hit_rate(setting) if cacheable else None
+
+    def cost(inputs: float, factor: float, per_answer: float) -> float:
+        billed = inputs - prefix + prefix * factor if cacheable else inputs
+        return (price.input * billed + price.output * requests * per_answer) / 1_000_000
+
+    point, low, high = (rate.point, rate.low, rate.high) if rate else (0.0, 0.0, 0.0)
+    warm = max(requests - max(batches, 1), 0) / requests  # the share of requests that can read
+
+    def factor(hit_rate: float) -> float:
+        return prefix_cost_factor(setting, hit_rate * warm, prices) if cacheable else 1.0
+
+    costs.expected += cost(input_tokens, factor(point), output.point)
+    costs.low += cost(input_tokens * (1 - band), factor(high), output.low)
+    costs.high += cost(input_tokens * (1 + band), factor(low), output.high)
+    costs.worst += cost(input_tokens, factor(0.0), workload.max_tokens)
+    costs.uncached += (price.input * input_tokens + price.output * requests * output.point) / 1_000_000
+    costs.input_tokens += input_tokens
+    costs.output_tokens += requests * output.point
+    costs.max_output_tokens += requests * workload.max_tokens
+    costs.parts.append({
+        "part": name, "model": tokens.model, "requests": requests, "batches": batches, "setting": setting,
+        "cacheable": cacheable,
+        "hit_rate": rate.to_dict() if rate else None,
+        "prefix_factor": round(factor(point), 4),
+    })  # fmt: skip
+
+
+def build_estimate(
+    workload: Workload,
+    decision: CacheDecision,
+    tokens: Mapping[str, ModelTokens],
+    output: OutputTokens,
+    prices: PriceTable,
+    probe_requests: Mapping[str, int] | None = None,
+    batches: Mapping[str, int] | None = None,
+) -> dict[str, Any]:
+    """The manifest's ``estimate``: costs with their band, what they rest on, and the cache plan.
+
+    :param probe_requests: the probe's requests by model (they are priced at the probe's setting,
+        in a batch of their own).
+    :param batches: the batches each model's other requests go in (default one).
+    """
+    probe_requests = probe_requests or {}
+    batches = batches or {}
+    costs = _Costs()
+    for model, counted in sorted(tokens.items()):
+        probed = probe_requests.get(model, 0)
+        _price_part(costs, counted, counted.requests - probed, decision.setting, decision, output, workload, prices,
+                    "main", batches.get(model, 1))  # fmt: skip
+        if probed and decision.probe_setting is not None:
+            _price_part(costs, counted, probed, decision.probe_setting, decision, output, workload, prices, "probe", 1)
+    discount = prices.batch_discount
+    main_rate = decision.hit_rate(decision.setting)
+    methods = sorted({counted.method for counted in tokens.values()}) or ["count_tokens"]
+    sampled = sum(counted.sampled for counted in tokens.values())
+    return {
+        "prices_read_on": prices.read_on,
+        "method": "+".join(methods),
+        "cache_setting": decision.setting,
+        "assumed_cache_hit_rate": round(main_rate.point, 4) if main_rate else 0.0,
+        "input_tokens": round(costs.input_tokens),
+        "max_output_tokens": round(costs.max_output_tokens),
+        "expected_output_tokens": round(costs.output_tokens),
+        "cost_usd_max": round(costs.worst * discount, 6),
+        "cost_usd_expected": round(costs.expected * discount, 6),
+        "cost_usd_low": round(costs.low * discount, 6),
+        "cost_usd_high": round(costs.high * discount, 6),
+        "cost_usd_uncached": round(costs.uncached * discount, 6),
+        "cost_usd_realtime_uncached": round(costs.uncached, 6),
+        "realtime_cost_usd_expected": round(costs.expected, 6),
+        "per_model": {
+            model: {
+                "requests": counted.requests,
+                "prefix_tokens_per_request": counted.prefix_tokens,
+                "cacheable": decision.setting != "off"
+                and counted.prefix_tokens >= prices.for_model(model).min_cacheable_tokens,
+                "variable_input_tokens": round(counted.variable_tokens),
+                "max_output_tokens": counted.requests * workload.max_tokens,
+                "content_chars": counted.content_chars,
+                **counted.to_dict(),
+            }
+            for model, counted in sorted(tokens.items())
+        },
+        "basis": {
+            "sample": {"requests": sampled, "of": sum(counted.requests for counted in tokens.values()),
+                       "count_calls": sampled + 3 * len(tokens) if "count_tokens" in methods else 0},  # fmt: skip
+            "output_tokens": output.to_dict(),
+            "parts": costs.parts,
+        },
+        "cache_plan": decision.to_dict(),
+    }
+
+
+def _sampled_requests(
+    layout: RunLayout, manifest: Manifest, sample: RowSample, key_column: str
+) -> list[tuple[Mapping[str, Any], str]]:
+    """The sampled rows that were staged, with the model staging gave each (rejected rows drop out)."""
+    wanted = {str(row.get(key_column)): row for row in sample.rows if row.get(key_column) is not None}
+    if not wanted:
+        return []
+    value_set = pa.array(sorted(wanted), pa.string())
+    found: list[tuple[Mapping[str, Any], str]] = []
+    for shard in manifest.shards:
+        keys = read_shard_keys(layout, shard).select(["record_key", "model"])
+        hits = keys.filter(pc.is_in(keys.column("record_key"), value_set=value_set))
+        for record_key, model in zip(hits.column("record_key").to_pylist(), hits.column("model").to_pylist(), strict=True):
+            row = wanted.pop(record_key, None)
+            if row is not None:
+                found.append((row, model))
+    return found
+
+
+def estimate_run(
+    layout: RunLayout,
+    manifest: Manifest,
+    workload: Workload,
+    decision: CacheDecision,
+    observations: Iterable[CacheObservation],
+    prices: PriceTable,
+    *,
+    sample: RowSample | None = None,
+    client: Any = None,
+    key_column: str,
+    log: Any = None,
+) -> Manifest:
+    """Measure the staged run's tokens, size and split off the probe, and write the estimate.
+
+    :param manifest: the manifest as staging wrote it (its own estimate counts characters).
+    :param sample: the rows sampled while staging (None: a retried stage, which has none).
+    :param client: an ``anthropic.Anthropic`` client for ``count_tokens`` (None: characters only).
+    :param key_column: the row field holding the record key (as the shard keys record it).
+    :returns: the manifest with the estimate (and the probe's shard), as written.
+    """
+    observations = list(observations)
+    per_model = {
+        model: (int(entry["requests"]), int(entry.get("content_chars") or 0))
+        for model, entry in (manifest.estimate or {}).get("per_model", {}).items()
+    }
+    tokens: dict[str, ModelTokens] | None = None
+    if per_model and client is not None and sample is not None:
+        sampled = _sampled_requests(layout, manifest, sample, key_column)
+        if sampled:
+            try:
+                tokens = measure_tokens(client, workload, decision.setting, sampled, per_model)
+            except Exception as exc:  # never fail a run over its estimate: say so and count characters
+                if log is not None:
+                    log.warning("count_tokens failed (%s: %s); the estimate counts characters instead.",
+                                type(exc).__name__, str(exc)[:200])  # fmt: skip
+    if tokens is None:
+        tokens = character_tokens(workload, per_model)
+    output = output_tokens(workload, observations)
+    prefix = max((counted.prefix_tokens for counted in tokens.values()), default=0)
+    decision.prefix_tokens = prefix
+    probe_requests: dict[str, int] = {}
+    if decision.probe_setting is not None and tokens:
+        cacheable = [m for m, c in tokens.items() if c.prefix_tokens >= prices.for_model(m).min_cacheable_tokens]
+        if not cacheable:
+            decision.probe_reason += "; the counted prefix is under the minimum cacheable length"
+        else:
+            plain = build_estimate(workload, replace(decision, setting="off", probe_setting=None), tokens, output, prices)
+            extra = max(
+                tokens[m].prefix_tokens * (prices.cache_write_multiplier(decision.probe_setting) - 1.0)
+                * prices.for_model(m).input / 1_000_000 * prices.batch_discount
+                for m in cacheable
+            )  # fmt: skip
+            size_probe(decision, staged_requests=manifest.staged_requests,
+                       uncached_cost_usd=float(plain["cost_usd_expected"]), extra_per_request_usd=extra)  # fmt: skip
+            if decision.probe_requests:
+                manifest, probe_requests = split_probe(layout, manifest, workload, decision.probe_setting,
+                                                       decision.probe_requests)  # fmt: skip
+    probe_shard = manifest.shards[-1].part if probe_requests else None
+    batches: dict[str, int] = {}
+    for shard in manifest.shards:
+        if shard.part != probe_shard:
+            for model in shard.models:
+                batches[model] = batches.get(model, 0) + 1
+    estimate = build_estimate(workload, decision, tokens, output, prices, probe_requests, batches)
+    if probe_shard is not None:
+        estimate["cache_plan"]["probe"]["part"] = probe_shard
+    manifest = replace(manifest, estimate=estimate)
+    layout.store.write_json(layout.manifest, manifest.to_dict())
+    if log is not None:
+        log.info("%s", decision.describe())
+        log.info(
+            "Estimate (%s): $%.4f in batches, between $%.4f and $%.4f (at most $%.4f); input %s tokens, output "
+            "%.0f per answer (%s); caching off it would be $%.4f, plain real-time calls $%.4f.",
+            estimate["method"], estimate["cost_usd_expected"], estimate["cost_usd_low"], estimate["cost_usd_high"],
+            estimate["cost_usd_max"], f"{estimate['input_tokens']:,}", output.point, output.source,
+            estimate["cost_usd_uncached"], estimate["cost_usd_realtime_uncached"],
+        )  # fmt: skip
+    return manifest
