@@ -7,7 +7,7 @@ export UV_COMPILE_BYTECODE := 1
 export AIRFLOW__CORE__PARALLELISM ?= 4
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench soak lint lock emulator clean
+.PHONY: install test demo ui bench soak lint lock emulator clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ test: install
 
 demo: install
 	$(BIN)/python -m claude_batch.demo
+
+# A local Airflow on 127.0.0.1 to click through (the demo's data, the emulator, moto); Ctrl-C stops it.
+ui: install
+	$(BIN)/python -m claude_batch.devstack $(if $(PORT),--port $(PORT))
 
 bench: install
 	$(BIN)/python -m bench.run_all

@@ -48,6 +48,16 @@ REAL_API_FLAG = "CLAUDE_BATCH_DEMO_REAL_API"
 # Emulated time runs 600x faster; a batch takes five emulated minutes (half a second).
 EMULATOR_TIME_SCALE = 600.0
 EMULATOR_PROCESSING_SECONDS = 300.0
+# What the tables below are: without the real API no model answers, the emulator does.
+EMULATED_ANSWERS = (
+    "Answers: from the emulator, not from Claude. Its default responder reads each row's text: the label its "
+    "words point to, a confidence from how clearly they do, a summary from its own sentences; instructions "
+    "written into a row (the prompt-injection ticket) are ignored. Set CLAUDE_BATCH_DEMO_REAL_API=1 with "
+    "ANTHROPIC_API_KEY for real answers."
+)
+EMULATED_ANSWERS_SHORT = (
+    "The answers below come from the Claude API emulator (deterministic, read from each row's text), not from a model."
+)
 # With the real API: a small sample and a budget per run, so the demo costs cents.
 REAL_API_CONF = {"row_limit": 100, "budget_usd": 1.0}
 
@@ -272,12 +282,51 @@ def describe_report(report: dict[str, Any], clock: str = "") -> str:
         + (f" ({clock})" if durations and clock else ""),
         f"tokens          input {tokens.get('input', 0):,}, output {tokens.get('output', 0):,}, "
         f"cache write {tokens.get('cache_write', 0):,}, cache read {tokens.get('cache_read', 0):,}",
-        f"cache           {report['cache_setting']}, hit rate "
-        + (f"{hit_rate:.0%}" if hit_rate is not None else "n/a (prompt under the model's cacheable minimum)"),
-        f"cost            ${report['cost_usd']:.4f} in batches (estimate was ${report['estimated_cost_usd']:.4f}); "
-        f"real-time equivalent ${report['realtime_cost_usd']:.4f}; saving ${report['saving_usd']:.4f}",
+        f"cache           {report['cache_setting']}"
+        + (f" ({(report.get('cache') or {}).get('policy')})" if (report.get("cache") or {}).get("policy") else "")
+        + ", hit rate "
+        + (f"{hit_rate:.0%}" if hit_rate is not None else "n/a (nothing cached)")
+        + _describe_probe((report.get("cache") or {}).get("probe")),
+        *_describe_costs(report),
     ]
     return "\n".join(lines)
+
+
+def _describe_probe(probe: dict[str, Any] | None) -> str:
+    if not probe or not probe.get("requests"):
+        return ""
+    return (
+        f"; probed {probe['setting']} on {probe['requests']:,} requests "
+        f"(at most ${probe.get('max_extra_usd', 0):.4f} over caching off)"
+    )
+
+
+def _describe_costs(report: dict[str, Any]) -> list[str]:
+    """The cost lines, with the report's definitions (claude_batch.costs.RunCosts)."""
+    costs = report.get("costs")
+    if not costs:  # a report from before the definitions
+        return [
+            f"cost            ${report['cost_usd']:.4f} in batches (estimate was ${report['estimated_cost_usd']:.4f}); "
+            f"real-time equivalent ${report['realtime_cost_usd']:.4f}; saving ${report['saving_usd']:.4f}"
+        ]
+    estimate = costs.get("estimate") or {}
+    line = f"cost            ${costs['actual_usd']:.4f} in batches"
+    if estimate.get("expected_usd") is not None:
+        line += f"; estimate ${estimate['expected_usd']:.4f}"
+        if estimate.get("low_usd") is not None and estimate.get("high_usd") is not None:
+            line += f" (between ${estimate['low_usd']:.4f} and ${estimate['high_usd']:.4f})"
+        if estimate.get("gap_pct") is not None:
+            line += f", off by {estimate['gap_pct']:+.1f}%"
+    realtime = costs["realtime_uncached_usd"]
+    share = f" ({costs['saving_usd'] / realtime:.0%})" if realtime else ""
+    caching = round(costs["saving_from_caching_usd"], 4) + 0.0  # no "-0.0000" for a rounding crumb
+    return [
+        line,
+        f"compared with   plain real-time calls without caching ${realtime:.4f}; batches without caching "
+        f"${costs['batch_uncached_usd']:.4f}",
+        f"saving          ${costs['saving_usd']:.4f}{share}: batching ${costs['saving_from_batching_usd']:.4f}, "
+        + (f"caching ${caching:.4f}" if caching >= 0 else f"caching cost ${-caching:.4f} more than caching off"),
+    ]
 
 
 # --- main ----------------------------------------------------------------------------------
@@ -329,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"Claude: the emulator at {emulator.base_url} (key {masked(emulator_key)}; "
                 f"time x{EMULATOR_TIME_SCALE:.0f}, a batch takes {EMULATOR_PROCESSING_SECONDS / 60:.0f} emulated min)"
             )
+            print(EMULATED_ANSWERS)
         print(f"S3: moto at {s3_endpoint}, storage root {STORAGE_ROOT}")
         env = airflow_env(home, root, warehouse, s3_endpoint, claude)
         env["CLAUDE_BATCH_MIN_POLL_SECONDS"] = "10" if real_api else "1"
@@ -361,6 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 failed.append(run.dag_id)
                 print(tail(log_path))
 
+        if emulator is not None:
+            print(f"\n{EMULATED_ANSWERS_SHORT}")
         if "invoice_approval" not in failed:
             print("\nInvoices ready for approval (invoice_approval_results)\n")
             print(invoice_table(warehouse))

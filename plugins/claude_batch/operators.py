@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Any
+from urllib.parse import urlsplit
 
 from airflow.sdk import BaseOperator, BaseOperatorLink, Context
 from airflow.sdk.exceptions import AirflowFailException
@@ -33,16 +34,23 @@ from claude_batch.storage import ObjectStore, safe_segment
 from claude_batch.submission import BatchSubmitter, InlineRequests, RequestSource, StoredShard
 from claude_batch.triggers import DEFAULT_MAX_POLL_INTERVAL, DEFAULT_MIN_POLL_INTERVAL, ClaudeBatchTrigger
 
-CONSOLE_BATCH_URL = os.environ.get(
-    "CLAUDE_BATCH_CONSOLE_URL", "https://platform.claude.com/workspaces/default/batches/{batch_id}"
-)
+# Where the real API's batches are shown; CLAUDE_BATCH_CONSOLE_URL (a format string with
+# {batch_id}) overrides it, e.g. for another workspace or a gateway's own console.
+CONSOLE_URL_ENV = "CLAUDE_BATCH_CONSOLE_URL"
+CONSOLE_BATCH_URL = "https://platform.claude.com/workspaces/default/batches/{batch_id}"
+REAL_API_HOSTS = frozenset({"api.anthropic.com"})
 WAIT_MODES = ("defer", "poll", "none")
 # The queue budget when the operator is not given one (e.g. set on the workers of a deployment).
 QUEUE_BUDGET_ENV = "CLAUDE_BATCH_QUEUE_BUDGET"
 
 
 class ClaudeConsoleBatchLink(BaseOperatorLink):
-    """Opens the submitted batch in the Claude Console (URL stored at execution time)."""
+    """Opens the submitted batch in the Claude Console (URL stored at execution time).
+
+    The submit task stores the URL (:func:`console_url`) as it learns the batch id, per map
+    index, so each mapped submit links to its own batch. Airflow's UI shows no button when the
+    URL is empty: a connection to the emulator or a gateway has no Claude Console.
+    """
 
     name = "Claude Console"
 
@@ -50,6 +58,20 @@ class ClaudeConsoleBatchLink(BaseOperatorLink):
         from airflow.sdk.execution_time.xcom import XCom
 
         return XCom.get_value(key=self.xcom_key, ti_key=ti_key) or ""
+
+
+def console_url(batch_id: str, api_base_url: Any) -> str | None:
+    """The batch's page in the Claude Console, or None when the connection is not the real API.
+
+    :param api_base_url: the client's base URL (the connection's host, or the SDK's default).
+    """
+    explicit = os.environ.get(CONSOLE_URL_ENV, "").strip()
+    if explicit:
+        return explicit.format(batch_id=batch_id)
+    host = urlsplit(str(api_base_url)).hostname if api_base_url else None
+    if host is None or host.lower() in REAL_API_HOSTS:
+        return CONSOLE_BATCH_URL.format(batch_id=batch_id)
+    return None  # the emulator, a gateway: their batches are not in the Claude Console
 
 
 def default_storage_root() -> str | None:
@@ -233,9 +255,12 @@ class ClaudeBatchOperator(BaseOperator):
             )
         self.batch_id = result.batch_id
         context["ti"].xcom_push(key="batch_id", value=result.batch_id)
-        context["ti"].xcom_push(
-            key=ClaudeConsoleBatchLink().xcom_key, value=CONSOLE_BATCH_URL.format(batch_id=result.batch_id)
-        )
+        link = console_url(result.batch_id, self._api_base_url())
+        if link:
+            context["ti"].xcom_push(key=ClaudeConsoleBatchLink().xcom_key, value=link)
+        else:
+            self.log.info("No Claude Console link: connection %r points at %s, not the Claude API.",
+                          self.conn_id, self._api_base_url())  # fmt: skip
         if self.wait == "none":
             return result.batch_id
         if self.wait == "defer":
@@ -346,6 +371,12 @@ class ClaudeBatchOperator(BaseOperator):
             "clearing the task submits it. Raise queue_wait_timeout, lower the other load on the "
             "organisation's queue, or raise queue_budget."
         )
+
+    def _api_base_url(self) -> Any:
+        try:
+            return self.hook.conn.base_url
+        except Exception:  # no client (a broken connection): the submit already said why
+            return None
 
     def _wait_in_place(self, batch_id: str) -> dict[str, Any]:
         interval = self.min_poll_interval

@@ -338,6 +338,14 @@ class Ops:
             raise UnknownWorkload(f"no workload {name!r} in this warehouse's ledger or run history (known: {listed})")
         return name
 
+    def dag_ids(self, workload: str) -> list[str]:
+        """The DAGs whose runs claimed the workload's items, sorted (what access to a workload is checked on)."""
+        rows = self._rows(
+            f"SELECT DISTINCT dag_id FROM {self._ledger} WHERE workload = {self._p} AND dag_id IS NOT NULL",
+            [self.check_workload(workload)],
+        )
+        return sorted(dag_id for (dag_id,) in rows)
+
     def prompt_versions(self, workload: str) -> list[str]:
         """The workload's prompt versions, the current one first (its latest run's, else the latest updated)."""
         p = self._p

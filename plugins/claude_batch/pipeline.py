@@ -27,17 +27,20 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anthropic
 import orjson
 
+from claude_batch import notes
 from claude_batch.batch_queue import DEFAULT_QUEUE_POLL_INTERVAL
+from claude_batch.caching import decide as decide_caching
 from claude_batch.connections import open_warehouse
-from claude_batch.costs import PriceTable, default_prices
+from claude_batch.costs import PriceTable, TokenTotals, apportion_tokens, default_prices, run_costs
+from claude_batch.estimates import RowSample, estimate_run
 from claude_batch.pilot import (
     approval_text,
     exclude_pilot,
@@ -71,6 +74,9 @@ from claude_batch.warehouse import (
     Warehouse,
 )
 from claude_batch.workloads import Workload
+
+if TYPE_CHECKING:
+    from claude_batch.alerts import NotifierSpec
 
 __all__ = ["PipelineConfig", "RunOptions", "SourceSpec", "claude_batch_dag", "claude_batch_pipeline"]
 
@@ -233,16 +239,38 @@ def _naive_utc(moment: Any) -> datetime:
 
 
 def run_stage(
-    config: PipelineConfig, warehouse: Warehouse, layout: RunLayout, options: RunOptions, interval: Any
+    config: PipelineConfig,
+    warehouse: Warehouse,
+    layout: RunLayout,
+    options: RunOptions,
+    interval: Any,
+    client: Any = None,
+    log: Any = None,
 ) -> dict[str, Any]:
     """Extract the run's rows and stage them as shards with a manifest (no ledger change yet).
 
-    A run that already staged this prompt version keeps its manifest: re-staging would extract
-    nothing (its items are done) and overwrite the record of what the run sent.
+    The cache setting comes from the caching policy (:func:`claude_batch.caching.decide`, on the
+    evidence of the workload's earlier runs); the estimate (:func:`claude_batch.estimates.estimate_run`)
+    counts a sample of the staged requests with ``count_tokens`` and prices the cached prefix at
+    the hit rate measured for the setting; a probe, if the policy asks for one, becomes a shard of
+    its own. A run that already staged this prompt version keeps its manifest: re-staging would
+    extract nothing (its items are done) and overwrite the record of what the run sent; one whose
+    estimate was not written yet (a stage that died after staging) gets it now, without a sample.
+
+    :param client: an ``anthropic.Anthropic`` client for ``count_tokens`` (None: the estimate counts
+        characters).
+    :param log: where the decision and the estimate are logged.
     """
+    log = log or _task_log()
     workload = effective_workload(config, options)
     staged = read_manifest(layout)
     if staged is not None and staged.prompt_version == workload.prompt_version:
+        if staged.staged_requests and "cache_plan" not in (staged.estimate or {}):
+            observations = warehouse.recent_cache_observations(workload)
+            decision = decide_caching(workload, observations, config.prices)
+            decision.setting, decision.probe_setting = staged.cache_setting, None
+            staged = estimate_run(layout, staged, workload, decision, observations, config.prices,
+                                  key_column=RECORD_KEY_COLUMN, log=log)  # fmt: skip
         return _stage_summary(staged)
     # Mistakes in the source or the template fail here, naming the cause, before any row is read.
     check_workload_source(
@@ -250,20 +278,26 @@ def run_stage(
     )
     warehouse.ensure_tables(workload)
     observations = warehouse.recent_cache_observations(workload)
-    cache_setting = workload.choose_cache_setting(observations, config.prices)
+    decision = decide_caching(workload, observations, config.prices)
+    rate = decision.hit_rate(decision.setting)
     rows = warehouse.extract(workload, config.source, layout.run_id, interval)
     if options.row_limit:
         rows = itertools.islice(rows, options.row_limit)
+    sample = RowSample(seed=f"{layout.dag_id}/{layout.run_id}")
     manifest = stage_requests(
-        rows,
+        sample.wrap(rows),
         workload,
         layout,
         key_field=RECORD_KEY_COLUMN,  # the key as the warehouse casts it to text (extract adds it)
         key_name=config.source.key_column,
-        cache_setting=cache_setting,
+        cache_setting=decision.setting,
         prices=config.prices,
         limits=config.staging_limits,
+        assumed_cache_hit_rate=rate.point if rate else 0.0,
     )
+    if manifest.staged_requests:
+        manifest = estimate_run(layout, manifest, workload, decision, observations, config.prices, sample=sample,
+                                client=client, key_column=RECORD_KEY_COLUMN, log=log)  # fmt: skip
     return _stage_summary(manifest)
 
 
@@ -296,18 +330,30 @@ def run_recover(
 
 
 def _stage_summary(manifest: Manifest) -> dict[str, Any]:
+    low, high = _estimate_band(manifest)
     return {
         "extracted": manifest.extracted_rows,
         "staged": manifest.staged_requests,
         "rejected": manifest.rejected_rows,
         "shards": len(manifest.shards),
         "cache_setting": manifest.cache_setting,
+        "cache_probe": ((manifest.estimate or {}).get("cache_plan") or {}).get("probe"),
         "estimated_cost_usd": _estimated_cost(manifest),
+        "estimated_cost_low_usd": low,
+        "estimated_cost_high_usd": high,
     }
 
 
 def _estimated_cost(manifest: Manifest) -> float:
+    """The run's expected cost in batches (see :mod:`claude_batch.estimates`)."""
     return float((manifest.estimate or {}).get("cost_usd_expected", 0.0))
+
+
+def _estimate_band(manifest: Manifest) -> tuple[float, float]:
+    """(low, high) of the estimate; an estimate without a band (an older manifest) is its own band."""
+    estimate = manifest.estimate or {}
+    expected = _estimated_cost(manifest)
+    return float(estimate.get("cost_usd_low", expected)), float(estimate.get("cost_usd_high", expected))
 
 
 def _claim(warehouse: Warehouse, workload: Workload, layout: RunLayout, manifest: Manifest) -> tuple[Manifest, ClaimResult]:
@@ -343,22 +389,34 @@ def run_gate(
     manifest = _manifest(layout)
     workload = effective_workload(config, options)
     cost = _estimated_cost(manifest)
+    low, high = _estimate_band(manifest)
     log.info(
-        "Staged %s requests in %d shard(s) (%s rejected); estimated batch cost $%.4f (cache %s).",
+        "Staged %s requests in %d shard(s) (%s rejected); estimated batch cost $%.4f, between $%.4f and $%.4f "
+        "(cache %s).",
         f"{manifest.staged_requests:,}",
         len(manifest.shards),
         f"{manifest.rejected_rows:,}",
         cost,
+        low,
+        high,
         manifest.cache_setting,
     )
     if options.dry_run:
         write_report(layout, {"dry_run": True, "estimate": manifest.estimate, **_stage_summary(manifest)})
         return []
-    if options.budget_usd and cost > options.budget_usd:
+    # The budget refuses a run only when its estimate is over it even at the low end of its band
+    # (see claude_batch.estimates); one whose band merely reaches over it goes on, with a warning.
+    if options.budget_usd and low > options.budget_usd:
         raise BudgetExceeded(
-            f"The estimated cost ${cost:.4f} is over this run's budget ${options.budget_usd:.4f}; nothing was "
-            "submitted. Raise the budget, lower row_limit, or choose a cheaper model."
+            f"The estimated cost ${cost:.4f} (between ${low:.4f} and ${high:.4f}) is over this run's budget "
+            f"${options.budget_usd:.4f}; nothing was submitted. Even the low end of the estimate is over it: raise "
+            "the budget, lower row_limit, or choose a cheaper model."
         )
+    if options.budget_usd and high > options.budget_usd:
+        log.warning(
+            "The estimate $%.4f (between $%.4f and $%.4f) may go over the budget $%.4f; the run goes on "
+            "since it is under the budget at the low end.", cost, low, high, options.budget_usd,
+        )  # fmt: skip
     ledger = warehouse.accounting(workload, manifest)
     if ledger.by_status and ledger.accounted == ledger.extracted == sum(ledger.by_status.values()):
         log.info("Run %s already reached a final state for every item (%s); nothing to do.", layout.run_id, ledger.by_status)
@@ -616,6 +674,54 @@ def _add_loads(load: LoadSummary, earlier: Mapping[str, Any]) -> LoadSummary:
     return total
 
 
+def _tokens_by_model(layout: RunLayout, collected: list[Mapping[str, Any]]) -> dict[str, TokenTotals] | None:
+    """Every billed token of the run by answering model, read from the results Parquet its collects wrote.
+
+    None when a part cannot be read (the costs then apportion the run's totals).
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    names = ["model", "input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"]
+    totals: dict[str, TokenTotals] = {}
+    try:
+        for part in collected:
+            path = (part.get("collected") or {}).get("results_parquet")
+            if not path:
+                return None
+            with layout.store.open(path, "rb") as handle:
+                table = pq.read_table(handle, columns=names)
+            table = table.filter(pc.is_valid(table.column("model")))
+            for row in table.group_by("model").aggregate([(name, "sum") for name in names[1:]]).to_pylist():
+                found = TokenTotals(*(int(row[f"{name}_sum"] or 0) for name in names[1:]))
+                totals[row["model"]] = totals.get(row["model"], TokenTotals()) + found
+    except (OSError, KeyError, ValueError):
+        return None
+    return totals
+
+
+def report_costs(
+    manifest: Manifest, load: Mapping[str, Any], prices: PriceTable, by_model: Mapping[str, TokenTotals] | None = None
+) -> dict[str, Any]:
+    """The report's cost section (the definitions: :class:`claude_batch.costs.RunCosts`).
+
+    :param load: the run's load totals (a ``LoadSummary`` as a dict).
+    :param by_model: billed tokens by model; without it a one-model run uses its totals (exact) and a
+        multi-model run apportions them by its staged requests per model (``exact`` False).
+    """
+    total = TokenTotals(
+        int(load["input_tokens"]), int(load["output_tokens"]),
+        int(load["cache_creation_input_tokens"]), int(load["cache_read_input_tokens"]),
+    )  # fmt: skip
+    exact = True
+    if not by_model:
+        per_model = (manifest.estimate or {}).get("per_model") or {}
+        shares = {model: entry.get("requests", 0) for model, entry in per_model.items()}
+        by_model = apportion_tokens(total, shares or dict.fromkeys(manifest.models or ["unknown"], 1))
+        exact = len(by_model) <= 1
+    return run_costs(float(load["cost_usd"]), by_model, prices, manifest.estimate, exact=exact).to_dict()
+
+
 def build_report(
     layout: RunLayout,
     loaded: Mapping[str, Any],
@@ -623,7 +729,13 @@ def build_report(
     prices: PriceTable,
     pilot: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The run report: counts per outcome, cost vs real time, cache hit rate, durations.
+    """The run report: counts per outcome, what the run cost and saved, the estimate, caching, durations.
+
+    ``costs`` holds the definitions (:class:`claude_batch.costs.RunCosts`): the actual cost; the
+    same tokens as plain real-time calls without caching (also ``realtime_cost_usd``); the same
+    tokens in batches without caching; the saving from batching and the saving (or, negative, the
+    loss) from caching, apart; the estimate beside the actual, with the gap. ``saving_usd`` is the
+    saving against plain real-time calls: batching and caching together.
 
     :param pilot: the pilot's decision (``pilot_decide``), if the run had a pilot; its tokens and
         cost are in ``loaded`` already, its requests in ``staged``.
@@ -631,10 +743,12 @@ def build_report(
     manifest = with_pilot(layout, _manifest(layout))
     load = loaded["load"]
     cost = float(load["cost_usd"])
-    realtime = cost / prices.batch_discount if prices.batch_discount else cost
     cache_read = int(load["cache_read_input_tokens"])
     cache_write = int(load["cache_creation_input_tokens"])
     durations = [c["batch_seconds"] for c in collected if c.get("batch_seconds") is not None]
+    by_model = _tokens_by_model(layout, collected) if len(manifest.models) > 1 else None
+    costs = report_costs(manifest, load, prices, by_model)
+    plan = (manifest.estimate or {}).get("cache_plan") or {}
     return {
         "workload": manifest.workload,
         "dag_id": layout.dag_id,
@@ -656,9 +770,17 @@ def build_report(
             "cache_read": cache_read,
         },
         "cost_usd": round(cost, 6),
-        "realtime_cost_usd": round(realtime, 6),
-        "saving_usd": round(realtime - cost, 6),
+        "realtime_cost_usd": costs["realtime_uncached_usd"],
+        "saving_usd": costs["saving_usd"],
         "estimated_cost_usd": _estimated_cost(manifest),
+        "costs": costs,
+        "cache": {
+            "policy": plan.get("policy"),
+            "setting": manifest.cache_setting,
+            "reason": plan.get("reason"),
+            "probe": plan.get("probe"),
+            "evidence": plan.get("evidence"),
+        },
         "cache_hit_rate": round(cache_read / (cache_read + cache_write), 4) if cache_read + cache_write else None,
         "batch_seconds": {"max": max(durations), "mean": sum(durations) / len(durations)} if durations else None,
         "pilot": _pilot_summary(pilot),
@@ -704,10 +826,23 @@ def _context_options() -> RunOptions:
 def claude_batch_pipeline(config: PipelineConfig, group_id: str | None = None):
     """A TaskGroup running ``config.workload`` from warehouse to warehouse; call inside a DAG.
 
+    :func:`claude_batch_dag` lays the same tasks out at the DAG's top level instead; in a DAG of
+    your own the group keeps them apart from your tasks (and from a second workload's).
+
     :param config: the pipeline's settings.
     :param group_id: the group's id (default: the workload's name).
     :returns: the TaskGroup (its last task is the report).
     """
+    return _pipeline_tasks(config, group_id or config.workload.name)
+
+
+def _pipeline_tasks(config: PipelineConfig, group_id: str | None):
+    """The pipeline's tasks: in a TaskGroup ``group_id``, or at the DAG's top level (``None``).
+
+    :returns: the TaskGroup, or (top level) the report task.
+    """
+    import contextlib
+
     from airflow.sdk import Asset, TaskGroup, get_current_context, task
     from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
@@ -721,7 +856,8 @@ def claude_batch_pipeline(config: PipelineConfig, group_id: str | None = None):
         uri=f"claude-batch://{config.warehouse_conn_id}/{config.workload.results_table}",
     )
 
-    with TaskGroup(group_id or config.workload.name) as group:
+    with TaskGroup(group_id) if group_id else contextlib.nullcontext() as group:
+        prefix = f"{group.group_id}." if group is not None else ""  # how the tasks find each other
 
         # Every stage is idempotent for its run (same S3 keys, upserts, two-phase submit state), so
         # a transient fault (S3, the warehouse, the API) is retried; decisions fail at once.
@@ -732,9 +868,15 @@ def claude_batch_pipeline(config: PipelineConfig, group_id: str | None = None):
             interval = run_interval(options, context.get("data_interval_start"), context.get("data_interval_end"))
             layout = _context_layout(config, config.aws_conn_id)
             hook = ClaudeBatchHook(conn_id=config.anthropic_conn_id)
-            with open_warehouse(config.warehouse_conn_id) as warehouse:
-                run_recover(config, warehouse, layout, options, hook.conn, _dag_run_state(context), _task_log())
-                return run_stage(config, warehouse, layout, options, interval)
+            try:
+                with open_warehouse(config.warehouse_conn_id) as warehouse:
+                    run_recover(config, warehouse, layout, options, hook.conn, _dag_run_state(context), _task_log())
+                    staged = run_stage(config, warehouse, layout, options, interval, client=hook.conn, log=_task_log())
+            except Exception as exc:
+                _note(context, notes.error_note("stage", exc))  # the run's note says why (a retry rewrites it)
+                raise
+            _note(context, notes.staged_note(staged))
+            return staged
 
         @task(task_id="gate", retries=2, retry_delay=timedelta(seconds=30))
         def gate(staged: dict[str, Any]) -> list[str]:
@@ -745,15 +887,18 @@ def claude_batch_pipeline(config: PipelineConfig, group_id: str | None = None):
                 with open_warehouse(config.warehouse_conn_id) as warehouse:
                     shards = run_gate(config, warehouse, layout, options, hook.conn, hook, _task_log())
             except BudgetExceeded as exc:
+                _note(get_current_context(), notes.refused_note(str(exc)))
                 raise AirflowFailException(str(exc)) from exc  # a decision, not a fault: no retry
             except NothingToSubmit as exc:
+                _note(get_current_context(), notes.nothing_note(str(exc)))
                 raise AirflowSkipException(str(exc)) from exc
             if not shards:
-                reason = (
-                    "dry run: estimate written to report.json"
-                    if options.dry_run
-                    else "nothing to submit (no rows, or the run is already complete)"
-                )
+                if options.dry_run:
+                    _note(get_current_context(), notes.dry_run_note(staged, effective_workload(config, options).model))
+                    reason = "dry run: estimate written to report.json"
+                else:
+                    reason = "nothing to submit (no rows, or the run is already complete)"
+                    _note(get_current_context(), notes.nothing_note(f"{reason}; staged {staged['staged']:,} requests."))
                 raise AirflowSkipException(f"{reason}; staged {staged['staged']:,} requests.")
             return shards
 
@@ -818,13 +963,19 @@ def claude_batch_pipeline(config: PipelineConfig, group_id: str | None = None):
             def load(collected: list[dict[str, Any]], previous: dict[str, Any] | None) -> dict[str, Any]:
                 layout = _context_layout(config, config.aws_conn_id, number)
                 if number == 1:  # round 1 goes on from the pilot's load (None: no pilot)
-                    previous = get_current_context()["ti"].xcom_pull(task_ids=f"{group.group_id}.pilot_load")
+                    previous = get_current_context()["ti"].xcom_pull(task_ids=f"{prefix}pilot_load")
                 try:
                     with open_warehouse(config.warehouse_conn_id) as warehouse:
                         result = run_load(config, warehouse, layout, _context_options(), previous)
                 except AccountingError as exc:
+                    _note(get_current_context(), notes.error_note(task_name("load", number), exc))
                     raise AirflowFailException(str(exc)) from exc  # the gap is in the data: a retry cannot close it
                 result["collected"] = [*(previous or {}).get("collected", []), *collected]
+                # Downstream DAGs scheduled on the results table see what the run loaded and cost so far.
+                context = get_current_context()
+                context["outlet_events"][results_asset].extra = notes.cost_summary(
+                    result, run_id=context["run_id"], workload=config.workload.name
+                )
                 return result
 
             return submit, load(collected, previous)
@@ -852,6 +1003,7 @@ def claude_batch_pipeline(config: PipelineConfig, group_id: str | None = None):
                 with open_warehouse(config.warehouse_conn_id) as warehouse:
                     return run_pilot_decide(config, warehouse, layout, _context_options(), _task_log())
             except PilotFailed as exc:
+                _note(get_current_context(), notes.pilot_failed_note(str(exc)))
                 raise AirflowFailException(str(exc)) from exc  # a decision, not a fault: no retry
 
         def release_on_reject(context: Any, reason: str) -> int:
@@ -864,7 +1016,7 @@ def claude_batch_pipeline(config: PipelineConfig, group_id: str | None = None):
         decided = pilot_decide(pilot_load(pilot_collected))
         approval = PilotApprovalOperator(
             task_id="pilot_approval",
-            decision_task_id=f"{group.group_id}.pilot_decide",
+            decision_task_id=f"{prefix}pilot_decide",
             on_reject=release_on_reject,
             response_timeout=(
                 timedelta(seconds=config.pilot_approval_timeout) if config.pilot_approval_timeout else None
@@ -899,14 +1051,15 @@ def claude_batch_pipeline(config: PipelineConfig, group_id: str | None = None):
             context = get_current_context()
             later = [
                 context["ti"].xcom_pull(task_ids=task_id)
-                for task_id in [f"{group.group_id}.load_{n}" for n in range(2, config.max_rounds + 1)]
+                for task_id in [f"{prefix}load_{n}" for n in range(2, config.max_rounds + 1)]
             ]
             loaded = [result for result in [first, *later] if result][-1]
             layout = _context_layout(config, config.aws_conn_id)
-            decision = context["ti"].xcom_pull(task_ids=f"{group.group_id}.pilot_decide")
+            decision = context["ti"].xcom_pull(task_ids=f"{prefix}pilot_decide")
             result = build_report(layout, loaded, list(loaded.get("collected", [])), config.prices, decision)
             write_report(layout, result)
             _emit_metrics(config.workload.name, result)
+            _note(context, notes.report_note(result))  # the run's note, once the run ends
             log = _task_log()
             log.info("Run report: %s", orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
             return result
@@ -914,7 +1067,15 @@ def claude_batch_pipeline(config: PipelineConfig, group_id: str | None = None):
         report_task = report(load_tasks[0])
         for later_load in load_tasks[1:]:
             later_load >> report_task
-    return group
+    return group if group is not None else report_task
+
+
+def _note(context: Any, text: str) -> None:
+    """Say what the run did so far; its newest line becomes the run's note when it ends (:mod:`claude_batch.notes`)."""
+    try:
+        context["ti"].xcom_push(key=notes.NOTE_KEY, value=text)
+    except Exception as exc:  # a note is never worth failing a task for
+        _task_log().warning("Could not record the run's note (%s): %s", exc, text)
 
 
 def _dag_run_state(context: Any) -> Callable[[str, str], str | None]:
@@ -950,43 +1111,120 @@ def _emit_metrics(workload: str, report: Mapping[str, Any]) -> None:
     for status, count in (report.get("ledger") or {}).items():
         Stats.gauge(f"claude_batch.items.{status}", count, tags=tags)
     Stats.gauge("claude_batch.cost_usd", report["cost_usd"], tags=tags)
+    # The report's definitions (claude_batch.costs.RunCosts): savings against plain real-time calls.
+    costs = report.get("costs") or {}
     Stats.gauge("claude_batch.saving_usd", report["saving_usd"], tags=tags)
+    for name in ("realtime_uncached_usd", "batch_uncached_usd", "saving_from_batching_usd", "saving_from_caching_usd"):
+        if costs.get(name) is not None:
+            Stats.gauge(f"claude_batch.{name}", costs[name], tags=tags)
+    gap = (costs.get("estimate") or {}).get("gap_pct")
+    if gap is not None:
+        Stats.gauge("claude_batch.estimate_gap_pct", gap, tags=tags)
     if report.get("batch_seconds"):
         Stats.timing("claude_batch.batch_duration", timedelta(seconds=report["batch_seconds"]["max"]), tags=tags)
 
 
+# The trigger form's sections after its first, in the order the form shows them. The first
+# (what to send) has no section of its own: Airflow's form opens only its default section
+# ("Run Parameters") and shows the others collapsed, to be opened when wanted.
+PARAM_SECTIONS = ("Cost and dry run", "Pilot run")
+
+
 def run_params(config: PipelineConfig, default_row_limit: int = 0) -> dict[str, Any]:
-    """The Params a UI trigger shows as a form; Airflow validates them before the run starts."""
+    """The Params a UI trigger shows as a form; Airflow validates them before the run starts.
+
+    Each has a title and a description; the cost and pilot fields have a section of the form
+    each (:data:`PARAM_SECTIONS`). The keys stay the names a REST trigger's ``conf`` and
+    ``airflow dags test --conf`` use.
+    """
     from airflow.sdk import Param
 
+    cost, pilot = PARAM_SECTIONS
     models = list(config.models)
     return {
-        "model": Param(config.workload.model, type="string", enum=models, description="The model to send to."),
-        "row_limit": Param(
-            default_row_limit, type="integer", minimum=0, maximum=10_000_000, description="At most this many rows (0: all)."
+        "model": Param(
+            config.workload.model,
+            type="string",
+            enum=models,
+            values_display={model: _model_title(model) for model in models},
+            title="Model",
+            description=f"The model every request goes to (the workload's own: {config.workload.model}). "
+            "Another model is another prompt version: its rows are sent again.",
         ),
-        "dry_run": Param(False, type="boolean", description="Extract and estimate the cost; submit nothing."),
+        "row_limit": Param(
+            default_row_limit,
+            type="integer",
+            minimum=0,
+            maximum=10_000_000,
+            title="Row limit",
+            description="Send at most this many rows of the interval (0: all of them).",
+        ),
+        "window_start": Param(
+            None,
+            type=["null", "string"],
+            format="date",
+            title="From date",
+            description="Take the rows from this date on instead of the run's data interval (give both dates).",
+        ),
+        "window_end": Param(
+            None,
+            type=["null", "string"],
+            format="date",
+            title="To date (exclusive)",
+            description="Take the rows before this date (with From date).",
+        ),
+        "dry_run": Param(
+            False,
+            type="boolean",
+            title="Dry run",
+            description="Extract the rows and estimate the cost; submit nothing. The run's note gives the estimate.",
+            section=cost,
+        ),
+        "budget_usd": Param(
+            0.0,
+            type="number",
+            minimum=0,
+            title="Budget (USD)",
+            description="Refuse to submit when the estimated cost is above this many dollars (0: no budget).",
+            section=cost,
+        ),
         "pilot_size": Param(
-            0, type="integer", minimum=0, maximum=10_000, description="Send this many requests first, alone (0: no pilot)."
+            0,
+            type="integer",
+            minimum=0,
+            maximum=10_000,
+            title="Pilot size",
+            description="Send this many requests first, on their own, and go on only if they validate (0: no pilot).",
+            section=pilot,
         ),
         "pilot_min_pass_rate": Param(
-            0.8, type="number", minimum=0, maximum=1, description="Stop unless this share of pilot answers is valid."
+            0.8,
+            type="number",
+            minimum=0,
+            maximum=1,
+            title="Pilot pass rate",
+            description="The share of pilot answers (0 to 1) that must pass validation for the run to go on.",
+            section=pilot,
         ),
         "pilot_approval": Param(
             config.pilot_approval,
             type="boolean",
-            description="After the pilot, a person approves the full run (instead of pilot_min_pass_rate).",
-        ),
-        "budget_usd": Param(
-            0.0, type="number", minimum=0, description="Refuse to submit when the estimate is above this (0: none)."
-        ),
-        "window_start": Param(
-            None, type=["null", "string"], format="date", description="Optional start date (instead of the interval)."
-        ),
-        "window_end": Param(
-            None, type=["null", "string"], format="date", description="Optional end date, exclusive."
+            title="A person approves the pilot",
+            description="After the pilot, a person sees its answers and the full run's cost estimate and decides "
+            "(instead of the pass rate).",
+            section=pilot,
         ),
     }
+
+
+def _model_title(model: str) -> str:
+    """``claude-haiku-4-5`` -> ``Claude Haiku 4.5`` (the form's label; the value stays the id)."""
+    words = model.split("-")
+    if words[:1] != ["claude"]:
+        return model
+    name = [w.capitalize() for w in words if not w.isdigit()]
+    version = [w for w in words if w.isdigit() and len(w) <= 2]  # not a snapshot's date
+    return " ".join(name) + (f" {'.'.join(version)}" if version else "")
 
 
 def claude_batch_dag(
@@ -997,10 +1235,14 @@ def claude_batch_dag(
     start_date: datetime,
     max_active_runs: int = 2,
     deadline_hours: float | None = None,
+    notifiers: Sequence[NotifierSpec] | None = None,
     tags: tuple[str, ...] = ("claude-batch",),
     **dag_kwargs: Any,
 ):
-    """A whole DAG for one workload: Params form, schedule, bounded concurrency, deadline alert.
+    """A whole DAG for one workload: Params form, schedule, bounded concurrency, alerts.
+
+    Its tasks sit at the DAG's top level (the grid shows each as a row). A run that fails and a
+    run past its deadline are told to ``notifiers``; each run's outcome and cost become its note.
 
     :param config: the pipeline's settings.
     :param dag_id: the DAG id (default: the workload's name).
@@ -1010,9 +1252,16 @@ def claude_batch_dag(
     :param deadline_hours: alert when a run is still not done this long after it was queued
         (default ``CLAUDE_BATCH_DEADLINE_HOURS`` or 20; 0 turns the alert off). ``dag.test()`` in
         Airflow 3.3 fails on DAGs with deadline alerts, so tests and the demo set it to 0.
+    :param notifiers: where the failure and deadline alerts go (:mod:`claude_batch.alerts`:
+        ``email(...)``, ``notifier(AnyNotifier, ...)``); default
+        :func:`~claude_batch.alerts.default_notifiers` (logged; e-mailed when
+        ``CLAUDE_BATCH_ALERT_EMAIL`` is set); ``[]``: no alerts. A DAG ``on_failure_callback``
+        given as well runs after the alert.
     """
     from airflow.sdk import DAG
     from airflow.sdk.definitions.deadline import AsyncCallback, DeadlineAlert, DeadlineReference
+
+    from claude_batch.alerts import RunFailedNotifier, deadline_callback_kwargs
 
     # Mistakes a DAG file can hold fail when it is parsed, naming the cause.
     check_model(config.workload.model, config.models, role="the workload's model")
@@ -1031,11 +1280,17 @@ def claude_batch_dag(
         DeadlineAlert(
             reference=DeadlineReference.DAGRUN_QUEUED_AT,
             interval=timedelta(hours=deadline_hours),
-            callback=AsyncCallback("claude_batch.alerts.run_overdue", kwargs={"workload": config.workload.name}),
+            callback=AsyncCallback(
+                "claude_batch.alerts.run_overdue", kwargs=deadline_callback_kwargs(config.workload.name, notifiers)
+            ),
         )
-        if deadline_hours
+        if deadline_hours and (notifiers is None or notifiers)
         else None
     )
+    on_failure = dag_kwargs.pop("on_failure_callback", None)
+    on_failure = [] if on_failure is None else list(on_failure) if isinstance(on_failure, list) else [on_failure]
+    if notifiers is None or notifiers:
+        on_failure.insert(0, RunFailedNotifier(config.workload.name, notifiers))
     dag = DAG(
         dag_id or config.workload.name,
         schedule=schedule,
@@ -1044,10 +1299,11 @@ def claude_batch_dag(
         max_active_runs=max_active_runs,
         params=run_params(config),
         deadline=deadline,
+        on_failure_callback=on_failure or None,
         tags=list(tags),
         doc_md=config.workload.description or None,
         **dag_kwargs,
     )
     with dag:
-        claude_batch_pipeline(config)
+        _pipeline_tasks(config, None)  # at the top level: the grid shows every task as its own row
     return dag

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Any
 
@@ -11,7 +11,7 @@ from airflow.sdk import BaseSensorOperator, Context
 from airflow.sdk.exceptions import AirflowException, AirflowSkipException
 
 from claude_batch.hooks import ClaudeBatchHook
-from claude_batch.poller import BatchSnapshot
+from claude_batch.poller import BatchSnapshot, _human
 from claude_batch.triggers import (
     DEFAULT_BATCH_TIMEOUT,
     DEFAULT_MAX_POLL_INTERVAL,
@@ -189,7 +189,11 @@ class ClaudeBatchSensor(BaseSensorOperator):
     def poke(self, context: Context) -> Any:
         snapshots = [BatchSnapshot.from_batch(batch) for batch in self._find(self._ids())]
         now = datetime.now(UTC)
-        self.log.info("%s", progress_summary(snapshots, self.batch_timeout, now))
+        line = progress_summary(snapshots, self.batch_timeout, now)
+        if all(snap.ended for snap in snapshots):
+            self.log.info("%s; every batch has ended.", line)
+        else:
+            self.log.info("%s; next check in %s.", line, _human(timedelta(seconds=self.poke_interval)))
         if all(snap.ended for snap in snapshots):
             from airflow.sdk import PokeReturnValue
 

@@ -237,10 +237,12 @@ class ClaudeBatchTrigger(BaseTrigger):
         asked: set[str] = set()  # batches this run asked to cancel (or found ended when it tried)
         refused: set[str] = set()  # batches past their deadline whose cancel the API refused
         failures = 0
+        rounds = 0
         with poller.subscribe(self.batch_ids, self.min_poll_interval, self.max_poll_interval) as subscription:
             while True:
                 found = await self._next_round(subscription, latest, asked | refused)
                 if found is not None:
+                    rounds += 1
                     if found.missing:
                         yield self._error(
                             f"Batch(es) {sorted(found.missing)} not found: deleted, or in another workspace."
@@ -265,7 +267,8 @@ class ClaudeBatchTrigger(BaseTrigger):
                     subscription.forget({key for key, snap in found.snapshots.items() if snap.ended})
                     if all(key in latest and latest[key].ended for key in self.batch_ids):
                         snapshots = [latest[key] for key in self.batch_ids]
-                        self.log.info("%s", progress_summary(snapshots, self.timeout, datetime.now(UTC)))
+                        self.log.info("Poll round %d: %s; every batch has ended.", rounds,
+                                      progress_summary(snapshots, self.timeout, datetime.now(UTC)))  # fmt: skip
                         yield TriggerEvent(completion_event(snapshots, self.timeout, self.on_timeout, refused))
                         return
                 # A fresh round retries refused cancels; a wake at a deadline cancels only new ones.
@@ -277,7 +280,13 @@ class ClaudeBatchTrigger(BaseTrigger):
                     asked.update(set(overdue) - set(not_canceled))
                     refused = (refused - asked) | set(not_canceled)
                 if found is not None:
-                    self.log.info("%s", progress_summary(list(latest.values()), self.timeout, datetime.now(UTC)))
+                    # One line per round, whatever else the triggerer logs (the shared poller's HTTP lines).
+                    self.log.info(
+                        "Poll round %d: %s; next check in %s.",
+                        rounds,
+                        progress_summary(list(latest.values()), self.timeout, datetime.now(UTC)),
+                        _human(timedelta(seconds=subscription.interval)),
+                    )
 
     async def _next_round(
         self, subscription: Subscription, latest: dict[str, BatchSnapshot], skip: set[str]

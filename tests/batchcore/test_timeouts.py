@@ -95,7 +95,7 @@ def test_each_batch_is_canceled_at_its_own_deadline_and_the_wait_collects_all(wa
     assert sorted(summary["timed_out"]) == sorted(ids) and summary["request_counts"]["canceled"] == 9
 
     # one line per round for the whole wait, with the nearest deadline while one is ahead
-    rounds = [line for line in log.lines if line.startswith("3 batches:")]
+    rounds = [line for line in log.lines if line.startswith("Poll round ") and ": 3 batches:" in line]
     assert len(rounds) >= 12
     assert any("next deadline in" in line and ids[0] in line for line in rounds)
     assert any("next deadline in" in line and ids[2] in line for line in rounds)

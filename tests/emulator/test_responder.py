@@ -102,10 +102,11 @@ def test_numbers_outside_the_bounds_fall_back_inside():
 def test_strings_are_excerpts_about_the_field():
     schema = {
         "type": "object",
-        "properties": {"shipping_note": {"type": "string"}, "summary": {"type": "string", "maxLength": 12}},
+        "properties": {"shipping_note": {"type": "string"}, "summary": {"type": "string", "maxLength": 20}},
     }
     text = "Hello team. The shipping was late again! Thanks, Ann"
-    assert SchemaAnswerer(text).answer(schema) == {"shipping_note": "The shipping was late again!", "summary": "Hello team."}
+    # The summary is the telling sentence, not the greeting, cut at a word to its maxLength.
+    assert SchemaAnswerer(text).answer(schema) == {"shipping_note": "The shipping was late again!", "summary": "The shipping was"}
 
 
 def test_rating_follows_the_mood_of_the_text():

@@ -16,7 +16,8 @@ from tests.fullstack.stack import REDIS_HOST, REDIS_PORT, AirflowStack, start_st
 
 # The REST and backfill tests run the tests' small workload DAG; the browser opens a real one.
 WORKLOAD_DAG = "cb_tiny_triage"
-TASK_GROUP = "tiny_triage"
+# claude_batch_dag lays the tasks out at the DAG's top level: their ids carry no group prefix.
+TASK_PREFIX = ""
 BROWSER_DAG = "support_ticket_triage"
 BROWSER_DAY = datetime(2026, 11, 14)
 SUPPORT_TICKETS = 12

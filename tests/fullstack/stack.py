@@ -8,6 +8,9 @@ each in its own session so that stopping one stops its children too. Every compo
 
 The workload's outside world runs in this process: the Claude API emulator and a moto S3
 server (threads), and a second PostgreSQL database as the warehouse.
+
+The processes, the shared configuration, the init job and the REST client are ``make ui``'s
+(:mod:`claude_batch.devstack`); this module adds PostgreSQL, Redis and Celery.
 """
 
 from __future__ import annotations
@@ -15,11 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -29,146 +28,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
+from claude_batch.devstack import (
+    ADMIN_USER,
+    AIRFLOW_BIN,
+    POOL,
+    VIEWER_USER,
+    AirflowApi,
+    Component,
+    StackError,
+    airflow_components,
+    check_alive,
+    free_port,
+    init_metadata,
+    server_settings,
+    stop_all,
+    wait_for,
+    wait_until_healthy,
+    wait_until_parsed,
+    write_users,
+)
+
+__all__ = [  # what the full-stack tests import from here (the shared pieces among them)
+    "ADMIN_USER", "AIRFLOW_BIN", "ARTIFACTS", "POOL", "VIEWER_USER", "AirflowApi", "AirflowStack", "Component", "StackError",
+    "free_port", "model_family", "start_stack", "stop_all", "wait_for",
+]  # fmt: skip
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts" / "fullstack"
-AIRFLOW_BIN = Path(sys.executable).parent / "airflow"
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
-ADMIN_USER = "admin"
-POOL = "claude_batch"
 # The key marking a Redis database as this run's, so two runs never share (or flush) one.
 REDIS_CLAIM_KEY = "claude_batch_fullstack:claimed_by"
 TERMINAL_RUN_STATES = {"success", "failed"}
 
 
-class StackError(RuntimeError):
-    """A component did not start, stopped by itself, or the stack did not reach a state in time."""
-
-
 def model_family(model: str) -> str:
     """The model as requested: the API answers an alias with its dated snapshot (``-20250929``)."""
     return re.sub(r"-\d{8}$", "", model)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(
-    what: str,
-    probe: Callable[[], Any],
-    timeout: float,
-    interval: float = 0.5,
-    check: Callable[[], None] | None = None,
-) -> Any:
-    """Call ``probe`` until it returns something truthy; ``check`` raises if the stack died meanwhile."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        if check is not None:
-            check()
-        try:
-            value = probe()
-        except (httpx.HTTPError, OSError, ValueError) as exc:  # not up yet, or not JSON yet
-            last_error, value = exc, None
-        if value:
-            return value
-        time.sleep(interval)
-    raise StackError(
-        f"timed out after {timeout:.0f} s waiting for {what}"
-        + (f" (last error: {last_error})" if last_error else "")
-    )
-
-
-# -- processes ------------------------------------------------------------------------------
-
-
-@dataclass
-class Component:
-    """One Airflow process; ``start`` again after ``stop`` appends to the same log."""
-
-    name: str
-    argv: list[str]
-    env: dict[str, str] | None  # None: this process's environment
-    log_path: Path
-    process: subprocess.Popen | None = None
-    starts: int = 0
-    _signalled: bool = False
-
-    def start(self) -> None:
-        self.starts += 1
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("ab")
-        log.write(f"\n===== start #{self.starts}: {' '.join(self.argv)} =====\n".encode())
-        log.flush()
-        # A session of its own: the component's children (task supervisors, log servers, the
-        # triggerer's runner) share its process group, which the teardown can then clean up.
-        self.process = subprocess.Popen(
-            self.argv, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log.close()
-
-    def request_stop(self, sig: int = signal.SIGINT) -> None:
-        """Signal the process once (a second SIGINT/SIGTERM makes Airflow's components force-exit)."""
-        if self.process is not None and self.process.poll() is None and not self._signalled:
-            self.process.send_signal(sig)
-            self._signalled = True
-
-    def stop(self, sig: int = signal.SIGINT, timeout: float = 30.0) -> int | None:
-        """Stop gracefully with ``sig``; escalate to the process group if it lingers.
-
-        :returns: the exit code of the main process (None when it had to be killed).
-        """
-        if self.process is None:
-            return None
-        self.request_stop(sig)
-        process, self.process, self._signalled = self.process, None, False
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self._signal_group(process.pid, signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                self._signal_group(process.pid, signal.SIGKILL)
-                process.wait(10)
-                return None
-        # Children the main process left behind (same group: pgid == the pid we started).
-        self._signal_group(process.pid, signal.SIGTERM)
-        return process.returncode
-
-    @staticmethod
-    def _signal_group(pgid: int, sig: int) -> None:
-        try:
-            os.killpg(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-
-def stop_all(components: Iterable[Component]) -> dict[str, float]:
-    """Signal every component first, then wait for each: their graceful exits overlap.
-
-    :returns: seconds from the signal until each component had exited.
-    """
-    components = list(components)
-    started = time.monotonic()
-    for component in components:
-        component.request_stop()
-    exited = {}
-    for component in components:
-        component.stop()
-        exited[component.name] = round(time.monotonic() - started, 1)
-    return exited
 
 
 # -- services the stack needs ---------------------------------------------------------------
@@ -226,65 +122,6 @@ def release_redis_db(number: int, token: str) -> None:
         client.close()
 
 
-# -- the REST API, as the UI calls it ---------------------------------------------------------
-
-
-class AirflowApi:
-    """A thin client of Airflow's public REST API with a simple-auth-manager JWT."""
-
-    def __init__(self, base_url: str, username: str, password: str) -> None:
-        self.base_url = base_url
-        self.http = httpx.Client(base_url=base_url, timeout=30.0)
-        self.username, self.password = username, password
-
-    def login(self) -> str:
-        """POST /auth/token with the user's credentials, as the UI's login form does."""
-        response = self.http.post("/auth/token", json={"username": self.username, "password": self.password})
-        response.raise_for_status()
-        token = response.json()["access_token"]
-        self.http.headers["Authorization"] = f"Bearer {token}"
-        return token
-
-    def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self.http.request(method, f"/api/v2{path}", **kwargs)
-        if response.is_error:
-            raise StackError(f"{method} {path} -> {response.status_code}: {response.text[:500]}")
-        return response.json() if response.content else None
-
-    def get(self, path: str, **params: Any) -> Any:
-        return self.request("GET", path, params=params or None)
-
-    def health(self) -> dict:
-        return self.http.get("/api/v2/monitor/health").json()
-
-    def unpause(self, dag_id: str) -> None:
-        self.request(
-            "PATCH", f"/dags/{dag_id}", params={"update_mask": "is_paused"}, json={"is_paused": False}
-        )
-
-    def trigger(
-        self, dag_id: str, conf: dict, logical_date: str | None = None, note: str | None = None
-    ) -> dict:
-        body = {"logical_date": logical_date, "conf": conf, "note": note}
-        return self.request("POST", f"/dags/{dag_id}/dagRuns", json=body)
-
-    def dag_run(self, dag_id: str, run_id: str) -> dict:
-        return self.get(f"/dags/{dag_id}/dagRuns/{run_id}")
-
-    def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
-        return self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", limit=100)["task_instances"]
-
-    def task_instance(self, dag_id: str, run_id: str, task_id: str) -> dict:
-        return self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}")
-
-    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
-        value = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}")[
-            "value"
-        ]
-        # The native form is the stored JSON, which some versions hand back as a string.
-        return json.loads(value) if isinstance(value, str) else value
-
-
 # -- the stack ------------------------------------------------------------------------------
 
 
@@ -296,6 +133,7 @@ class AirflowStack:
     api_url: str
     password: str
     emulator: Any
+    viewer_password: str
     moto_endpoint: str
     warehouse_dsn: str
     storage_root: str
@@ -315,12 +153,7 @@ class AirflowStack:
 
     def check_alive(self) -> None:
         """Fail at once, with the log's tail, when a component stopped by itself."""
-        for component in self.components.values():
-            if component.process is not None and component.process.poll() is not None:
-                raise StackError(
-                    f"{component.name} exited with {component.process.returncode}; its log "
-                    f"({component.log_path}) ends:\n{component.tail()}"
-                )
+        check_alive(self.components.values())
 
     def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 180.0) -> dict:
         """Poll the run until it is success or failed (its state and tasks are then in the asserts)."""
@@ -397,14 +230,15 @@ def airflow_env(
     broker_url: str,
     result_backend: str,
     api_port: int,
-    password_file: Path,
+    users: dict[str, str],
     connections: dict[str, dict],
     storage_root: str,
     bundles: list[tuple[str, Path]],
 ) -> dict[str, str]:
-    """The environment every component gets: one configuration, as a deployment shares one."""
-    from cryptography.fernet import Fernet
+    """The environment every component gets: ``make ui``'s shared settings, with Celery on Redis.
 
+    :param users: the simple auth manager's settings (:func:`claude_batch.devstack.write_users`).
+    """
     # Nothing of the pytest process's Airflow settings leaks in (its home, SQLite, DAG folders).
     env = {
         key: value
@@ -412,77 +246,29 @@ def airflow_env(
         if not key.startswith(("AIRFLOW__", "AIRFLOW_CONN_", "AIRFLOW_VAR_", "CLAUDE_BATCH_"))
         and key != "AIRFLOW_HOME"
     }
-    api_url = f"http://127.0.0.1:{api_port}"
     # The repository on the path: the worker imports its Celery settings from tests.fullstack.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update(server_settings(home=home, metadata_url=metadata_url, api_port=api_port, bundles=bundles))
+    env.update(users)
     env.update(
         {
-            "AIRFLOW_HOME": str(home),
             "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
             "AIRFLOW__CORE__PARALLELISM": "4",
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-            "AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode(),
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{api_url}/execution/",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(password_file),
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_url,
             "AIRFLOW__CELERY__BROKER_URL": broker_url,
             "AIRFLOW__CELERY__RESULT_BACKEND": result_backend,
             "AIRFLOW__CELERY__WORKER_CONCURRENCY": "4",
             "AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS": "tests.fullstack.celery_preload.CELERY_CONFIG",
-            "AIRFLOW__API__HOST": "127.0.0.1",
-            "AIRFLOW__API__PORT": str(api_port),
-            "AIRFLOW__API__BASE_URL": api_url,
-            "AIRFLOW__API__WORKERS": "1",
-            "AIRFLOW__API__SECRET_KEY": secrets.token_hex(16),
-            # Every process signs or checks task and UI tokens with the same secret.
-            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
-            # Parse once at start and rarely after: the DAG files do not change during the test,
-            # and re-parsing every 30 s costs CPU this 2-core machine needs for the tasks.
-            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "600",
-            "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
             # Every run here is triggered by the test (REST, backfill, browser). The scheduled run
             # an unpaused daily DAG would get for yesterday only competes for the two cores.
             "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
-            "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": json.dumps(
-                [
-                    {
-                        "name": name,
-                        "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
-                        "kwargs": {"path": str(path), "refresh_interval": 300},
-                    }
-                    for name, path in bundles
-                ]
-            ),
             "CLAUDE_BATCH_STORAGE_ROOT": storage_root,
-            # The deadline alert stays on here (dag.test() tests turn it off): the scheduler and
-            # triggerer must handle the DAG exactly as a deployment would.
-            "CLAUDE_BATCH_DEADLINE_HOURS": "20",
             "CLAUDE_BATCH_MIN_POLL_SECONDS": "0.5",
         }
     )
     for conn_id, conn in connections.items():
         env[f"AIRFLOW_CONN_{conn_id.upper()}"] = json.dumps(conn)
     return env
-
-
-def run_airflow(env: dict[str, str], *args: str, log_path: Path, timeout: float = 300.0) -> None:
-    """A one-shot ``airflow`` command (the init job's steps), logged; raises on failure."""
-    with log_path.open("ab") as log:
-        log.write(f"\n===== airflow {' '.join(args)} =====\n".encode())
-        log.flush()
-        done = subprocess.run(
-            [str(AIRFLOW_BIN), *args],
-            env=env,
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            timeout=timeout,
-        )
-    if done.returncode != 0:
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
-        raise StackError(f"`airflow {' '.join(args)}` failed ({done.returncode}):\n{tail}")
 
 
 def start_stack(
@@ -499,9 +285,8 @@ def start_stack(
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     home = ARTIFACTS / "airflow-home"
     home.mkdir(parents=True)
-    password = secrets.token_urlsafe(12)
-    password_file = home / "simple_auth_manager_passwords.json"
-    password_file.write_text(json.dumps({ADMIN_USER: password}))
+    # The browser tests log in as both: the admin may do anything, the viewer only read.
+    users, passwords = write_users(home, {ADMIN_USER: "admin", VIEWER_USER: "viewer"})
 
     cleanups: list[tuple[str, Callable[[], Any]]] = []
     stopped = False
@@ -569,7 +354,7 @@ def start_stack(
             broker_url=f"redis://{REDIS_HOST}:{REDIS_PORT}/{redis_db}",
             result_backend=f"db+postgresql+psycopg2://postgres@{PG_HOST}:{PG_PORT}/{meta_db}",
             api_port=api_port,
-            password_file=password_file,
+            users=users,
             connections=connections,
             storage_root=storage_root,
             bundles=[("dags-folder", REPO / "dags"), ("test-dags", REPO / "tests" / "dags")],
@@ -577,7 +362,8 @@ def start_stack(
         stack = AirflowStack(
             env=env,
             api_url=f"http://127.0.0.1:{api_port}",
-            password=password,
+            password=passwords[ADMIN_USER],
+            viewer_password=passwords[VIEWER_USER],
             emulator=emulator,
             moto_endpoint=moto_endpoint,
             warehouse_dsn=f"postgresql://postgres@{PG_HOST}:{PG_PORT}/{warehouse_db}",
@@ -585,47 +371,20 @@ def start_stack(
         )
 
         # The init job: migrate the metadata database and create the pool the submit tasks use.
-        init_log = ARTIFACTS / "init.log"
         with stack.phase("init: db migrate"):
-            run_airflow(env, "db", "migrate", log_path=init_log)
-        run_airflow(
-            env,
-            "pools",
-            "set",
-            POOL,
-            "4",
-            "claude-batch submissions (sized for the API's batch queue)",
-            log_path=init_log,
-        )
+            init_metadata(env, ARTIFACTS / "init.log", cwd=REPO)
 
-        airflow = str(AIRFLOW_BIN)
-        for name, argv in (
-            (
-                "api-server",
-                [airflow, "api-server", "--host", "127.0.0.1", "--port", str(api_port), "--workers", "1"],
-            ),
-            ("scheduler", [airflow, "scheduler"]),
-            ("dag-processor", [airflow, "dag-processor"]),
-            # Airflow's log servers bind every interface (no host setting); every component here
-            # shares one log folder, from which the API server reads task and trigger logs.
-            ("triggerer", [airflow, "triggerer", "--skip-serve-logs"]),
-            (
-                "celery-worker",
-                [
-                    airflow,
-                    "celery",
-                    "worker",
-                    "--concurrency",
-                    "4",
-                    "--skip-serve-logs",
-                    "--celery-hostname",
-                    f"fullstack-{token}@%h",
-                ],
-            ),
-        ):
-            stack.components[name] = Component(name, argv, env, ARTIFACTS / f"{name}.log")
+        stack.components = airflow_components(env, api_port, ARTIFACTS, cwd=REPO)
+        stack.components["celery-worker"] = Component(
+            "celery-worker",
+            [str(AIRFLOW_BIN), "celery", "worker", "--concurrency", "4",
+             "--skip-serve-logs", "--celery-hostname", f"fullstack-{token}@%h"],
+            env,
+            ARTIFACTS / "celery-worker.log",
+            REPO,
+        )  # fmt: skip
         cleanups.append(("stop the components", lambda: stop_all(stack.components.values())))
-        stack.api = AirflowApi(stack.api_url, ADMIN_USER, password)
+        stack.api = AirflowApi(stack.api_url, ADMIN_USER, stack.password)
         cleanups.append(("close the REST client", stack.api.http.close))
         with stack.phase("components: start until DAGs are parsed and unpaused"):
             for component in stack.components.values():
@@ -640,19 +399,7 @@ def start_stack(
 def _wait_until_ready(stack: AirflowStack, dag_ids: Iterable[str], timeout: float) -> None:
     """API up and logged in, every component heartbeating, the worker ready, the DAGs unpaused."""
     api = stack.api
-    wait_for("the API server", api.health, timeout, check=stack.check_alive)
-    api.login()
-    # The execution API's first request is slow (lazy set-up in the server); pay for it now
-    # rather than in the first task's start, whose client times out and backs off meanwhile.
-    # (Without the UI token: the execution API checks its own audience and would log a rejection.)
-    httpx.get(f"{stack.api_url}/execution/health", timeout=120)
-
-    def healthy() -> bool:
-        health = api.health()
-        parts = ("metadatabase", "scheduler", "triggerer", "dag_processor")
-        return all(health.get(part, {}).get("status") == "healthy" for part in parts)
-
-    wait_for("scheduler, triggerer and DAG processor heartbeats", healthy, timeout, check=stack.check_alive)
+    wait_until_healthy(api, timeout, stack.check_alive)
     worker_log = stack.components["celery-worker"].log_path
     wait_for(
         "the Celery worker to be ready",
@@ -660,19 +407,4 @@ def _wait_until_ready(stack: AirflowStack, dag_ids: Iterable[str], timeout: floa
         timeout,
         check=stack.check_alive,
     )
-    for dag_id in dag_ids:
-        try:
-            wait_for(
-                f"DAG {dag_id} to be parsed",
-                lambda dag_id=dag_id: api.http.get(f"/api/v2/dags/{dag_id}").status_code == 200,
-                timeout,
-                check=stack.check_alive,
-            )
-        except StackError as exc:
-            errors = api.get("/importErrors").get("import_errors", [])
-            details = "; ".join(
-                f"{e['filename']}: {e['stack_trace'].strip().splitlines()[-1]}" for e in errors
-            )
-            raise StackError(f"{exc}; import errors: {details or 'none'}") from exc
-        # Runs of a paused DAG stay queued; the UI's toggle does this PATCH.
-        api.unpause(dag_id)
+    wait_until_parsed(api, dag_ids, timeout, stack.check_alive)

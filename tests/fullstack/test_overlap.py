@@ -37,7 +37,7 @@ pytestmark = [pytest.mark.services, pytest.mark.airflow]
 # As in tests/dags/fullstack_overlap_dags.py (not imported: that builds the DAG in this process).
 DAG_ID = "cb_overlap_duckdb"
 WAREHOUSE_CONN_ID = "cb_overlap_duckdb_warehouse"
-TASK_GROUP = "overlap_triage"
+TASK_PREFIX = ""  # claude_batch_dag: the tasks sit at the top level
 WORKLOAD = "overlap_triage"
 RESULTS_TABLE = "overlap_triage_results"
 SHARDS, PER_SHARD = 4, 25
@@ -122,7 +122,7 @@ def _ran(ti: dict) -> bool:
 
 
 def _label(ti: dict) -> str:
-    name = ti["task_id"].removeprefix(f"{TASK_GROUP}.")
+    name = ti["task_id"].removeprefix(TASK_PREFIX)
     return name + (f"[{ti['map_index']}]" if ti["map_index"] >= 0 else "")
 
 
@@ -219,7 +219,7 @@ def test_two_overlapping_runs_share_a_duckdb_warehouse_without_lock_errors(fulls
 
     # One run submitted all four shards; the other found every item held and skipped at its gate.
     def mapped(run_id: str, task: str) -> list[dict]:
-        return [ti for ti in tis[run_id] if ti["task_id"] == f"{TASK_GROUP}.{task}" and ti["map_index"] >= 0]
+        return [ti for ti in tis[run_id] if ti["task_id"] == f"{TASK_PREFIX}{task}" and ti["map_index"] >= 0]
 
     submitting = [run_id for run_id in run_ids if mapped(run_id, "submit")]
     assert len(submitting) == 1, summary
@@ -233,7 +233,7 @@ def test_two_overlapping_runs_share_a_duckdb_warehouse_without_lock_errors(fulls
     gate_log = "\n".join(
         p.read_text(errors="replace")
         for p in _run_logs(stack, loser)
-        if f"task_id={TASK_GROUP}.gate" in p.parts
+        if f"task_id={TASK_PREFIX}gate" in p.parts
     )
     # The skip names the run holding the items.
     assert "has nothing of its own to submit" in gate_log and f"100 by {winner}" in gate_log, gate_log[-2000:]
@@ -291,7 +291,7 @@ def test_two_overlapping_runs_share_a_duckdb_warehouse_without_lock_errors(fulls
     assert {custom_id for _, custom_id, _, _, _ in ledger} == set(billed)
     assert len(results) == ROWS and len({key for key, _ in results}) == ROWS
     assert {batch for _, batch in results} == {batch.id for batch in new_batches}
-    report = api.xcom(DAG_ID, winner, f"{TASK_GROUP}.report")
+    report = api.xcom(DAG_ID, winner, f"{TASK_PREFIX}report")
     assert report["extracted"] == ROWS and report["batches"] == SHARDS, report
     summary["billed"] = {
         "custom_ids": len(billed),

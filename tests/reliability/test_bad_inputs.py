@@ -50,7 +50,7 @@ def test_the_corpus_run_succeeds(corpus_run):
     tasks = corpus_run.notes["tasks"]
     # Round 1 does everything; later rounds skip (nothing is left to retry: no item errored), and
     # so do the pilot's tasks (no pilot was asked for).
-    follow_up = re.compile(r"\.(requeue|submit|record|wait|collect|load)_\d|\.pilot")
+    follow_up = re.compile(r"(?:^|\.)(requeue|submit|record|wait|collect|load)_\d|(?:^|\.)pilot")
     assert all(state == "success" for task, state in tasks.items() if not follow_up.search(task)), tasks
     assert {state for task, state in tasks.items() if follow_up.search(task)} == {"skipped"}, tasks
     staged = sum(1 for case in CASES if case.status != "dead" or case.reason is None)

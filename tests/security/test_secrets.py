@@ -61,7 +61,7 @@ def test_no_secret_in_the_task_logs(corpus_run):
     log_files += scan.check_files(home_logs) if home_logs.exists() else 0
     assert scan.found == []
     text = output.decode(errors="replace")
-    for task in ("corpus.stage", "corpus.gate", "corpus.submit", "corpus.wait", "corpus.collect", "corpus.load"):
+    for task in ("stage", "gate", "submit", "wait", "collect", "load"):
         assert f"task_id={task}" in text  # it is the whole run's log
     assert "Run report:" in text and scan.bytes > 20_000
     # The connections were used: the AWS one by its login, the Claude one against the emulator.
@@ -104,10 +104,10 @@ def test_no_secret_in_xcom_rendered_templates_or_any_metadata_table(corpus_run):
     assert scan.found == []
     # Not a scan of nothing: the run's XCom (batch ids, summaries) and rendered fields are there.
     keys = {(task, key) for task, _, key, _ in xcom}
-    assert ("corpus.submit", "batch_id") in keys and ("corpus.load", "return_value") in keys
+    assert ("submit", "batch_id") in keys and ("load", "return_value") in keys
     assert any(b"msgbatch_" in (value if isinstance(value, bytes) else str(value).encode()) for *_, value in xcom)
     rendered_tasks = {task for task, _, _ in rendered}
-    assert {"corpus.stage", "corpus.submit", "corpus.wait", "corpus.load"} <= rendered_tasks
+    assert {"stage", "submit", "wait", "load"} <= rendered_tasks
     assert any("storage_root" in str(fields) or "shard" in str(fields) for _, _, fields in rendered)
 
 
@@ -124,7 +124,7 @@ def test_no_secret_in_any_s3_object(corpus_run):
     names = {path.rsplit(f"{layout.prefix}/", 1)[-1] for path, _ in objects}
     assert {"manifest.json", "report.json", "requests/part-00000.jsonl", "requests/rejects.jsonl",
             "results/part-00000.jsonl", "results/part-00001.parquet", "validated/part-00000.parquet",
-            "state/corpus.submit.part-00001.json"} <= names, names  # fmt: skip
+            "state/submit.part-00001.json"} <= names, names  # fmt: skip
 
 
 def test_no_secret_in_the_warehouse(corpus_run):

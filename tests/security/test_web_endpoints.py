@@ -1,10 +1,12 @@
-"""Any web endpoint the plugin adds requires Airflow's authentication; today it adds none.
+"""Every web endpoint the plugin adds requires Airflow's authentication and the user's DAG permissions.
 
 Airflow 3 mounts a plugin's ``fastapi_apps`` under the API server as they are: it adds no
-authentication of its own, so each route must demand it. The check below calls every route of
-every FastAPI app the plugin registers without credentials and wants 401 or 403; it is shown
-to catch an open route on a stand-in app. Web surfaces it cannot call (Flask blueprints, FAB
-views, React apps, root middlewares) must not appear without a test of their own.
+authentication of its own, so each route must demand it. The checks below call every route of
+every FastAPI app the plugin registers (the Claude Batches page) without credentials, wanting
+401 or 403, and with a valid token of a user who may read no DAG, wanting 403; the first check
+is shown to catch an open route on a stand-in app. The page's navigation entry
+(``external_views``) points at that app; web surfaces these tests cannot call (Flask blueprints,
+FAB views, React apps, root middlewares) must not appear without a test of their own.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from fastapi import Depends, FastAPI
 from fastapi.security import HTTPBearer
 from fastapi.testclient import TestClient
 
+from tests.ops.test_ui import ui_client_fixture  # noqa: F401 - the ui_client fixture: the page's app, signed tokens
+
 CALLABLE_SURFACES = ("fastapi_apps",)
 OTHER_SURFACES = (
     "flask_blueprints",
@@ -24,15 +28,17 @@ OTHER_SURFACES = (
     "appbuilder_menu_items",
     "fastapi_root_middlewares",
     "react_apps",
-    "external_views",
     "admin_views",
     "menu_links",
 )
 
 
-def routes_open_without_credentials(app: FastAPI) -> list[str]:
-    """Every route (and method) of ``app`` that answers a request without credentials with other than 401/403."""
-    client = TestClient(app, raise_server_exceptions=False)
+def routes_open_without_credentials(
+    app: FastAPI, cookies: dict[str, str] | None = None, refused: tuple[int, ...] = (401, 403)
+) -> list[str]:
+    """Every route (and method) of ``app`` answering a request with ``cookies`` (default: no
+    credentials) with other than a status in ``refused``."""
+    client = TestClient(app, raise_server_exceptions=False, cookies=cookies)
     open_routes = []
     for route in app.routes:
         methods = sorted(getattr(route, "methods", None) or [])
@@ -44,7 +50,7 @@ def routes_open_without_credentials(app: FastAPI) -> list[str]:
             if method in ("HEAD", "OPTIONS"):
                 continue
             status = client.request(method, concrete).status_code
-            if status not in (401, 403):
+            if status not in refused:
                 open_routes.append(f"{method} {path} -> {status}")
     return open_routes
 
@@ -54,21 +60,38 @@ def test_the_registered_plugin_is_ours():
     assert [ep.load() for ep in plugins] == [ClaudeBatchPlugin]
 
 
-def test_the_plugin_adds_no_web_endpoint_today():
-    surfaces = {name: list(getattr(ClaudeBatchPlugin, name, None) or []) for name in CALLABLE_SURFACES + OTHER_SURFACES}
+def test_the_plugin_adds_the_page_and_its_navigation_entry_only():
+    surfaces = {name: list(getattr(ClaudeBatchPlugin, name, None) or []) for name in OTHER_SURFACES}
     assert surfaces == {name: [] for name in surfaces}, (
-        "The plugin now adds a web surface: every FastAPI route is checked below; for anything else, add a "
-        f"test that it requires Airflow's authentication. Surfaces: {surfaces}"
+        "The plugin now adds another web surface: add a test that it requires Airflow's authentication. "
+        f"Surfaces: {surfaces}"
     )
-    # The one UI addition is an operator extra link: a URL shown on a task, not an endpoint.
+    (app,) = ClaudeBatchPlugin.fastapi_apps
+    (view,) = ClaudeBatchPlugin.external_views
+    assert app["url_prefix"] == "/claude-batch" and app["name"] == "Claude Batches"
+    # The navigation entry frames the app itself (relative to the UI's base URL), nothing outside.
+    assert view["href"] == "claude-batch/" and view["url_route"] == "claude-batch" and view["destination"] == "nav"
     assert [type(link).__name__ for link in ClaudeBatchPlugin.operator_extra_links] == ["ClaudeConsoleBatchLink"]
 
 
-@pytest.mark.parametrize("spec", ClaudeBatchPlugin.fastapi_apps or [None], ids=lambda s: (s or {}).get("name", "none"))
-def test_every_plugin_route_requires_authentication(spec):
-    if spec is None:
-        pytest.skip("the plugin registers no FastAPI app (asserted above)")
+@pytest.mark.parametrize("spec", ClaudeBatchPlugin.fastapi_apps, ids=lambda s: s["name"])
+def test_every_plugin_route_refuses_an_anonymous_caller(spec):
+    routes = [route for route in spec["app"].routes if getattr(route, "methods", None)]
+    assert len(routes) == 3  # the front page, a workload, the requeue: a new route must be looked at
     assert routes_open_without_credentials(spec["app"]) == []
+
+
+@pytest.mark.parametrize("spec", ClaudeBatchPlugin.fastapi_apps, ids=lambda s: s["name"])
+def test_every_plugin_route_refuses_a_user_without_permission(spec, ui_client):
+    _, token = ui_client
+    # A valid token of a user with no role: refused (403) before any warehouse is opened.
+    assert routes_open_without_credentials(spec["app"], cookies={"_token": token("nobody")}, refused=(403,)) == []
+    # The same calls with the admin's token get through the gate (to a 404: no such connection).
+    assert sorted(routes_open_without_credentials(spec["app"], cookies={"_token": token("admin")}, refused=())) == [
+        "GET / -> 200",
+        "GET /{conn_id}/{workload} -> 404",
+        "POST /{conn_id}/{workload}/requeue -> 404",
+    ]
 
 
 def test_the_check_catches_an_open_route_and_passes_a_protected_one():

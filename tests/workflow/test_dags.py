@@ -104,9 +104,9 @@ def test_the_demo_runs_cover_the_seeded_rows(dags, sample_data):
 def test_concurrency_is_bounded(dags):
     for dag in dags.values():
         assert dag.max_active_runs == 2
-        submit = next(t for t in dag.tasks if t.task_id.endswith(".submit"))
+        submit = dag.get_task("submit")  # the tasks sit at the top level
         assert submit.pool == "claude_batch"
-        load = next(t for t in dag.tasks if t.task_id.endswith(".load"))
+        load = dag.get_task("load")
         assert [asset.name for asset in load.outlets] == [f"claude_batch.{dag.dag_id}_results"]
 
 

@@ -309,7 +309,7 @@ class Reviewer(threading.Thread):
 
 
 def reviewed_run(dag, option: str, **conf: Any):
-    reviewer = Reviewer(f"{dag.dag_id}.pilot_approval", option)
+    reviewer = Reviewer("pilot_approval", option)
     reviewer.start()
     try:
         run = dag.test(logical_date=INVOICE_RUN, run_conf={"pilot_size": 2, "pilot_approval": True, **conf})

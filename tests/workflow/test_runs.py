@@ -201,5 +201,5 @@ def test_a_run_goes_round_with_its_transient_failures_until_they_are_out_of_atte
     ledger = query(warehouse, "SELECT status, attempts, COUNT(*) FROM claude_batch_ledger WHERE workload = ? GROUP BY 1, 2",
                    "invoice_approval")  # fmt: skip
     assert ledger == [("dead", 3, 5)]
-    report = run.get_task_instance("invoice_approval.report").xcom_pull(task_ids="invoice_approval.report")
+    report = run.get_task_instance("report").xcom_pull(task_ids="report")
     assert [r["round"] for r in report["rounds"]] == [1, 2, 3] and report["batches"] == 3
