@@ -1,4 +1,4 @@
-# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+# Each command sets up what it needs on a fresh machine: `make demo`, `make test` (and `make ui` to click through).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
