@@ -58,6 +58,7 @@ from bench.common import (
     markdown_table,
     moto_process,
     peak_rss_mb,
+    postgres_up,
     row_counts,
     run_isolated,
     scale,
@@ -777,16 +778,6 @@ print("@@STATE@@" + str(run.state))
 """
 
 
-def _postgres_up() -> bool:
-    import socket
-
-    try:
-        socket.create_connection(("127.0.0.1", 5432), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
 STAGE_COLUMNS = [
     "warehouse", "rows", "stage", "wall s", "client CPU s", "share of CPU", "waiting s", "emulator CPU s",
     "peak MB", "floor CPU s", "floor wall s",
@@ -808,7 +799,7 @@ def main(argv: list[str] | None = None) -> None:
         dag_run = measure_dag_run(max(counts), queue, shard_size)
         write_results("end_to_end_dag", [dag_run], markdown_table([dag_run], DAG_COLUMNS))
         return
-    warehouses = ["duckdb"] + (["postgres"] if _postgres_up() or os.environ.get("REQUIRE_SERVICES") == "1" else [])
+    warehouses = ["duckdb"] + (["postgres"] if postgres_up() or os.environ.get("REQUIRE_SERVICES") == "1" else [])
     stage_rows, totals = [], []
     for count in counts:
         for warehouse in warehouses:

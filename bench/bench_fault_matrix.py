@@ -16,7 +16,6 @@ double-billed a record, or broke the accounting.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import time
 import uuid
@@ -24,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.common import REPO, markdown_table, scale, write_results
+from bench.common import REPO, markdown_table, postgres_up, scale, write_results
 
 API_KEY = "sk-ant-bench-fault-matrix-0123456789"
 POSTGRES = ("127.0.0.1", 5432)
@@ -53,14 +52,6 @@ def _environment(emulator_url: str, moto_url: str) -> None:
         {"conn_type": "aws", "login": "testing", "password": "testing",
          "extra": {"endpoint_url": moto_url, "region_name": "us-east-1"}}
     )  # fmt: skip
-
-
-def _postgres_up() -> bool:
-    try:
-        socket.create_connection(POSTGRES, timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def _bucket(moto_url: str) -> str:
@@ -92,7 +83,7 @@ def run_matrix(rows: int, shards: int) -> list[dict]:
             from tests.services import fresh_postgres_schema
 
             plan = [(name, "duckdb") for name in SCENARIOS]
-            if _postgres_up():
+            if postgres_up(*POSTGRES):
                 plan += [(name, "postgres") for name in POSTGRES_SCENARIOS]
             with tempfile.TemporaryDirectory(prefix="fault-matrix-") as workdir:
                 for number, (name, warehouse) in enumerate(plan):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 import time
 import uuid
@@ -27,6 +26,7 @@ from bench.common import (
     current_rss_mb,
     markdown_table,
     peak_rss_mb,
+    postgres_up,
     row_counts,
     run_isolated,
     write_results,
@@ -209,17 +209,9 @@ def _count_results(warehouse, spec) -> tuple[int, int]:
     return int(rows[0][0]), int(rows[0][1])
 
 
-def _postgres_up() -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", 5432), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
 def main() -> None:
     rows = []
-    targets = ["duckdb"] + (["postgres"] if _postgres_up() else [])
+    targets = ["duckdb"] + (["postgres"] if postgres_up() else [])
     for target in targets:
         for count in row_counts():
             root = tempfile.mkdtemp(prefix="bench-load-")

@@ -77,6 +77,15 @@ def server_process(command_for_port, **popen_options: object) -> Iterator[str]:
         proc.wait(10)
 
 
+def postgres_up(host: str = "127.0.0.1", port: int = 5432) -> bool:
+    """Whether PostgreSQL listens on loopback (the benchmarks' PostgreSQL rows need it)."""
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def moto_process():
     """A moto S3 server in its own process; yields its endpoint URL."""
     return server_process(lambda port: [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)])
