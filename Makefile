@@ -6,6 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 export UV_COMPILE_BYTECODE := 1
 export AIRFLOW__CORE__PARALLELISM ?= 4
 PYTEST_ARGS ?=
+PYTEST_WORKERS ?= 3
 
 .PHONY: install test demo ui bench soak lint lock emulator clean
 
@@ -26,7 +27,7 @@ lint: install
 
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 demo: install
 	$(BIN)/python -m claude_batch.demo

@@ -29,12 +29,13 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 # Airflow reads its configuration at import: point it at a test home before any test imports it.
 REPO = Path(__file__).resolve().parent.parent
-if "AIRFLOW_HOME" not in os.environ:
+if "AIRFLOW_HOME" not in os.environ or os.environ["AIRFLOW_HOME"] == os.environ.get("CLAUDE_BATCH_TEST_HOME"):
     # A home of its own per pytest process: two suites on one machine (a developer's and CI's, or
-    # two agents') never share a SQLite metadata database. `airflow db migrate` on it costs ~5 s.
+    # two agents'), or two xdist workers (which inherit the controller's environment), never share
+    # a SQLite metadata database. `airflow db migrate` on it costs ~5 s.
     _home = tempfile.mkdtemp(prefix="claude-batch-airflow-")
     atexit.register(shutil.rmtree, _home, ignore_errors=True)
-    os.environ["AIRFLOW_HOME"] = _home
+    os.environ["AIRFLOW_HOME"] = os.environ["CLAUDE_BATCH_TEST_HOME"] = _home
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
 # dag.test() runs only DAGs found in a bundle: the project's dags/ and the tests' own.
@@ -155,6 +156,71 @@ def airflow_db() -> str:
         env=os.environ.copy(),
     )
     return str(home)
+
+
+@pytest.fixture(scope="session")
+def corpus_run(airflow_db, moto_endpoint, tmp_path_factory):
+    """The bad-input corpus through cb_reliability_corpus (with canary secrets), once per session.
+
+    tests/reliability reads what became of each bad row, tests/security that no canary leaked.
+    """
+    from tests.reliability.corpus import run_corpus
+
+    return run_corpus(tmp_path_factory.mktemp("corpus"), moto_endpoint, airflow_db)
+
+
+# Under ``make test`` (``pytest -n 2 --dist loadscope``) each group runs on one worker, which
+# builds each session fixture once for itself, so tests that share an expensive one stay
+# together: the full-stack tests (one Airflow stack, ~75 s to start, at fixed artifact paths),
+# the readers of the corpus run (~55 s) and each module with module-scoped fixtures. Every
+# other test is a unit of its own, so the two workers finish close together.
+CORPUS_MODULES = ("tests/reliability/test_bad_inputs.py", "tests/security/test_secrets.py")
+MODULE_FIXTURE_MODULES = ("tests/workflow/test_dags.py",)
+
+
+def scheduling_group(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0]
+    if module.startswith("tests/fullstack/"):
+        return "fullstack"
+    if module in CORPUS_MODULES:
+        return "corpus"
+    return module if module in MODULE_FIXTURE_MODULES else nodeid
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scope scheduler, with :func:`scheduling_group` as the scope, in collection order."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return scheduling_group(nodeid)
+
+    config.option.loadscopereorder = False  # collection order: the full-stack group first
+    return SharedFixtureScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest units first: the full-stack group, the corpus, then the slow kinds of test."""
+    for item in items:
+        group = scheduling_group(item.nodeid)
+        if "corpus_run" in getattr(item, "fixturenames", ()) and group != "corpus":
+            raise pytest.UsageError(f"{item.nodeid} reads corpus_run: add its module to CORPUS_MODULES")
+        for name in getattr(item, "fixturenames", ()):
+            definitions = item._fixtureinfo.name2fixturedefs.get(name, ())
+            if any(d.scope == "module" for d in definitions) and group == item.nodeid:
+                raise pytest.UsageError(f"{item.nodeid} uses the module fixture {name}: add its module to "
+                                        "MODULE_FIXTURE_MODULES")  # fmt: skip
+    def order(item) -> int:
+        group = scheduling_group(item.nodeid)
+        if group in ("fullstack", "corpus"):
+            return 0 if group == "fullstack" else 1
+        # Then the slow kinds (Airflow machinery, then real services), so no long test starts last.
+        return 2 if item.get_closest_marker("airflow") else 3 if item.get_closest_marker("services") else 4
+
+    items.sort(key=order)  # stable: collection order within each kind
 
 
 @pytest.fixture

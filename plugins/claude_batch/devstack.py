@@ -345,7 +345,19 @@ class AirflowApi:
 def wait_until_healthy(api: AirflowApi, timeout: float, check: Callable[[], None]) -> None:
     """The API server answers, the user logs in, and the scheduler, triggerer and DAG processor heartbeat."""
     wait_for("the API server", api.health, timeout, check=check)
-    api.login()
+
+    def logged_in() -> bool:
+        # The server answers health checks before its auth manager has read the users' passwords
+        # (seen under load: one 401, then the same login succeeds).
+        try:
+            api.login()
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code != 401:
+                raise
+            return False
+        return True
+
+    wait_for("the user's login", logged_in, timeout, check=check)
     # The execution API's first request is slow (lazy set-up in the server); pay for it now
     # rather than in the first task's start, whose client times out and backs off meanwhile.
     # (Without the UI token: the execution API checks its own audience and would log a rejection.)

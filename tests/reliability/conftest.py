@@ -36,10 +36,3 @@ def duckdb_stack(tmp_path, s3_store, moto_endpoint, anthropic_conn, aws_conn) ->
 def postgres_stack(postgres_dsn, s3_store, moto_endpoint, anthropic_conn, aws_conn) -> Stack:
     return _stack(postgres_dsn, s3_store, moto_endpoint)
 
-
-@pytest.fixture(scope="session")
-def corpus_run(airflow_db, moto_endpoint, tmp_path_factory):
-    """The bad-input corpus through cb_reliability_corpus, once per session (shared with tests/security)."""
-    from tests.reliability.corpus import run_corpus
-
-    return run_corpus(tmp_path_factory.mktemp("corpus"), moto_endpoint, airflow_db)
