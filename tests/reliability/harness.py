@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
@@ -80,6 +81,16 @@ WORKLOAD = Workload(
     output_schema=TicketLabel,
     cache="off",
 )
+# The same task with a prompt long enough to cache (~1,500 tokens: Sonnet 4.6 caches from 1,024)
+# and the caching policy on ``auto``: with no history, a run probes the 5-minute cache on a shard
+# of its own (``claude_batch.caching``).
+CACHED_WORKLOAD = dataclasses.replace(
+    WORKLOAD,
+    system_prompt=WORKLOAD.system_prompt + " Follow the house rules for every ticket." * 200,
+    model="claude-sonnet-4-6",
+    cache="auto",
+)
+WORKLOADS = {"plain": WORKLOAD, "cached": CACHED_WORKLOAD}
 SOURCE = SourceSpec(table="tickets", key_column="id", interval_column="created_at")
 BODIES = (
     "I was charged twice for invoice {i}, please refund",
@@ -252,6 +263,11 @@ class Stack:
     s3_endpoint: str
     warehouse_url: str
     shard_size: int
+    workload_name: str = "plain"  # a key of WORKLOADS
+
+    @property
+    def workload(self) -> Workload:
+        return WORKLOADS[self.workload_name]
 
     @property
     def dialect(self) -> str:
@@ -265,7 +281,7 @@ class Stack:
 
     def config(self) -> PipelineConfig:
         return PipelineConfig(
-            workload=WORKLOAD,
+            workload=self.workload,
             source=SOURCE,
             storage_root=self.store_root,
             staging_limits=StagingLimits(max_requests_per_shard=self.shard_size),
@@ -360,8 +376,9 @@ def step_stage(stack: Stack, run_id: str, interval: tuple[datetime, datetime]) -
     with stack.warehouse() as warehouse:
         layout = stack.layout(run_id)
         state = lambda dag_id, held_by: RUN_STATES.get(held_by, "running")  # noqa: E731
-        run_recover(stack.config(), warehouse, layout, RunOptions(), _hook().conn, state, log)
-        return run_stage(stack.config(), warehouse, layout, RunOptions(), interval)
+        client = _hook().conn
+        run_recover(stack.config(), warehouse, layout, RunOptions(), client, state, log)
+        return run_stage(stack.config(), warehouse, layout, RunOptions(), interval, client=client, log=log)
 
 
 def step_gate(stack: Stack, run_id: str) -> list[str]:
@@ -507,7 +524,7 @@ def check_run_accounting(stack: Stack, run_id: str) -> dict[str, Any]:
         return {"ok": False, "error": f"run {run_id} has no manifest"}
     with stack.warehouse() as warehouse:
         try:
-            report = warehouse.check_accounting(WORKLOAD, manifest, layout=stack.layout(run_id))
+            report = warehouse.check_accounting(stack.workload, manifest, layout=stack.layout(run_id))
         except Exception as exc:  # AccountingError names the gap
             return {"ok": False, "error": str(exc)}
     return {"ok": True, "extracted": report.extracted, "by_status": report.by_status}
