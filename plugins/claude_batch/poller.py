@@ -11,6 +11,7 @@ older than the pages it read. One client, one connection pool, one call per roun
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import random
 import time
@@ -231,7 +232,11 @@ class BatchPoller:
     def _add(self, subscription: Subscription) -> None:
         self._subscriptions.append(subscription)
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="claude-batch-poller")
+            # A context of its own: a task copies its creator's, and the first trigger's log
+            # context would take every later round's HTTP lines into that trigger's task log.
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="claude-batch-poller", context=contextvars.Context()
+            )
         self._wake.set()
 
     def _remove(self, subscription: Subscription) -> None:

@@ -193,3 +193,26 @@ def test_a_cancel_refused_because_the_batch_just_ended_is_not_reported_as_runnin
 
 def _timeout_trigger(batch_id: str) -> ClaudeBatchTrigger:
     return ClaudeBatchTrigger(batch_ids=[batch_id], timeout=1.0, min_poll_interval=0.3, max_poll_interval=0.3)
+
+
+def test_the_shared_poller_runs_in_no_triggers_log_context():
+    """The poller task serves every trigger: it must not carry the context of the one that started it."""
+    import contextvars
+
+    from claude_batch.poller import BatchPoller
+
+    trigger_log = contextvars.ContextVar("trigger_log", default=None)
+    seen = []
+
+    async def get_client():
+        seen.append(trigger_log.get())  # runs inside the poller's task
+        raise RuntimeError("no client needed")
+
+    async def first_trigger():
+        trigger_log.set("trigger 1's log")
+        poller = BatchPoller(get_client, jitter=0.0)
+        with poller.subscribe(["msgbatch_1"], 0.01, 0.01):
+            await asyncio.sleep(0.1)
+
+    asyncio.run(first_trigger())
+    assert seen and set(seen) == {None}
