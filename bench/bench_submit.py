@@ -1,5 +1,8 @@
 """Peak memory while submitting one shard: ours (streamed from S3) vs the official operator (a list).
 
+Ours twice: a shard of unknown origin (every line parsed) and a staged one (its manifest's
+sha256 known, so custom_ids are read off the lines), each with its client CPU per request.
+
 Each measurement runs in a fresh interpreter against the emulator and a moto S3 server in
 their own processes, so only the submitter's memory is counted: peak RSS minus the RSS after
 imports. Sizes: 10,000 and 100,000 requests of about 2 KB each (the 100,000-request shard is
@@ -8,6 +11,7 @@ about 200 MB). Run: ``python -m bench.bench_submit``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -16,6 +20,7 @@ from pathlib import Path
 
 from bench.common import (
     API_KEY,
+    cpu_seconds,
     current_rss_mb,
     emulator_process,
     markdown_table,
@@ -55,8 +60,12 @@ def _connections(emulator_url: str, moto_url: str) -> None:
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
 
 
-def measure_ours(emulator_url: str, moto_url: str, bucket: str, key: str) -> dict:
-    """Submit the shard at s3://bucket/key with ClaudeBatchOperator's submitter."""
+def measure_ours(emulator_url: str, moto_url: str, bucket: str, key: str, sha256: str | None = None) -> dict:
+    """Submit the shard at s3://bucket/key with ClaudeBatchOperator's submitter.
+
+    :param sha256: the digest staging would record for the shard (the operator reads it from the
+        manifest): the scan then reads custom_ids off the lines instead of parsing each one.
+    """
     _connections(emulator_url, moto_url)
     from claude_batch.hooks import ClaudeBatchHook
     from claude_batch.storage import ObjectStore
@@ -67,10 +76,11 @@ def measure_ours(emulator_url: str, moto_url: str, bucket: str, key: str) -> dic
     _ = hook.conn
     store.exists(key)  # warm up: s3fs and botocore load lazily on first use
     baseline = current_rss_mb()
-    started = time.perf_counter()
-    result = BatchSubmitter(hook, store, f"state/{key}.json").submit(StoredShard(store, key))
+    started, cpu_started = time.perf_counter(), cpu_seconds()
+    result = BatchSubmitter(hook, store, f"state/{key}.{bool(sha256)}.json").submit(StoredShard(store, key, sha256))
     return {
         "seconds": time.perf_counter() - started,
+        "cpu": cpu_seconds() - cpu_started,
         "peak_mb": peak_rss_mb() - baseline,
         "batch_id": result.batch_id,
         "count": result.request_count,
@@ -118,6 +128,8 @@ def main() -> None:
             s3.upload_file(str(shard), "bench", key)
             ours = run_isolated("bench.bench_submit", "measure_ours", emulator_url=emulator_url,
                                 moto_url=moto_url, bucket="bench", key=key)
+            staged = run_isolated("bench.bench_submit", "measure_ours", emulator_url=emulator_url, moto_url=moto_url,
+                                  bucket="bench", key=key, sha256=hashlib.sha256(shard.read_bytes()).hexdigest())
             official = run_isolated("bench.bench_submit", "measure_official", emulator_url=emulator_url,
                                     shard_path=str(shard))
             assert ours["count"] == official["count"] == count
@@ -126,6 +138,9 @@ def main() -> None:
                 "shard MB": size / 1e6,
                 "ours peak MB": ours["peak_mb"],
                 "ours s": ours["seconds"],
+                "ours CPU us/request": ours["cpu"] / count * 1e6,
+                "staged shard peak MB": staged["peak_mb"],
+                "staged shard CPU us/request": staged["cpu"] / count * 1e6,
                 "official peak MB": official["peak_mb"],
                 "official s": official["seconds"],
                 "official / ours": official["peak_mb"] / max(ours["peak_mb"], 0.1),

@@ -30,7 +30,7 @@ from claude_batch.batch_queue import (
 from claude_batch.hooks import ClaudeBatchHook
 from claude_batch.poller import BatchSnapshot
 from claude_batch.sensors import apply_completion_policy, handle_trigger_event
-from claude_batch.storage import ObjectStore, safe_segment
+from claude_batch.storage import ObjectStore, recorded_shard_sha256, safe_segment
 from claude_batch.submission import BatchSubmitter, InlineRequests, RequestSource, StoredShard
 from claude_batch.triggers import DEFAULT_MAX_POLL_INTERVAL, DEFAULT_MIN_POLL_INTERVAL, ClaudeBatchTrigger
 
@@ -234,7 +234,9 @@ class ClaudeBatchOperator(BaseOperator):
                 if refused is not None:
                     self._defer_for_queue(refused, wait, api, store.uri(relpath))
             source: RequestSource = (
-                StoredShard(store, self.shard) if self.shard is not None else InlineRequests(self.requests or [])
+                StoredShard(store, self.shard, recorded_shard_sha256(store, self.shard))
+                if self.shard is not None
+                else InlineRequests(self.requests or [])
             )
             submitter = BatchSubmitter(api, store, relpath)
             try:

@@ -191,6 +191,13 @@ class RunLayout:
     def requests(self, part: int) -> str:
         return self._rel(f"requests/part-{part:05d}.jsonl")
 
+    @staticmethod
+    def manifest_of(requests_path: str) -> tuple[str, str] | None:
+        """For a shard's path (as :meth:`requests` gives it): its manifest's path and the shard's
+        path relative to the manifest's prefix (``ShardManifest.requests``); None for another path."""
+        prefix, found, name = requests_path.rpartition("/requests/")
+        return (f"{prefix}/manifest.json", f"requests/{name}") if found and prefix else None
+
     def state(self, part: int) -> str:
         return self._rel(f"state/part-{part:05d}.json")
 
@@ -199,3 +206,16 @@ class RunLayout:
 
     def results_parquet(self, part: int) -> str:
         return self._rel(f"results/part-{part:05d}.parquet")
+
+
+def recorded_shard_sha256(store: ObjectStore, requests_path: str) -> str | None:
+    """The sha256 staging recorded for the shard at ``requests_path``, from the manifest beside it.
+
+    None when the path is not a staged shard's or its manifest does not list it.
+    """
+    found = RunLayout.manifest_of(requests_path)
+    data = store.read_json_or_none(found[0]) if found else None
+    for shard in (data or {}).get("shards", ()):
+        if shard.get("requests") == found[1]:
+            return shard.get("sha256")
+    return None

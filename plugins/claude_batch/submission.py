@@ -4,9 +4,13 @@ Plain Python, no Airflow: the operator is a thin shell over :class:`BatchSubmitt
 
 - A shard (JSONL of ``{"custom_id", "params"}`` lines) is checked in one streaming pass
   before any paid call: request count, body size, custom_id syntax and uniqueness, and
-  that every line is a request object. Errors name the line.
-- The request body is streamed from the shard (``{"requests": [`` + lines + ``]}``), so memory
-  does not grow with the shard; the lines are sent as staged, never re-serialised.
+  that every line is a request object. Errors name the line. A shard staging wrote (its
+  manifest records the shard's sha256) is not parsed as JSON line by line: its lines are
+  orjson's output, so the scan reads each custom_id off the line's fixed opening and, if the
+  digest at the end is not the recorded one, scans again in full before anything is sent.
+- The shard is read from the store once: the scan keeps a local copy (a temporary file) that
+  the request body streams from (``{"requests": [`` + lines + ``]}``), so memory does not grow
+  with the shard; the lines are sent as staged, never re-serialised.
 - Submission state is written in two phases with a fingerprint of the shard: the *intent*
   before the paid call, the *batch id* after it. A crash between the two is recovered by
   listing the batches created since the intent, never by paying again: one unclaimed batch of
@@ -19,9 +23,11 @@ Plain Python, no Airflow: the operator is a thin shell over :class:`BatchSubmitt
 from __future__ import annotations
 
 import hashlib
+import re
+import tempfile
 from array import array
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -87,19 +93,65 @@ class StoredShard:
 
     :param store: the object store.
     :param relpath: the shard's path under the store root.
+    :param sha256: the shard's digest as staging recorded it (``ShardManifest.sha256``), if known:
+        the scan then trusts the lines to be JSON (see :func:`scan_requests`).
     """
 
     store: ObjectStore
     relpath: str
+    sha256: str | None = None
 
     @property
     def description(self) -> str:
         return self.store.uri(self.relpath)
 
-    def lines(self) -> Iterator[bytes]:
-        # Split 1 MB reads ourselves (bigger reads fragment the heap as shards grow): fsspec's readline re-reads its block for every line.
+    def chunks(self) -> Iterator[bytes]:
+        # 1 MB reads, split by us (bigger reads fragment the heap as shards grow): fsspec's readline re-reads its block for every line.
         with self.store.open(self.relpath, "rb", block_size=_FETCH_BYTES) as handle:
-            yield from _split_lines(iter(lambda: handle.read(_READ_BYTES), b""))
+            yield from iter(lambda: handle.read(_READ_BYTES), b"")
+
+    def lines(self) -> Iterator[bytes]:
+        return _split_lines(self.chunks())
+
+
+class _LocalCopy:
+    """A stored shard read from the store once: the first pass keeps it in a temporary file.
+
+    Every later pass (the request body, a resend, a second scan) reads the local file, which
+    costs a fraction of the CPU of another pass through S3.
+    """
+
+    def __init__(self, shard: StoredShard, directory: str) -> None:
+        self.shard = shard
+        self.description = shard.description
+        self.sha256 = shard.sha256
+        self._directory = directory
+        self._path: str | None = None
+
+    def lines(self) -> Iterator[bytes]:
+        if self._path is not None:
+            with open(self._path, "rb") as handle:
+                yield from _split_lines(iter(lambda: handle.read(_READ_BYTES), b""))
+            return
+        path = f"{self._directory}/shard.jsonl"
+        with open(path, "wb") as copy:
+
+            def teed() -> Iterator[bytes]:
+                for chunk in self.shard.chunks():
+                    copy.write(chunk)
+                    yield chunk
+
+            yield from _split_lines(teed())
+        self._path = path  # only a whole pass is kept
+
+
+@contextmanager
+def _read_once(source: RequestSource) -> Iterator[RequestSource]:
+    if not isinstance(source, StoredShard):
+        yield source
+        return
+    with tempfile.TemporaryDirectory(prefix="claude-batch-shard-") as directory:
+        yield _LocalCopy(source, directory)
 
 
 @dataclass(frozen=True)
@@ -137,13 +189,31 @@ class ShardScan:
     id_hashes: Any = field(default=None, repr=False, compare=False)
 
 
+# How staging (``workloads.RequestEncoder``) opens every line: the custom_id, then the params object.
+_STAGED_LINE = re.compile(rb'\{"custom_id":"([a-zA-Z0-9_-]{1,64})","params":\{')
+
+
 def scan_requests(source: RequestSource, limits: Limits = Limits()) -> ShardScan:
     """Check a shard as the API would, in one streaming pass, and fingerprint it.
+
+    A source with a recorded ``sha256`` (a shard staging wrote) is trusted to hold JSON lines:
+    each line's custom_id is read off its opening instead of parsing the whole line (two
+    thirds of the scan's CPU). If the digest of what was read differs from the recorded one,
+    the shard is scanned again in full, so an edited or damaged shard is still named by line.
 
     :param source: the shard.
     :param limits: the API's per-batch limits.
     :raises ShardRejected: naming the first offending line (1-based) and the cause.
     """
+    expected = getattr(source, "sha256", None)
+    if expected:
+        scan = _scan(source, limits, trusted=True)
+        if scan.fingerprint == expected:
+            return scan
+    return _scan(source, limits, trusted=False)
+
+
+def _scan(source: RequestSource, limits: Limits, *, trusted: bool) -> ShardScan:
     digest = hashlib.sha256()
     # 8 bytes per custom_id instead of a set of strings: memory stays flat as shards grow.
     id_hashes = array("q")
@@ -162,6 +232,12 @@ def scan_requests(source: RequestSource, limits: Limits = Limits()) -> ShardScan
                 f"{where}: line {count}: the request body passes {limits.max_body_bytes:,} bytes, over the "
                 "API's limit (HTTP 413). Stage smaller shards."
             )
+        opening = _STAGED_LINE.match(line) if trusted else None
+        if opening is not None and line.endswith(b"}"):
+            id_hashes.append(_id_hash(opening.group(1)))
+            digest.update(line)
+            digest.update(b"\n")
+            continue
         try:
             request = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
@@ -192,8 +268,9 @@ def scan_requests(source: RequestSource, limits: Limits = Limits()) -> ShardScan
     )
 
 
-def _id_hash(custom_id: str) -> int:
-    return int.from_bytes(hashlib.blake2b(custom_id.encode(), digest_size=8).digest(), "little", signed=True)
+def _id_hash(custom_id: str | bytes) -> int:
+    data = custom_id if isinstance(custom_id, bytes) else custom_id.encode()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
 
 
 def _sorted(values: array) -> Any:
@@ -394,6 +471,10 @@ class BatchSubmitter:
         :param source: the shard or inline requests.
         :param log: where to say what happened (the task log).
         """
+        with _read_once(source) as local:
+            return self._submit(local, log)
+
+    def _submit(self, source: RequestSource, log: Callable[[str], None]) -> SubmissionResult:
         scan = scan_requests(source, self.limits)
         state = self.read_state()
         superseded: list[str] = []
