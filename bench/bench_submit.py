@@ -150,7 +150,8 @@ def main() -> None:
     markdown = (
         "### Submit: peak memory above the interpreter's baseline\n\n"
         + markdown_table(rows, list(rows[0]))
-        + f"\n\nOurs at {SIZES[-1]:,} vs {SIZES[0]:,} requests: {growth:.2f}x "
+        + f"\n\nOurs at {SIZES[-1]:,} vs {SIZES[0]:,} requests: {growth:.2f}x, "
+        f"{rows[-1]['ours peak MB'] - rows[0]['ours peak MB']:+.1f} MB "
         "(target: under 150 MB at 100,000 and at most 1.2x the 10,000 figure)."
     )
     write_results("submit", rows, markdown)
