@@ -418,7 +418,6 @@ def split_probe(layout: RunLayout, manifest: Manifest, workload: Workload, probe
         _next_revision,
         iter_shard_lines,
         read_shard_keys,
-        shard_keys_path,
     )
 
     candidates = [shard for shard in manifest.shards if shard.count >= requests]
@@ -435,16 +434,15 @@ def split_probe(layout: RunLayout, manifest: Manifest, workload: Workload, probe
     prefix_length = len(layout.prefix) + 1
 
     class _Out:
-        def __init__(self, stem: str) -> None:
-            self.path = f"{stem}.jsonl"
-            self.keys_path = f"{stem}.keys.parquet"
+        def __init__(self, part: int, revision: int | None = None) -> None:
+            self.path = layout.requests(part, revision)
+            self.keys_path = layout.shard_keys(part, revision)
             self.digest = hashlib.sha256()
             self.size = 0
             self.count = 0
 
-    main = _Out(f"{layout.prefix}/requests/part-{source.part:05d}.r{_next_revision(source.requests)}") if keep else None
-    probe = _Out(f"{layout.prefix}/requests/part-{part:05d}")
-    probe.keys_path = shard_keys_path(layout, part)
+    main = _Out(source.part, _next_revision(source.requests)) if keep else None
+    probe = _Out(part)
     with ExitStack() as stack:
         handles = {"probe": stack.enter_context(layout.store.open(probe.path, "wb"))}
         if main is not None:

@@ -30,7 +30,7 @@ from claude_batch.batch_queue import (
 from claude_batch.hooks import ClaudeBatchHook
 from claude_batch.poller import BatchSnapshot
 from claude_batch.sensors import apply_completion_policy, handle_trigger_event
-from claude_batch.storage import ObjectStore, recorded_shard_sha256, safe_segment
+from claude_batch.storage import ObjectStore, RunLayout, recorded_shard_sha256
 from claude_batch.submission import BatchSubmitter, InlineRequests, RequestSource, StoredShard
 from claude_batch.triggers import DEFAULT_MAX_POLL_INTERVAL, DEFAULT_MIN_POLL_INTERVAL, ClaudeBatchTrigger
 
@@ -178,11 +178,10 @@ class ClaudeBatchOperator(BaseOperator):
             )
         return ObjectStore.from_airflow(root, self.aws_conn_id)
 
-    def _state_relpath(self, context: Context) -> str:
+    def _state_relpath(self, context: Context, store: ObjectStore) -> str:
         ti = context["ti"]
-        map_index = max(getattr(ti, "map_index", -1), 0)
-        run = f"{safe_segment(ti.dag_id)}/{safe_segment(context['run_id'])}"
-        return f"{run}/state/{safe_segment(ti.task_id)}.part-{map_index:05d}.json"
+        layout = RunLayout(store, ti.dag_id, context["run_id"])
+        return layout.submission_state(ti.task_id, getattr(ti, "map_index", -1))
 
     def execute(self, context: Context) -> Any:
         return self._submit_and_wait(context, QueueWait())
@@ -223,7 +222,7 @@ class ClaudeBatchOperator(BaseOperator):
 
     def _submit_and_wait(self, context: Context, wait: QueueWait) -> Any:
         store = self._store()
-        relpath = self._state_relpath(context)
+        relpath = self._state_relpath(context, store)
         api = QueueAwareApi(self.hook, budget=self._queue_budget(), api_limit=wait.api_limit, log=self.log.info)
         try:
             if wait.needed is not None and (store.read_json_or_none(relpath) or {}).get("phase") == "refused":

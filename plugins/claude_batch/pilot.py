@@ -118,7 +118,7 @@ def split_pilot(layout: RunLayout, manifest: Manifest, size: int, limits: Stagin
         staged_requests=taken,
         rejected_rows=0,
         rejected_by_reason={},
-        rejects="requests/rejects.jsonl",  # none: the run's rejected rows stay with round 1
+        rejects=at.rejects[len(at.prefix) + 1 :],  # none: the run's rejected rows stay with round 1
         estimate=_scaled(manifest.estimate, taken / manifest.staged_requests),
         created_at=datetime.now(UTC).isoformat(),
     )

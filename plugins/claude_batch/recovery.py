@@ -155,7 +155,7 @@ def _submitted_batches(layout: RunLayout) -> dict[tuple[int, int], str | None]:
     ``<group>.pilot_submit``.
     """
     found: dict[tuple[int, int], str | None] = {}
-    for path in layout.store.list(f"{layout.prefix}/state"):
+    for path in layout.store.list(layout.submission_states):
         match = _STATE_FILE.fullmatch(path.rsplit("/", 1)[-1])
         task = _SUBMIT_TASK.search(match["task"]) if match else None
         if task is None:

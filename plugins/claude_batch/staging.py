@@ -155,12 +155,12 @@ class Manifest:
 
 def shard_keys_path(layout: RunLayout, part: int) -> str:
     """``requests/part-NNNNN.keys.parquet``: the custom_id -> record key map of a shard."""
-    return f"{layout.prefix}/requests/part-{part:05d}.keys.parquet"
+    return layout.shard_keys(part)
 
 
 def rejects_path(layout: RunLayout) -> str:
     """``requests/rejects.jsonl``: every row staging could not send, with the reason."""
-    return f"{layout.prefix}/requests/rejects.jsonl"
+    return layout.rejects
 
 
 def _relative(layout: RunLayout, path: str) -> str:
@@ -1211,25 +1211,24 @@ def _rewrite_shard(layout: RunLayout, shard: ShardManifest, drop: set[str]) -> S
         return None
     mask = keep.to_pylist() if isinstance(keep, pa.Array) else keep.combine_chunks().to_pylist()
     revision = _next_revision(shard.requests)
-    stem = f"{layout.prefix}/requests/part-{shard.part:05d}.r{revision}"
     digest = hashlib.sha256()
     size = 0
     models: dict[str, int] = {}
     for model in kept_keys.column("model").to_pylist():
         models[model] = models.get(model, 0) + 1
-    with layout.store.open(f"{stem}.jsonl", "wb", block_size=_S3_BLOCK_SIZE) as out:
+    with layout.store.open(layout.requests(shard.part, revision), "wb", block_size=_S3_BLOCK_SIZE) as out:
         for line, wanted in zip(iter_shard_lines(layout, shard), mask, strict=True):
             if wanted:
                 data = line + b"\n"
                 digest.update(data)
                 size += len(data)
                 out.write(data)
-    with layout.store.open(f"{stem}.keys.parquet", "wb") as handle:
+    with layout.store.open(layout.shard_keys(shard.part, revision), "wb") as handle:
         pq.write_table(kept_keys, handle)
     return ShardManifest(
         part=shard.part,
-        requests=_relative(layout, f"{stem}.jsonl"),
-        keys=_relative(layout, f"{stem}.keys.parquet"),
+        requests=_relative(layout, layout.requests(shard.part, revision)),
+        keys=_relative(layout, layout.shard_keys(shard.part, revision)),
         count=kept_keys.num_rows,
         bytes=size,
         sha256=digest.hexdigest(),

@@ -188,8 +188,22 @@ class RunLayout:
     def report(self) -> str:
         return self._rel("report.json")
 
-    def requests(self, part: int) -> str:
-        return self._rel(f"requests/part-{part:05d}.jsonl")
+    def _shard_stem(self, part: int, revision: int | None) -> str:
+        # A rewritten shard (claim, probe split) gets a new name, never the one a manifest names.
+        return self._rel(f"requests/part-{part:05d}" + (f".r{revision}" if revision is not None else ""))
+
+    def requests(self, part: int, revision: int | None = None) -> str:
+        """``requests/part-NNNNN.jsonl`` (``part-NNNNN.rK.jsonl`` for revision K)."""
+        return self._shard_stem(part, revision) + ".jsonl"
+
+    def shard_keys(self, part: int, revision: int | None = None) -> str:
+        """``requests/part-NNNNN.keys.parquet``: the shard's custom_id -> record key map."""
+        return self._shard_stem(part, revision) + ".keys.parquet"
+
+    @property
+    def rejects(self) -> str:
+        """``requests/rejects.jsonl``: every row staging could not send, with the reason."""
+        return self._rel("requests/rejects.jsonl")
 
     @staticmethod
     def manifest_of(requests_path: str) -> tuple[str, str] | None:
@@ -198,14 +212,28 @@ class RunLayout:
         prefix, found, name = requests_path.rpartition("/requests/")
         return (f"{prefix}/manifest.json", f"requests/{name}") if found and prefix else None
 
-    def state(self, part: int) -> str:
-        return self._rel(f"state/part-{part:05d}.json")
+    def submission_state(self, task_id: str, map_index: int) -> str:
+        """``<run>/state/<task_id>.part-NNNNN.json``: one submit task's two-phase state.
+
+        Under the run's own prefix whatever the round: each round's submit task has its own id.
+        """
+        base = RunLayout(self.store, self.dag_id, self.run_id)
+        return base._rel(f"state/{safe_segment(task_id)}.part-{max(map_index, 0):05d}.json")
+
+    @property
+    def submission_states(self) -> str:
+        """The folder holding every submit task's state (:meth:`submission_state`)."""
+        return RunLayout(self.store, self.dag_id, self.run_id)._rel("state")
 
     def results_jsonl(self, part: int) -> str:
         return self._rel(f"results/part-{part:05d}.jsonl")
 
     def results_parquet(self, part: int) -> str:
         return self._rel(f"results/part-{part:05d}.parquet")
+
+    def validated(self, part: int) -> str:
+        """``validated/part-NNNNN.parquet``: the shard's answers with their verdicts."""
+        return self._rel(f"validated/part-{part:05d}.parquet")
 
 
 def recorded_shard_sha256(store: ObjectStore, requests_path: str) -> str | None:

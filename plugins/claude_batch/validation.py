@@ -83,7 +83,7 @@ def validated_schema(workload: Workload) -> pa.Schema:
 
 def validated_path(layout: RunLayout, part: int) -> str:
     """``validated/part-NNNNN.parquet`` under the run's prefix."""
-    return f"{layout.prefix}/validated/part-{part:05d}.parquet"
+    return layout.validated(part)
 
 
 @dataclass

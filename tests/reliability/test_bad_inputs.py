@@ -161,6 +161,6 @@ def test_a_key_with_a_trailing_newline_does_not_break_its_batch(anthropic_conn, 
     manifest = stage_requests(rows, WORKLOAD, layout, key_field="id", cache_setting="off")
     assert manifest.staged_requests == 3
     shard = f"{layout.prefix}/{manifest.shards[0].requests}"
-    submitter = BatchSubmitter(ClaudeBatchHook(), layout.store, layout.state(0))
+    submitter = BatchSubmitter(ClaudeBatchHook(), layout.store, layout.submission_state("submit", 0))
     submitter.submit(StoredShard(layout.store, shard))
     assert anthropic_conn.stats()["batches_created"] == 1

@@ -52,7 +52,7 @@ def layout_paths(layout: RunLayout) -> list[str]:
         layout.manifest,
         layout.report,
         layout.requests(0),
-        layout.state(7),
+        layout.submission_state("submit", 7),
         layout.results_jsonl(3),
         layout.results_parquet(3),
         shard_keys_path(layout, 0),
