@@ -161,7 +161,9 @@ def _submitted_batches(layout: RunLayout) -> dict[tuple[int, int], str | None]:
         if task is None:
             continue
         data = layout.store.read_json_or_none(path)
-        if data is not None:
+        # ``refused``: the queue turned the create away and nothing was created since, so the
+        # shard counts as never submitted (its items are released), not as an intent to wait on.
+        if data is not None and data.get("phase") != "refused":
             number = 0 if task["pilot"] else int(task["round"]) if task["round"] else 1
             found[(number, int(match["index"]))] = SubmissionState.from_json(data).batch_id
     return found

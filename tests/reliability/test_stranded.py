@@ -104,3 +104,36 @@ def test_a_live_run_and_a_running_batch_are_left_alone_until_they_end(postgres_s
     assert ledger(stack) == {"succeeded": ROWS}
     assert emulator.stats()["requests_received"] == ROWS
     assert billed(emulator) == (ROWS, 0)
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("warehouse", ["duckdb", "postgres"])
+def test_a_run_failed_while_a_shard_waited_for_queue_room_has_that_shard_released(warehouse, request, emulator, run_states):
+    """Its first shard was created; the second was refused by the full queue (state ``refused``,
+    nothing created) and deferred; then the run failed. The next night collects the first
+    shard's batch and sends the second shard's items, once."""
+    from airflow.sdk.exceptions import TaskDeferred
+
+    stack = request.getfixturevalue(f"{warehouse}_stack")
+    # Room for one shard of two, and batches that stay in the queue until time is advanced.
+    emulator.configure(max_queued_requests=ROWS // 2 + ROWS // 4, processing_seconds=3600.0)
+    failed = PipelineRun(stack, "night-1", RUN_1)
+    run_until(failed, "gate")
+    shards = harness.step_gate(stack, "night-1")  # the gate again (a retried task): the same shards
+    created = harness.step_submit(stack, "night-1", 0, shards[0])
+    with pytest.raises(TaskDeferred):
+        harness.step_submit(stack, "night-1", 1, shards[1])
+    # The record task waits for every submit: it never ran, so the ledger still says pending.
+    assert ledger(stack) == {"pending": ROWS}
+    states = [s for s in stack.store().list(stack.layout("night-1").submission_states) if s.endswith(".json")]
+    assert sorted(stack.store().read_json_or_none(s)["phase"] for s in states) == ["refused", "submitted"]
+    run_states["night-1"] = "failed"  # the deferred submit never resumed
+    emulator.configure(max_queued_requests=None, processing_seconds=30.0)  # the fixture's, for night 2
+    emulator.advance(4000)
+    wait_for_batches([created])
+    next_night = PipelineRun(stack, "night-2", RUN_2)
+    next_night.run()
+    assert ledger(stack) == {"succeeded": ROWS}
+    assert emulator.stats()["requests_received"] == ROWS  # the first shard's answers were not paid again
+    assert billed(emulator) == (ROWS, 0)
+    assert next_night.record.shards == 1 and next_night.record.accounting["ok"]
