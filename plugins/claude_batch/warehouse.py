@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 DEFAULT_LEDGER_TABLE = "claude_batch_ledger"
 # The column extract adds to every row: the key column's value as the warehouse itself casts it to
 # text. Staging, the ledger and every comparison use this one text, so a CHAR(n), timestamp,
-# decimal or UUID key means the same item everywhere (see docs/ledger.md).
+# decimal or UUID key means the same item everywhere (see docs/layout.md, the ledger's columns).
 RECORD_KEY_COLUMN = "_claude_batch_record_key"
 # A claim of this many rows or more refreshes the ledger's planner statistics (PostgreSQL).
 STATISTICS_REFRESH_ROWS = 1_000
