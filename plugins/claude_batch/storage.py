@@ -217,13 +217,12 @@ class RunLayout:
 
         Under the run's own prefix whatever the round: each round's submit task has its own id.
         """
-        base = RunLayout(self.store, self.dag_id, self.run_id)
-        return base._rel(f"state/{safe_segment(task_id)}.part-{max(map_index, 0):05d}.json")
+        return f"{self.submission_states}/{safe_segment(task_id)}.part-{max(map_index, 0):05d}.json"
 
     @property
     def submission_states(self) -> str:
         """The folder holding every submit task's state (:meth:`submission_state`)."""
-        return RunLayout(self.store, self.dag_id, self.run_id)._rel("state")
+        return self.in_round(1)._rel("state")
 
     def results_jsonl(self, part: int) -> str:
         return self._rel(f"results/part-{part:05d}.jsonl")

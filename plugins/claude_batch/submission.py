@@ -190,7 +190,10 @@ class ShardScan:
 
 
 # How staging (``workloads.RequestEncoder``) opens every line: the custom_id, then the params object.
-_STAGED_LINE = re.compile(rb'\{"custom_id":"([a-zA-Z0-9_-]{1,64})","params":\{')
+# (The custom_id rule is contracts.py's, without its anchors.)
+_STAGED_LINE = re.compile(
+    rb'\{"custom_id":"(' + CUSTOM_ID_PATTERN.pattern.strip("^$").encode() + rb')","params":\{'
+)
 
 
 def scan_requests(source: RequestSource, limits: Limits = Limits()) -> ShardScan:
