@@ -89,7 +89,14 @@ def make_workload(cache: str):
     )
 
 
-_ITEMS = ("laptop repair", "office chairs", "recruiting fees", "conference booth", "audit services", "licences")
+_ITEMS = (
+    "laptop repair",
+    "office chairs",
+    "recruiting fees",
+    "conference booth",
+    "audit services",
+    "licences",
+)
 
 
 def _invoice(day: int, i: int) -> dict:
@@ -203,7 +210,9 @@ def run_matrix(rows: int) -> list[dict]:
     lines: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-caching-") as workdir:
         for hit_rate in HIT_RATES:
-            with emulator_process(cache_hit_rate=hit_rate, time_scale=60, processing_seconds=30, seed=0) as url:
+            with emulator_process(
+                cache_hit_rate=hit_rate, time_scale=60, processing_seconds=30, seed=0
+            ) as url:
                 _environment(url)
                 for setting in SETTINGS:
                     _reset(url)
@@ -276,8 +285,14 @@ def summarise(lines: list[dict]) -> tuple[list[dict], list[dict], dict]:
     versus = []
     worst_auto = 0.0
     for hit_rate in HIT_RATES:
-        ratios = [by_key[(hit_rate, "auto", run)]["cost"] / by_key[(hit_rate, "off", run)]["cost"] for run in range(1, RUNS + 1)]
-        best = [min(by_key[(hit_rate, s, run)]["share_rt"] for s in ("off", "5m", "1h")) for run in range(1, RUNS + 1)]
+        ratios = [
+            by_key[(hit_rate, "auto", run)]["cost"] / by_key[(hit_rate, "off", run)]["cost"]
+            for run in range(1, RUNS + 1)
+        ]
+        best = [
+            min(by_key[(hit_rate, s, run)]["share_rt"] for s in ("off", "5m", "1h"))
+            for run in range(1, RUNS + 1)
+        ]
         worst_auto = max(worst_auto, *ratios)
         versus.append({
             "hit rate": f"{hit_rate:.2f}",

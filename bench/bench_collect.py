@@ -145,7 +145,11 @@ def replay_process(replay_dir: str):
     import sys
 
     return server_process(
-        lambda port: [sys.executable, "-c", f"from bench.bench_collect import serve_replay; serve_replay({replay_dir!r}, {port})"],
+        lambda port: [
+            sys.executable,
+            "-c",
+            f"from bench.bench_collect import serve_replay; serve_replay({replay_dir!r}, {port})",
+        ],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )

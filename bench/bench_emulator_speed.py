@@ -82,7 +82,9 @@ def _sdk_parse_only(chunks: list[bytes]) -> float:
     from anthropic.types.messages import MessageBatchIndividualResponse
 
     started = time.perf_counter()
-    decoder = JSONLDecoder(raw_iterator=iter(chunks), line_type=MessageBatchIndividualResponse, http_response=None)
+    decoder = JSONLDecoder(
+        raw_iterator=iter(chunks), line_type=MessageBatchIndividualResponse, http_response=None
+    )
     lines = sum(1 for _ in decoder)
     return lines / (time.perf_counter() - started)
 
@@ -116,7 +118,9 @@ def measure(count: int, shape: str, modes: tuple[str, ...] = ("background", "on 
                     row["made_s"] = made if made is not None else "-"
                     row["made_lines_per_s"] = count / made if made else "-"
                 chunks: list[bytes] = []
-                lines, size, seconds, cpu, row["content_type"] = _raw_download(client, batch_id, sampler, chunks)
+                lines, size, seconds, cpu, row["content_type"] = _raw_download(
+                    client, batch_id, sampler, chunks
+                )
                 if lines != count:
                     raise RuntimeError(f"expected {count} result lines, got {lines}")
                 row["results_mb"] = size / MB
@@ -130,7 +134,9 @@ def measure(count: int, shape: str, modes: tuple[str, ...] = ("background", "on 
                     lines, _size, seconds, _cpu, _type = _raw_download(client, batch_id, sampler)
                     row["again_lines_per_s"] = lines / seconds
                 else:
-                    with anthropic.Anthropic(api_key=API_KEY, base_url=base_url, max_retries=0, timeout=600) as sdk:
+                    with anthropic.Anthropic(
+                        api_key=API_KEY, base_url=base_url, max_retries=0, timeout=600
+                    ) as sdk:
                         started = time.perf_counter()
                         parsed = sum(1 for _ in sdk.messages.batches.results(batch_id))
                         row["sdk_lines_per_s"] = parsed / (time.perf_counter() - started)

@@ -145,12 +145,20 @@ class Setup:
         )  # fmt: skip
         return {
             "AIRFLOW_CONN_ANTHROPIC_DEFAULT": json.dumps(
-                {"conn_type": "anthropic", "host": self.emulator_url, "password": API_KEY,
-                 "extra": {"anthropic_client_kwargs": {"timeout": 600}}}
+                {
+                    "conn_type": "anthropic",
+                    "host": self.emulator_url,
+                    "password": API_KEY,
+                    "extra": {"anthropic_client_kwargs": {"timeout": 600}},
+                }
             ),  # fmt: skip
             "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(
-                {"conn_type": "aws", "login": "testing", "password": "testing",
-                 "extra": {"endpoint_url": self.s3_endpoint, "region_name": "us-east-1"}}
+                {
+                    "conn_type": "aws",
+                    "login": "testing",
+                    "password": "testing",
+                    "extra": {"endpoint_url": self.s3_endpoint, "region_name": "us-east-1"},
+                }
             ),  # fmt: skip
             "AIRFLOW_CONN_CLAUDE_BATCH_WAREHOUSE": json.dumps(warehouse),
             "CLAUDE_BATCH_STORAGE_ROOT": self.store_root,
@@ -238,7 +246,15 @@ def measure_gate(setup: str) -> dict:
     with _Meter() as meter:
         conn = night.connect()
         hook = ClaudeBatchHook()
-        shards = run_gate(night.config(), Warehouse(conn, dialect_for(conn)), night.layout(), RunOptions(), hook.conn, hook, _log())
+        shards = run_gate(
+            night.config(),
+            Warehouse(conn, dialect_for(conn)),
+            night.layout(),
+            RunOptions(),
+            hook.conn,
+            hook,
+            _log(),
+        )
         conn.close()
     return meter.result(imports=imports, shards=shards)
 
@@ -326,7 +342,9 @@ def measure_record(setup: str, batch_ids: list[str]) -> dict:
 
     with _Meter() as meter:
         conn = night.connect()
-        run_record_batches(night.config(), Warehouse(conn, dialect_for(conn)), night.layout(), RunOptions(), batch_ids)
+        run_record_batches(
+            night.config(), Warehouse(conn, dialect_for(conn)), night.layout(), RunOptions(), batch_ids
+        )
         conn.close()
     return meter.result(imports=imports)
 
@@ -390,7 +408,9 @@ def measure_load(setup: str) -> dict:
 
     with _Meter() as meter:
         conn = night.connect()
-        load = run_load(night.config(), Warehouse(conn, dialect_for(conn)), night.layout(), RunOptions(), None)
+        load = run_load(
+            night.config(), Warehouse(conn, dialect_for(conn)), night.layout(), RunOptions(), None
+        )
         conn.close()
     return meter.result(imports=imports, load=load)
 
@@ -411,14 +431,21 @@ def floor_stage(setup: str) -> dict:
     night = Setup(**json.loads(setup))
     conn = night.connect()
     sql = "SELECT ticket_id, customer, subject, body FROM tickets"
-    with tempfile.TemporaryDirectory() as tmp, open(os.path.join(tmp, "floor.jsonl"), "wb") as out, _Meter() as meter:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        open(os.path.join(tmp, "floor.jsonl"), "wb") as out,
+        _Meter() as meter,
+    ):
         cursor = conn.cursor(name="floor") if night.warehouse == "postgres" else conn.execute(sql)
         if night.warehouse == "postgres":
             cursor.itersize = 10_000
             cursor.execute(sql)
         while rows := cursor.fetchmany(10_000):
             for row in rows:
-                out.write(orjson.dumps(dict(zip(("ticket_id", "customer", "subject", "body"), row, strict=True))) + b"\n")
+                out.write(
+                    orjson.dumps(dict(zip(("ticket_id", "customer", "subject", "body"), row, strict=True)))
+                    + b"\n"
+                )
     conn.close()
     return meter.result()
 
@@ -434,7 +461,9 @@ def floor_results(setup: str, batch_ids: list[str]) -> dict:
         with _Meter() as download:
             for batch_id in batch_ids:
                 path = os.path.join(tmp, f"{batch_id}.jsonl")
-                with client.stream("GET", f"{night.emulator_url}/v1/messages/batches/{batch_id}/results") as answer:
+                with client.stream(
+                    "GET", f"{night.emulator_url}/v1/messages/batches/{batch_id}/results"
+                ) as answer:
                     answer.raise_for_status()
                     with open(path, "wb") as handle:
                         for chunk in answer.iter_bytes(1 << 20):
@@ -474,12 +503,18 @@ def floor_load(setup: str) -> dict:
                 schema = pq.read_schema(files[0])
                 with conn.cursor() as cur:
                     cur.execute("DROP TABLE IF EXISTS floor_load")
-                    cur.execute("CREATE TABLE floor_load (" + ", ".join(f'"{name}" TEXT' for name in schema.names) + ")")
+                    cur.execute(
+                        "CREATE TABLE floor_load ("
+                        + ", ".join(f'"{name}" TEXT' for name in schema.names)
+                        + ")"
+                    )
                     for local in files:
                         csv_path = local + ".csv"
                         pacsv.write_csv(pq.read_table(local), csv_path)
                         with open(csv_path, "rb") as handle:
-                            cur.copy_expert("COPY floor_load FROM STDIN WITH (FORMAT csv, HEADER true)", handle)
+                            cur.copy_expert(
+                                "COPY floor_load FROM STDIN WITH (FORMAT csv, HEADER true)", handle
+                            )
                 conn.commit()
         conn.close()
     return meter.result()
@@ -571,9 +606,15 @@ def _check_night(night: Setup, count: int) -> dict:
 
 def measure_night(warehouse: str, count: int, queue: int, shard_size: int) -> tuple[list[dict], dict]:
     """One night stage by stage; returns the per-stage rows and the night's totals."""
-    with tempfile.TemporaryDirectory() as tmp, moto_process() as s3, emulator_process(
-        time_scale=TIME_SCALE, processing_seconds=BATCH_WALL_SECONDS * TIME_SCALE, max_queued_requests=queue
-    ) as emulator:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        moto_process() as s3,
+        emulator_process(
+            time_scale=TIME_SCALE,
+            processing_seconds=BATCH_WALL_SECONDS * TIME_SCALE,
+            max_queued_requests=queue,
+        ) as emulator,
+    ):
         import boto3
 
         boto3.client("s3", endpoint_url=s3, region_name="us-east-1", aws_access_key_id="testing",
@@ -613,7 +654,11 @@ def _stages(night: Setup, count: int) -> tuple[list[dict], dict]:
         return result
 
     started = time.perf_counter()
-    stage("stage (extract, render, write)", "measure_stage", floor=run_isolated("bench.bench_end_to_end", "floor_stage", setup=setup))
+    stage(
+        "stage (extract, render, write)",
+        "measure_stage",
+        floor=run_isolated("bench.bench_end_to_end", "floor_stage", setup=setup),
+    )
     shards = stage("gate (claim)", "measure_gate")["shards"]
     submitted = stage("submit", "measure_submit", shards=shards)
     batch_ids = submitted["batch_ids"]
@@ -633,7 +678,14 @@ def _stages(night: Setup, count: int) -> tuple[list[dict], dict]:
             "cpu": sum(part[name]["cpu"] for part in parts),
             "peak_mb": max(part[name]["peak_mb"] for part in parts),
         }
-        rows.append(_row(f"{name} ({len(parts)} tasks)", merged, emulator_collect if name == "collect" else 0.0, floors[name]))
+        rows.append(
+            _row(
+                f"{name} ({len(parts)} tasks)",
+                merged,
+                emulator_collect if name == "collect" else 0.0,
+                floors[name],
+            )
+        )
     stage("load", "measure_load", floor=run_isolated("bench.bench_end_to_end", "floor_load", setup=setup))
     wall = time.perf_counter() - started
     checked = _check_night(night, count)
@@ -679,9 +731,16 @@ def _row(name: str, result: dict, emulator_cpu: float, floor: dict | None) -> di
 
 def measure_dag_run(count: int, queue: int, shard_size: int) -> dict:
     """The project's DAG, run by Airflow (dag.test) over ``count`` rows on DuckDB, unattended."""
-    with tempfile.TemporaryDirectory() as tmp, moto_process() as s3, emulator_process(
-        time_scale=TIME_SCALE, processing_seconds=QUEUE_BATCH_WALL_SECONDS * TIME_SCALE, max_queued_requests=queue
-    ) as emulator, httpx.Client(headers={"x-api-key": API_KEY, "anthropic-version": "2023-06-01"}) as client:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        moto_process() as s3,
+        emulator_process(
+            time_scale=TIME_SCALE,
+            processing_seconds=QUEUE_BATCH_WALL_SECONDS * TIME_SCALE,
+            max_queued_requests=queue,
+        ) as emulator,
+        httpx.Client(headers={"x-api-key": API_KEY, "anthropic-version": "2023-06-01"}) as client,
+    ):
         import boto3
 
         boto3.client("s3", endpoint_url=s3, region_name="us-east-1", aws_access_key_id="testing",
@@ -799,7 +858,9 @@ def main(argv: list[str] | None = None) -> None:
         dag_run = measure_dag_run(max(counts), queue, shard_size)
         write_results("end_to_end_dag", [dag_run], markdown_table([dag_run], DAG_COLUMNS))
         return
-    warehouses = ["duckdb"] + (["postgres"] if postgres_up() or os.environ.get("REQUIRE_SERVICES") == "1" else [])
+    warehouses = ["duckdb"] + (
+        ["postgres"] if postgres_up() or os.environ.get("REQUIRE_SERVICES") == "1" else []
+    )
     stage_rows, totals = [], []
     for count in counts:
         for warehouse in warehouses:
@@ -808,28 +869,30 @@ def main(argv: list[str] | None = None) -> None:
             stage_rows += rows
             totals.append(total)
     dag_run = measure_dag_run(max(counts), queue, shard_size)
-    markdown = "\n\n".join([
-        f"### End to end: a night of {' and '.join(f'{c:,}' for c in counts)} rows, stage by stage",
-        markdown_table(stage_rows, STAGE_COLUMNS),
-        markdown_table(totals, TOTAL_COLUMNS),
-        "Each stage runs in a fresh interpreter as its task would (collect and validate: one process per "
-        "shard; their wall and CPU are summed, their peak is the largest). Client CPU excludes each "
-        "process's imports (summed apart under imports CPU s); waiting is wall minus client CPU (the "
-        "emulator, S3, the database, or a busy core); emulator CPU is the emulator process's own, over the "
-        "stage (it also renders results in the background from each batch's creation). Floors: stage = the "
-        "rows fetched and written as JSONL with orjson; collect = the results downloaded with plain httpx; "
-        "validate = every line parsed with orjson; load = the validated Parquet bulk-inserted into a scratch "
-        "table. Submit, record and wait have no client floor. The queue holds "
-        f"{queue:,} requests, batches take {BATCH_WALL_SECONDS:.0f} s of wall time, shards hold "
-        f"{shard_size:,} requests. Target: at most 30 us of client CPU per row at 1,000,000 rows.",
-        f"### End to end: the project's DAG run by Airflow over {max(counts):,} rows, queue {queue:,}",
-        markdown_table([dag_run], DAG_COLUMNS),
-        "One `dag.test()` of `claude_batch_dag` on DuckDB (Airflow's task runner; deferred tasks and their "
-        "triggers run inline, one at a time), default staging limits (a shard ends at 100,000 requests or "
-        f"the byte limit), batches that stay {QUEUE_BATCH_WALL_SECONDS:.0f} s (wall) in the queue: shards "
-        "that do not fit are refused by the emulator's queue-full 429, deferred to `QueueRoomTrigger` and "
-        "resumed when batches end. Peak queue use is sampled from the emulator every 50 ms.",
-    ])
+    markdown = "\n\n".join(
+        [
+            f"### End to end: a night of {' and '.join(f'{c:,}' for c in counts)} rows, stage by stage",
+            markdown_table(stage_rows, STAGE_COLUMNS),
+            markdown_table(totals, TOTAL_COLUMNS),
+            "Each stage runs in a fresh interpreter as its task would (collect and validate: one process per "
+            "shard; their wall and CPU are summed, their peak is the largest). Client CPU excludes each "
+            "process's imports (summed apart under imports CPU s); waiting is wall minus client CPU (the "
+            "emulator, S3, the database, or a busy core); emulator CPU is the emulator process's own, over the "
+            "stage (it also renders results in the background from each batch's creation). Floors: stage = the "
+            "rows fetched and written as JSONL with orjson; collect = the results downloaded with plain httpx; "
+            "validate = every line parsed with orjson; load = the validated Parquet bulk-inserted into a scratch "
+            "table. Submit, record and wait have no client floor. The queue holds "
+            f"{queue:,} requests, batches take {BATCH_WALL_SECONDS:.0f} s of wall time, shards hold "
+            f"{shard_size:,} requests. Target: at most 30 us of client CPU per row at 1,000,000 rows.",
+            f"### End to end: the project's DAG run by Airflow over {max(counts):,} rows, queue {queue:,}",
+            markdown_table([dag_run], DAG_COLUMNS),
+            "One `dag.test()` of `claude_batch_dag` on DuckDB (Airflow's task runner; deferred tasks and their "
+            "triggers run inline, one at a time), default staging limits (a shard ends at 100,000 requests or "
+            f"the byte limit), batches that stay {QUEUE_BATCH_WALL_SECONDS:.0f} s (wall) in the queue: shards "
+            "that do not fit are refused by the emulator's queue-full 429, deferred to `QueueRoomTrigger` and "
+            "resumed when batches end. Peak queue use is sampled from the emulator every 50 ms.",
+        ]
+    )
     write_results("end_to_end", stage_rows + totals + [dag_run], markdown)
 
 

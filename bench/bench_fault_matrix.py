@@ -88,7 +88,11 @@ def run_matrix(rows: int, shards: int) -> list[dict]:
             with tempfile.TemporaryDirectory(prefix="fault-matrix-") as workdir:
                 for number, (name, warehouse) in enumerate(plan):
                     emulator.reset()
-                    with (fresh_postgres_schema("bench") if warehouse == "postgres" else _duckdb_file(workdir, number)) as url:
+                    with (
+                        fresh_postgres_schema("bench")
+                        if warehouse == "postgres"
+                        else _duckdb_file(workdir, number)
+                    ) as url:
                         stack = Stack(_bucket(moto_url), moto_url, url, -(-rows // shards))
                         fill_source(stack, rows)
                         started = time.perf_counter()
@@ -152,7 +156,7 @@ def main() -> None:
             f"records lost {totals['records lost']}, duplicates {totals['duplicates']}, batches billed twice "
             f"{totals['batches billed twice']}, records billed twice {totals['records billed twice']}. Each "
             "scenario: run 1 with the fault (tasks retried as Airflow would), run 2 retrying what run 1 left, "
-            "audit of the results table, the ledger and every batch the emulator holds. \"requests sent\" "
+            'audit of the results table, the ledger and every batch the emulator holds. "requests sent" '
             f"above {rows:,} are the retries run 2 sent. Re-run: `BENCH_SCALE={'full' if full else 'small'} "
             ".venv/bin/python -m bench.bench_fault_matrix`.",
         ]

@@ -57,7 +57,9 @@ def _write_shards(root: Path, per_shard: int) -> list[str]:
                     "params": {
                         "model": "claude-haiku-4-5",
                         "max_tokens": 16,
-                        "messages": [{"role": "user", "content": f"Classify ticket {shard}-{i}: charged twice"}],
+                        "messages": [
+                            {"role": "user", "content": f"Classify ticket {shard}-{i}: charged twice"}
+                        ],
                     },
                 }
                 handle.write(orjson.dumps(request) + b"\n")
@@ -178,7 +180,9 @@ def measure(emulator_url: str, root: str, relpaths: list[str], queue_budget: int
             errors.append(f"shard {shard}: {type(exc).__name__}: {exc}")
 
     started = time.perf_counter()
-    threads = [threading.Thread(target=run_shard, args=(shard,), daemon=True) for shard in range(len(relpaths))]
+    threads = [
+        threading.Thread(target=run_shard, args=(shard,), daemon=True) for shard in range(len(relpaths))
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -213,14 +217,23 @@ def main() -> None:
                 target = root / relpath
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.symlink_to(Path(tmp) / relpath)
-            with emulator_process(
-                time_scale=TIME_SCALE, processing_seconds=processing_seconds, max_queued_requests=queue_size
-            ) as url, httpx.Client(headers={"x-api-key": API_KEY, "anthropic-version": "2023-06-01"}) as client:
+            with (
+                emulator_process(
+                    time_scale=TIME_SCALE,
+                    processing_seconds=processing_seconds,
+                    max_queued_requests=queue_size,
+                ) as url,
+                httpx.Client(headers={"x-api-key": API_KEY, "anthropic-version": "2023-06-01"}) as client,
+            ):
                 sampler = _Sampler(url)
                 sampler.start()
                 try:
                     result = run_isolated(
-                        "bench.bench_queue", "measure", emulator_url=url, root=str(root), relpaths=relpaths,
+                        "bench.bench_queue",
+                        "measure",
+                        emulator_url=url,
+                        root=str(root),
+                        relpaths=relpaths,
                         queue_budget=budget,
                     )
                 finally:
@@ -230,21 +243,23 @@ def main() -> None:
             assert stats["requests_received"] == SHARDS * per_shard, stats
             assert len(set(result["batch_ids"])) == SHARDS
             assert sampler.peak <= queue_size
-            rows.append({
-                "mode": label,
-                "requests": SHARDS * per_shard,
-                "shards": SHARDS,
-                "queue": queue_size,
-                "create calls": stats["http_requests"]["create"],
-                "429s (queue full)": stats["faults_injected"].get("queue_full", 0),
-                "deferrals": result["deferrals"],
-                "batches created": stats["batches_created"],
-                "peak queue use": sampler.peak,
-                "peak / queue": sampler.peak / queue_size,
-                "list calls": stats["http_requests"]["list"],
-                "worker s": result["worker_seconds"],
-                "wall s": result["wall_seconds"],
-            })
+            rows.append(
+                {
+                    "mode": label,
+                    "requests": SHARDS * per_shard,
+                    "shards": SHARDS,
+                    "queue": queue_size,
+                    "create calls": stats["http_requests"]["create"],
+                    "429s (queue full)": stats["faults_injected"].get("queue_full", 0),
+                    "deferrals": result["deferrals"],
+                    "batches created": stats["batches_created"],
+                    "peak queue use": sampler.peak,
+                    "peak / queue": sampler.peak / queue_size,
+                    "list calls": stats["http_requests"]["list"],
+                    "worker s": result["worker_seconds"],
+                    "wall s": result["wall_seconds"],
+                }
+            )
     markdown = (
         f"### Queue-aware submit: {SHARDS * per_shard:,} requests in {SHARDS} shards through a "
         f"{queue_size:,}-request processing queue\n\n"
@@ -252,7 +267,7 @@ def main() -> None:
         + f"\n\nEach batch leaves the queue about {BATCH_WALL_SECONDS:.0f} s (wall) after its creation; "
         f"{WORKER_SLOTS} worker slots; triggers poll the queue every {POLL_INTERVAL:.0f} s. Every shard was "
         "created exactly once (batches created = shards), and no worker slot was held while waiting "
-        "(\"worker s\" is the total time tasks held a slot: scanning, checking and sending, never sleeping). "
+        '("worker s" is the total time tasks held a slot: scanning, checking and sending, never sleeping). '
         "With a budget the check refuses before a body is sent, so 429s and create calls drop to the races "
         "between concurrent checks."
     )

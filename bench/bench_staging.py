@@ -148,7 +148,9 @@ def median_runs(count: int) -> tuple[dict, dict, float]:
     for _ in range(RUNS):
         floors.append(run_isolated("bench.bench_staging", "measure_floor", count=count))
         stagings.append(run_isolated("bench.bench_staging", "measure_staging", count=count))
-    ratios = sorted(floor["seconds"] / staged["seconds"] for floor, staged in zip(floors, stagings, strict=True))
+    ratios = sorted(
+        floor["seconds"] / staged["seconds"] for floor, staged in zip(floors, stagings, strict=True)
+    )
     floors.sort(key=lambda run: run["seconds"])
     stagings.sort(key=lambda run: run["seconds"])
     return floors[RUNS // 2], stagings[RUNS // 2], ratios[RUNS // 2]

@@ -77,7 +77,9 @@ def measure_ours(emulator_url: str, moto_url: str, bucket: str, key: str, sha256
     store.exists(key)  # warm up: s3fs and botocore load lazily on first use
     baseline = current_rss_mb()
     started, cpu_started = time.perf_counter(), cpu_seconds()
-    result = BatchSubmitter(hook, store, f"state/{key}.{bool(sha256)}.json").submit(StoredShard(store, key, sha256))
+    result = BatchSubmitter(hook, store, f"state/{key}.{bool(sha256)}.json").submit(
+        StoredShard(store, key, sha256)
+    )
     return {
         "seconds": time.perf_counter() - started,
         "cpu": cpu_seconds() - cpu_started,
@@ -115,36 +117,59 @@ def main() -> None:
     import boto3
 
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, moto_process() as moto_url, emulator_process(
-        processing_seconds=86_400 * 2
-    ) as emulator_url:
-        s3 = boto3.client("s3", endpoint_url=moto_url, aws_access_key_id="bench", aws_secret_access_key="bench",
-                          region_name="us-east-1")
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        moto_process() as moto_url,
+        emulator_process(processing_seconds=86_400 * 2) as emulator_url,
+    ):
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=moto_url,
+            aws_access_key_id="bench",
+            aws_secret_access_key="bench",
+            region_name="us-east-1",
+        )
         s3.create_bucket(Bucket="bench")
         for count in SIZES:
             shard = Path(tmp) / f"shard-{count}.jsonl"
             size = _write_shard(shard, count)
             key = f"requests/part-{count}.jsonl"
             s3.upload_file(str(shard), "bench", key)
-            ours = run_isolated("bench.bench_submit", "measure_ours", emulator_url=emulator_url,
-                                moto_url=moto_url, bucket="bench", key=key)
-            staged = run_isolated("bench.bench_submit", "measure_ours", emulator_url=emulator_url, moto_url=moto_url,
-                                  bucket="bench", key=key, sha256=hashlib.sha256(shard.read_bytes()).hexdigest())
-            official = run_isolated("bench.bench_submit", "measure_official", emulator_url=emulator_url,
-                                    shard_path=str(shard))
+            ours = run_isolated(
+                "bench.bench_submit",
+                "measure_ours",
+                emulator_url=emulator_url,
+                moto_url=moto_url,
+                bucket="bench",
+                key=key,
+            )
+            staged = run_isolated(
+                "bench.bench_submit",
+                "measure_ours",
+                emulator_url=emulator_url,
+                moto_url=moto_url,
+                bucket="bench",
+                key=key,
+                sha256=hashlib.sha256(shard.read_bytes()).hexdigest(),
+            )
+            official = run_isolated(
+                "bench.bench_submit", "measure_official", emulator_url=emulator_url, shard_path=str(shard)
+            )
             assert ours["count"] == official["count"] == count
-            rows.append({
-                "requests": count,
-                "shard MB": size / 1e6,
-                "ours peak MB": ours["peak_mb"],
-                "ours s": ours["seconds"],
-                "ours CPU us/request": ours["cpu"] / count * 1e6,
-                "staged shard peak MB": staged["peak_mb"],
-                "staged shard CPU us/request": staged["cpu"] / count * 1e6,
-                "official peak MB": official["peak_mb"],
-                "official s": official["seconds"],
-                "official / ours": official["peak_mb"] / max(ours["peak_mb"], 0.1),
-            })
+            rows.append(
+                {
+                    "requests": count,
+                    "shard MB": size / 1e6,
+                    "ours peak MB": ours["peak_mb"],
+                    "ours s": ours["seconds"],
+                    "ours CPU us/request": ours["cpu"] / count * 1e6,
+                    "staged shard peak MB": staged["peak_mb"],
+                    "staged shard CPU us/request": staged["cpu"] / count * 1e6,
+                    "official peak MB": official["peak_mb"],
+                    "official s": official["seconds"],
+                    "official / ours": official["peak_mb"] / max(ours["peak_mb"], 0.1),
+                }
+            )
             shard.unlink()
     growth = rows[-1]["ours peak MB"] / max(rows[0]["ours peak MB"], 0.1)
     markdown = (

@@ -51,8 +51,9 @@ def measure(emulator_url: str, which: str, batch_ids: list[str], window: float) 
         from airflow.providers.anthropic.triggers.batch import AnthropicBatchTrigger
 
         triggers = [
-            AnthropicBatchTrigger(conn_id="anthropic_default", batch_id=bid, poll_interval=INTERVAL,
-                                  end_time=time.time() + 3600)
+            AnthropicBatchTrigger(
+                conn_id="anthropic_default", batch_id=bid, poll_interval=INTERVAL, end_time=time.time() + 3600
+            )
             for bid in batch_ids
         ]
 
@@ -92,7 +93,9 @@ def measure(emulator_url: str, which: str, batch_ids: list[str], window: float) 
         "cpu_ms_per_batch_per_round": cpu * 1000 / (rounds * len(triggers)),
         # what one batch's status costs to learn: ours learns every batch each round, the
         # official trigger one batch per retrieve (its thread pool cannot finish a round)
-        "cpu_ms_per_status_learned": cpu * 1000 / (rounds * len(triggers) if which == "ours" else max(calls, 1)),
+        "cpu_ms_per_status_learned": cpu
+        * 1000
+        / (rounds * len(triggers) if which == "ours" else max(calls, 1)),
         "lag_p50_ms": statistics.median(lags) * 1000,
         "lag_p99_ms": lags[int(len(lags) * 0.99)] * 1000,
         "lag_max_ms": lags[-1] * 1000,
@@ -106,12 +109,24 @@ def main() -> None:
     rows = []
     with emulator_process(processing_seconds=86_400 * 2) as emulator_url:
         client = anthropic.Anthropic(base_url=emulator_url, api_key=API_KEY)
-        request = {"custom_id": "r0", "params": {"model": "claude-haiku-4-5", "max_tokens": 8,
-                                                   "messages": [{"role": "user", "content": "hi"}]}}
+        request = {
+            "custom_id": "r0",
+            "params": {
+                "model": "claude-haiku-4-5",
+                "max_tokens": 8,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
+        }
         batch_ids = [client.messages.batches.create(requests=[request]).id for _ in range(BATCHES)]
         for which in ("ours", "official"):
-            result = run_isolated("bench.bench_trigger", "measure", emulator_url=emulator_url, which=which,
-                                  batch_ids=batch_ids, window=window)
+            result = run_isolated(
+                "bench.bench_trigger",
+                "measure",
+                emulator_url=emulator_url,
+                which=which,
+                batch_ids=batch_ids,
+                window=window,
+            )
             rows.append({"trigger": which, **result})
     ours, official = rows
     ratio = official["cpu_ms_per_status_learned"] / max(ours["cpu_ms_per_status_learned"], 1e-9)

@@ -132,7 +132,7 @@ def run_isolated(module: str, function: str, **kwargs: object) -> dict:
     )
     for line in out.stdout.splitlines():
         if line.startswith("@@RESULT@@"):
-            return json.loads(line[len("@@RESULT@@"):])
+            return json.loads(line[len("@@RESULT@@") :])
     raise RuntimeError(f"{module}.{function} failed:\n{out.stderr[-3000:]}")
 
 

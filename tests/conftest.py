@@ -213,6 +213,7 @@ def pytest_collection_modifyitems(config, items):
             if any(d.scope == "module" for d in definitions) and group == item.nodeid:
                 raise pytest.UsageError(f"{item.nodeid} uses the module fixture {name}: add its module to "
                                         "MODULE_FIXTURE_MODULES")  # fmt: skip
+
     def order(item) -> int:
         group = scheduling_group(item.nodeid)
         if group in ("fullstack", "corpus"):

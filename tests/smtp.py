@@ -118,6 +118,11 @@ class FakeSmtpServer(socketserver.ThreadingTCPServer):
             "conn_type": "smtp",
             "host": "127.0.0.1",
             "port": self.port,
-            "extra": {"disable_tls": True, "disable_ssl": True, "from_email": from_email, "retry_limit": 0,
-                      "timeout": 10},
+            "extra": {
+                "disable_tls": True,
+                "disable_ssl": True,
+                "from_email": from_email,
+                "retry_limit": 0,
+                "timeout": 10,
+            },
         }

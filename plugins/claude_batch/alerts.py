@@ -125,7 +125,11 @@ class NotifierSpec:
         if self.subject_field and self.subject_field not in kwargs:
             kwargs[self.subject_field] = _literal(alert.subject, self.subject_field in templated)
         if self.body_field and self.body_field not in kwargs:
-            body = alert.html if self.html else (alert.text if self.subject_field else f"{alert.subject}\n{alert.text}")
+            body = (
+                alert.html
+                if self.html
+                else (alert.text if self.subject_field else f"{alert.subject}\n{alert.text}")
+            )
             kwargs[self.body_field] = _literal(body, self.body_field in templated)
         return cls(**kwargs)
 
@@ -155,7 +159,11 @@ def notifier(
     :param kwargs: the notifier's own arguments (plain JSON: connection ids, channels,
         recipients; never a secret, which belongs in the connection).
     """
-    path = notifier_class if isinstance(notifier_class, str) else f"{notifier_class.__module__}.{notifier_class.__qualname__}"
+    path = (
+        notifier_class
+        if isinstance(notifier_class, str)
+        else f"{notifier_class.__module__}.{notifier_class.__qualname__}"
+    )
     if not isinstance(notifier_class, str) and not issubclass(notifier_class, BaseNotifier):
         raise TypeError(f"{path} is not an Airflow notifier (a BaseNotifier subclass)")
     known = KNOWN_NOTIFIERS.get(path, (None, None, False))
@@ -171,7 +179,11 @@ def notifier(
 
 
 def email(
-    to: str | Sequence[str], *, smtp_conn_id: str = DEFAULT_SMTP_CONN_ID, from_email: str | None = None, **kwargs: Any
+    to: str | Sequence[str],
+    *,
+    smtp_conn_id: str = DEFAULT_SMTP_CONN_ID,
+    from_email: str | None = None,
+    **kwargs: Any,
 ) -> NotifierSpec:
     """E-mail through Airflow's SMTP notifier (the ``smtp`` provider) on an SMTP connection.
 
@@ -199,7 +211,9 @@ def _check_json(data: Any, path: str) -> None:
     try:
         json.dumps(data)
     except TypeError as exc:
-        raise TypeError(f"The arguments of notifier {path} must be plain JSON (ids, names, addresses): {exc}") from exc
+        raise TypeError(
+            f"The arguments of notifier {path} must be plain JSON (ids, names, addresses): {exc}"
+        ) from exc
 
 
 # --- the notifiers of this package -------------------------------------------------------------
@@ -235,7 +249,11 @@ class DefaultNotifier(LogNotifier):
             return None
         conn_id = os.environ.get(ALERT_SMTP_CONN_ENV) or DEFAULT_SMTP_CONN_ID
         if not _connection_exists(conn_id):
-            log.warning("%s is set, but there is no %r connection: the alert is only logged.", ALERT_EMAIL_ENV, conn_id)
+            log.warning(
+                "%s is set, but there is no %r connection: the alert is only logged.",
+                ALERT_EMAIL_ENV,
+                conn_id,
+            )
             return None
         alert = Alert("", self.subject, tuple(self.text.splitlines()))
         return email(recipients, smtp_conn_id=conn_id).build(alert)
@@ -289,7 +307,9 @@ def failure_alert(workload: str, context: Mapping[str, Any]) -> Alert:
     dag_id = getattr(dag, "dag_id", None) or str(context.get("dag_id") or workload)
     run_id = str(context.get("run_id") or getattr(context.get("dag_run"), "run_id", "?"))
     ti = context.get("ti") or context.get("task_instance")
-    lines = [f"The {workload} run {run_id} of DAG {dag_id} failed ({context.get('reason') or 'task_failure'})."]
+    lines = [
+        f"The {workload} run {run_id} of DAG {dag_id} failed ({context.get('reason') or 'task_failure'})."
+    ]
     if ti is not None:
         task = getattr(ti, "task_id", "?")
         index = getattr(ti, "map_index", -1)
@@ -301,7 +321,9 @@ def failure_alert(workload: str, context: Mapping[str, Any]) -> Alert:
         "Nothing is lost: items the run held go back to later runs, and a re-run (clear the failed task) "
         "never pays twice for what was sent."
     )
-    return Alert("failed", f"claude-batch: {dag_id} run failed ({run_id})", tuple(lines), run_url(dag_id, run_id))
+    return Alert(
+        "failed", f"claude-batch: {dag_id} run failed ({run_id})", tuple(lines), run_url(dag_id, run_id)
+    )
 
 
 def overdue_alert(workload: str, context: Mapping[str, Any] | None) -> Alert:
@@ -319,7 +341,9 @@ def overdue_alert(workload: str, context: Mapping[str, Any] | None) -> Alert:
         "after submission and their unanswered items go round again, so the run will still end; look at its "
         "wait task's progress lines to see where it is.",
     ]
-    return Alert("overdue", f"claude-batch: {dag_id} run overdue ({run_id})", tuple(lines), run_url(dag_id, run_id))
+    return Alert(
+        "overdue", f"claude-batch: {dag_id} run overdue ({run_id})", tuple(lines), run_url(dag_id, run_id)
+    )
 
 
 # --- sending -----------------------------------------------------------------------------------------
@@ -328,7 +352,9 @@ def overdue_alert(workload: str, context: Mapping[str, Any] | None) -> Alert:
 def specs_of(notifiers: Iterable[NotifierSpec | Mapping[str, Any]] | None) -> tuple[NotifierSpec, ...]:
     if notifiers is None:
         return default_notifiers()
-    return tuple(spec if isinstance(spec, NotifierSpec) else NotifierSpec.from_dict(spec) for spec in notifiers)
+    return tuple(
+        spec if isinstance(spec, NotifierSpec) else NotifierSpec.from_dict(spec) for spec in notifiers
+    )
 
 
 def _render_context(context: Mapping[str, Any]) -> dict[str, Any]:

@@ -158,7 +158,11 @@ class _SharedGauge:
         kept = []
         for claim in self._claims:
             expires, needed, processing_then, read_then = claim
-            landed = reading is not None and self._read_at > read_then and reading.processing >= processing_then + needed
+            landed = (
+                reading is not None
+                and self._read_at > read_then
+                and reading.processing >= processing_then + needed
+            )
             if expires > now and not landed:
                 kept.append(claim)
         self._claims = kept
@@ -169,7 +173,9 @@ class _SharedGauge:
         self._claims.append((time.monotonic() + ttl, needed, processing, self._read_at))
 
 
-_gauges: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _SharedGauge]] = weakref.WeakKeyDictionary()
+_gauges: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _SharedGauge]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _shared_gauge(conn_id: str) -> _SharedGauge:
@@ -273,8 +279,13 @@ class QueueAwareApi:
         if needed > limit:
             raise QueueNeverFits(
                 f"A batch of {needed:,} requests can never fit: "
-                + (f"queue_budget is {limit:,}." if reason == "budget" else f"the API's processing queue holds {limit:,}.")
-                + " Stage smaller shards" + (" or raise queue_budget." if reason == "budget" else ".")
+                + (
+                    f"queue_budget is {limit:,}."
+                    if reason == "budget"
+                    else f"the API's processing queue holds {limit:,}."
+                )
+                + " Stage smaller shards"
+                + (" or raise queue_budget." if reason == "budget" else ".")
             )
         usage = queue_usage(self.hook)
         self.last_usage = usage
@@ -465,7 +476,9 @@ class QueueRoomTrigger(BaseTrigger):
                         return
                 except anthropic.APIError as exc:
                     if not is_transient(exc):
-                        yield self._event("error", usage, str(explain_api_error(exc, self.conn_id, "reading the queue")))
+                        yield self._event(
+                            "error", usage, str(explain_api_error(exc, self.conn_id, "reading the queue"))
+                        )
                         return
                     self.log.warning("Reading the processing queue failed (%s); trying again.", exc)
             remaining = wake - time.time()

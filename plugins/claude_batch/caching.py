@@ -170,7 +170,10 @@ def gather_evidence(
             runs=len(chosen),
             read_tokens=sum(o.cache_read_tokens for o in chosen),
             write_tokens=sum(o.cache_write_tokens for o in chosen),
-            requests=sum((o.cache_read_tokens + o.cache_write_tokens) / size for o, size in zip(chosen, per_request, strict=True)),
+            requests=sum(
+                (o.cache_read_tokens + o.cache_write_tokens) / size
+                for o, size in zip(chosen, per_request, strict=True)
+            ),
             runs_ago=chosen[0].runs_ago,
             probes=sum(1 for o in chosen if o.probe),
             batches=sum(o.batches or 1 for o in chosen),
@@ -249,8 +252,12 @@ class CacheDecision:
             low, high = other.interval(ESTIMATE_Z)
             point = other.hit_rate
             if setting == "1h":
-                return HitRate(point, max(0.0, low - HIT_RATE_DRIFT), 1.0, f"not measured; {other.setting}'s rate")
-            return HitRate(point, 0.0, min(1.0, high + HIT_RATE_DRIFT), f"not measured; {other.setting}'s rate")
+                return HitRate(
+                    point, max(0.0, low - HIT_RATE_DRIFT), 1.0, f"not measured; {other.setting}'s rate"
+                )
+            return HitRate(
+                point, 0.0, min(1.0, high + HIT_RATE_DRIFT), f"not measured; {other.setting}'s rate"
+            )
         even = cache_break_even_hit_rate(setting)
         return HitRate(even, 0.0, 1.0, "not measured yet: priced at break-even (as if uncached)")
 
@@ -333,12 +340,19 @@ def decide(
     evidence = gather_evidence(observations, workload.prefix_tokens)
     factors = {setting: _factors(found, table) for setting, found in evidence.items()}
     if workload.cache != "auto":
-        return CacheDecision(workload.cache, workload.cache, "fixed by the workload", evidence=evidence, factors=factors)
+        return CacheDecision(
+            workload.cache, workload.cache, "fixed by the workload", evidence=evidence, factors=factors
+        )
     best: CacheSetting = "off"
     best_factor = 1.0
     for setting in CACHED_SETTINGS:
         numbers = factors.get(setting)
-        if numbers and numbers["conclusion"] == "pays" and not numbers["stale"] and numbers["at_low_hit_rate"] < best_factor:
+        if (
+            numbers
+            and numbers["conclusion"] == "pays"
+            and not numbers["stale"]
+            and numbers["at_low_hit_rate"] < best_factor
+        ):
             best, best_factor = setting, numbers["at_low_hit_rate"]
     if best != "off":
         chosen = evidence[best]
@@ -348,13 +362,18 @@ def decide(
             f"token costs {factors[best]['expected']:.3f}x plain input, at most {best_factor:.3f}x"
         )
         return CacheDecision("auto", best, reason, evidence=evidence, factors=factors)
-    decision = CacheDecision("auto", "off", "no cache setting is measured to pay", evidence=evidence, factors=factors)
+    decision = CacheDecision(
+        "auto", "off", "no cache setting is measured to pay", evidence=evidence, factors=factors
+    )
     for setting in CACHED_SETTINGS:
         found = evidence.get(setting)
         if found is None:
             decision.probe_setting, decision.probe_reason = setting, "never measured"
         elif found.stale:
-            decision.probe_setting, decision.probe_reason = setting, f"last measured {found.runs_ago} runs ago"
+            decision.probe_setting, decision.probe_reason = (
+                setting,
+                f"last measured {found.runs_ago} runs ago",
+            )
         elif factors[setting]["conclusion"] == "inconclusive" and found.runs < EVIDENCE_RUNS:
             decision.probe_setting, decision.probe_reason = setting, "measured, not yet conclusively"
         else:
@@ -387,12 +406,16 @@ def size_probe(
     if requests < MIN_PROBE_REQUESTS:
         decision.probe_requests = 0
         decision.probe_reason += (
-            f"; the run is too small to probe within {share:.1%} of its cost" if share else "; probes are turned off"
+            f"; the run is too small to probe within {share:.1%} of its cost"
+            if share
+            else "; probes are turned off"
         )
         return decision
     decision.probe_requests = requests
     decision.probe_max_extra_usd = requests * extra_per_request_usd
-    decision.probe_share_of_run = decision.probe_max_extra_usd / uncached_cost_usd if uncached_cost_usd else 0.0
+    decision.probe_share_of_run = (
+        decision.probe_max_extra_usd / uncached_cost_usd if uncached_cost_usd else 0.0
+    )
     return decision
 
 
@@ -446,7 +469,9 @@ def split_probe(layout: RunLayout, manifest: Manifest, workload: Workload, probe
     with ExitStack() as stack:
         handles = {"probe": stack.enter_context(layout.store.open(probe.path, "wb"))}
         if main is not None:
-            handles["main"] = stack.enter_context(layout.store.open(main.path, "wb", block_size=8 * 1024 * 1024))
+            handles["main"] = stack.enter_context(
+                layout.store.open(main.path, "wb", block_size=8 * 1024 * 1024)
+            )
         models = keys.column("model").to_pylist()
         with closing(iter_shard_lines(layout, source)) as lines:
             for index, line in enumerate(lines):
@@ -456,7 +481,9 @@ def split_probe(layout: RunLayout, manifest: Manifest, workload: Workload, probe
                     model = models[index]
                     old, new = plain.prefix(model), probing.prefix(model)
                     if old not in line:
-                        raise StagingError(f"a request of {source.requests} does not carry the run's system block")
+                        raise StagingError(
+                            f"a request of {source.requests} does not carry the run's system block"
+                        )
                     out, name, data = probe, "probe", line.replace(old, new, 1) + b"\n"
                 assert out is not None
                 handles[name].write(data)
@@ -488,4 +515,3 @@ def split_probe(layout: RunLayout, manifest: Manifest, workload: Workload, probe
     split = replace(manifest, shards=shards)
     layout.store.write_json(layout.manifest, split.to_dict())
     return split, dict(probe_shard.models)
-

@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     dead = commands.add_parser("dead", parents=[common], help="dead and invalid items with their reasons")
     dead.add_argument("--workload", help="one workload (default: all)")
     dead.add_argument(
-        "--prompt-version", help="a prompt version (or a unique prefix; needs --workload; default: the current one)"
+        "--prompt-version",
+        help="a prompt version (or a unique prefix; needs --workload; default: the current one)",
     )
     dead.add_argument("--search", help="text in the reason or the record key (case-insensitive)")
     dead.add_argument(
@@ -121,9 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     which = requeue.add_mutually_exclusive_group(required=True)
     which.add_argument("--key", action="append", dest="keys", metavar="KEY", help="a record key (repeatable)")
-    which.add_argument(
-        "--keys-file", metavar="PATH", help="record keys, one a line ('-': standard input)"
-    )
+    which.add_argument("--keys-file", metavar="PATH", help="record keys, one a line ('-': standard input)")
     which.add_argument("--reason", help="every dead or invalid item whose reason contains this text")
     which.add_argument("--all-dead", action="store_true", help="every dead item of the prompt version")
     requeue.add_argument("--by", help="who asks, recorded in the ledger (default: cli:<your user name>)")
@@ -131,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cost = commands.add_parser("cost", parents=[common], help="cost by day and workload")
     cost.add_argument("--workload", help="one workload (default: all)")
-    cost.add_argument("--days", type=_positive_int, default=30, help="days back, today included (default: 30)")
+    cost.add_argument(
+        "--days", type=_positive_int, default=30, help="days back, today included (default: 30)"
+    )
     return parser
 
 
@@ -155,7 +156,9 @@ def _non_negative_int(text: str) -> int:
 # -- running a command ---------------------------------------------------------------------------
 
 
-def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None
+) -> int:
     """Run one command; returns the exit status (0 done, 1 the warehouse failed, 2 bad input)."""
     out = stdout or sys.stdout
     err = stderr or sys.stderr
@@ -318,7 +321,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, empty: str =
         return "  " + empty
     cells = [[_cell(value) for value in row] for row in rows]
     right = [
-        all(isinstance(row[i], int | float | _Right) and not isinstance(row[i], bool) or row[i] is None for row in rows)
+        all(
+            isinstance(row[i], int | float | _Right) and not isinstance(row[i], bool) or row[i] is None
+            for row in rows
+        )
         for i in range(len(headers))
     ]
     widths = [max(len(headers[i]), *(len(row[i]) for row in cells)) for i in range(len(headers))]
@@ -381,7 +387,14 @@ def _short(text: str | None, width: int = 70) -> str:
 
 def _ledger_table(counts: Sequence[LedgerCounts]) -> str:
     rows = [
-        [c.workload, c.prompt_version, c.current, *(c.counts.get(s, 0) for s in STATUS_COLUMNS), c.total, c.requeued]
+        [
+            c.workload,
+            c.prompt_version,
+            c.current,
+            *(c.counts.get(s, 0) for s in STATUS_COLUMNS),
+            c.total,
+            c.requeued,
+        ]
         for c in counts
     ]
     return table(["workload", "prompt version", "current", *STATUS_COLUMNS, "total", "requeued"], rows)
@@ -409,11 +422,20 @@ def render_status(status: Status, args: argparse.Namespace) -> str:
         [b.batch_id, b.workload, b.run_id, b.items, _Right(duration(b.age_seconds)), _Right(duration(b.expires_in_seconds))]
         for b in status.in_flight
     ]  # fmt: skip
-    parts += ["", "Batches in flight", table(["batch", "workload", "run", "items", "age", "expires in"], flight)]
-    held = [
-        [h.workload, h.dag_id, h.run_id, h.pending, h.submitted, _Right(duration(h.age_seconds))] for h in status.holders
+    parts += [
+        "",
+        "Batches in flight",
+        table(["batch", "workload", "run", "items", "age", "expires in"], flight),
     ]
-    parts += ["", "Runs holding items", table(["workload", "dag", "run", "pending", "submitted", "held for"], held)]
+    held = [
+        [h.workload, h.dag_id, h.run_id, h.pending, h.submitted, _Right(duration(h.age_seconds))]
+        for h in status.holders
+    ]
+    parts += [
+        "",
+        "Runs holding items",
+        table(["workload", "dag", "run", "pending", "submitted", "held for"], held),
+    ]
     parts += ["", "Last run of each workload", _runs_table(status.last_runs)]
     return "\n".join(parts)
 
@@ -432,35 +454,56 @@ def render_dead(dead: DeadItems, args: argparse.Namespace) -> str:
     head = f"{dead.total:,} dead/invalid item(s) of {scope} (prompt version {versions})"
     if dead.search:
         head += f" matching {dead.search!r}"
-    reasons = table(["status", "items", "reason"], [[r.status, r.items, _short(r.reason, 100)] for r in dead.reasons])
+    reasons = table(
+        ["status", "items", "reason"], [[r.status, r.items, _short(r.reason, 100)] for r in dead.reasons]
+    )
     items = table(
         ["workload", "key", "status", "attempts", "rejected", "run", "updated (UTC)", "reason"],
         [
-            [i.workload, i.record_key, i.status, i.attempts, i.rejected, i.run_id, i.updated_at, _short(i.reason)]
+            [
+                i.workload,
+                i.record_key,
+                i.status,
+                i.attempts,
+                i.rejected,
+                i.run_id,
+                i.updated_at,
+                _short(i.reason),
+            ]
             for i in dead.items
         ],
     )
-    shown = f"Items ({len(dead.items):,} shown" + (f", from {args.offset:,}" if getattr(args, "offset", 0) else "") + ")"
+    shown = (
+        f"Items ({len(dead.items):,} shown"
+        + (f", from {args.offset:,}" if getattr(args, "offset", 0) else "")
+        + ")"
+    )
     return "\n".join([head, "", "Reasons", reasons, "", shown, items])
 
 
 def render_requeue(result: RequeueResult, args: argparse.Namespace) -> str:
     where = f"{result.workload} at prompt version {result.prompt_version}"
     if result.dry_run:
-        lines = [f"Would requeue {result.selected:,} item(s) of {where} ({result.selection}); nothing changed."]
+        lines = [
+            f"Would requeue {result.selected:,} item(s) of {where} ({result.selection}); nothing changed."
+        ]
     else:
         lines = [
             f"Requeued {result.requeued:,} item(s) of {where} ({result.selection}), by {result.by} at "
             f"{_cell(result.at)} UTC: the workload's next run sends them again."
         ]
         if result.requeued < result.selected:
-            lines.append(f"  {result.selected - result.requeued:,} changed meanwhile (another run moved them) and were left.")
+            lines.append(
+                f"  {result.selected - result.requeued:,} changed meanwhile (another run moved them) and were left."
+            )
     if result.keys:
         listed = ", ".join(result.keys[:20]) + (" ..." if len(result.keys) > 20 else "")
         lines.append(f"  keys: {listed}")
     if result.skipped:
         lines += ["", f"Not requeued ({len(result.skipped):,})"]
-        lines.append(table(["key", "status", "why"], [[s.record_key, s.status, s.why] for s in result.skipped]))
+        lines.append(
+            table(["key", "status", "why"], [[s.record_key, s.status, s.why] for s in result.skipped])
+        )
     return "\n".join(lines)
 
 

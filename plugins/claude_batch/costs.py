@@ -384,7 +384,9 @@ class TokenTotals:
         )
 
 
-def uncached_cost(tokens: Mapping[str, TokenTotals], prices: PriceTable | None = None, *, batch: bool) -> float:
+def uncached_cost(
+    tokens: Mapping[str, TokenTotals], prices: PriceTable | None = None, *, batch: bool
+) -> float:
     """The same tokens with no caching at all: every input token at the plain input price.
 
     :param tokens: billed tokens by the model that answered (dated snapshots are fine).

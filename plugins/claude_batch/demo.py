@@ -55,9 +55,7 @@ EMULATED_ANSWERS = (
     "written into a row (the prompt-injection ticket) are ignored. Set CLAUDE_BATCH_DEMO_REAL_API=1 with "
     "ANTHROPIC_API_KEY for real answers."
 )
-EMULATED_ANSWERS_SHORT = (
-    "The answers below come from the Claude API emulator (deterministic, read from each row's text), not from a model."
-)
+EMULATED_ANSWERS_SHORT = "The answers below come from the Claude API emulator (deterministic, read from each row's text), not from a model."
 # With the real API: a small sample and a budget per run, so the demo costs cents.
 REAL_API_CONF = {"row_limit": 100, "budget_usd": 1.0}
 
@@ -283,7 +281,11 @@ def describe_report(report: dict[str, Any], clock: str = "") -> str:
         f"tokens          input {tokens.get('input', 0):,}, output {tokens.get('output', 0):,}, "
         f"cache write {tokens.get('cache_write', 0):,}, cache read {tokens.get('cache_read', 0):,}",
         f"cache           {report['cache_setting']}"
-        + (f" ({(report.get('cache') or {}).get('policy')})" if (report.get("cache") or {}).get("policy") else "")
+        + (
+            f" ({(report.get('cache') or {}).get('policy')})"
+            if (report.get("cache") or {}).get("policy")
+            else ""
+        )
         + ", hit rate "
         + (f"{hit_rate:.0%}" if hit_rate is not None else "n/a (nothing cached)")
         + _describe_probe((report.get("cache") or {}).get("probe")),
@@ -325,7 +327,11 @@ def _describe_costs(report: dict[str, Any]) -> list[str]:
         f"compared with   plain real-time calls without caching ${realtime:.4f}; batches without caching "
         f"${costs['batch_uncached_usd']:.4f}",
         f"saving          ${costs['saving_usd']:.4f}{share}: batching ${costs['saving_from_batching_usd']:.4f}, "
-        + (f"caching ${caching:.4f}" if caching >= 0 else f"caching cost ${-caching:.4f} more than caching off"),
+        + (
+            f"caching ${caching:.4f}"
+            if caching >= 0
+            else f"caching cost ${-caching:.4f} more than caching off"
+        ),
     ]
 
 

@@ -85,7 +85,8 @@ def wait_for(
             return value
         time.sleep(interval)
     raise StackError(
-        f"timed out after {timeout:.0f} s waiting for {what}" + (f" (last error: {last_error})" if last_error else "")
+        f"timed out after {timeout:.0f} s waiting for {what}"
+        + (f" (last error: {last_error})" if last_error else "")
     )
 
 
@@ -119,7 +120,12 @@ class Component:
         # triggerer's runner) share its process group, which the teardown can then clean up;
         # and a Ctrl-C in the terminal reaches only the launcher, which stops them in order.
         self.process = subprocess.Popen(
-            self.argv, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            self.argv,
+            env=self.env,
+            cwd=self.cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log.close()
 
@@ -198,7 +204,16 @@ def airflow_components(
     """The api-server, scheduler, dag-processor and triggerer, as a deployment runs them (not started)."""
     airflow = str(AIRFLOW_BIN)
     argvs = {
-        "api-server": [airflow, "api-server", "--host", "127.0.0.1", "--port", str(api_port), "--workers", "1"],
+        "api-server": [
+            airflow,
+            "api-server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(api_port),
+            "--workers",
+            "1",
+        ],
         "scheduler": [airflow, "scheduler"],
         "dag-processor": [airflow, "dag-processor"],
         # Airflow's log servers bind every interface (no host setting); every component here
@@ -246,13 +261,17 @@ def write_users(home: Path, users: dict[str, str]) -> tuple[dict[str, str], dict
     password_file = home / "simple_auth_manager_passwords.json"
     password_file.write_text(json.dumps(passwords))
     settings = {
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{name}:{role}" for name, role in users.items()),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(
+            f"{name}:{role}" for name, role in users.items()
+        ),
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(password_file),
     }
     return settings, passwords
 
 
-def server_settings(*, home: Path, metadata_url: str, api_port: int, bundles: Sequence[tuple[str, Path]]) -> dict[str, str]:
+def server_settings(
+    *, home: Path, metadata_url: str, api_port: int, bundles: Sequence[tuple[str, Path]]
+) -> dict[str, str]:
     """The settings every component shares, as a deployment shares one configuration."""
     from cryptography.fernet import Fernet
 
@@ -321,9 +340,13 @@ class AirflowApi:
         return self.http.get("/api/v2/monitor/health").json()
 
     def unpause(self, dag_id: str) -> None:
-        self.request("PATCH", f"/dags/{dag_id}", params={"update_mask": "is_paused"}, json={"is_paused": False})
+        self.request(
+            "PATCH", f"/dags/{dag_id}", params={"update_mask": "is_paused"}, json={"is_paused": False}
+        )
 
-    def trigger(self, dag_id: str, conf: dict, logical_date: str | None = None, note: str | None = None) -> dict:
+    def trigger(
+        self, dag_id: str, conf: dict, logical_date: str | None = None, note: str | None = None
+    ) -> dict:
         body = {"logical_date": logical_date, "conf": conf, "note": note}
         return self.request("POST", f"/dags/{dag_id}/dagRuns", json=body)
 
@@ -337,7 +360,9 @@ class AirflowApi:
         return self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}")
 
     def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
-        value = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}")["value"]
+        value = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}")[
+            "value"
+        ]
         # The native form is the stored JSON, which some versions hand back as a string.
         return json.loads(value) if isinstance(value, str) else value
 
@@ -372,7 +397,12 @@ def wait_until_healthy(api: AirflowApi, timeout: float, check: Callable[[], None
 
 
 def wait_until_parsed(
-    api: AirflowApi, dag_ids: Iterable[str], timeout: float, check: Callable[[], None], *, unpause: bool = True
+    api: AirflowApi,
+    dag_ids: Iterable[str],
+    timeout: float,
+    check: Callable[[], None],
+    *,
+    unpause: bool = True,
 ) -> None:
     """Each DAG parsed (else the import errors, named) and, with ``unpause``, unpaused (a paused DAG's
     runs stay queued)."""
@@ -386,7 +416,9 @@ def wait_until_parsed(
             )
         except StackError as exc:
             errors = api.get("/importErrors").get("import_errors", [])
-            details = "; ".join(f"{e['filename']}: {e['stack_trace'].strip().splitlines()[-1]}" for e in errors)
+            details = "; ".join(
+                f"{e['filename']}: {e['stack_trace'].strip().splitlines()[-1]}" for e in errors
+            )
             raise StackError(f"{exc}; import errors: {details or 'none'}") from exc
         if unpause:
             api.unpause(dag_id)
@@ -410,14 +442,20 @@ class DevStack:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m claude_batch.devstack", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m claude_batch.devstack", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--port", type=int, default=int(os.environ.get("CLAUDE_BATCH_UI_PORT", "8080")),
                         help="the API server's port on 127.0.0.1 (default 8080; 0: any free port)")  # fmt: skip
     parser.add_argument("--home", type=Path, default=None, help="the stack's directory (default .airflow/ui)")
     parser.add_argument("--tickets", type=int, default=3000, help="support tickets to seed (over 3 days)")
-    parser.add_argument("--no-run", action="store_true", help=f"leave {FIRST_RUN_DAG} paused (no run) once up")
+    parser.add_argument(
+        "--no-run", action="store_true", help=f"leave {FIRST_RUN_DAG} paused (no run) once up"
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the stack to be up")
-    parser.add_argument("--exit-when-ready", action="store_true", help="stop again once up (to time the start)")
+    parser.add_argument(
+        "--exit-when-ready", action="store_true", help="stop again once up (to time the start)"
+    )
     return parser.parse_args(argv)
 
 
@@ -487,7 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"\nAirflow is up after {ready:.0f} s: {stack.url}\n"
             f"  log in as {ADMIN_USER} / {passwords[ADMIN_USER]}   (or {VIEWER_USER} / {passwords[VIEWER_USER]}: "
             f"may read, not run or requeue)\n"
-            f"  the Claude Batches page: {stack.url}/plugin/claude-batch   (the navigation's \"Claude Batches\")\n"
+            f'  the Claude Batches page: {stack.url}/plugin/claude-batch   (the navigation\'s "Claude Batches")\n'
             f"  component logs: {logs}"
         )
         if not args.no_run:

@@ -183,7 +183,9 @@ def _bare(model: str, text: str) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": text}]}
 
 
-def _regression_total(chars: list[float], extra: list[float], requests: int, content_chars: int) -> tuple[float, float]:
+def _regression_total(
+    chars: list[float], extra: list[float], requests: int, content_chars: int
+) -> tuple[float, float]:
     """(total, standard error) of the variable tokens: a regression estimate on characters.
 
     ``extra[i]`` is a sampled request's tokens beyond the fixed part, ``chars[i]`` its message's
@@ -230,7 +232,9 @@ def measure_tokens(
     calls: list[dict[str, Any]] = [count_params(params) for params in requests]
     base_of: dict[str, tuple[int, int, int]] = {}
     for model in per_model:
-        example = next((params for params in requests if params["model"] == model), {**template, "model": model})
+        example = next(
+            (params for params in requests if params["model"] == model), {**template, "model": model}
+        )
         first = len(calls)
         calls += [_with_message(example, "x"), _prefix_only(example, "x"), _bare(model, "x")]
         base_of[model] = (first, first + 1, first + 2)
@@ -273,8 +277,14 @@ def character_tokens(workload: Workload, per_model: Mapping[str, tuple[int, int]
     tools = estimate_tokens(str(workload.json_schema)) if workload.output_mode == "tool" else 0
     return {
         model: ModelTokens(
-            model, staged, chars, float(workload.prefix_tokens + REQUEST_OVERHEAD_TOKENS), system + tools,
-            chars / CHARS_PER_TOKEN, 0.0, method="characters",
+            model,
+            staged,
+            chars,
+            float(workload.prefix_tokens + REQUEST_OVERHEAD_TOKENS),
+            system + tools,
+            chars / CHARS_PER_TOKEN,
+            0.0,
+            method="characters",
         )  # fmt: skip
         for model, (staged, chars) in per_model.items()
     }
@@ -402,7 +412,9 @@ def build_estimate(
         _price_part(costs, counted, counted.requests - probed, decision.setting, decision, output, workload, prices,
                     "main", batches.get(model, 1))  # fmt: skip
         if probed and decision.probe_setting is not None:
-            _price_part(costs, counted, probed, decision.probe_setting, decision, output, workload, prices, "probe", 1)
+            _price_part(
+                costs, counted, probed, decision.probe_setting, decision, output, workload, prices, "probe", 1
+            )
     discount = prices.batch_discount
     main_rate = decision.hit_rate(decision.setting)
     methods = sorted({counted.method for counted in tokens.values()}) or ["count_tokens"]
@@ -436,8 +448,11 @@ def build_estimate(
             for model, counted in sorted(tokens.items())
         },
         "basis": {
-            "sample": {"requests": sampled, "of": sum(counted.requests for counted in tokens.values()),
-                       "count_calls": sampled + 3 * len(tokens) if "count_tokens" in methods else 0},  # fmt: skip
+            "sample": {
+                "requests": sampled,
+                "of": sum(counted.requests for counted in tokens.values()),
+                "count_calls": sampled + 3 * len(tokens) if "count_tokens" in methods else 0,
+            },  # fmt: skip
             "output_tokens": output.to_dict(),
             "parts": costs.parts,
         },
@@ -457,7 +472,9 @@ def _sampled_requests(
     for shard in manifest.shards:
         keys = read_shard_keys(layout, shard).select(["record_key", "model"])
         hits = keys.filter(pc.is_in(keys.column("record_key"), value_set=value_set))
-        for record_key, model in zip(hits.column("record_key").to_pylist(), hits.column("model").to_pylist(), strict=True):
+        for record_key, model in zip(
+            hits.column("record_key").to_pylist(), hits.column("model").to_pylist(), strict=True
+        ):
             row = wanted.pop(record_key, None)
             if row is not None:
                 found.append((row, model))
@@ -507,11 +524,15 @@ def estimate_run(
     decision.prefix_tokens = prefix
     probe_requests: dict[str, int] = {}
     if decision.probe_setting is not None and tokens:
-        cacheable = [m for m, c in tokens.items() if c.prefix_tokens >= prices.for_model(m).min_cacheable_tokens]
+        cacheable = [
+            m for m, c in tokens.items() if c.prefix_tokens >= prices.for_model(m).min_cacheable_tokens
+        ]
         if not cacheable:
             decision.probe_reason += "; the counted prefix is under the minimum cacheable length"
         else:
-            plain = build_estimate(workload, replace(decision, setting="off", probe_setting=None), tokens, output, prices)
+            plain = build_estimate(
+                workload, replace(decision, setting="off", probe_setting=None), tokens, output, prices
+            )
             extra = max(
                 tokens[m].prefix_tokens * (prices.cache_write_multiplier(decision.probe_setting) - 1.0)
                 * prices.for_model(m).input / 1_000_000 * prices.batch_discount

@@ -37,7 +37,9 @@ DEFAULT_CREATE_MAX_SLEEP = 120.0
 # A 429 whose message names the processing queue is "the queue is full", not "too many calls".
 _QUEUE_WORDS = re.compile(r"\bqueue", re.IGNORECASE)
 _QUEUE_LIMIT = re.compile(r"limit of ([\d,_]+) (?:batch )?requests", re.IGNORECASE)
-_QUEUE_WAITING = re.compile(r"\(([\d,_]+) (?:requests )?(?:are )?(?:waiting|in processing|processing)", re.IGNORECASE)
+_QUEUE_WAITING = re.compile(
+    r"\(([\d,_]+) (?:requests )?(?:are )?(?:waiting|in processing|processing)", re.IGNORECASE
+)
 
 
 class ClaudeBatchError(Exception):
@@ -196,7 +198,9 @@ def explain_api_error(exc: BaseException, conn_id: str, action: str) -> ClaudeBa
             return ClaudeBatchValidationError(f"The API rejected the request while {action} {suffix}.")
         return ClaudeBatchError(f"API error while {action} {suffix}.")
     if isinstance(exc, anthropic.APIConnectionError):
-        return ClaudeBatchError(f"Could not reach the Claude API while {action} (connection {conn_id!r}): {exc}")
+        return ClaudeBatchError(
+            f"Could not reach the Claude API while {action} (connection {conn_id!r}): {exc}"
+        )
     return ClaudeBatchError(f"Unexpected error while {action}: {exc}")
 
 
@@ -313,7 +317,9 @@ class ClaudeBatchHook(AnthropicHook):
                     "/v1/messages/batches",
                     content=body,
                     cast_to=MessageBatch,
-                    options={"headers": {"Content-Type": "application/json", "Content-Length": str(body_bytes)}},
+                    options={
+                        "headers": {"Content-Type": "application/json", "Content-Length": str(body_bytes)}
+                    },
                 )
             except anthropic.APIStatusError as exc:
                 if is_queue_full(exc):
@@ -324,7 +330,8 @@ class ClaudeBatchHook(AnthropicHook):
             except anthropic.APIConnectionError as exc:
                 last_error = exc
             ambiguous = not (
-                isinstance(last_error, anthropic.APIStatusError) and last_error.status_code in NOT_CREATED_STATUS
+                isinstance(last_error, anthropic.APIStatusError)
+                and last_error.status_code in NOT_CREATED_STATUS
             )
             if ambiguous:
                 found = recover()

@@ -24,8 +24,16 @@ NOTE_KEY = "claude_batch_note"
 NOTE_MAX_CHARS = 1000  # the dag_run_note column
 SEPARATOR = "\n\n---\n"
 # The first words of every note this package writes (so a re-run replaces it, not a person's).
-OURS = ("**Cost**", "**Dry run**", "**Nothing to do**", "**Refused**", "**FAILED**", "**Staged**", "**Pilot failed**",
-        "**Error**")
+OURS = (
+    "**Cost**",
+    "**Dry run**",
+    "**Nothing to do**",
+    "**Refused**",
+    "**FAILED**",
+    "**Staged**",
+    "**Pilot failed**",
+    "**Error**",
+)
 
 
 def _money(value: Any) -> str:
@@ -34,7 +42,9 @@ def _money(value: Any) -> str:
 
 def _counts(by_status: Mapping[str, int] | None) -> str:
     order = ("succeeded", "invalid", "retry", "dead", "pending", "submitted")
-    items = sorted((by_status or {}).items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else 99, kv[0]))
+    items = sorted(
+        (by_status or {}).items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else 99, kv[0])
+    )
     return " · ".join(f"{count:,} {status}" for status, count in items if count) or "none"
 
 
@@ -113,7 +123,10 @@ def cost_summary(loaded: Mapping[str, Any], *, run_id: str, workload: str) -> di
     """
     load = loaded.get("load") or {}
     cost = float(load.get("cost_usd") or 0)
-    read, written = int(load.get("cache_read_input_tokens") or 0), int(load.get("cache_creation_input_tokens") or 0)
+    read, written = (
+        int(load.get("cache_read_input_tokens") or 0),
+        int(load.get("cache_creation_input_tokens") or 0),
+    )
     rounds = loaded.get("rounds") or []
     return {
         "workload": workload,
@@ -175,7 +188,9 @@ def _notes_of(dag_run: Any, session: Any) -> list[tuple[str, str]]:
 
     rows = session.execute(
         select(XComModel.task_id, XComModel.value, XComModel.timestamp)
-        .where(XComModel.dag_id == dag_run.dag_id, XComModel.run_id == dag_run.run_id, XComModel.key == NOTE_KEY)
+        .where(
+            XComModel.dag_id == dag_run.dag_id, XComModel.run_id == dag_run.run_id, XComModel.key == NOTE_KEY
+        )
         .order_by(XComModel.timestamp)
     ).all()
     notes = []

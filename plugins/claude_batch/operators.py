@@ -143,7 +143,9 @@ class ClaudeBatchOperator(BaseOperator):
         if wait not in WAIT_MODES:
             raise ValueError(f"wait must be one of {WAIT_MODES}, not {wait!r}")
         if queue_budget is not None and queue_budget < 1:
-            raise ValueError(f"queue_budget must be a positive number of requests or None, not {queue_budget!r}")
+            raise ValueError(
+                f"queue_budget must be a positive number of requests or None, not {queue_budget!r}"
+            )
         if queue_wait_timeout is not None and queue_wait_timeout < 0:
             raise ValueError("queue_wait_timeout must be >= 0 seconds or None")
         if queue_poll_interval <= 0 or queue_recheck_interval <= 0:
@@ -223,7 +225,9 @@ class ClaudeBatchOperator(BaseOperator):
     def _submit_and_wait(self, context: Context, wait: QueueWait) -> Any:
         store = self._store()
         relpath = self._state_relpath(context, store)
-        api = QueueAwareApi(self.hook, budget=self._queue_budget(), api_limit=wait.api_limit, log=self.log.info)
+        api = QueueAwareApi(
+            self.hook, budget=self._queue_budget(), api_limit=wait.api_limit, log=self.log.info
+        )
         try:
             if wait.needed is not None and (store.read_json_or_none(relpath) or {}).get("phase") == "refused":
                 # Resumed, and certainly nothing created yet: look before scanning the shard and
@@ -303,7 +307,9 @@ class ClaudeBatchOperator(BaseOperator):
                 {**data, "phase": "refused", "refused_at": _utcnow().isoformat(), "refused_by": refused_by},
             )
 
-    def _defer_for_queue(self, refused: QueueRefused, wait: QueueWait, api: QueueAwareApi, state_uri: str) -> None:
+    def _defer_for_queue(
+        self, refused: QueueRefused, wait: QueueWait, api: QueueAwareApi, state_uri: str
+    ) -> None:
         """Defer until the queue has room (holding no worker slot), or fail past the deadline."""
         now = _utcnow()
         if wait.started_at is None:
@@ -388,7 +394,9 @@ class ClaudeBatchOperator(BaseOperator):
                 return apply_completion_policy([snapshot], self.fail_on_partial, self.log)
             if self.batch_timeout is not None and _age_seconds(snapshot.created_at) > self.batch_timeout:
                 self.hook.cancel_batch(batch_id)
-                raise TimeoutError(f"Batch {batch_id} did not end within {self.batch_timeout:.0f} s; cancelled.")
+                raise TimeoutError(
+                    f"Batch {batch_id} did not end within {self.batch_timeout:.0f} s; cancelled."
+                )
             time.sleep(interval)
             interval = min(interval * 1.5, self.max_poll_interval)
 

@@ -335,7 +335,9 @@ class Ops:
         known = self.workloads()
         if name not in known:
             listed = ", ".join(known) if known else "none yet"
-            raise UnknownWorkload(f"no workload {name!r} in this warehouse's ledger or run history (known: {listed})")
+            raise UnknownWorkload(
+                f"no workload {name!r} in this warehouse's ledger or run history (known: {listed})"
+            )
         return name
 
     def dag_ids(self, workload: str) -> list[str]:
@@ -377,13 +379,19 @@ class Ops:
             raise OpsError(f"workload {workload!r} has no ledger items yet")
         if not prompt_version:
             return versions[0]
-        matches = [v for v in versions if v == prompt_version] or [v for v in versions if v.startswith(prompt_version)]
+        matches = [v for v in versions if v == prompt_version] or [
+            v for v in versions if v.startswith(prompt_version)
+        ]
         if len(matches) == 1:
             return matches[0]
         listed = ", ".join(versions)
         if not matches:
-            raise OpsError(f"workload {workload!r} has no prompt version {prompt_version!r} (it has: {listed})")
-        raise OpsError(f"prompt version {prompt_version!r} of {workload!r} is ambiguous: {', '.join(matches)}")
+            raise OpsError(
+                f"workload {workload!r} has no prompt version {prompt_version!r} (it has: {listed})"
+            )
+        raise OpsError(
+            f"prompt version {prompt_version!r} of {workload!r} is ambiguous: {', '.join(matches)}"
+        )
 
     def _scope(self, workload: str | None) -> list[str]:
         if workload is not None:
@@ -392,7 +400,9 @@ class Ops:
 
     # -- status --------------------------------------------------------------------------------
 
-    def ledger_counts(self, workload: str | None = None, prompt_version: str | None = None) -> list[LedgerCounts]:
+    def ledger_counts(
+        self, workload: str | None = None, prompt_version: str | None = None
+    ) -> list[LedgerCounts]:
         """Items per status for each workload and prompt version (current version first)."""
         self._require_ledger()
         names = self._scope(workload)
@@ -400,7 +410,11 @@ class Ops:
             raise OpsError("a prompt version needs its workload (--workload)")
         p = self._p
         requeued = "requeued_at" in (self._table_columns(self.warehouse.ledger_table) or set())
-        stamp = "SUM(CASE WHEN status = 'retry' AND requeued_at IS NOT NULL THEN 1 ELSE 0 END)" if requeued else "0"
+        stamp = (
+            "SUM(CASE WHEN status = 'retry' AND requeued_at IS NOT NULL THEN 1 ELSE 0 END)"
+            if requeued
+            else "0"
+        )
         out: list[LedgerCounts] = []
         for name in names:
             versions = self.prompt_versions(name)
@@ -424,7 +438,9 @@ class Ops:
                 if not any(counts.values()) and version != (versions[0] if versions else None):
                     continue  # a version only the run history names, with no items left
                 out.append(
-                    LedgerCounts(name, version, version == versions[0], counts, sum(counts.values()), stamped, last)
+                    LedgerCounts(
+                        name, version, version == versions[0], counts, sum(counts.values()), stamped, last
+                    )
                 )
         return out
 
@@ -442,7 +458,9 @@ class Ops:
         for name, version, batch_id, dag_id, run_id, items, since in rows:
             age = self._age(since)
             expires = None if age is None else round(BATCH_EXPIRY.total_seconds() - age, 1)
-            out.append(BatchInFlight(name, version, batch_id, dag_id, run_id, int(items), since, age, expires))
+            out.append(
+                BatchInFlight(name, version, batch_id, dag_id, run_id, int(items), since, age, expires)
+            )
         return out
 
     def holders(self, workload: str | None = None) -> list[HeldItems]:
@@ -458,7 +476,9 @@ class Ops:
             params,
         )
         return [
-            HeldItems(name, version, dag_id, run_id, int(pending or 0), int(submitted or 0), since, self._age(since))
+            HeldItems(
+                name, version, dag_id, run_id, int(pending or 0), int(submitted or 0), since, self._age(since)
+            )
             for name, version, dag_id, run_id, pending, submitted, since in rows
         ]
 
@@ -509,7 +529,10 @@ class Ops:
         for row in rows:
             (name, run_id, version, cache_setting, extracted, staged, rejected, succeeded, invalid, retry, dead,
              input_tokens, output_tokens, cache_write, cache_read, cost, realtime, recorded_at) = row[:18]  # fmt: skip
-            extra = {key: None if value is None else round(float(value), 6) for key, value in zip(optional, row[18:], strict=True)}
+            extra = {
+                key: None if value is None else round(float(value), 6)
+                for key, value in zip(optional, row[18:], strict=True)
+            }
             dag_id, started_at = starts.get((name, run_id), (None, None))
             cost, realtime = float(cost or 0.0), float(realtime or 0.0)
             cache_write, cache_read = int(cache_write or 0), int(cache_read or 0)
@@ -531,7 +554,9 @@ class Ops:
             )  # fmt: skip
         return out
 
-    def _run_starts(self, runs: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[str | None, datetime | None]]:
+    def _run_starts(
+        self, runs: list[tuple[str, str]]
+    ) -> dict[tuple[str, str], tuple[str | None, datetime | None]]:
         """(workload, run_id) -> (dag_id, first claim) of the items each run still holds or handled last."""
         p = self._p
         out: dict[tuple[str, str], tuple[str | None, datetime | None]] = {}
@@ -587,9 +612,7 @@ class Ops:
         params += list(statuses)
         if search:
             pattern = _like_pattern(search)
-            where += (
-                f" AND (LOWER(COALESCE(last_error, '')) LIKE {p} ESCAPE '!' OR LOWER(record_key) LIKE {p} ESCAPE '!')"
-            )
+            where += f" AND (LOWER(COALESCE(last_error, '')) LIKE {p} ESCAPE '!' OR LOWER(record_key) LIKE {p} ESCAPE '!')"
             params += [pattern, pattern]
         total = int(self._rows(f"SELECT COUNT(*) FROM {self._ledger} WHERE {where}", params)[0][0])
         rows = self._rows(
@@ -665,15 +688,21 @@ class Ops:
             selected = []
             for key in wanted:
                 if key not in found:
-                    skipped.append(SkippedKey(key, None, None, f"no item with this key at prompt version {version}"))
+                    skipped.append(
+                        SkippedKey(key, None, None, f"no item with this key at prompt version {version}")
+                    )
                     continue
                 status, run_id = found[key]
                 if status in REQUEUEABLE:
                     selected.append(key)
                 elif status in ("pending", "submitted"):
-                    skipped.append(SkippedKey(key, status, run_id, f"held open by run {run_id} ({status}): left to it"))
+                    skipped.append(
+                        SkippedKey(key, status, run_id, f"held open by run {run_id} ({status}): left to it")
+                    )
                 elif status == "retry":
-                    skipped.append(SkippedKey(key, status, run_id, "already due for retry: the next run sends it"))
+                    skipped.append(
+                        SkippedKey(key, status, run_id, "already due for retry: the next run sends it")
+                    )
                 else:
                     skipped.append(SkippedKey(key, status, run_id, f"{status}: done, nothing to requeue"))
             selection = f"{len(wanted):,} key(s)"
@@ -687,7 +716,9 @@ class Ops:
             else:
                 where += " AND status = 'dead'"
                 selection = "all dead items"
-            selected = [key for (key,) in self._rows(f"SELECT record_key FROM {self._ledger} WHERE {where}", params)]
+            selected = [
+                key for (key,) in self._rows(f"SELECT record_key FROM {self._ledger} WHERE {where}", params)
+            ]
             selected.sort()
         at = self.now
         requeued = 0

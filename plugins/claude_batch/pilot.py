@@ -77,7 +77,9 @@ def shard_paths(layout: RunLayout, manifest: Manifest) -> list[str]:
 # --- the split ------------------------------------------------------------------------------
 
 
-def split_pilot(layout: RunLayout, manifest: Manifest, size: int, limits: StagingLimits) -> tuple[Manifest, Manifest]:
+def split_pilot(
+    layout: RunLayout, manifest: Manifest, size: int, limits: StagingLimits
+) -> tuple[Manifest, Manifest]:
     """Move the first ``size`` requests of round 1's ``manifest`` into the pilot's own shards.
 
     The pilot's shards and manifest are written first, then round 1's manifest without them
@@ -91,7 +93,9 @@ def split_pilot(layout: RunLayout, manifest: Manifest, size: int, limits: Stagin
     :returns: (round 1's manifest without the pilot, the pilot's manifest).
     """
     if not 0 < size < manifest.staged_requests:
-        raise ValueError(f"a pilot of {size} requests out of {manifest.staged_requests} leaves nothing to decide on")
+        raise ValueError(
+            f"a pilot of {size} requests out of {manifest.staged_requests} leaves nothing to decide on"
+        )
     at = pilot_layout(layout)
     writer = _PilotShards(at, limits)
     taken = 0
@@ -160,7 +164,9 @@ def exclude_pilot(layout: RunLayout, manifest: Manifest, pilot: Manifest) -> Man
         shards=shards,
         models=sorted({model for shard in shards for model in shard.models}),
         staged_requests=staged,
-        estimate=_scaled(manifest.estimate, staged / manifest.staged_requests if manifest.staged_requests else 0.0),
+        estimate=_scaled(
+            manifest.estimate, staged / manifest.staged_requests if manifest.staged_requests else 0.0
+        ),
     )
     layout.store.write_json(layout.manifest, rest.to_dict())
     return rest
@@ -175,7 +181,10 @@ def with_pilot(layout: RunLayout, manifest: Manifest) -> Manifest:
     pilot = read_pilot(layout, manifest.prompt_version)
     if pilot is None or not pilot.shards:
         return manifest
-    moved = [replace(shard, requests=f"pilot/{shard.requests}", keys=f"pilot/{shard.keys}") for shard in pilot.shards]
+    moved = [
+        replace(shard, requests=f"pilot/{shard.requests}", keys=f"pilot/{shard.keys}")
+        for shard in pilot.shards
+    ]
     estimate = dict(manifest.estimate or {})
     for key, value in (pilot.estimate or {}).items():
         if isinstance(value, int | float) and not isinstance(value, bool) and key != "assumed_cache_hit_rate":
@@ -192,7 +201,11 @@ def with_pilot(layout: RunLayout, manifest: Manifest) -> Manifest:
 def _scaled(estimate: dict[str, Any] | None, scale: float) -> dict[str, Any]:
     """The cost estimate for a share of its requests (as restrict_to_claimed scales it)."""
     return {
-        key: (value * scale if key.startswith(("cost_usd", "realtime_cost_usd")) and isinstance(value, int | float) else value)
+        key: (
+            value * scale
+            if key.startswith(("cost_usd", "realtime_cost_usd")) and isinstance(value, int | float)
+            else value
+        )
         for key, value in (estimate or {}).items()
     }
 
@@ -216,7 +229,8 @@ class _PilotShards:
         for index, line in enumerate(lines):
             data = line + b"\n"
             if self._handle is not None and (
-                self._count >= self.limits.max_requests_per_shard or self._bytes + len(data) > self.limits.max_shard_bytes
+                self._count >= self.limits.max_requests_per_shard
+                or self._bytes + len(data) > self.limits.max_shard_bytes
             ):
                 self._keys.append(keys.slice(start, index - start))
                 start = index
@@ -245,7 +259,9 @@ class _PilotShards:
         part = len(self.shards)
         keys = pa.concat_tables(self._keys).cast(SHARD_KEYS_SCHEMA)
         if keys.num_rows != self._count:
-            raise StagingError(f"pilot shard {part}: {self._count} lines but {keys.num_rows} keys; its source shard is cut short")
+            raise StagingError(
+                f"pilot shard {part}: {self._count} lines but {keys.num_rows} keys; its source shard is cut short"
+            )
         with self.layout.store.open(shard_keys_path(self.layout, part), "wb") as handle:
             pq.write_table(keys, handle)
         models: dict[str, int] = {}
@@ -414,7 +430,10 @@ def approval_text(
             continue
         line = f"- {key} **{sample['status']} ({sample['reason_code']})**: {_inline(sample['reason'])}"
         lines.append(line + (f"; the answer: {_inline(sample['text'])}" if sample["text"] else ""))
-    lines += ["", "Approve to send the full run; Reject to stop it and give its other items back for later runs."]
+    lines += [
+        "",
+        "Approve to send the full run; Reject to stop it and give its other items back for later runs.",
+    ]
     return subject, "\n".join(lines)
 
 
@@ -467,4 +486,6 @@ class PilotApprovalOperator(ApprovalOperator):
                 how = f"rejected by {(event.get('responded_by_user') or {}).get('name') or 'a reviewer'}"
             reason = f"The pilot was {how}; nothing else was submitted."
             released = self.on_reject(context, reason)
-            raise AirflowFailException(f"{reason} {released:,} item(s) were given back for later runs.") from None
+            raise AirflowFailException(
+                f"{reason} {released:,} item(s) were given back for later runs."
+            ) from None

@@ -145,7 +145,9 @@ class PipelineConfig:
     staging_limits: StagingLimits = field(default_factory=StagingLimits)
     pool: str = DEFAULT_POOL
     allowed_models: tuple[str, ...] = ()
-    min_poll_interval: float = field(default_factory=lambda: float(os.environ.get("CLAUDE_BATCH_MIN_POLL_SECONDS", "30")))
+    min_poll_interval: float = field(
+        default_factory=lambda: float(os.environ.get("CLAUDE_BATCH_MIN_POLL_SECONDS", "30"))
+    )
     max_poll_interval: float = 600.0
     batch_timeout: float | None = DEFAULT_BATCH_TIMEOUT
     max_rounds: int = 3
@@ -217,10 +219,14 @@ def run_interval(options: RunOptions, start: Any, end: Any) -> tuple[Any, Any] |
     """The rows' time window: the Params' window if given, else the run's data interval."""
     if options.window_start or options.window_end:
         if not (options.window_start and options.window_end):
-            raise ValueError("Give both window_start and window_end, or neither (then the data interval applies).")
+            raise ValueError(
+                "Give both window_start and window_end, or neither (then the data interval applies)."
+            )
         window = (datetime.fromisoformat(options.window_start), datetime.fromisoformat(options.window_end))
         if window[0] >= window[1]:
-            raise ValueError(f"window_start {options.window_start} must be before window_end {options.window_end}.")
+            raise ValueError(
+                f"window_start {options.window_start} must be before window_end {options.window_end}."
+            )
         return window
     if start is None or end is None:
         return None
@@ -356,7 +362,9 @@ def _estimate_band(manifest: Manifest) -> tuple[float, float]:
     return float(estimate.get("cost_usd_low", expected)), float(estimate.get("cost_usd_high", expected))
 
 
-def _claim(warehouse: Warehouse, workload: Workload, layout: RunLayout, manifest: Manifest) -> tuple[Manifest, ClaimResult]:
+def _claim(
+    warehouse: Warehouse, workload: Workload, layout: RunLayout, manifest: Manifest
+) -> tuple[Manifest, ClaimResult]:
     """Claim the manifest's items; what the run could not take is dropped from its shards."""
     claim = warehouse.claim_staged(workload, layout, manifest)
     if not claim.complete:
@@ -419,7 +427,11 @@ def run_gate(
         )  # fmt: skip
     ledger = warehouse.accounting(workload, manifest)
     if ledger.by_status and ledger.accounted == ledger.extracted == sum(ledger.by_status.values()):
-        log.info("Run %s already reached a final state for every item (%s); nothing to do.", layout.run_id, ledger.by_status)
+        log.info(
+            "Run %s already reached a final state for every item (%s); nothing to do.",
+            layout.run_id,
+            ledger.by_status,
+        )
         return []
     staged = manifest.staged_requests
     manifest, claim = _claim(warehouse, workload, layout, manifest)
@@ -495,7 +507,14 @@ def run_pilot_load(
     workload = effective_workload(config, options)
     manifest = _manifest(layout)
     load = warehouse.load_run(workload, layout, manifest)
-    rounds = [{"round": layout.round, "pilot": True, "sent": manifest.staged_requests, "by_status": dict(load.by_status)}]
+    rounds = [
+        {
+            "round": layout.round,
+            "pilot": True,
+            "sent": manifest.staged_requests,
+            "by_status": dict(load.by_status),
+        }
+    ]
     return {"load": dataclasses.asdict(load), "rounds": rounds}
 
 
@@ -526,7 +545,9 @@ def run_pilot_decide(
     decision = {**verdict.to_dict(), "threshold": threshold, "approval": approval,
                 "rest_requests": rest.staged_requests, "rest_estimated_cost_usd": _estimated_cost(rest)}  # fmt: skip
     if approval:
-        subject, body = approval_text(verdict, rest, workload=workload.name, run_id=layout.run_id, threshold=threshold)
+        subject, body = approval_text(
+            verdict, rest, workload=workload.name, run_id=layout.run_id, threshold=threshold
+        )
         decision.update(subject=subject, body=body)
         return decision
     if options.pilot_size and verdict.pass_rate < threshold:
@@ -537,7 +558,12 @@ def run_pilot_decide(
 
 
 def run_release(
-    config: PipelineConfig, warehouse: Warehouse, layout: RunLayout, options: RunOptions, reason: str, log: Any
+    config: PipelineConfig,
+    warehouse: Warehouse,
+    layout: RunLayout,
+    options: RunOptions,
+    reason: str,
+    log: Any,
 ) -> int:
     """Give back the run's items not yet sent (a pilot that failed or was rejected); returns how many."""
     released = warehouse.release_claim(effective_workload(config, options), layout.run_id, reason)
@@ -601,7 +627,9 @@ def run_record_batches(
     workload = effective_workload(config, options)
     manifest = _manifest(layout)
     if len(batch_ids) != len(manifest.shards):
-        raise ValueError(f"{len(batch_ids)} batch ids for {len(manifest.shards)} shards in run {layout.run_id!r}")
+        raise ValueError(
+            f"{len(batch_ids)} batch ids for {len(manifest.shards)} shards in run {layout.run_id!r}"
+        )
     for shard, batch_id in zip(manifest.shards, batch_ids, strict=True):
         warehouse.mark_submitted(workload, layout, manifest, shard.part, batch_id)
     return len(batch_ids)
@@ -619,7 +647,13 @@ def run_collect(
     workload = effective_workload(config, options)
     manifest = _manifest(layout)
     collected = collect_results(
-        client, layout, part, batch_id, manifest=manifest, prices=config.prices, conn_id=config.anthropic_conn_id
+        client,
+        layout,
+        part,
+        batch_id,
+        manifest=manifest,
+        prices=config.prices,
+        conn_id=config.anthropic_conn_id,
     )
     validated = validate_part(workload, layout, part)
     batch = client.messages.batches.retrieve(batch_id)
@@ -682,7 +716,13 @@ def _tokens_by_model(layout: RunLayout, collected: list[Mapping[str, Any]]) -> d
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    names = ["model", "input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"]
+    names = [
+        "model",
+        "input_tokens",
+        "output_tokens",
+        "cache_creation_input_tokens",
+        "cache_read_input_tokens",
+    ]
     totals: dict[str, TokenTotals] = {}
     try:
         for part in collected:
@@ -701,7 +741,10 @@ def _tokens_by_model(layout: RunLayout, collected: list[Mapping[str, Any]]) -> d
 
 
 def report_costs(
-    manifest: Manifest, load: Mapping[str, Any], prices: PriceTable, by_model: Mapping[str, TokenTotals] | None = None
+    manifest: Manifest,
+    load: Mapping[str, Any],
+    prices: PriceTable,
+    by_model: Mapping[str, TokenTotals] | None = None,
 ) -> dict[str, Any]:
     """The report's cost section (the definitions: :class:`claude_batch.costs.RunCosts`).
 
@@ -781,8 +824,12 @@ def build_report(
             "probe": plan.get("probe"),
             "evidence": plan.get("evidence"),
         },
-        "cache_hit_rate": round(cache_read / (cache_read + cache_write), 4) if cache_read + cache_write else None,
-        "batch_seconds": {"max": max(durations), "mean": sum(durations) / len(durations)} if durations else None,
+        "cache_hit_rate": round(cache_read / (cache_read + cache_write), 4)
+        if cache_read + cache_write
+        else None,
+        "batch_seconds": {"max": max(durations), "mean": sum(durations) / len(durations)}
+        if durations
+        else None,
         "pilot": _pilot_summary(pilot),
         "reported_at": datetime.now(UTC).isoformat(),
     }
@@ -791,7 +838,17 @@ def build_report(
 def _pilot_summary(decision: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if not decision:
         return None
-    keys = ("requests", "valid", "judged", "pass_rate", "threshold", "failures", "approval", "batch_ids", "cost_usd")
+    keys = (
+        "requests",
+        "valid",
+        "judged",
+        "pass_rate",
+        "threshold",
+        "failures",
+        "approval",
+        "batch_ids",
+        "cost_usd",
+    )
     return {key: decision.get(key) for key in keys}
 
 
@@ -802,7 +859,9 @@ def write_report(layout: RunLayout, report: Mapping[str, Any]) -> None:
 def _manifest(layout: RunLayout) -> Manifest:
     manifest = read_manifest(layout)
     if manifest is None:
-        raise FileNotFoundError(f"No manifest at {layout.store.uri(layout.manifest)}: the stage task has not run.")
+        raise FileNotFoundError(
+            f"No manifest at {layout.store.uri(layout.manifest)}: the stage task has not run."
+        )
     return manifest
 
 
@@ -865,15 +924,23 @@ def _pipeline_tasks(config: PipelineConfig, group_id: str | None):
         def stage() -> dict[str, Any]:
             context = get_current_context()
             options = _context_options()
-            interval = run_interval(options, context.get("data_interval_start"), context.get("data_interval_end"))
+            interval = run_interval(
+                options, context.get("data_interval_start"), context.get("data_interval_end")
+            )
             layout = _context_layout(config, config.aws_conn_id)
             hook = ClaudeBatchHook(conn_id=config.anthropic_conn_id)
             try:
                 with open_warehouse(config.warehouse_conn_id) as warehouse:
-                    run_recover(config, warehouse, layout, options, hook.conn, _dag_run_state(context), _task_log())
-                    staged = run_stage(config, warehouse, layout, options, interval, client=hook.conn, log=_task_log())
+                    run_recover(
+                        config, warehouse, layout, options, hook.conn, _dag_run_state(context), _task_log()
+                    )
+                    staged = run_stage(
+                        config, warehouse, layout, options, interval, client=hook.conn, log=_task_log()
+                    )
             except Exception as exc:
-                _note(context, notes.error_note("stage", exc))  # the run's note says why (a retry rewrites it)
+                _note(
+                    context, notes.error_note("stage", exc)
+                )  # the run's note says why (a retry rewrites it)
                 raise
             _note(context, notes.staged_note(staged))
             return staged
@@ -894,11 +961,17 @@ def _pipeline_tasks(config: PipelineConfig, group_id: str | None):
                 raise AirflowSkipException(str(exc)) from exc
             if not shards:
                 if options.dry_run:
-                    _note(get_current_context(), notes.dry_run_note(staged, effective_workload(config, options).model))
+                    _note(
+                        get_current_context(),
+                        notes.dry_run_note(staged, effective_workload(config, options).model),
+                    )
                     reason = "dry run: estimate written to report.json"
                 else:
                     reason = "nothing to submit (no rows, or the run is already complete)"
-                    _note(get_current_context(), notes.nothing_note(f"{reason}; staged {staged['staged']:,} requests."))
+                    _note(
+                        get_current_context(),
+                        notes.nothing_note(f"{reason}; staged {staged['staged']:,} requests."),
+                    )
                 raise AirflowSkipException(f"{reason}; staged {staged['staged']:,} requests.")
             return shards
 
@@ -969,7 +1042,9 @@ def _pipeline_tasks(config: PipelineConfig, group_id: str | None):
                         result = run_load(config, warehouse, layout, _context_options(), previous)
                 except AccountingError as exc:
                     _note(get_current_context(), notes.error_note(task_name("load", number), exc))
-                    raise AirflowFailException(str(exc)) from exc  # the gap is in the data: a retry cannot close it
+                    raise AirflowFailException(
+                        str(exc)
+                    ) from exc  # the gap is in the data: a retry cannot close it
                 result["collected"] = [*(previous or {}).get("collected", []), *collected]
                 # Downstream DAGs scheduled on the results table see what the run loaded and cost so far.
                 context = get_current_context()
@@ -983,7 +1058,9 @@ def _pipeline_tasks(config: PipelineConfig, group_id: str | None):
         # The pilot: a round of its own (round 0), then the decision; it all skips without a pilot.
         @task(task_id="pilot", retries=2, retry_delay=timedelta(seconds=30))
         def pilot(shards: list[str]) -> list[str]:
-            pilot_shards = run_pilot_shards(config, _context_layout(config, config.aws_conn_id), _context_options())
+            pilot_shards = run_pilot_shards(
+                config, _context_layout(config, config.aws_conn_id), _context_options()
+            )
             if not pilot_shards:
                 raise AirflowSkipException("no pilot (pilot_size 0, or as large as the run): round 1 goes on")
             return pilot_shards
@@ -1009,7 +1086,9 @@ def _pipeline_tasks(config: PipelineConfig, group_id: str | None):
         def release_on_reject(context: Any, reason: str) -> int:
             layout = _context_layout(config, config.aws_conn_id)
             with open_warehouse(config.warehouse_conn_id) as warehouse:
-                return run_release(config, warehouse, layout, _context_options(), f"released: {reason}", _task_log())
+                return run_release(
+                    config, warehouse, layout, _context_options(), f"released: {reason}", _task_log()
+                )
 
         gated = gate(stage())
         _, pilot_collected = send(0, pilot(gated))
@@ -1038,7 +1117,12 @@ def _pipeline_tasks(config: PipelineConfig, group_id: str | None):
                 if not shards:
                     left = previous["ledger"].get("retry", 0)
                     raise AirflowSkipException(
-                        f"no round {number}: " + (f"{left:,} item(s) left to retry by the next run" if left else "every item is final")
+                        f"no round {number}: "
+                        + (
+                            f"{left:,} item(s) left to retry by the next run"
+                            if left
+                            else "every item is final"
+                        )
                     )
                 return shards
 
@@ -1086,7 +1170,9 @@ def _dag_run_state(context: Any) -> Callable[[str, str], str | None]:
             found = context["ti"].get_dagrun_state(dag_id=dag_id, run_id=run_id)
             return str(getattr(found, "value", found))  # a DagRunState enum: its value, "failed"
         except Exception as exc:  # a run Airflow no longer knows, or no answer: leave its items alone
-            _task_log().warning("Could not read the state of run %s of %s (%s); its items stay held.", run_id, dag_id, exc)
+            _task_log().warning(
+                "Could not read the state of run %s of %s (%s); its items stay held.", run_id, dag_id, exc
+            )
             return None
 
     return state
@@ -1114,14 +1200,21 @@ def _emit_metrics(workload: str, report: Mapping[str, Any]) -> None:
     # The report's definitions (claude_batch.costs.RunCosts): savings against plain real-time calls.
     costs = report.get("costs") or {}
     Stats.gauge("claude_batch.saving_usd", report["saving_usd"], tags=tags)
-    for name in ("realtime_uncached_usd", "batch_uncached_usd", "saving_from_batching_usd", "saving_from_caching_usd"):
+    for name in (
+        "realtime_uncached_usd",
+        "batch_uncached_usd",
+        "saving_from_batching_usd",
+        "saving_from_caching_usd",
+    ):
         if costs.get(name) is not None:
             Stats.gauge(f"claude_batch.{name}", costs[name], tags=tags)
     gap = (costs.get("estimate") or {}).get("gap_pct")
     if gap is not None:
         Stats.gauge("claude_batch.estimate_gap_pct", gap, tags=tags)
     if report.get("batch_seconds"):
-        Stats.timing("claude_batch.batch_duration", timedelta(seconds=report["batch_seconds"]["max"]), tags=tags)
+        Stats.timing(
+            "claude_batch.batch_duration", timedelta(seconds=report["batch_seconds"]["max"]), tags=tags
+        )
 
 
 # The trigger form's sections after its first, in the order the form shows them. The first
@@ -1281,14 +1374,17 @@ def claude_batch_dag(
             reference=DeadlineReference.DAGRUN_QUEUED_AT,
             interval=timedelta(hours=deadline_hours),
             callback=AsyncCallback(
-                "claude_batch.alerts.run_overdue", kwargs=deadline_callback_kwargs(config.workload.name, notifiers)
+                "claude_batch.alerts.run_overdue",
+                kwargs=deadline_callback_kwargs(config.workload.name, notifiers),
             ),
         )
         if deadline_hours and (notifiers is None or notifiers)
         else None
     )
     on_failure = dag_kwargs.pop("on_failure_callback", None)
-    on_failure = [] if on_failure is None else list(on_failure) if isinstance(on_failure, list) else [on_failure]
+    on_failure = (
+        [] if on_failure is None else list(on_failure) if isinstance(on_failure, list) else [on_failure]
+    )
     if notifiers is None or notifiers:
         on_failure.insert(0, RunFailedNotifier(config.workload.name, notifiers))
     dag = DAG(

@@ -28,4 +28,3 @@ class ClaudeBatchPlugin(AirflowPlugin):
     listeners = [notes]
     fastapi_apps = [ui.FASTAPI_APP]
     external_views = [ui.EXTERNAL_VIEW]
-

@@ -333,7 +333,9 @@ class BatchPoller:
         return found
 
 
-_pollers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, BatchPoller]] = weakref.WeakKeyDictionary()
+_pollers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, BatchPoller]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def shared_poller(conn_id: str) -> BatchPoller:

@@ -99,7 +99,9 @@ def recover_stranded(
             manifest = read_manifest(round_layout)
             if manifest is not None:
                 parts = {index: batch for (n, index), batch in batches.items() if n == number}
-                _recover_round(workload, warehouse, round_layout, manifest, parts, client, state, report, prices, conn_id)
+                _recover_round(
+                    workload, warehouse, round_layout, manifest, parts, client, state, report, prices, conn_id
+                )
     return report
 
 
@@ -131,11 +133,18 @@ def _recover_round(
         if batch.processing_status != "ended":
             report.waiting.setdefault(run_id, []).append(batch_id)
             continue
-        collect_results(client, layout, shard.part, batch_id, manifest=manifest, prices=prices, conn_id=conn_id)
+        collect_results(
+            client, layout, shard.part, batch_id, manifest=manifest, prices=prices, conn_id=conn_id
+        )
         validate_part(workload, layout, shard.part)
         warehouse.load_run(workload, layout, manifest, parts=[shard.part])
         report.collected.setdefault(run_id, []).append(batch_id)
-        log.info("Recovered batch %s of run %s (%s): its results are loaded, the rest requeued.", batch_id, run_id, state)
+        log.info(
+            "Recovered batch %s of run %s (%s): its results are loaded, the rest requeued.",
+            batch_id,
+            run_id,
+            state,
+        )
     if never_submitted:
         released = warehouse.release_claim(
             workload,

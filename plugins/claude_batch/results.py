@@ -379,7 +379,13 @@ class _Download:
                 for chunk, lines, unended in _iter_chunks_of_lines(chunks):
                     try:
                         rows.add_lines(lines)
-                    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, pa.ArrowException) as exc:
+                    except (
+                        orjson.JSONDecodeError,
+                        KeyError,
+                        TypeError,
+                        AttributeError,
+                        pa.ArrowException,
+                    ) as exc:
                         where = "the last line" if unended else "a line"
                         self.problems.append(f"{where} is not a complete result ({type(exc).__name__})")
                         break
@@ -397,7 +403,9 @@ class _Download:
         fields = rows.columns()
         rows.clear()
         positions = fields.pop("position")
-        table = results_table(fields, self.keys.record_keys.take(positions), prompt_version, self.batch_id, prices)
+        table = results_table(
+            fields, self.keys.record_keys.take(positions), prompt_version, self.batch_id, prices
+        )
         # One row group, written from the calls' chunks as they are (no copy into one array).
         writer.write_table(table, row_group_size=max(table.num_rows, 1))
         self.lines += table.num_rows

@@ -66,7 +66,9 @@ def apply_completion_policy(
     counts = summary["request_counts"]
     total = sum(counts.values())
     if total and counts["canceled"] == total and skip_if_all_canceled:
-        raise AirflowSkipException(f"Every request was canceled ({total:,}) in batches {summary['batch_ids']}.")
+        raise AirflowSkipException(
+            f"Every request was canceled ({total:,}) in batches {summary['batch_ids']}."
+        )
     failed = total - counts["succeeded"]
     if failed:
         by_batch = {snap.id: snap.outcome for snap in snapshots if snap.outcome != "succeeded"}
@@ -102,7 +104,9 @@ def handle_trigger_event(
     timed_out = {item["id"]: item for item in event.get("timed_out") or []}
     cancel_failed = list(event.get("cancel_failed") or [])
     if timed_out or cancel_failed:
-        log.warning("%s", event.get("message") or f"Timed out: {sorted(timed_out)}; not canceled: {cancel_failed}")
+        log.warning(
+            "%s", event.get("message") or f"Timed out: {sorted(timed_out)}; not canceled: {cancel_failed}"
+        )
     summary = apply_completion_policy(snapshots, fail_on_partial, log, skip_if_all_canceled and not timed_out)
     summary["timed_out"] = timed_out
     summary["cancel_failed"] = cancel_failed
@@ -205,10 +209,18 @@ class ClaudeBatchSensor(BaseSensorOperator):
         for batch_id in overdue_batches(snapshots, self.batch_timeout, now.timestamp()):
             try:
                 self.hook.cancel_batch(batch_id)
-                self.log.info("Batch %s passed its %.0f s deadline; requested cancellation.", batch_id, self.batch_timeout)
+                self.log.info(
+                    "Batch %s passed its %.0f s deadline; requested cancellation.",
+                    batch_id,
+                    self.batch_timeout,
+                )
                 self._cancel_failed.discard(batch_id)
             except Exception as exc:
-                self.log.warning("Could not cancel batch %s past its deadline: %s. Retrying at the next poke.", batch_id, exc)
+                self.log.warning(
+                    "Could not cancel batch %s past its deadline: %s. Retrying at the next poke.",
+                    batch_id,
+                    exc,
+                )
                 self._cancel_failed.add(batch_id)
         return False
 

@@ -1157,7 +1157,9 @@ def iter_rejections(layout: RunLayout, manifest: Manifest | None = None) -> Iter
             yield orjson.loads(line)
 
 
-def restrict_to_claimed(layout: RunLayout, manifest: Manifest, not_claimed: Mapping[int | None, set[str]]) -> Manifest:
+def restrict_to_claimed(
+    layout: RunLayout, manifest: Manifest, not_claimed: Mapping[int | None, set[str]]
+) -> Manifest:
     """Drop the items this run could not claim from its shards and manifest, and write the manifest.
 
     An item another live run holds (or one that became final meanwhile) must not be sent by this

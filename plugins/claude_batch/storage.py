@@ -143,7 +143,7 @@ class ObjectStore:
         except FileNotFoundError:
             return []
         root = self.root_path + "/"
-        return sorted(name[len(root):] if name.startswith(root) else name for name in names)
+        return sorted(name[len(root) :] if name.startswith(root) else name for name in names)
 
 
 @dataclass(frozen=True)

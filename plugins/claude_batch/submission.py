@@ -254,7 +254,9 @@ def _scan(source: RequestSource, limits: Limits, *, trusted: bool) -> ShardScan:
             )
         id_hashes.append(_id_hash(custom_id))
         if not isinstance(request.get("params"), dict):
-            raise ShardRejected(f"{where}: line {count}: 'params' must be an object (custom_id {custom_id!r})")
+            raise ShardRejected(
+                f"{where}: line {count}: 'params' must be an object (custom_id {custom_id!r})"
+            )
         digest.update(line)
         digest.update(b"\n")
     if count == 0:
@@ -451,7 +453,9 @@ class BatchSubmitter:
     :param limits: the per-batch limits to enforce before sending.
     """
 
-    def __init__(self, api: BatchApi, store: ObjectStore, state_relpath: str, limits: Limits = Limits()) -> None:
+    def __init__(
+        self, api: BatchApi, store: ObjectStore, state_relpath: str, limits: Limits = Limits()
+    ) -> None:
         self.api = api
         self.store = store
         self.state_relpath = state_relpath
@@ -501,10 +505,14 @@ class BatchSubmitter:
                             }
                         )
                     )
-                log(f"Batch {previous_id} was already submitted for this input ({how}); not submitting again.")
+                log(
+                    f"Batch {previous_id} was already submitted for this input ({how}); not submitting again."
+                )
                 return SubmissionResult(previous_id, scan.request_count, how)
             if previous_id and not same_input:
-                log(f"The input changed since batch {previous_id} was submitted; cancelling it before resubmitting.")
+                log(
+                    f"The input changed since batch {previous_id} was submitted; cancelling it before resubmitting."
+                )
                 self.api.cancel_batch(previous_id)
                 superseded.append(previous_id)
 
@@ -520,7 +528,10 @@ class BatchSubmitter:
         )
         self._write_state(intent)
         batch = self.api.create_batch_from_body(
-            BatchBody(source), scan.body_bytes, scan.request_count, recover=lambda: self._find_one(intent, scan)
+            BatchBody(source),
+            scan.body_bytes,
+            scan.request_count,
+            recover=lambda: self._find_one(intent, scan),
         )
         intent.phase, intent.batch_id, intent.submitted_at = "submitted", batch.id, _now().isoformat()
         self._write_state(intent)
@@ -579,7 +590,9 @@ class BatchSubmitter:
         if not waiting:
             return None  # every candidate holds other custom_ids: the create never landed
         which = ", ".join(f"{batch_id} ({why})" for batch_id, why in waiting.items())
-        until = f"batch {next(iter(waiting))} ends" if len(waiting) == 1 else f"batches {', '.join(waiting)} end"
+        until = (
+            f"batch {next(iter(waiting))} ends" if len(waiting) == 1 else f"batches {', '.join(waiting)} end"
+        )
         raise RecoveryPending(
             f"A previous attempt recorded its intent to submit {state.request_count:,} requests at "
             f"{state.intent_at} but not the batch id, and {len(candidates)} unclaimed batches of that size "
@@ -618,7 +631,7 @@ class BatchSubmitter:
             f"{state.intent_at} but not the batch id, and {len(candidates)} unclaimed batches of that size "
             f"were created since: {ids}. {why} Refusing to guess and refusing to pay twice. Check them in the "
             f"Claude Console: cancel the strays, then either write the right id into {self.state_uri} "
-            "(set \"phase\": \"submitted\" and \"batch_id\") or delete that file to submit afresh."
+            '(set "phase": "submitted" and "batch_id") or delete that file to submit afresh.'
         )
 
     def _claimed_batch_ids(self) -> set[str]:

@@ -111,7 +111,9 @@ def completion_event(
         for snap in snapshots
         if canceled_for_timeout(snap, timeout)
     ]
-    refused = sorted(set(cancel_failed) - {snap.id for snap in snapshots if snap.cancel_initiated_at is not None})
+    refused = sorted(
+        set(cancel_failed) - {snap.id for snap in snapshots if snap.cancel_initiated_at is not None}
+    )
     payload: dict[str, Any] = {
         "status": "success",
         "batches": [snap.to_dict() for snap in snapshots],
@@ -123,7 +125,9 @@ def completion_event(
     if timed_out or refused:
         parts = []
         if timed_out:
-            totals = {key: sum(item[key] for item in timed_out) for key in ("succeeded", "errored", "canceled")}
+            totals = {
+                key: sum(item[key] for item in timed_out) for key in ("succeeded", "errored", "canceled")
+            }
             parts.append(
                 f"Batch(es) {_some([item['id'] for item in timed_out])} did not end within {timeout:.0f} s of "
                 f"submission; cancellation was requested at each one's deadline and they have ended "
@@ -152,7 +156,9 @@ def progress_summary(snapshots: list[BatchSnapshot], timeout: float | None, now:
     else:
         statuses = Counter(snap.processing_status for snap in snapshots)
         head = f"{len(snapshots)} batches: " + ", ".join(
-            f"{statuses[status]} {status}" for status in ("in_progress", "canceling", "ended") if statuses[status]
+            f"{statuses[status]} {status}"
+            for status in ("in_progress", "canceling", "ended")
+            if statuses[status]
         )
     counts = " ".join(
         f"{key}={sum(getattr(snap, key) for snap in snapshots):,}"
@@ -269,11 +275,16 @@ class ClaudeBatchTrigger(BaseTrigger):
                         snapshots = [latest[key] for key in self.batch_ids]
                         self.log.info("Poll round %d: %s; every batch has ended.", rounds,
                                       progress_summary(snapshots, self.timeout, datetime.now(UTC)))  # fmt: skip
-                        yield TriggerEvent(completion_event(snapshots, self.timeout, self.on_timeout, refused))
+                        yield TriggerEvent(
+                            completion_event(snapshots, self.timeout, self.on_timeout, refused)
+                        )
                         return
                 # A fresh round retries refused cancels; a wake at a deadline cancels only new ones.
                 overdue = overdue_batches(
-                    latest.values(), self.timeout, time.time(), asked if found is not None else asked | refused
+                    latest.values(),
+                    self.timeout,
+                    time.time(),
+                    asked if found is not None else asked | refused,
                 )
                 if overdue:
                     not_canceled = await self._cancel(overdue, deadline_of=latest)
@@ -295,7 +306,9 @@ class ClaudeBatchTrigger(BaseTrigger):
         deadlines = [
             batch_deadline(snap, self.timeout)
             for snap in latest.values()
-            if snap.id not in skip and snap.processing_status == "in_progress" and snap.cancel_initiated_at is None
+            if snap.id not in skip
+            and snap.processing_status == "in_progress"
+            and snap.cancel_initiated_at is None
         ]
         try:
             if self.timeout is None or not deadlines:
@@ -311,7 +324,9 @@ class ClaudeBatchTrigger(BaseTrigger):
     def _error(self, message: str) -> TriggerEvent:
         return TriggerEvent({"status": "error", "message": message, "batch_ids": self.batch_ids})
 
-    async def _cancel(self, batch_ids: list[str], deadline_of: dict[str, BatchSnapshot] | None = None) -> list[str]:
+    async def _cancel(
+        self, batch_ids: list[str], deadline_of: dict[str, BatchSnapshot] | None = None
+    ) -> list[str]:
         """Ask the API to cancel each batch (the SDK retries transient errors); the ids it refused."""
         client = await shared_async_client(self.conn_id)
         limit = asyncio.Semaphore(CANCEL_CONCURRENCY)

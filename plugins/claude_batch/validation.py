@@ -137,7 +137,9 @@ def _cut_verdict(workload: Workload, stop_reason: str | None, output_tokens: int
     if cut is None:
         return None
     code, what = cut
-    detail = f" ({output_tokens} output tokens, max_tokens {workload.max_tokens})" if code == "max_tokens" else ""
+    detail = (
+        f" ({output_tokens} output tokens, max_tokens {workload.max_tokens})" if code == "max_tokens" else ""
+    )
     return Verdict("invalid", code, what + detail)
 
 
@@ -260,7 +262,9 @@ class _Judged:
             if failures:
                 self._drop({self.rows[position]: verdict for position, verdict in failures.items()})
 
-    def _judge_unparsed(self, workload: Workload, batch: pa.RecordBatch | pa.Table, payload: pa.Array) -> None:
+    def _judge_unparsed(
+        self, workload: Workload, batch: pa.RecordBatch | pa.Table, payload: pa.Array
+    ) -> None:
         """Verdicts of the rows with nothing to parse: not succeeded, cut, refused, without output."""
         succeeded = pc.equal(batch.column("outcome"), "succeeded")
         # Built here, not at import: pyarrow's first list conversion imports pandas (0.4 s).

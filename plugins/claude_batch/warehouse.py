@@ -705,10 +705,17 @@ class Warehouse:
             *(
                 f"ALTER TABLE {self._q(self.runs_table)} ADD COLUMN IF NOT EXISTS {name} {kind}"
                 for name, kind in (
-                    ("answers", big), ("batch_uncached_cost_usd", double), ("batching_saving_usd", double),
-                    ("caching_saving_usd", double), ("estimated_cost_usd", double), ("estimate_low_usd", double),
-                    ("estimate_high_usd", double), ("cache_policy", text), ("cache_probe_setting", text),
-                    ("cache_probe_requests", big), ("cache_decision", text),
+                    ("answers", big),
+                    ("batch_uncached_cost_usd", double),
+                    ("batching_saving_usd", double),
+                    ("caching_saving_usd", double),
+                    ("estimated_cost_usd", double),
+                    ("estimate_low_usd", double),
+                    ("estimate_high_usd", double),
+                    ("cache_policy", text),
+                    ("cache_probe_setting", text),
+                    ("cache_probe_requests", big),
+                    ("cache_decision", text),
                 )
             ),  # fmt: skip
         ]
@@ -847,7 +854,9 @@ class Warehouse:
             f"SELECT {columns} FROM {origin} src WHERE {key_text} IN (SELECT h.record_key FROM {ledger} h "
             f"WHERE h.workload = {p} AND h.prompt_version = {p} AND h.run_id = {p} AND h.status = 'pending')"
         )
-        for chunk in self.dialect.stream(self.conn, sql, [workload.name, workload.prompt_version, run_id], chunk_rows):
+        for chunk in self.dialect.stream(
+            self.conn, sql, [workload.name, workload.prompt_version, run_id], chunk_rows
+        ):
             yield from chunk
 
     # -- ledger -----------------------------------------------------------------------------
@@ -906,7 +915,13 @@ class Warehouse:
         return result
 
     def _claim(
-        self, cursor: Any, workload: Workload, layout: RunLayout, rows: pa.Table, part: int | None, result: ClaimResult
+        self,
+        cursor: Any,
+        workload: Workload,
+        layout: RunLayout,
+        rows: pa.Table,
+        part: int | None,
+        result: ClaimResult,
     ) -> int:
         """Upsert ``rows`` where the item may be taken; note the rest in ``result``. Returns rows taken."""
         run_id = layout.run_id
@@ -986,7 +1001,10 @@ class Warehouse:
                 keys = read_shard_keys(layout, shard).select(["record_key"])
                 with d.rows_relation(cursor, "cb_release", keys, joined=True) as relation:
                     released += max(
-                        d.execute(cursor, f"{update} AND record_key IN (SELECT record_key FROM {relation})", params), 0
+                        d.execute(
+                            cursor, f"{update} AND record_key IN (SELECT record_key FROM {relation})", params
+                        ),
+                        0,
                     )
         return released
 
@@ -1002,7 +1020,10 @@ class Warehouse:
             GROUP BY dag_id, run_id ORDER BY MIN(claimed_at)""",
             [workload.name, workload.prompt_version],
         )
-        return [Holder(dag_id, run_id, int(pending or 0), int(submitted or 0), since) for dag_id, run_id, pending, submitted, since in rows]
+        return [
+            Holder(dag_id, run_id, int(pending or 0), int(submitted or 0), since)
+            for dag_id, run_id, pending, submitted, since in rows
+        ]
 
     def mark_submitted(
         self, workload: Workload, layout: RunLayout, manifest: Manifest, part: int, batch_id: str
@@ -1044,7 +1065,10 @@ class Warehouse:
         ledger = self._q(self.ledger_table)
         now = _utcnow()
         params = [now, (by or "")[:200] or None, now, workload.name, workload.prompt_version]
-        with d.transaction(self.conn) as cursor, d.rows_relation(cursor, "cb_requeue", keys, joined=True) as relation:
+        with (
+            d.transaction(self.conn) as cursor,
+            d.rows_relation(cursor, "cb_requeue", keys, joined=True) as relation,
+        ):
             changed = d.execute(
                 cursor,
                 f"""UPDATE {ledger} SET status = 'retry', attempts = 0, invalid_answers = 0, updated_at = {p},
@@ -1076,7 +1100,10 @@ class Warehouse:
         """UPDATE the ledger rows of ``keys`` (joined: a 100,000-key shard must not be probed row by row)."""
         d = self.dialect
         p = d.placeholder
-        with d.transaction(self.conn) as cursor, d.rows_relation(cursor, "cb_keys", keys, joined=True) as relation:
+        with (
+            d.transaction(self.conn) as cursor,
+            d.rows_relation(cursor, "cb_keys", keys, joined=True) as relation,
+        ):
             d.execute(
                 cursor,
                 f"""UPDATE {self._q(self.ledger_table)} SET {assignments.format(p=p)}
@@ -1391,7 +1418,9 @@ class Warehouse:
         plan = estimate.get("cache_plan") or {}
         probe = plan.get("probe") or {}
         probing = bool(probe.get("requests")) and probe.get("setting") in ("5m", "1h")
-        shares = {model: entry.get("requests", 0) for model, entry in (estimate.get("per_model") or {}).items()}
+        shares = {
+            model: entry.get("requests", 0) for model, entry in (estimate.get("per_model") or {}).items()
+        }
         by_model = apportion_tokens(
             TokenTotals(load.input_tokens, load.output_tokens, load.cache_creation_input_tokens,
                         load.cache_read_input_tokens),
@@ -1400,7 +1429,9 @@ class Warehouse:
         costs = run_costs(load.cost_usd, by_model, table, estimate, exact=len(by_model) <= 1)
         # The batches whose requests used the cache, each starting with a write (see claude_batch.caching).
         if probing:
-            cached_batches = max(1, len(next((s.models for s in manifest.shards if s.part == probe.get("part")), {})))
+            cached_batches = max(
+                1, len(next((s.models for s in manifest.shards if s.part == probe.get("part")), {}))
+            )
         elif manifest.cache_setting in ("5m", "1h"):
             cached_batches = sum(max(1, len(shard.models)) for shard in manifest.shards)
         else:
@@ -1480,11 +1511,17 @@ class Warehouse:
             batches = plan.get("cached_batches")
             observations.append(
                 CacheObservation(
-                    setting, int(read or 0), int(written or 0), runs_ago=int(runs_ago),
+                    setting,
+                    int(read or 0),
+                    int(written or 0),
+                    runs_ago=int(runs_ago),
                     probe=run_setting not in ("5m", "1h") and probe_setting in ("5m", "1h"),
                     prefix_tokens=int(prefix) if isinstance(prefix, int | float) and prefix > 0 else None,
                     answers=int(answers if answers is not None else (succeeded or 0) + (invalid or 0)),
-                    output_tokens=int(output or 0), prompt_version=version, run_setting=run_setting, run_id=run_id,
+                    output_tokens=int(output or 0),
+                    prompt_version=version,
+                    run_setting=run_setting,
+                    run_id=run_id,
                     batches=int(batches) if isinstance(batches, int) and batches > 0 else None,
                 )  # fmt: skip
             )

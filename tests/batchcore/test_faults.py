@@ -65,8 +65,12 @@ def test_wrong_key_is_explained_without_leaking_it(anthropic_conn, monkeypatch, 
         "AIRFLOW_CONN_ANTHROPIC_DEFAULT",
         json.dumps({"conn_type": "anthropic", "host": anthropic_conn.base_url, "password": secret}),
     )
-    with pytest.raises(ClaudeBatchAuthError, match="password field of Airflow connection 'anthropic_default'") as info:
-        BatchSubmitter(ClaudeBatchHook(), ObjectStore(str(tmp_path)), STATE).submit(InlineRequests(make_requests(2)))
+    with pytest.raises(
+        ClaudeBatchAuthError, match="password field of Airflow connection 'anthropic_default'"
+    ) as info:
+        BatchSubmitter(ClaudeBatchHook(), ObjectStore(str(tmp_path)), STATE).submit(
+            InlineRequests(make_requests(2))
+        )
     assert secret not in str(info.value)
 
 
@@ -75,7 +79,11 @@ def test_polling_and_results_survive_faults(anthropic_conn):
     anthropic_conn.configure(processing_seconds=3600)
     ids = [client.messages.batches.create(requests=make_requests(3, prefix=f"p{i}_")).id for i in range(5)]
     anthropic_conn.configure(
-        faults={"http": [_fault(ep, s, rate=0.3) for ep in ("list", "retrieve", "results") for s in (429, 500, 529)]}
+        faults={
+            "http": [
+                _fault(ep, s, rate=0.3) for ep in ("list", "retrieve", "results") for s in (429, 500, 529)
+            ]
+        }
     )
 
     async def wait():

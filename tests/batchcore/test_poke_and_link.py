@@ -46,7 +46,11 @@ def test_operator_waits_in_place_and_stores_the_console_link(anthropic_conn, tmp
 
     ti = _TaskInstance()
     operator = ClaudeBatchOperator(
-        task_id="submit", requests=make_requests(3), storage_root=str(tmp_path), wait="poll", min_poll_interval=0.2
+        task_id="submit",
+        requests=make_requests(3),
+        storage_root=str(tmp_path),
+        wait="poll",
+        min_poll_interval=0.2,
     )
     summary = operator.execute({"ti": ti, "run_id": "manual__1"})
     assert summary["request_counts"]["succeeded"] == 3
@@ -59,7 +63,9 @@ def test_operator_waits_in_place_and_stores_the_console_link(anthropic_conn, tmp
 @pytest.fixture
 def wall_clock_conn(monkeypatch):
     """An emulator at wall-clock speed (batch ages are real seconds); batches take an hour."""
-    with EmulatorServer(api_key=EMULATOR_API_KEY, time_scale=1.0, processing_seconds=HOUR, cancel_seconds=0.3) as emu:
+    with EmulatorServer(
+        api_key=EMULATOR_API_KEY, time_scale=1.0, processing_seconds=HOUR, cancel_seconds=0.3
+    ) as emu:
         monkeypatch.setenv(
             "AIRFLOW_CONN_ANTHROPIC_DEFAULT",
             json.dumps({"conn_type": "anthropic", "host": emu.base_url, "password": EMULATOR_API_KEY}),

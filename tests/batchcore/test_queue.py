@@ -121,7 +121,11 @@ def test_refused_submit_defers_and_the_resume_creates_exactly_one_batch(anthropi
     assert deferred.method_name == "execute_after_queue_wait"
     trigger = deferred.trigger
     assert isinstance(trigger, QueueRoomTrigger)
-    assert (trigger.needed, trigger.limit, trigger.conn_id) == (5, 10, "anthropic_default")  # the API's stated limit
+    assert (trigger.needed, trigger.limit, trigger.conn_id) == (
+        5,
+        10,
+        "anthropic_default",
+    )  # the API's stated limit
     assert deferred.timeout is not None
     wait = QueueWait.from_dict(trigger.queue_wait)
     assert wait.deferrals == 1 and wait.api_limit == 10 and wait.processing == 8 and wait.deadline
@@ -224,14 +228,20 @@ def test_wait_past_the_deadline_fails_naming_the_queue(anthropic_conn, tmp_path)
     message = str(failed.value)
     assert "processing queue holds 8 requests in processing" in message
     assert "5 more would exceed the API's limit of 10" in message
-    assert "after waiting 2h01m" in message and "1 deferral(s)" in message and "queue_wait_timeout=7,200 s" in message
+    assert (
+        "after waiting 2h01m" in message
+        and "1 deferral(s)" in message
+        and "queue_wait_timeout=7,200 s" in message
+    )
     assert anthropic_conn.stats()["batches_created"] == 1
 
 
 def test_an_absolute_deadline_in_the_past_fails_on_the_first_refusal(anthropic_conn, tmp_path):
     anthropic_conn.configure(max_queued_requests=10, processing_seconds=3600.0)
     _fill_queue(anthropic_conn)
-    with pytest.raises(AirflowFailException, match="Gave up waiting for room in the Claude API's processing queue"):
+    with pytest.raises(
+        AirflowFailException, match="Gave up waiting for room in the Claude API's processing queue"
+    ):
         _operator(tmp_path, queue_deadline="2020-01-01T00:00:00").execute(_context())
 
 

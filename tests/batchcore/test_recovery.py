@@ -49,7 +49,9 @@ class FakeApi:
         self.crash_after_create = False
         self.cut_results: set[str] = set()
 
-    def add(self, custom_ids: Callable[[], Iterator[str]] | list[str], count: int | None = None) -> MessageBatch:
+    def add(
+        self, custom_ids: Callable[[], Iterator[str]] | list[str], count: int | None = None
+    ) -> MessageBatch:
         if isinstance(custom_ids, list):
             ids = list(custom_ids)
             custom_ids, count = (lambda: iter(random.sample(ids, len(ids)))), len(ids)  # any order
@@ -73,7 +75,9 @@ class FakeApi:
             self.batches[batch_id] = batch.model_copy(
                 update={
                     "processing_status": "ended",
-                    "request_counts": batch.request_counts.model_copy(update={"processing": 0, "succeeded": total}),
+                    "request_counts": batch.request_counts.model_copy(
+                        update={"processing": 0, "succeeded": total}
+                    ),
                 }
             )
 
@@ -97,7 +101,9 @@ class FakeApi:
         return self.batches[batch_id]
 
     def result_custom_ids(self, batch_id: str) -> Iterator[str]:
-        assert self.batches[batch_id].processing_status == "ended", "results exist only once a batch has ended"
+        assert self.batches[batch_id].processing_status == "ended", (
+            "results exist only once a batch has ended"
+        )
         for number, custom_id in enumerate(self.ids[batch_id](), start=1):
             if batch_id in self.cut_results and number > 3:
                 raise ConnectionResetError("the download was cut")
@@ -125,7 +131,10 @@ def test_the_intent_records_an_order_independent_digest_of_the_custom_ids(tmp_pa
     shuffled = scan_requests(InlineRequests(list(reversed(requests))))
     assert scan.custom_ids_digest == shuffled.custom_ids_digest == custom_ids_digest(_ids("r", 30)[::-1])
     assert scan.fingerprint != shuffled.fingerprint  # the fingerprint is over the bytes, in order
-    assert scan_requests(InlineRequests(make_requests(30, prefix="s"))).custom_ids_digest != scan.custom_ids_digest
+    assert (
+        scan_requests(InlineRequests(make_requests(30, prefix="s"))).custom_ids_digest
+        != scan.custom_ids_digest
+    )
     store = ObjectStore(str(tmp_path))
     BatchSubmitter(FakeApi(), store, STATE).submit(InlineRequests(requests))
     assert store.read_json(STATE)["custom_ids_digest"] == scan.custom_ids_digest
@@ -258,7 +267,9 @@ class _GeneratedRequests:
 
     def lines(self) -> Iterator[bytes]:
         for i in range(self.count):
-            yield b'{"custom_id":"r%d","params":{"model":"claude-haiku-4-5","max_tokens":16,"messages":[]}}' % i
+            yield (
+                b'{"custom_id":"r%d","params":{"model":"claude-haiku-4-5","max_tokens":16,"messages":[]}}' % i
+            )
 
 
 def test_recovery_memory_stays_flat_for_100000_requests(tmp_path):
@@ -299,7 +310,9 @@ def _shard(store: ObjectStore, requests: list[dict], name: str) -> StoredShard:
     return StoredShard(store, name)
 
 
-def _killed_after_create(hook: ClaudeBatchHook, created: list[str], barrier: threading.Barrier) -> ClaudeBatchHook:
+def _killed_after_create(
+    hook: ClaudeBatchHook, created: list[str], barrier: threading.Barrier
+) -> ClaudeBatchHook:
     """The batch is created server-side, then the worker dies before the state records its id."""
     create = hook.create_batch_from_body
 
@@ -326,7 +339,9 @@ def test_concurrent_equal_size_shards_each_recover_their_own_batch(anthropic_con
     with ThreadPoolExecutor(len(runs)) as pool:
         futures = [
             pool.submit(
-                BatchSubmitter(_killed_after_create(ClaudeBatchHook(), created[name], barrier), s3_store, state).submit,
+                BatchSubmitter(
+                    _killed_after_create(ClaudeBatchHook(), created[name], barrier), s3_store, state
+                ).submit,
                 shard,
             )
             for name, (state, shard) in runs.items()

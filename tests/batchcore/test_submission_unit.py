@@ -18,7 +18,11 @@ from claude_batch.submission import (
 def _request(custom_id: str, text: str = "hi") -> dict:
     return {
         "custom_id": custom_id,
-        "params": {"model": "claude-haiku-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": text}]},
+        "params": {
+            "model": "claude-haiku-4-5",
+            "max_tokens": 16,
+            "messages": [{"role": "user", "content": text}],
+        },
     }
 
 
@@ -82,7 +86,9 @@ def _recorded(shard: StoredShard) -> StoredShard:
     """The shard with the sha256 staging would have recorded for it (a hash of the file's bytes)."""
     import hashlib
 
-    return StoredShard(shard.store, shard.relpath, hashlib.sha256(shard.store.read_bytes(shard.relpath)).hexdigest())
+    return StoredShard(
+        shard.store, shard.relpath, hashlib.sha256(shard.store.read_bytes(shard.relpath)).hexdigest()
+    )
 
 
 def test_a_staged_shard_is_scanned_without_parsing_its_lines_and_gives_the_same_scan(tmp_path, monkeypatch):
@@ -105,7 +111,10 @@ def test_a_staged_shard_is_scanned_without_parsing_its_lines_and_gives_the_same_
     ("damage", "expected"),
     [
         (lambda lines: lines.__setitem__(3, lines[3][:-1]), "line 4: not valid JSON"),  # cut short
-        (lambda lines: lines.__setitem__(5, lines[5].replace(b'"model"', b'"mod"el"')), "line 6: not valid JSON"),
+        (
+            lambda lines: lines.__setitem__(5, lines[5].replace(b'"model"', b'"mod"el"')),
+            "line 6: not valid JSON",
+        ),
         (lambda lines: lines.__setitem__(7, lines[2]), "line 8: duplicate custom_id 'r2'"),
     ],
 )
@@ -124,7 +133,10 @@ def test_a_submit_reads_the_shard_from_the_store_once(tmp_path):
     shard = _recorded(_write_shard(tmp_path, [orjson.dumps(_request(f"r{i}")) for i in range(300)]))
     reads = []
     real_open = shard.store.open
-    shard.store.open = lambda path, mode="rb", **kw: (reads.append((path, mode)), real_open(path, mode, **kw))[1]
+    shard.store.open = lambda path, mode="rb", **kw: (
+        reads.append((path, mode)),
+        real_open(path, mode, **kw),
+    )[1]
     sent = []
 
     class Api:

@@ -21,7 +21,9 @@ from tests.batchcore.conftest import make_requests
 STATE = "dag/run/state/submit.part-00000.json"
 
 
-def _shard(store: ObjectStore, requests: list[dict], name: str = "dag/run/requests/part-00000.jsonl") -> StoredShard:
+def _shard(
+    store: ObjectStore, requests: list[dict], name: str = "dag/run/requests/part-00000.jsonl"
+) -> StoredShard:
     store.write_bytes(name, b"".join(orjson.dumps(r) + b"\n" for r in requests))
     return StoredShard(store, name)
 
@@ -36,7 +38,11 @@ def test_submit_creates_once_and_reattaches(anthropic_conn, s3_store):
     stats = anthropic_conn.stats()
     assert stats["batches_created"] == 1 and stats["requests_received"] == 300
     state = s3_store.read_json(STATE)
-    assert state["phase"] == "submitted" and state["batch_id"] == first.batch_id and state["request_count"] == 300
+    assert (
+        state["phase"] == "submitted"
+        and state["batch_id"] == first.batch_id
+        and state["request_count"] == 300
+    )
     batch = ClaudeBatchHook().retrieve_batch(first.batch_id)
     assert batch.request_counts.processing == 300
 

@@ -29,7 +29,9 @@ HOUR = 3600.0
 @pytest.fixture
 def wall_clock_emulator(monkeypatch):
     """An emulator at wall-clock speed; batches take an hour unless a test says otherwise."""
-    with EmulatorServer(api_key=EMULATOR_API_KEY, time_scale=1.0, processing_seconds=HOUR, cancel_seconds=0.3) as emu:
+    with EmulatorServer(
+        api_key=EMULATOR_API_KEY, time_scale=1.0, processing_seconds=HOUR, cancel_seconds=0.3
+    ) as emu:
         monkeypatch.setenv(
             "AIRFLOW_CONN_ANTHROPIC_DEFAULT",
             json.dumps({"conn_type": "anthropic", "host": emu.base_url, "password": EMULATOR_API_KEY}),

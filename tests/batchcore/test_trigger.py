@@ -20,7 +20,9 @@ HOUR = 3600.0
 
 def _create(count: int, n: int = 1) -> list[str]:
     client = ClaudeBatchHook().conn
-    return [client.messages.batches.create(requests=make_requests(n, prefix=f"b{i}_")).id for i in range(count)]
+    return [
+        client.messages.batches.create(requests=make_requests(n, prefix=f"b{i}_")).id for i in range(count)
+    ]
 
 
 async def _first_event(trigger: ClaudeBatchTrigger, timeout: float = 30):
@@ -60,7 +62,9 @@ def test_many_triggers_share_one_list_call_per_round(anthropic_conn):
     before = anthropic_conn.stats()["http_requests"]
 
     async def main():
-        triggers = [ClaudeBatchTrigger(batch_ids=[i], min_poll_interval=0.2, max_poll_interval=0.2) for i in ids]
+        triggers = [
+            ClaudeBatchTrigger(batch_ids=[i], min_poll_interval=0.2, max_poll_interval=0.2) for i in ids
+        ]
         tasks = [asyncio.create_task(_first_event(t)) for t in triggers]
         await asyncio.sleep(1.0)  # about five rounds while nothing has ended
         anthropic_conn.advance(3 * HOUR)
@@ -101,7 +105,9 @@ def test_cancelled_batch_skips(anthropic_conn):
 
 
 def test_missing_batch_is_an_error_event(anthropic_conn):
-    event = asyncio.run(_first_event(ClaudeBatchTrigger(batch_ids=["msgbatch_doesnotexist"], min_poll_interval=0.1)))
+    event = asyncio.run(
+        _first_event(ClaudeBatchTrigger(batch_ids=["msgbatch_doesnotexist"], min_poll_interval=0.1))
+    )
     assert event.payload["status"] == "error" and "not found" in event.payload["message"]
 
 
@@ -111,13 +117,17 @@ def test_timeout_from_submission_cancels(monkeypatch):
 
     from tests.conftest import EMULATOR_API_KEY
 
-    with EmulatorServer(api_key=EMULATOR_API_KEY, time_scale=1.0, processing_seconds=HOUR, cancel_seconds=0.3) as emu:
+    with EmulatorServer(
+        api_key=EMULATOR_API_KEY, time_scale=1.0, processing_seconds=HOUR, cancel_seconds=0.3
+    ) as emu:
         monkeypatch.setenv(
             "AIRFLOW_CONN_ANTHROPIC_DEFAULT",
             json.dumps({"conn_type": "anthropic", "host": emu.base_url, "password": EMULATOR_API_KEY}),
         )
         (batch_id,) = _create(1, n=2)
-        trigger = ClaudeBatchTrigger(batch_ids=[batch_id], timeout=1.0, min_poll_interval=0.3, max_poll_interval=0.3)
+        trigger = ClaudeBatchTrigger(
+            batch_ids=[batch_id], timeout=1.0, min_poll_interval=0.3, max_poll_interval=0.3
+        )
         event = asyncio.run(_first_event(trigger))
         # "fail" (the default) still fails, but only once the canceled batch has ended
         assert event.payload["status"] == "timeout" and batch_id in event.payload["message"]
@@ -135,7 +145,9 @@ def test_a_timeout_cancel_survives_transient_errors_and_says_when_it_could_not_c
     from tests.conftest import EMULATOR_API_KEY
 
     cancel_fault = {"endpoint": "cancel", "status": status, "rate": 1.0, "times": 2, "retry_after": 0}
-    with EmulatorServer(api_key=EMULATOR_API_KEY, time_scale=1.0, processing_seconds=HOUR, cancel_seconds=0.3) as emu:
+    with EmulatorServer(
+        api_key=EMULATOR_API_KEY, time_scale=1.0, processing_seconds=HOUR, cancel_seconds=0.3
+    ) as emu:
         monkeypatch.setenv(
             "AIRFLOW_CONN_ANTHROPIC_DEFAULT",
             json.dumps({"conn_type": "anthropic", "host": emu.base_url, "password": EMULATOR_API_KEY}),
@@ -144,7 +156,9 @@ def test_a_timeout_cancel_survives_transient_errors_and_says_when_it_could_not_c
         # Two transient errors: the SDK's retries get the cancel through.
         emu.configure(faults={"http": [cancel_fault]})
         event = asyncio.run(_first_event(_timeout_trigger(first)))
-        assert event.payload["status"] == "timeout" and "cancellation was requested" in event.payload["message"]
+        assert (
+            event.payload["status"] == "timeout" and "cancellation was requested" in event.payload["message"]
+        )
         assert event.payload["cancel_failed"] == []
         assert ClaudeBatchHook().retrieve_batch(first).cancel_initiated_at is not None
         # Refused every time: the batch runs on, the trigger waits for it to end (here: it expires),

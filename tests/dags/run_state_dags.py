@@ -6,7 +6,9 @@ from datetime import UTC, datetime
 
 from airflow.sdk import DAG, get_current_context, task
 
-with DAG("cb_run_state_probe", schedule=None, start_date=datetime(2026, 1, 1, tzinfo=UTC), catchup=False) as dag:
+with DAG(
+    "cb_run_state_probe", schedule=None, start_date=datetime(2026, 1, 1, tzinfo=UTC), catchup=False
+) as dag:
 
     @task
     def probe() -> dict:

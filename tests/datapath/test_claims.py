@@ -44,7 +44,11 @@ def execute(conn, sql: str, params=()) -> None:
 def staged_keys(layout, manifest) -> set[str]:
     from claude_batch.staging import read_shard_keys
 
-    return {key for shard in manifest.shards for key in read_shard_keys(layout, shard).column("record_key").to_pylist()}
+    return {
+        key
+        for shard in manifest.shards
+        for key in read_shard_keys(layout, shard).column("record_key").to_pylist()
+    }
 
 
 def finish(warehouse, workload, layout, manifest, outcome_for):
@@ -71,7 +75,9 @@ def test_the_second_run_to_claim_drops_what_the_first_holds_and_names_it(setup):
     assert read_manifest(layout_b) == restricted
     # A claims again (a retried gate): still all its own.
     assert warehouse.claim_staged(workload, layout_a, manifest_a).claimed == 30
-    assert dict(query(warehouse.conn, "SELECT run_id, COUNT(*) FROM claude_batch_ledger GROUP BY 1")) == {"run-a": 30}
+    assert dict(query(warehouse.conn, "SELECT run_id, COUNT(*) FROM claude_batch_ledger GROUP BY 1")) == {
+        "run-a": 30
+    }
 
 
 def test_a_partly_held_shard_is_rewritten_with_only_the_claimed_items(setup):
@@ -112,7 +118,9 @@ def test_final_items_are_never_taken_back(setup):
     )  # fmt: skip
     claim = warehouse.claim_staged(workload, layout_2, stale)
     assert claim.claimed == 0 and claim.holders == {"succeeded (done)": 10}
-    assert dict(query(warehouse.conn, "SELECT status, COUNT(*) FROM claude_batch_ledger GROUP BY 1")) == {"succeeded": 10}
+    assert dict(query(warehouse.conn, "SELECT status, COUNT(*) FROM claude_batch_ledger GROUP BY 1")) == {
+        "succeeded": 10
+    }
 
 
 @pytest.mark.services
@@ -150,7 +158,9 @@ def test_concurrent_claims_on_postgresql_split_the_items(postgres_dsn, local_sto
     try:
         owners = dict(query(conn, "SELECT run_id, COUNT(*) FROM claude_batch_ledger GROUP BY 1"))
         kept = {
-            run_id: staged_keys(*staged[run_id][:1], restrict_to_claimed(*staged[run_id], claims[run_id].not_claimed))
+            run_id: staged_keys(
+                *staged[run_id][:1], restrict_to_claimed(*staged[run_id], claims[run_id].not_claimed)
+            )
             for run_id in staged
         }
     finally:
@@ -178,7 +188,10 @@ def test_keys_of_every_sql_type_are_done_once_and_retried(setup, key_type):
     conn = warehouse.conn
     duck_type, pg_type, values = KEY_TYPES[key_type]
     is_duckdb = warehouse.dialect.name == "duckdb"
-    execute(conn, f"CREATE TABLE keyed (id {duck_type if is_duckdb else pg_type}, body TEXT, created_at TIMESTAMP)")
+    execute(
+        conn,
+        f"CREATE TABLE keyed (id {duck_type if is_duckdb else pg_type}, body TEXT, created_at TIMESTAMP)",
+    )
     for value in values:
         execute(conn, f"INSERT INTO keyed VALUES (CAST(? AS {duck_type if is_duckdb else pg_type}), ?, ?)",
               (str(value), f"Invoice total: $12 for {value}", INTERVAL[0]))  # fmt: skip
@@ -195,7 +208,9 @@ def test_keys_of_every_sql_type_are_done_once_and_retried(setup, key_type):
     )  # fmt: skip
     assert report.by_status == {"succeeded": 2, "retry": 1}
     # The next run extracts exactly the item due for retry: the key compares equal to the ledger's.
-    layout_2, manifest_2 = stage(warehouse, workload, store, "run-2", source, interval=(INTERVAL[1], INTERVAL[1]))
+    layout_2, manifest_2 = stage(
+        warehouse, workload, store, "run-2", source, interval=(INTERVAL[1], INTERVAL[1])
+    )
     assert staged_keys(layout_2, manifest_2) == {failing}
     warehouse.claim_staged(workload, layout_2, manifest_2)
     _, report_2 = finish(warehouse, workload, layout_2, manifest_2, lambda key, cid: succeeded(cid, GOOD))
@@ -203,5 +218,10 @@ def test_keys_of_every_sql_type_are_done_once_and_retried(setup, key_type):
     # A third run over the first interval finds every item done.
     _, manifest_3 = stage(warehouse, workload, store, "run-3", source)
     assert manifest_3.staged_requests == 0
-    assert dict(query(conn, "SELECT status, COUNT(*) FROM claude_batch_ledger GROUP BY 1")) == {"succeeded": 3}
-    assert query(conn, f"SELECT COUNT(*), COUNT(DISTINCT record_key) FROM {workload.results_table}")[0] == (3, 3)
+    assert dict(query(conn, "SELECT status, COUNT(*) FROM claude_batch_ledger GROUP BY 1")) == {
+        "succeeded": 3
+    }
+    assert query(conn, f"SELECT COUNT(*), COUNT(DISTINCT record_key) FROM {workload.results_table}")[0] == (
+        3,
+        3,
+    )

@@ -118,7 +118,9 @@ def test_a_refused_key_is_explained_without_the_key(layout, emulator):
     manifest = staged(layout, ticket_rows(3))
     wrong_key = "sk-ant-api03-refused-0123456789abcdef"
     refused = anthropic.Anthropic(api_key=wrong_key, base_url=emulator.base_url, max_retries=0)
-    with pytest.raises(ClaudeBatchAuthError, match="Authentication failed while retrieving batch msgbatch_x") as error:
+    with pytest.raises(
+        ClaudeBatchAuthError, match="Authentication failed while retrieving batch msgbatch_x"
+    ) as error:
         collect_results(refused, layout, 0, "msgbatch_x", manifest=manifest, conn_id="claude_prod")
     assert "'claude_prod'" in str(error.value) and wrong_key not in str(error.value)
 
@@ -153,7 +155,9 @@ def _download(layout, keys, lines, row_group_rows=2):
 def test_record_keys_come_from_the_shard_whatever_the_order_of_the_results(layout):
     from tests.datapath.helpers import ended, succeeded
 
-    download = _download(layout, ["a", "b", "c"], [succeeded("c", "{}"), ended("a", "expired"), succeeded("b", "{}")])
+    download = _download(
+        layout, ["a", "b", "c"], [succeeded("c", "{}"), ended("a", "expired"), succeeded("b", "{}")]
+    )
     download.check({"succeeded": 2, "expired": 1})
     assert not download.problems and download.seen.all()
     rows = read_results(layout, 0, columns=["custom_id", "record_key"]).to_pylist()
@@ -163,7 +167,9 @@ def test_record_keys_come_from_the_shard_whatever_the_order_of_the_results(layou
 def test_a_custom_id_seen_twice_is_a_problem_even_across_row_groups(layout):
     from tests.datapath.helpers import succeeded
 
-    download = _download(layout, ["a", "b", "c"], [succeeded("a", "{}"), succeeded("b", "{}"), succeeded("a", "{}")])
+    download = _download(
+        layout, ["a", "b", "c"], [succeeded("a", "{}"), succeeded("b", "{}"), succeeded("a", "{}")]
+    )
     download.check({"succeeded": 3})
     assert "some custom_ids appear more than once" in download.problems
 
@@ -172,7 +178,9 @@ def test_custom_ids_that_are_not_the_shards_are_refused(layout):
     from tests.datapath.helpers import succeeded
 
     download = _download(layout, ["a", "b"], [succeeded("a", "{}"), succeeded("zz", "{}")])
-    with pytest.raises(ResultsMismatch, match="returned 1 custom_ids that are not in shard part 0 \\(e.g. zz\\)"):
+    with pytest.raises(
+        ResultsMismatch, match="returned 1 custom_ids that are not in shard part 0 \\(e.g. zz\\)"
+    ):
         download.check({"succeeded": 2})
 
 
@@ -183,7 +191,12 @@ def test_cost_is_priced_per_model_and_null_for_an_unknown_model():
 
     split = {"input_tokens": 10, "output_tokens": 7, "cache_creation_input_tokens": 300, "cache_read_input_tokens": 40,
              "cache_creation": {"ephemeral_5m_input_tokens": 100, "ephemeral_1h_input_tokens": 200}}  # fmt: skip
-    unsplit = {"input_tokens": 3, "output_tokens": 5, "cache_creation_input_tokens": 50, "cache_read_input_tokens": 0}
+    unsplit = {
+        "input_tokens": 3,
+        "output_tokens": 5,
+        "cache_creation_input_tokens": 50,
+        "cache_read_input_tokens": 0,
+    }
     lines = [
         succeeded("a", "{}", model="claude-haiku-4-5-20251001", usage=split),
         succeeded("b", "{}", model="claude-sonnet-4-5", usage=unsplit),
@@ -204,7 +217,10 @@ def test_cost_is_priced_per_model_and_null_for_an_unknown_model():
     assert default_prices().find("claude-sonnet-4-5") is not None
     for row, cost in zip(rows, expected, strict=True):
         assert row["cost_usd"] == (None if cost is None else pytest.approx(cost, rel=1e-12))
-    assert (rows[0]["cache_creation_5m_input_tokens"], rows[0]["cache_creation_1h_input_tokens"]) == (100, 200)
+    assert (rows[0]["cache_creation_5m_input_tokens"], rows[0]["cache_creation_1h_input_tokens"]) == (
+        100,
+        200,
+    )
     assert (rows[1]["cache_creation_5m_input_tokens"], rows[1]["cache_creation_1h_input_tokens"]) == (50, 0)
 
 

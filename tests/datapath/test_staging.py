@@ -262,7 +262,10 @@ def test_stripping_applies_to_text_that_was_not_a_str_in_the_row(layout):
     contents = [r["params"]["messages"][0]["content"] for r in all_requests(layout, manifest)]
     assert contents == ["Ticket bytes: formfeed 1", "Ticket subclass: formfeed AB"]
     (rejection,) = iter_rejections(layout, manifest)
-    assert rejection["reason_code"] == "empty_text" and "once control characters are stripped" in rejection["reason"]
+    assert (
+        rejection["reason_code"] == "empty_text"
+        and "once control characters are stripped" in rejection["reason"]
+    )
 
 
 def test_routing_mixes_models_in_one_shard_and_rejects_rows_the_rule_fails_on(layout):

@@ -154,7 +154,9 @@ def test_a_rule_failing_on_some_answers_fails_only_those_and_keeps_the_rows_alig
     def ratio(out):
         return 100 / out.total_amount  # fails where the total is 0
 
-    workload = make_workload(rules=(Rule("ratio", ratio, "float"), Rule("big", lambda out: out.total_amount > 10)))
+    workload = make_workload(
+        rules=(Rule("ratio", ratio, "float"), Rule("big", lambda out: out.total_amount > 10))
+    )
     answers = [
         ("a", '{"category": "bug", "total_amount": 50, "summary": "x"}'),
         ("b", '{"category": "bug", "total_amount": 0, "summary": "zero"}'),
@@ -166,9 +168,14 @@ def test_a_rule_failing_on_some_answers_fails_only_those_and_keeps_the_rows_alig
     assert [rows[c]["status"] for c in "abcde"] == ["valid", "invalid", "invalid", "valid", "expired"]
     assert (rows["a"]["ratio"], rows["a"]["big"], rows["a"]["category"]) == (2.0, True, "bug")
     assert (rows["d"]["ratio"], rows["d"]["big"], rows["d"]["category"]) == (25.0, False, "other")
-    assert rows["b"]["reason_code"] == "rule_error" and "'ratio' failed: ZeroDivisionError" in rows["b"]["reason"]
+    assert (
+        rows["b"]["reason_code"] == "rule_error"
+        and "'ratio' failed: ZeroDivisionError" in rows["b"]["reason"]
+    )
     assert rows["b"]["raw_text"] == answers[1][1]
-    assert (rows["b"]["ratio"], rows["b"]["big"], rows["b"]["category"], rows["b"]["output_json"]) == (None,) * 4
+    assert (rows["b"]["ratio"], rows["b"]["big"], rows["b"]["category"], rows["b"]["output_json"]) == (
+        None,
+    ) * 4
     assert rows["c"]["reason_code"] == "invalid_json" and rows["e"]["raw_text"] is None
 
 
@@ -179,7 +186,9 @@ def test_rule_values_of_other_types_are_coerced_and_a_value_that_cannot_be_is_a_
     workload = make_workload(
         rules=(
             Rule("flag", lambda out: np.bool_(out.total_amount > 1)),  # not a Python bool
-            Rule("units", lambda out: "many" if out.total_amount > 100 else str(int(out.total_amount)), "int"),
+            Rule(
+                "units", lambda out: "many" if out.total_amount > 100 else str(int(out.total_amount)), "int"
+            ),
         )
     )
     lines = [
@@ -219,7 +228,11 @@ def test_judge_and_validate_batch_agree_on_every_kind_of_answer():
     rows = validate_batch(workload, results_batch(lines)).to_pylist()
     for row, (payload, stop) in zip(rows, cases, strict=True):
         verdict = judge(workload, payload, stop, output_tokens=20)
-        assert (row["status"], row["reason_code"], row["reason"]) == (verdict.status, verdict.reason_code, verdict.reason)
+        assert (row["status"], row["reason_code"], row["reason"]) == (
+            verdict.status,
+            verdict.reason_code,
+            verdict.reason,
+        )
 
 
 def test_validated_parts_are_the_same_whatever_the_slice_and_row_group_sizes(tmp_path, monkeypatch):
@@ -229,7 +242,10 @@ def test_validated_parts_are_the_same_whatever_the_slice_and_row_group_sizes(tmp
 
     workload = make_workload()
     answers = [GOOD, "oops", '{"category": "bug", "total_amount": 300000, "summary": "x"}', None]
-    lines = [succeeded(f"k{i:03d}", answers[i % 4]) for i in range(97)] + [errored("e1"), ended("x1", "expired")]
+    lines = [succeeded(f"k{i:03d}", answers[i % 4]) for i in range(97)] + [
+        errored("e1"),
+        ended("x1", "expired"),
+    ]
     parts = {}
     for slice_rows, batch_rows in ((1, 1), (3, 10), (7, 8), (4_096, 10_000)):
         monkeypatch.setattr(validation, "_SLICE_ROWS", slice_rows)

@@ -19,7 +19,12 @@ from .helpers import API_KEY, HEADERS, PROCESSING_SECONDS, TIME_SCALE
 @pytest.fixture(scope="session")
 def emu_server() -> Iterator[EmulatorServer]:
     with EmulatorServer(
-        api_key=API_KEY, time_scale=TIME_SCALE, processing_seconds=PROCESSING_SECONDS, host="127.0.0.1", port=0, seed=0
+        api_key=API_KEY,
+        time_scale=TIME_SCALE,
+        processing_seconds=PROCESSING_SECONDS,
+        host="127.0.0.1",
+        port=0,
+        seed=0,
     ) as server:
         yield server
 

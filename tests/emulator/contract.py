@@ -72,7 +72,9 @@ def _validators(closed: bool) -> dict[str, Draft202012Validator]:
     document = _with_outside_errors(SPEC)
     if closed:
         document = _closed(document)
-    registry = Registry().with_resource(_URI, Resource.from_contents(document, default_specification=DRAFT202012))
+    registry = Registry().with_resource(
+        _URI, Resource.from_contents(document, default_specification=DRAFT202012)
+    )
     return {
         name: Draft202012Validator(
             {"$ref": f"{_URI}#/components/schemas/{name}"}, registry=registry, format_checker=FormatChecker()
@@ -84,13 +86,18 @@ def _validators(closed: bool) -> dict[str, Draft202012Validator]:
 def validate(schema_name: str, instance: Any) -> None:
     """Validate against a component schema, as the document states it and closed."""
     for closed in (False, True):
-        errors = sorted(_validators(closed)[schema_name].iter_errors(instance), key=lambda e: list(e.absolute_path))
+        errors = sorted(
+            _validators(closed)[schema_name].iter_errors(instance), key=lambda e: list(e.absolute_path)
+        )
         if errors:
             how = "closed (no undeclared fields)" if closed else "as the document states it"
             details = "\n".join(
-                f"  at {'/'.join(map(str, error.absolute_path)) or '(root)'}: {error.message[:300]}" for error in errors[:8]
+                f"  at {'/'.join(map(str, error.absolute_path)) or '(root)'}: {error.message[:300]}"
+                for error in errors[:8]
             )
-            raise AssertionError(f"{schema_name} ({how}) rejects the answer:\n{details}\n{str(instance)[:1500]}")
+            raise AssertionError(
+                f"{schema_name} ({how}) rejects the answer:\n{details}\n{str(instance)[:1500]}"
+            )
 
 
 @cache
@@ -126,7 +133,9 @@ def check(response: httpx.Response, operation_id: str) -> Any:
     assert response.headers["request-id"].startswith("req_"), response.headers
     media_type, schema_name = _declared(operation_id, status)
     content_type = response.headers.get("content-type", "").split(";")[0].strip()
-    assert content_type == media_type, f"{operation_id} {status}: content-type {content_type!r}, not {media_type!r}"
+    assert content_type == media_type, (
+        f"{operation_id} {status}: content-type {content_type!r}, not {media_type!r}"
+    )
     if media_type == "application/x-jsonl":
         text = response.content
         assert text.endswith(b"\n") and b"\r" not in text, "results must be newline-terminated JSON lines"

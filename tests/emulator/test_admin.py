@@ -28,7 +28,9 @@ def test_stats_count_what_happened(client, emu, http):
     first = client.messages.batches.create(requests=items(3))
     client.messages.batches.create(requests=items(4))
     client.messages.batches.list()
-    client.messages.create(model="claude-haiku-4-5", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    client.messages.create(
+        model="claude-haiku-4-5", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
+    )
     stats = http.get("/_emulator/stats").json()
     assert set(stats) == STATS_KEYS
     assert stats["batches_created"] == 2
@@ -118,7 +120,11 @@ def test_command_line_server(tmp_path):
                 client.messages.count_tokens(model="m", messages=[{"role": "user", "content": "hi"}])
             batch = client.messages.batches.create(requests=items(2))
             config = httpx.get(f"{base_url}/_emulator/config", headers={"x-api-key": API_KEY}).json()
-            assert config["cache_hit_rate"] == 0.5 and config["seed"] == 5 and config["precompute_results"] is False
+            assert (
+                config["cache_hit_rate"] == 0.5
+                and config["seed"] == 5
+                and config["precompute_results"] is False
+            )
             for _ in range(200):  # 60 emulated seconds at 3600x: about 17 ms
                 if client.messages.batches.retrieve(batch.id).processing_status == "ended":
                     break
@@ -130,6 +136,8 @@ def test_command_line_server(tmp_path):
 
 def test_command_line_rejects_a_bad_fault():
     executable = Path(sys.executable).parent / "claude-batch-emulator"
-    result = subprocess.run([str(executable), "--port", "0", "--fault", "create:999"], capture_output=True, text=True)
+    result = subprocess.run(
+        [str(executable), "--port", "0", "--fault", "create:999"], capture_output=True, text=True
+    )
     assert result.returncode == 2
     assert "unsupported fault status 999" in result.stderr

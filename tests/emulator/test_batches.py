@@ -50,8 +50,16 @@ def test_create_returns_in_progress_batch_with_api_shape(client, emu):
     assert body["id"].startswith("msgbatch_01") and len(body["id"]) == len("msgbatch_01") + 22
     assert body["type"] == "message_batch"
     assert body["processing_status"] == "in_progress"
-    assert body["request_counts"] == {"processing": 3, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
-    assert body["ended_at"] is body["archived_at"] is body["cancel_initiated_at"] is body["results_url"] is None
+    assert body["request_counts"] == {
+        "processing": 3,
+        "succeeded": 0,
+        "errored": 0,
+        "canceled": 0,
+        "expired": 0,
+    }
+    assert (
+        body["ended_at"] is body["archived_at"] is body["cancel_initiated_at"] is body["results_url"] is None
+    )
     assert RFC3339.match(body["created_at"]) and RFC3339.match(body["expires_at"])
     batch = MessageBatch.model_validate(body)
     assert batch.expires_at - batch.created_at == timedelta(hours=24)
@@ -65,7 +73,13 @@ def test_batch_ends_after_processing_seconds_and_counts_move_at_once(client, emu
     emu.advance(PROCESSING_SECONDS)
     body = raw_batch(client, batch.id)
     assert body["processing_status"] == "ended"
-    assert body["request_counts"] == {"processing": 0, "succeeded": 5, "errored": 0, "canceled": 0, "expired": 0}
+    assert body["request_counts"] == {
+        "processing": 0,
+        "succeeded": 5,
+        "errored": 0,
+        "canceled": 0,
+        "expired": 0,
+    }
     assert RFC3339.match(body["ended_at"])
     assert body["results_url"] == f"{emu.base_url}/v1/messages/batches/{batch.id}/results"
     lines = raw_result_lines(http, body)
@@ -103,12 +117,16 @@ def test_sdk_results_stream_parses_every_line(client, emu):
 def test_results_url_follows_the_host_the_client_used(client, emu):
     batch = client.messages.batches.create(requests=items(1))
     finish(emu)
-    with anthropic.Anthropic(api_key=API_KEY, base_url=f"http://localhost:{emu.port}", max_retries=0) as other:
+    with anthropic.Anthropic(
+        api_key=API_KEY, base_url=f"http://localhost:{emu.port}", max_retries=0
+    ) as other:
         url = other.messages.batches.retrieve(batch.id).results_url
         assert url == f"http://localhost:{emu.port}/v1/messages/batches/{batch.id}/results"
         assert len(list(other.messages.batches.results(batch.id))) == 1
     emu.configure(public_base_url="http://emulator.internal:9999")
-    assert client.messages.batches.retrieve(batch.id).results_url.startswith("http://emulator.internal:9999/v1/")
+    assert client.messages.batches.retrieve(batch.id).results_url.startswith(
+        "http://emulator.internal:9999/v1/"
+    )
 
 
 def test_results_before_the_end_are_refused(client, emu, http):
@@ -140,7 +158,13 @@ def test_cancel_before_any_progress_cancels_everything(client, emu, http):
     emu.advance(10)
     ended = raw_batch(client, batch.id)
     assert ended["processing_status"] == "ended"
-    assert ended["request_counts"] == {"processing": 0, "succeeded": 0, "errored": 0, "canceled": 4, "expired": 0}
+    assert ended["request_counts"] == {
+        "processing": 0,
+        "succeeded": 0,
+        "errored": 0,
+        "canceled": 4,
+        "expired": 0,
+    }
     assert [line["result"] for line in raw_result_lines(http, ended)] == [{"type": "canceled"}] * 4
 
 
@@ -248,7 +272,9 @@ def test_async_client_full_lifecycle(emu):
                 model="claude-opus-4-5", max_tokens=20, messages=[{"role": "user", "content": "ping"}]
             )
             assert message.model == "claude-opus-4-5-20251101" and message.usage.service_tier == "standard"
-            counted = await client.messages.count_tokens(model="m", messages=[{"role": "user", "content": "ping"}])
+            counted = await client.messages.count_tokens(
+                model="m", messages=[{"role": "user", "content": "ping"}]
+            )
             assert counted.input_tokens == message.usage.input_tokens
             deleted = await client.messages.batches.delete(to_cancel.id)
             assert deleted.type == "message_batch_deleted"
@@ -296,15 +322,21 @@ def test_timestamps_keep_client_side_ages_and_expiry_in_step_with_the_time_scale
 
 
 def test_cancel_and_archive_times_follow_the_api_clock(http, emu):
-    emu.configure(time_scale=3600.0, processing_seconds=10 * 3600.0, processing_jitter=0.0, cancel_seconds=60.0)
+    emu.configure(
+        time_scale=3600.0, processing_seconds=10 * 3600.0, processing_jitter=0.0, cancel_seconds=60.0
+    )
     created = http.post("/v1/messages/batches", content=orjson.dumps({"requests": items(2)})).json()
     emu.advance(2 * 3600)  # 2 s on the API clock
     canceled = http.post(f"/v1/messages/batches/{created['id']}/cancel").json()
     assert _at(canceled["cancel_initiated_at"]) - _at(created["created_at"]) == pytest.approx(2, abs=0.05)
     emu.advance(29 * DAY)
     archived = http.get(f"/v1/messages/batches/{created['id']}").json()
-    assert _at(archived["ended_at"]) == pytest.approx(_at(canceled["cancel_initiated_at"]) + 60 / 3600, abs=0.05)
-    assert _at(archived["archived_at"]) - _at(created["created_at"]) == pytest.approx(29 * DAY / 3600, abs=1e-6)
+    assert _at(archived["ended_at"]) == pytest.approx(
+        _at(canceled["cancel_initiated_at"]) + 60 / 3600, abs=0.05
+    )
+    assert _at(archived["archived_at"]) - _at(created["created_at"]) == pytest.approx(
+        29 * DAY / 3600, abs=1e-6
+    )
 
 
 def test_the_api_clock_is_the_emulated_one_at_time_scale_1(http, emu):
@@ -313,9 +345,9 @@ def test_the_api_clock_is_the_emulated_one_at_time_scale_1(http, emu):
     created = http.post("/v1/messages/batches", content=orjson.dumps({"requests": items(1)})).json()
     emu.advance(DAY + 1)
     ended = http.get(f"/v1/messages/batches/{created['id']}").json()
-    assert datetime.fromisoformat(ended["expires_at"]) - datetime.fromisoformat(ended["created_at"]) == timedelta(
-        hours=24
-    )
+    assert datetime.fromisoformat(ended["expires_at"]) - datetime.fromisoformat(
+        ended["created_at"]
+    ) == timedelta(hours=24)
     after = emu.stats()
     emulated = _at(after["emulated_now"]) - _at(stats["emulated_now"])
     api = _at(after["api_now"]) - _at(stats["api_now"])

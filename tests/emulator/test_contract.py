@@ -35,7 +35,9 @@ SCHEMA = {
     "additionalProperties": False,
 }
 TOOL = {"name": "classify", "description": "File the ticket.", "input_schema": SCHEMA}
-SYSTEM = [{"type": "text", "text": "You triage support tickets. " * 800, "cache_control": {"type": "ephemeral"}}]
+SYSTEM = [
+    {"type": "text", "text": "You triage support tickets. " * 800, "cache_control": {"type": "ephemeral"}}
+]
 SDK_MODEL = {
     "message_batches_post": MessageBatch,
     "message_batches_retrieve": MessageBatch,
@@ -64,7 +66,10 @@ def checked(response: httpx.Response, operation_id: str, status: int = 200):
 
 
 def create(http: httpx.Client, requests: list[dict]) -> dict:
-    return checked(http.post("/v1/messages/batches", content=orjson.dumps({"requests": requests})), "message_batches_post")
+    return checked(
+        http.post("/v1/messages/batches", content=orjson.dumps({"requests": requests})),
+        "message_batches_post",
+    )
 
 
 def retrieve(http: httpx.Client, batch_id: str) -> dict:
@@ -111,7 +116,10 @@ def test_the_vendored_subset_names_its_source_and_holds_the_emulated_operations(
     )  # fmt: skip
     refs = set(re.findall(r'"\$ref":"#/components/schemas/([^"]+)"', orjson.dumps(SPEC).decode()))
     assert refs == set(SPEC["components"]["schemas"])  # every reference resolves, nothing unreferenced
-    assert SPEC["components"]["schemas"]["CreateMessageBatchParams"]["properties"]["requests"]["maxItems"] == 100_000
+    assert (
+        SPEC["components"]["schemas"]["CreateMessageBatchParams"]["properties"]["requests"]["maxItems"]
+        == 100_000
+    )
 
 
 def test_the_validator_is_strict():
@@ -129,13 +137,20 @@ def test_the_validator_is_strict():
     for broken in (
         {k: v for k, v in message.items() if k != "container"},  # a required nullable field missing
         message | {"content": [{"type": "text", "text": "hi"}]},  # citations missing
-        message | {"content": [{"type": "tool_use", "id": "toolu_1", "name": "t", "input": {}}]},  # caller missing
+        message
+        | {"content": [{"type": "tool_use", "id": "toolu_1", "name": "t", "input": {}}]},  # caller missing
         message | {"usage": {k: v for k, v in message["usage"].items() if k != "inference_geo"}},
         message | {"surprise": 1},  # undeclared (the closed check)
     ):
         with pytest.raises(AssertionError):
             validate("Message", broken)
-    tool_use = {"type": "tool_use", "id": "t", "name": "n", "input": {"any": "thing"}, "caller": {"type": "direct"}}
+    tool_use = {
+        "type": "tool_use",
+        "id": "t",
+        "name": "n",
+        "input": {"any": "thing"},
+        "caller": {"type": "direct"},
+    }
     validate("ResponseToolUseBlock", tool_use)  # input is open, as the document says
     with pytest.raises(AssertionError):  # DirectCaller is closed in the document itself
         validate("ResponseToolUseBlock", tool_use | {"caller": {"type": "direct", "extra": 1}})
@@ -184,7 +199,9 @@ def test_every_result_type_and_content_block_matches_the_document(http, emu):
         processing_jitter=0.0,
         faults={"batch": {"errored_rate": 0.2, "expired_rate": 0.05, "error_types": list(BATCH_ERROR_TYPES)}},
     )
-    ran = create(http, mixed_items("ran", 240) + [{"custom_id": "bad", "params": {"model": "m", "messages": []}}])
+    ran = create(
+        http, mixed_items("ran", 240) + [{"custom_id": "bad", "params": {"model": "m", "messages": []}}]
+    )
     halted = create(http, mixed_items("halted", 120))
     emu.advance(500)
     checked(http.post(f"/v1/messages/batches/{halted['id']}/cancel"), "message_batches_cancel")
@@ -207,11 +224,20 @@ def test_every_result_type_and_content_block_matches_the_document(http, emu):
     assert {block["type"] for block in blocks} == {"text", "tool_use"}
     assert all(block["citations"] is None for block in blocks if block["type"] == "text")
     assert all(block["caller"] == {"type": "direct"} for block in blocks if block["type"] == "tool_use")
-    assert {message["stop_reason"] for message in messages} == {"end_turn", "tool_use", "stop_sequence", "max_tokens"}
+    assert {message["stop_reason"] for message in messages} == {
+        "end_turn",
+        "tool_use",
+        "stop_sequence",
+        "max_tokens",
+    }
     assert all(message["stop_details"] is None and message["container"] is None for message in messages)
     usages = [message["usage"] for message in messages]
-    assert all(u["output_tokens_details"] == {"thinking_tokens": 0} and u["service_tier"] == "batch" for u in usages)
-    assert any(u["cache_creation_input_tokens"] for u in usages) and any(u["cache_read_input_tokens"] for u in usages)
+    assert all(
+        u["output_tokens_details"] == {"thinking_tokens": 0} and u["service_tier"] == "batch" for u in usages
+    )
+    assert any(u["cache_creation_input_tokens"] for u in usages) and any(
+        u["cache_read_input_tokens"] for u in usages
+    )
     error_types = {result["error"]["error"]["type"] for result in by_type["errored"]}
     assert error_types == {"invalid_request_error", *BATCH_ERROR_TYPES}
 
@@ -222,7 +248,9 @@ def test_the_sdk_parses_every_result_type_with_the_new_fields(client, emu):
     to_cancel = client.messages.batches.create(requests=items(3, "c"))
     client.messages.batches.cancel(to_cancel.id)
     finish(emu)
-    lines = list(client.messages.batches.results(batch.id)) + list(client.messages.batches.results(to_cancel.id))
+    lines = list(client.messages.batches.results(batch.id)) + list(
+        client.messages.batches.results(to_cancel.id)
+    )
     assert {line.result.type for line in lines} == {"succeeded", "errored", "expired", "canceled"}
     for line in lines:
         if line.result.type != "succeeded":
@@ -256,7 +284,8 @@ def test_messages_answer_as_documented(http, emu, item):
     assert message["usage"]["service_tier"] == "standard"
     assert message["usage"]["inference_geo"] == item["params"].get("inference_geo")
     counted = checked(
-        http.post("/v1/messages/count_tokens", content=orjson.dumps(item["params"])), "messages_count_tokens_post"
+        http.post("/v1/messages/count_tokens", content=orjson.dumps(item["params"])),
+        "messages_count_tokens_post",
     )
     assert set(counted) == {"input_tokens"}
 
@@ -267,10 +296,13 @@ def test_a_refusal_carries_stop_details(emu):
     def refuse(params, context):
         return {"content": [{"type": "text", "text": ""}], "stop_reason": "refusal"}
 
-    with EmulatorServer(api_key=API_KEY, responder=refuse) as server, httpx.Client(
-        base_url=server.base_url, headers=HEADERS
-    ) as http:
-        message = checked(http.post("/v1/messages", content=orjson.dumps(request_item("x")["params"])), "messages_post")
+    with (
+        EmulatorServer(api_key=API_KEY, responder=refuse) as server,
+        httpx.Client(base_url=server.base_url, headers=HEADERS) as http,
+    ):
+        message = checked(
+            http.post("/v1/messages", content=orjson.dumps(request_item("x")["params"])), "messages_post"
+        )
     assert message["stop_details"] == {"type": "refusal", "category": None, "explanation": None}
 
 
@@ -287,86 +319,161 @@ def _post(http, body: bytes | dict) -> httpx.Response:
 
 ErrorCase = Callable[[httpx.Client, object], httpx.Response]
 ERROR_CASES: dict[str, tuple[str, int, str, ErrorCase]] = {
-    "create-bad-json": ("message_batches_post", 400, "invalid_request_error", lambda h, e: _post(h, b"{nope")),
-    "create-empty": ("message_batches_post", 400, "invalid_request_error", lambda h, e: _post(h, {"requests": []})),
+    "create-bad-json": (
+        "message_batches_post",
+        400,
+        "invalid_request_error",
+        lambda h, e: _post(h, b"{nope"),
+    ),
+    "create-empty": (
+        "message_batches_post",
+        400,
+        "invalid_request_error",
+        lambda h, e: _post(h, {"requests": []}),
+    ),
     "create-too-many": (
-        "message_batches_post", 400, "invalid_request_error",
+        "message_batches_post",
+        400,
+        "invalid_request_error",
         lambda h, e: (e.configure(max_requests_per_batch=2), _post(h, {"requests": items(3)}))[1],
     ),
     "create-duplicate-id": (
-        "message_batches_post", 400, "invalid_request_error",
+        "message_batches_post",
+        400,
+        "invalid_request_error",
         lambda h, e: _post(h, {"requests": [request_item("a"), request_item("a")]}),
     ),
     "create-bad-item": (
-        "message_batches_post", 400, "invalid_request_error", lambda h, e: _post(h, {"requests": [{"params": {}}]}),
+        "message_batches_post",
+        400,
+        "invalid_request_error",
+        lambda h, e: _post(h, {"requests": [{"params": {}}]}),
     ),
     "create-body-too-large": (
-        "message_batches_post", 413, "request_too_large",
+        "message_batches_post",
+        413,
+        "request_too_large",
         lambda h, e: (e.configure(max_body_bytes=1000), _post(h, {"requests": items(20)}))[1],
     ),
     "create-queue-full": (
-        "message_batches_post", 429, "rate_limit_error",
+        "message_batches_post",
+        429,
+        "rate_limit_error",
         lambda h, e: (e.configure(max_queued_requests=1), _post(h, {"requests": items(2)}))[1],
     ),
     "create-rate-limited": (
-        "message_batches_list", 429, "rate_limit_error",
-        lambda h, e: (e.configure(batch_requests_per_minute=1), h.get("/v1/messages/batches"),
-                      h.get("/v1/messages/batches"))[2],
+        "message_batches_list",
+        429,
+        "rate_limit_error",
+        lambda h, e: (
+            e.configure(batch_requests_per_minute=1),
+            h.get("/v1/messages/batches"),
+            h.get("/v1/messages/batches"),
+        )[2],
     ),  # fmt: skip
     "no-api-key": (
-        "message_batches_list", 401, "authentication_error",
-        lambda h, e: httpx.get(f"{e.base_url}/v1/messages/batches", headers={"anthropic-version": "2023-06-01"}),
+        "message_batches_list",
+        401,
+        "authentication_error",
+        lambda h, e: httpx.get(
+            f"{e.base_url}/v1/messages/batches", headers={"anthropic-version": "2023-06-01"}
+        ),
     ),
     "wrong-api-key": (
-        "message_batches_list", 401, "authentication_error",
-        lambda h, e: httpx.get(f"{e.base_url}/v1/messages/batches", headers=HEADERS | {"x-api-key": "sk-wrong"}),
+        "message_batches_list",
+        401,
+        "authentication_error",
+        lambda h, e: httpx.get(
+            f"{e.base_url}/v1/messages/batches", headers=HEADERS | {"x-api-key": "sk-wrong"}
+        ),
     ),
     "no-version": (
-        "message_batches_list", 400, "invalid_request_error",
+        "message_batches_list",
+        400,
+        "invalid_request_error",
         lambda h, e: httpx.get(f"{e.base_url}/v1/messages/batches", headers={"x-api-key": API_KEY}),
     ),
     "list-bad-limit": (
-        "message_batches_list", 400, "invalid_request_error", lambda h, e: h.get("/v1/messages/batches?limit=0"),
+        "message_batches_list",
+        400,
+        "invalid_request_error",
+        lambda h, e: h.get("/v1/messages/batches?limit=0"),
     ),
     "list-unknown-cursor": (
-        "message_batches_list", 400, "invalid_request_error",
+        "message_batches_list",
+        400,
+        "invalid_request_error",
         lambda h, e: h.get("/v1/messages/batches?after_id=msgbatch_01nope"),
     ),
     "retrieve-unknown": (
-        "message_batches_retrieve", 404, "not_found_error", lambda h, e: h.get("/v1/messages/batches/msgbatch_01nope"),
+        "message_batches_retrieve",
+        404,
+        "not_found_error",
+        lambda h, e: h.get("/v1/messages/batches/msgbatch_01nope"),
     ),
     "cancel-ended": (
-        "message_batches_cancel", 400, "invalid_request_error",
+        "message_batches_cancel",
+        400,
+        "invalid_request_error",
         lambda h, e: h.post(f"/v1/messages/batches/{_ended_batch(h, e)}/cancel"),
     ),
     "cancel-unknown": (
-        "message_batches_cancel", 404, "not_found_error", lambda h, e: h.post("/v1/messages/batches/msgbatch_01x/cancel"),
+        "message_batches_cancel",
+        404,
+        "not_found_error",
+        lambda h, e: h.post("/v1/messages/batches/msgbatch_01x/cancel"),
     ),
     "delete-in-progress": (
-        "message_batches_delete", 400, "invalid_request_error",
+        "message_batches_delete",
+        400,
+        "invalid_request_error",
         lambda h, e: h.delete(f"/v1/messages/batches/{create(h, items(1))['id']}"),
     ),
     "delete-unknown": (
-        "message_batches_delete", 404, "not_found_error", lambda h, e: h.delete("/v1/messages/batches/msgbatch_01x"),
+        "message_batches_delete",
+        404,
+        "not_found_error",
+        lambda h, e: h.delete("/v1/messages/batches/msgbatch_01x"),
     ),
     "results-before-the-end": (
-        "message_batches_results", 400, "invalid_request_error",
+        "message_batches_results",
+        400,
+        "invalid_request_error",
         lambda h, e: h.get(f"/v1/messages/batches/{create(h, items(1))['id']}/results"),
     ),
     "results-unknown": (
-        "message_batches_results", 404, "not_found_error", lambda h, e: h.get("/v1/messages/batches/msgbatch_01x/results"),
+        "message_batches_results",
+        404,
+        "not_found_error",
+        lambda h, e: h.get("/v1/messages/batches/msgbatch_01x/results"),
     ),
-    "messages-bad-json": ("messages_post", 400, "invalid_request_error", lambda h, e: h.post("/v1/messages", content=b"[")),
+    "messages-bad-json": (
+        "messages_post",
+        400,
+        "invalid_request_error",
+        lambda h, e: h.post("/v1/messages", content=b"["),
+    ),
     "messages-bad-params": (
-        "messages_post", 400, "invalid_request_error",
-        lambda h, e: h.post("/v1/messages", content=orjson.dumps({"model": "m", "max_tokens": 0, "messages": []})),
+        "messages_post",
+        400,
+        "invalid_request_error",
+        lambda h, e: h.post(
+            "/v1/messages", content=orjson.dumps({"model": "m", "max_tokens": 0, "messages": []})
+        ),
     ),
     "count-tokens-bad-params": (
-        "messages_count_tokens_post", 400, "invalid_request_error",
+        "messages_count_tokens_post",
+        400,
+        "invalid_request_error",
         lambda h, e: h.post("/v1/messages/count_tokens", content=orjson.dumps({"messages": []})),
     ),
     "unknown-route": ("message_batches_list", 404, "not_found_error", lambda h, e: h.get("/v1/nothing/here")),
-    "wrong-method": ("message_batches_list", 405, "invalid_request_error", lambda h, e: h.put("/v1/messages/batches")),
+    "wrong-method": (
+        "message_batches_list",
+        405,
+        "invalid_request_error",
+        lambda h, e: h.put("/v1/messages/batches"),
+    ),
 }
 
 
@@ -391,7 +498,10 @@ OPERATION_BY_ENDPOINT = {
     "cancel": ("message_batches_cancel", lambda h: h.post("/v1/messages/batches/msgbatch_01x/cancel")),
     "delete": ("message_batches_delete", lambda h: h.delete("/v1/messages/batches/msgbatch_01x")),
     "results": ("message_batches_results", lambda h: h.get("/v1/messages/batches/msgbatch_01x/results")),
-    "messages": ("messages_post", lambda h: h.post("/v1/messages", content=orjson.dumps(request_item("x")["params"]))),
+    "messages": (
+        "messages_post",
+        lambda h: h.post("/v1/messages", content=orjson.dumps(request_item("x")["params"])),
+    ),
     "count_tokens": (
         "messages_count_tokens_post",
         lambda h: h.post("/v1/messages/count_tokens", content=orjson.dumps(request_item("x")["params"])),

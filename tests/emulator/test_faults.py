@@ -124,7 +124,9 @@ def test_errored_and_expired_requests_inside_a_batch(client, emu, http):
         MessageBatchIndividualResponse.model_validate(line)
     types = [line["result"]["type"] for line in lines]
     assert types.count("errored") == counts.errored and types.count("expired") == counts.expired
-    error_types = {line["result"]["error"]["error"]["type"] for line in lines if line["result"]["type"] == "errored"}
+    error_types = {
+        line["result"]["error"]["error"]["type"] for line in lines if line["result"]["type"] == "errored"
+    }
     assert error_types == {"api_error", "overloaded_error"}
     stats = emu.stats()["faults_injected"]
     assert stats == {"batch_errored": counts.errored, "batch_expired": counts.expired}
@@ -197,7 +199,9 @@ def test_batch_endpoint_rate_limit_per_emulated_minute(client, emu):
     with pytest.raises(anthropic.RateLimitError) as caught:
         client.messages.batches.list()
     assert float(caught.value.response.headers["retry-after-ms"]) > 0
-    client.messages.count_tokens(model="m", messages=[{"role": "user", "content": "hi"}])  # not a batch endpoint
+    client.messages.count_tokens(
+        model="m", messages=[{"role": "user", "content": "hi"}]
+    )  # not a batch endpoint
     emu.advance(61)
     client.messages.batches.list()
     assert emu.stats()["faults_injected"] == {"rate_limit": 1}

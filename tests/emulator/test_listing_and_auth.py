@@ -16,7 +16,9 @@ def create_batches(http: httpx.Client, count: int) -> list[str]:
     """Create ``count`` one-request batches; returns their ids, oldest first."""
     ids = []
     for index in range(count):
-        response = http.post("/v1/messages/batches", content=orjson.dumps({"requests": items(1, f"b{index}")}))
+        response = http.post(
+            "/v1/messages/batches", content=orjson.dumps({"requests": items(1, f"b{index}")})
+        )
         assert response.status_code == 200, response.text
         ids.append(response.json()["id"])
     return ids
@@ -60,9 +62,13 @@ def test_list_pages_backward_with_before_id(http, emu):
     page = validated_page(http.get("/v1/messages/batches", params={"limit": 5, "before_id": ids[0]}))
     assert [b["id"] for b in page["data"]] == ids[1:6][::-1]  # the five just newer, newest first
     assert page["has_more"] is True
-    page = validated_page(http.get("/v1/messages/batches", params={"limit": 5, "before_id": page["first_id"]}))
+    page = validated_page(
+        http.get("/v1/messages/batches", params={"limit": 5, "before_id": page["first_id"]})
+    )
     assert [b["id"] for b in page["data"]] == ids[6:11][::-1]
-    page = validated_page(http.get("/v1/messages/batches", params={"limit": 5, "before_id": page["first_id"]}))
+    page = validated_page(
+        http.get("/v1/messages/batches", params={"limit": 5, "before_id": page["first_id"]})
+    )
     assert [b["id"] for b in page["data"]] == [ids[11]]
     assert page["has_more"] is False
 
@@ -71,7 +77,9 @@ def test_sdk_auto_pagination_both_directions(client, http, emu):
     ids = create_batches(http, 9)
     assert [b.id for b in client.messages.batches.list(limit=2)] == ids[::-1]
     backwards = client.messages.batches.list(limit=3, before_id=ids[0])
-    assert [b.id for page in backwards.iter_pages() for b in page.data] == ids[1:4][::-1] + ids[4:7][::-1] + ids[7:9][::-1]
+    assert [b.id for page in backwards.iter_pages() for b in page.data] == ids[1:4][::-1] + ids[4:7][
+        ::-1
+    ] + ids[7:9][::-1]
 
 
 def test_list_limit_bounds_and_bad_cursors(http, emu):
@@ -115,7 +123,9 @@ def test_a_thousand_batch_page(http, emu):
     ids=["x-api-key", "bearer"],
 )
 def test_both_auth_headers_are_accepted(emu, headers):
-    response = httpx.get(f"{emu.base_url}/v1/messages/batches", headers=headers | {"anthropic-version": "2023-06-01"})
+    response = httpx.get(
+        f"{emu.base_url}/v1/messages/batches", headers=headers | {"anthropic-version": "2023-06-01"}
+    )
     assert response.status_code == 200
 
 
@@ -125,7 +135,9 @@ def test_both_auth_headers_are_accepted(emu, headers):
     ids=["missing", "wrong-key", "wrong-bearer", "not-bearer"],
 )
 def test_bad_or_missing_key_is_401(emu, headers):
-    response = httpx.get(f"{emu.base_url}/v1/messages/batches", headers=headers | {"anthropic-version": "2023-06-01"})
+    response = httpx.get(
+        f"{emu.base_url}/v1/messages/batches", headers=headers | {"anthropic-version": "2023-06-01"}
+    )
     assert response.status_code == 401
     body = response.json()
     assert body["type"] == "error"

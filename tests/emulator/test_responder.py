@@ -94,7 +94,10 @@ def test_numbers_come_from_the_text_within_bounds():
 
 
 def test_numbers_outside_the_bounds_fall_back_inside():
-    schema = {"type": "object", "properties": {"score": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}}}
+    schema = {
+        "type": "object",
+        "properties": {"score": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}},
+    }
     answer = SchemaAnswerer("Order 123 arrived 45 minutes late").answer(schema)
     jsonschema.validate(answer, schema)
 
@@ -106,7 +109,10 @@ def test_strings_are_excerpts_about_the_field():
     }
     text = "Hello team. The shipping was late again! Thanks, Ann"
     # The summary is the telling sentence, not the greeting, cut at a word to its maxLength.
-    assert SchemaAnswerer(text).answer(schema) == {"shipping_note": "The shipping was late again!", "summary": "The shipping was"}
+    assert SchemaAnswerer(text).answer(schema) == {
+        "shipping_note": "The shipping was late again!",
+        "summary": "The shipping was",
+    }
 
 
 def test_rating_follows_the_mood_of_the_text():
@@ -194,13 +200,20 @@ def test_plain_request_gets_short_text_and_model_snapshot(client, emu):
     assert message.model == "claude-haiku-4-5-20251001"
     assert message.stop_reason == "end_turn"
     assert "Say hello" in message.content[0].text
-    assert message.usage.input_tokens == client.messages.count_tokens(
-        model="claude-haiku-4-5", messages=[{"role": "user", "content": "Say hello"}]
-    ).input_tokens
+    assert (
+        message.usage.input_tokens
+        == client.messages.count_tokens(
+            model="claude-haiku-4-5", messages=[{"role": "user", "content": "Say hello"}]
+        ).input_tokens
+    )
 
 
 def test_unknown_models_pass_through_and_aliases_are_configurable(http, emu):
-    params = {"model": "claude-imaginary-9", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+    params = {
+        "model": "claude-imaginary-9",
+        "max_tokens": 10,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
     assert create_message(http, params)["model"] == "claude-imaginary-9"
     emu.configure(model_aliases={"claude-imaginary-9": "claude-imaginary-9-20300101"})
     assert create_message(http, params)["model"] == "claude-imaginary-9-20300101"
@@ -230,20 +243,31 @@ def test_stop_sequences_end_the_answer(http, emu):
 
 
 def test_usage_estimates_about_four_characters_per_token(http, emu):
-    short = create_message(http, {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x" * 40}]})
-    long = create_message(http, {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x" * 4040}]})
+    short = create_message(
+        http, {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x" * 40}]}
+    )
+    long = create_message(
+        http, {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x" * 4040}]}
+    )
     assert long["usage"]["input_tokens"] - short["usage"]["input_tokens"] == 1000
     assert long["usage"]["cache_creation_input_tokens"] == long["usage"]["cache_read_input_tokens"] == 0
 
 
 def test_count_tokens_matches_the_usage_total(client, http, emu):
     system = [{"type": "text", "text": "Rules. " * 2000, "cache_control": {"type": "ephemeral"}}]
-    params = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "hello"}], "system": system}
+    params = {
+        "model": "claude-sonnet-4-5",
+        "messages": [{"role": "user", "content": "hello"}],
+        "system": system,
+    }
     counted = http.post("/v1/messages/count_tokens", content=orjson.dumps(params))
     MessageTokensCount.model_validate(counted.json())
     total = counted.json()["input_tokens"]
     usage = create_message(http, params | {"max_tokens": 10})["usage"]
-    assert usage["input_tokens"] + usage["cache_creation_input_tokens"] + usage["cache_read_input_tokens"] == total
+    assert (
+        usage["input_tokens"] + usage["cache_creation_input_tokens"] + usage["cache_read_input_tokens"]
+        == total
+    )
     assert client.messages.count_tokens(**params).input_tokens == total
     assert emu.stats()["http_requests"]["count_tokens"] == 2
 
@@ -258,12 +282,20 @@ def test_messages_cache_write_then_read(http, emu):
     first = create_message(http, params | {"messages": [{"role": "user", "content": "one"}]})["usage"]
     second = create_message(http, params | {"messages": [{"role": "user", "content": "two"}]})["usage"]
     assert first["cache_creation_input_tokens"] > 1024 and first["cache_read_input_tokens"] == 0
-    assert first["cache_creation"] == {"ephemeral_5m_input_tokens": first["cache_creation_input_tokens"], "ephemeral_1h_input_tokens": 0}
+    assert first["cache_creation"] == {
+        "ephemeral_5m_input_tokens": first["cache_creation_input_tokens"],
+        "ephemeral_1h_input_tokens": 0,
+    }
     assert second["cache_read_input_tokens"] == first["cache_creation_input_tokens"]
     assert second["cache_creation_input_tokens"] == 0
     # A different output schema is a different prefix: it writes again.
     third = create_message(
-        http, params | {"messages": [{"role": "user", "content": "x"}], "output_config": {"format": {"type": "json_schema", "schema": TICKET_SCHEMA}}}
+        http,
+        params
+        | {
+            "messages": [{"role": "user", "content": "x"}],
+            "output_config": {"format": {"type": "json_schema", "schema": TICKET_SCHEMA}},
+        },
     )["usage"]
     assert third["cache_creation_input_tokens"] > 0
 
@@ -277,7 +309,11 @@ def test_cache_breakpoints_on_tools_and_message_blocks(http, emu):
     assert first["cache_creation_input_tokens"] > 1024
     assert second["cache_read_input_tokens"] == first["cache_creation_input_tokens"]
 
-    document = {"type": "text", "text": "Contract clause. " * 1000, "cache_control": {"type": "ephemeral", "ttl": "1h"}}
+    document = {
+        "type": "text",
+        "text": "Contract clause. " * 1000,
+        "cache_control": {"type": "ephemeral", "ttl": "1h"},
+    }
 
     def ask(question: str) -> dict:
         content = [document, {"type": "text", "text": question}]
@@ -285,7 +321,11 @@ def test_cache_breakpoints_on_tools_and_message_blocks(http, emu):
                                      "messages": [{"role": "user", "content": content}]})["usage"]  # fmt: skip
 
     written, read = ask("Who signs?"), ask("When does it end?")
-    assert written["cache_creation"]["ephemeral_1h_input_tokens"] == written["cache_creation_input_tokens"] > 1024
+    assert (
+        written["cache_creation"]["ephemeral_1h_input_tokens"]
+        == written["cache_creation_input_tokens"]
+        > 1024
+    )
     assert read["cache_read_input_tokens"] == written["cache_creation_input_tokens"]
     assert read["input_tokens"] < 20  # only the question is outside the cached prefix
 
@@ -294,12 +334,24 @@ def test_prefix_below_the_model_minimum_is_not_cached(http, emu):
     system = cached_system(8000)  # about 2,000 tokens: enough for Sonnet (1,024), not for Haiku 4.5 (4,096)
     for model, cached in (("claude-haiku-4-5", False), ("claude-sonnet-4-5", True)):
         usage = create_message(
-            http, {"model": model, "max_tokens": 5, "system": system, "messages": [{"role": "user", "content": "hi"}]}
+            http,
+            {
+                "model": model,
+                "max_tokens": 5,
+                "system": system,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
         )["usage"]
         assert (usage["cache_creation_input_tokens"] > 0) is cached
     emu.configure(min_cacheable_tokens={"": 100})
     usage = create_message(
-        http, {"model": "claude-haiku-4-5", "max_tokens": 5, "system": system, "messages": [{"role": "user", "content": "hi"}]}
+        http,
+        {
+            "model": "claude-haiku-4-5",
+            "max_tokens": 5,
+            "system": system,
+            "messages": [{"role": "user", "content": "hi"}],
+        },
     )["usage"]
     assert usage["cache_creation_input_tokens"] > 0
 
@@ -307,7 +359,9 @@ def test_prefix_below_the_model_minimum_is_not_cached(http, emu):
 def batch_usages(client, emu, requests: list[dict]) -> list[dict]:
     batch = client.messages.batches.create(requests=requests)
     finish(emu)
-    lines = sorted(client.messages.batches.results(batch.id), key=lambda line: int(line.custom_id.split("-")[1]))
+    lines = sorted(
+        client.messages.batches.results(batch.id), key=lambda line: int(line.custom_id.split("-")[1])
+    )
     return [line.result.message.usage.model_dump() for line in lines]
 
 
@@ -317,7 +371,9 @@ def test_batch_caching_first_writes_later_read_with_1h_ttl(client, emu):
     requests = [request_item(f"r-{i}", f"ticket {i}", system=system) for i in range(6)]
     usages = batch_usages(client, emu, requests)
     assert usages[0]["cache_creation_input_tokens"] > 4096
-    assert usages[0]["cache_creation"]["ephemeral_1h_input_tokens"] == usages[0]["cache_creation_input_tokens"]
+    assert (
+        usages[0]["cache_creation"]["ephemeral_1h_input_tokens"] == usages[0]["cache_creation_input_tokens"]
+    )
     assert all(u["cache_read_input_tokens"] == usages[0]["cache_creation_input_tokens"] for u in usages[1:])
     assert all(u["service_tier"] == "batch" for u in usages)
     # A later batch with the same prefix finds it warm from the start.
@@ -359,10 +415,16 @@ def test_custom_responder_and_responder_errors(emu):
             assert message.content[0].text == "SHOUT"
             assert message.usage.output_tokens == 7
             with pytest.raises(anthropic.APIStatusError) as caught:
-                client.messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": "fail"}])
+                client.messages.create(
+                    model="m", max_tokens=5, messages=[{"role": "user", "content": "fail"}]
+                )
             assert caught.value.status_code == 529
             batch = client.messages.batches.create(
-                requests=[request_item("ok", "quiet"), request_item("bad", "fail"), request_item("broken", "garbage")]
+                requests=[
+                    request_item("ok", "quiet"),
+                    request_item("bad", "fail"),
+                    request_item("broken", "garbage"),
+                ]
             )
             server.advance(120)
             results = {line.custom_id: line.result for line in client.messages.batches.results(batch.id)}

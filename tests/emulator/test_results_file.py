@@ -49,7 +49,9 @@ def test_lines_are_made_in_the_background_and_served_from_the_stored_blocks(http
     first = _download(http, batch_id)
     assert first.count(b"\n") == SIZE
     assert _download(http, batch_id) == first
-    assert [orjson.loads(line)["custom_id"] for line in first.splitlines()] == [f"req-{i}" for i in range(SIZE)]
+    assert [orjson.loads(line)["custom_id"] for line in first.splitlines()] == [
+        f"req-{i}" for i in range(SIZE)
+    ]
 
 
 def _without_ids(data: bytes) -> list[dict]:

@@ -131,7 +131,10 @@ def test_malformed_bodies_are_400(http, emu, body, message):
 BAD_PARAMS = {
     "no-model": ({"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}, "model: Field required"),
     "no-messages": ({"model": "claude-haiku-4-5", "max_tokens": 5}, "messages: Field required"),
-    "no-max-tokens": ({"model": "m", "messages": [{"role": "user", "content": "hi"}]}, "max_tokens: Field required"),
+    "no-max-tokens": (
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+        "max_tokens: Field required",
+    ),
     "zero-max-tokens": (
         {"model": "m", "max_tokens": 0, "messages": [{"role": "user", "content": "hi"}]},
         "max_tokens: Input should be greater than or equal to 1",
@@ -140,13 +143,21 @@ BAD_PARAMS = {
         {"model": "m", "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "hi"}]},
         "stream: Streaming is not supported",
     ),
-    "messages-not-list": ({"model": "m", "max_tokens": 5, "messages": "hi"}, "messages: Input should be a valid list"),
+    "messages-not-list": (
+        {"model": "m", "max_tokens": 5, "messages": "hi"},
+        "messages: Input should be a valid list",
+    ),
     "bad-role": (
         {"model": "m", "max_tokens": 5, "messages": [{"role": "system", "content": "hi"}]},
         "messages.0.role: Input should be 'user' or 'assistant'",
     ),
     "bad-tool-choice": (
-        {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], "tool_choice": {"type": "tool", "name": "x"}},
+        {
+            "model": "m",
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": "hi"}],
+            "tool_choice": {"type": "tool", "name": "x"},
+        },
         "tool_choice.name",
     ),
     "temperature": (
@@ -189,7 +200,9 @@ def test_the_same_params_are_a_400_on_messages(http, emu, name):
 
 def test_sdk_sees_a_bad_request_on_messages(client):
     with pytest.raises(anthropic.BadRequestError, match="max_tokens"):
-        client.messages.create(model="claude-haiku-4-5", max_tokens=0, messages=[{"role": "user", "content": "hi"}])
+        client.messages.create(
+            model="claude-haiku-4-5", max_tokens=0, messages=[{"role": "user", "content": "hi"}]
+        )
 
 
 # ---- the streaming parser on its own ------------------------------------------------------------
@@ -206,10 +219,17 @@ def parse_in_chunks(body: bytes, size: int) -> tuple[list, RequestsBodyParser]:
 def test_parser_gives_the_same_items_whatever_the_chunking(chunk_size):
     requests = [
         {"custom_id": "a", "params": {"n": 12345, "x": -1.5e3, "t": True, "f": False, "z": None}},
-        {"custom_id": "b", "params": {"text": "naïve café ☕ \u00e9\\\"quoted\\\" [brackets] {braces}", "list": [1, [2, [3]]]}},
+        {
+            "custom_id": "b",
+            "params": {"text": 'naïve café ☕ \u00e9\\"quoted\\" [brackets] {braces}', "list": [1, [2, [3]]]},
+        },
         {"custom_id": "c", "params": {}},
     ]
-    body = b'{"meta": {"k": [1, 2]}, "requests" :\n [ ' + b" ,\n".join(orjson.dumps(r) for r in requests) + b' ] , "n": 7 }\n'
+    body = (
+        b'{"meta": {"k": [1, 2]}, "requests" :\n [ '
+        + b" ,\n".join(orjson.dumps(r) for r in requests)
+        + b' ] , "n": 7 }\n'
+    )
     found, parser = parse_in_chunks(body, chunk_size)
     assert found == requests
     assert parser.items_seen == 3
@@ -217,7 +237,12 @@ def test_parser_gives_the_same_items_whatever_the_chunking(chunk_size):
 
 @pytest.mark.parametrize(
     "body",
-    [b'{"requests": [{"a": 1} {"b": 2}]}', b'{"requests": [{"a": 1},]}', b'{"requests": [1, 2', b'{"requests" [1]}'],
+    [
+        b'{"requests": [{"a": 1} {"b": 2}]}',
+        b'{"requests": [{"a": 1},]}',
+        b'{"requests": [1, 2',
+        b'{"requests" [1]}',
+    ],
 )
 def test_parser_rejects_broken_json(body):
     with pytest.raises(BodyError):
@@ -240,9 +265,15 @@ def test_parser_bulk_path_gives_the_same_items_as_one_by_one(separator):
     trap = '},{"custom_id": "not-an-item"'  # an item boundary look-alike inside a string
     requests = []
     for index in range(3000):
-        params = {"text": f"item {index} " + (trap if index % 7 == 0 else "x" * (index % 50)), "n": index * 1.5}
+        params = {
+            "text": f"item {index} " + (trap if index % 7 == 0 else "x" * (index % 50)),
+            "n": index * 1.5,
+        }
         if index % 11 == 0:
-            params["nested"] = [{"custom_id": "inner", "params": {}}, {"custom_id": "inner2"}]  # nested look-alikes
+            params["nested"] = [
+                {"custom_id": "inner", "params": {}},
+                {"custom_id": "inner2"},
+            ]  # nested look-alikes
         requests.append({"custom_id": f"r{index}", "params": params})
     body = b'{"requests": [' + separator.join(orjson.dumps(r) for r in requests) + b"]}"
     assert len(body) > 1 << 18

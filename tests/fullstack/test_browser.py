@@ -171,7 +171,8 @@ def test_the_claude_batches_page_shows_cost_and_dead_items_and_requeues_for_the_
 
     stack = fullstack
     history = stack.warehouse_query(
-        "SELECT run_id, succeeded, cost_usd FROM claude_batch_runs WHERE workload = %s ORDER BY recorded_at", (BROWSER_DAG,)
+        "SELECT run_id, succeeded, cost_usd FROM claude_batch_runs WHERE workload = %s ORDER BY recorded_at",
+        (BROWSER_DAG,),
     )
     assert history, "the trigger-form test's run (run first in this module) left no run history"
     first_run, first_succeeded, first_cost = history[0]
@@ -184,11 +185,14 @@ def test_the_claude_batches_page_shows_cost_and_dead_items_and_requeues_for_the_
     conn.close()
     with stack.phase("page: a run that leaves a dead item"):
         # The first run's model: the same prompt version, so the page lists its items as current.
-        window = {"window_start": f"{PAGE_DAY:%Y-%m-%d}", "window_end": f"{PAGE_DAY + timedelta(days=1):%Y-%m-%d}"}
+        window = {
+            "window_start": f"{PAGE_DAY:%Y-%m-%d}",
+            "window_end": f"{PAGE_DAY + timedelta(days=1):%Y-%m-%d}",
+        }
         run = stack.api.trigger(BROWSER_DAG, {"model": CHOSEN_MODEL, **window})
-        assert stack.wait_for_run(BROWSER_DAG, run["dag_run_id"], timeout=RUN_TIMEOUT)["state"] == "success", (
-            stack.describe_run(BROWSER_DAG, run["dag_run_id"])
-        )
+        assert (
+            stack.wait_for_run(BROWSER_DAG, run["dag_run_id"], timeout=RUN_TIMEOUT)["state"] == "success"
+        ), stack.describe_run(BROWSER_DAG, run["dag_run_id"])
     with ChromeDriver(chromium, ARTIFACTS) as driver:
         try:
             with stack.phase("page: the viewer is refused the requeue"):
@@ -213,7 +217,10 @@ def test_the_claude_batches_page_shows_cost_and_dead_items_and_requeues_for_the_
                 _open_workload(driver)
                 row = driver.find(f"tr[data-run-id='{first_run}']")
                 shown = _data(driver, f"tr[data-run-id='{first_run}']")
-                assert shown["succeeded"] == str(first_succeeded) == "7" and shown["dead"] == shown["invalid"] == "0"
+                assert (
+                    shown["succeeded"] == str(first_succeeded) == "7"
+                    and shown["dead"] == shown["invalid"] == "0"
+                )
                 assert float(shown["cost"]) == pytest.approx(float(first_cost)) and first_cost > 0
                 assert f"${float(first_cost):,.4f}" in row.text  # the cost as the page shows it
                 assert driver.find("svg.chart")
@@ -240,7 +247,9 @@ def test_the_claude_batches_page_shows_cost_and_dead_items_and_requeues_for_the_
             driver.find(f"tr[data-run-id='{first_run}'] a[data-airflow]").click()
             driver.command("POST", "/frame/parent", {})
             wait_for("Airflow's run page", lambda: f"/dags/{BROWSER_DAG}/runs/" in driver.current_url, 30)
-            assert driver.find("[data-testid=header-card] [data-testid=state-badge]").text.strip() == "Success"
+            assert (
+                driver.find("[data-testid=header-card] [data-testid=state-badge]").text.strip() == "Success"
+            )
             driver.save_screenshot(ARTIFACTS / "page-run-link.png")
         finally:
             driver.save_screenshot(ARTIFACTS / "page-last.png")

@@ -204,5 +204,7 @@ def test_no_secret_in_any_component_or_celery_task_log(fullstack: AirflowStack):
     # A scan of nothing proves nothing: the worker's task logs and every component's log were read.
     ran = {p.parent.name if p.parent.name.startswith("task_id=") else p.parent.parent.name for p in task_logs}
     assert {f"task_id={TASK_PREFIX}collect", f"task_id={TASK_PREFIX}load"} <= ran, sorted(ran)[:10]
-    assert {"celery-worker.log", "scheduler.log", "triggerer.log", "api-server.log"} <= {p.name for p in files}
+    assert {"celery-worker.log", "scheduler.log", "triggerer.log", "api-server.log"} <= {
+        p.name for p in files
+    }
     assert scan.bytes > 100_000

@@ -36,17 +36,29 @@ class ProseResponder:
 
     def __call__(self, params: dict, context: Any) -> dict:
         if PROSE in user_text(params):
-            return {"content": [{"type": "text", "text": "Sure! This one is about billing, I am quite sure."}]}
+            return {
+                "content": [{"type": "text", "text": "Sure! This one is about billing, I am quite sure."}]
+            }
         return self.default(params, context)
 
 
 def fill(stack: Stack) -> None:
     rows = [
-        {"id": key, "body": f"I was charged twice for invoice {i}, please refund", "created_at": DAY + timedelta(minutes=i)}
+        {
+            "id": key,
+            "body": f"I was charged twice for invoice {i}, please refund",
+            "created_at": DAY + timedelta(minutes=i),
+        }
         for i, key in enumerate(GOOD_KEYS)
     ]
     rows.append({"id": PROSE_KEY, "body": f"Refund me {PROSE} now", "created_at": DAY + timedelta(hours=1)})
-    rows.append({"id": CONTROL_KEY, "body": "\x1b[31mred alert\x1b[0m about my invoice", "created_at": DAY + timedelta(hours=2)})
+    rows.append(
+        {
+            "id": CONTROL_KEY,
+            "body": "\x1b[31mred alert\x1b[0m about my invoice",
+            "created_at": DAY + timedelta(hours=2),
+        }
+    )
     conn = stack.connect()
     try:
         create_tickets(conn, rows)

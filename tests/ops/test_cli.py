@@ -40,7 +40,14 @@ def test_every_subcommand_then_requeue_and_the_next_run_sends_the_items(ops_stac
     assert status["workloads"] == [WORKLOAD.name]
     (counts,) = status["ledger"]
     assert counts["prompt_version"] == WORKLOAD.prompt_version and counts["current"] is True
-    assert counts["counts"] == {"pending": 0, "submitted": 0, "succeeded": 6, "invalid": 0, "retry": 0, "dead": 2}
+    assert counts["counts"] == {
+        "pending": 0,
+        "submitted": 0,
+        "succeeded": 6,
+        "invalid": 0,
+        "retry": 0,
+        "dead": 2,
+    }
     assert status["in_flight"] == [] and status["holders"] == []
     (last,) = status["last_runs"]
     assert last["run_id"] == "night-2" and last["dag_id"] == DAG_ID and last["dead"] == 1
@@ -54,8 +61,14 @@ def test_every_subcommand_then_requeue_and_the_next_run_sends_the_items(ops_stac
     # -- runs: outcomes, cost, the real-time equivalent, saving, cache hits, duration -----------
     latest, run = cli_json("runs", "--workload", WORKLOAD.name)
     assert (latest["run_id"], latest["extracted"], latest["dead"]) == ("night-2", 1, 1)
-    assert (run["run_id"], run["extracted"], run["succeeded"], run["invalid"], run["dead"], run["rejected"]) == (
-        "night-1", 8, 6, 1, 1, 1)
+    assert (
+        run["run_id"],
+        run["extracted"],
+        run["succeeded"],
+        run["invalid"],
+        run["dead"],
+        run["rejected"],
+    ) == ("night-1", 8, 6, 1, 1, 1)
     assert run["cost_usd"] > 0 and run["realtime_cost_usd"] == pytest.approx(2 * run["cost_usd"], rel=1e-3)
     assert run["saving_usd"] == pytest.approx(run["cost_usd"], rel=1e-3)
     assert run["cache_hit_rate"] is None  # the workload does not cache
@@ -64,7 +77,9 @@ def test_every_subcommand_then_requeue_and_the_next_run_sends_the_items(ops_stac
     assert code == 0 and "night-1" in text and "real-time" in text and "$" in text
 
     # -- ledger ----------------------------------------------------------------------------------
-    assert cli_json("ledger", "--workload", WORKLOAD.name, "--prompt-version", WORKLOAD.prompt_version[:6]) == [counts]
+    assert cli_json(
+        "ledger", "--workload", WORKLOAD.name, "--prompt-version", WORKLOAD.prompt_version[:6]
+    ) == [counts]
     code, text, _ = cli("ledger")
     assert code == 0 and WORKLOAD.prompt_version in text
 
@@ -73,7 +88,9 @@ def test_every_subcommand_then_requeue_and_the_next_run_sends_the_items(ops_stac
     assert dead["total"] == 2
     items = {item["record_key"]: item for item in dead["items"]}
     assert set(items) == {PROSE_KEY, CONTROL_KEY}
-    assert items[CONTROL_KEY]["rejected"] is True and "control character U+001B" in items[CONTROL_KEY]["reason"]
+    assert (
+        items[CONTROL_KEY]["rejected"] is True and "control character U+001B" in items[CONTROL_KEY]["reason"]
+    )
     assert items[PROSE_KEY]["rejected"] is False and "not valid JSON" in items[PROSE_KEY]["reason"]
     assert items[PROSE_KEY]["batch_id"] and items[PROSE_KEY]["run_id"] == "night-2"
     assert items[PROSE_KEY]["attempts"] == 2 and items[PROSE_KEY]["status"] == "dead"
@@ -109,7 +126,12 @@ def test_every_subcommand_then_requeue_and_the_next_run_sends_the_items(ops_stac
     argv = ["requeue", "--workload", WORKLOAD.name, "--reason", "not valid JSON", "--json"]
     if stack.dialect == "duckdb":
         done = subprocess.run(
-            [str(CONSOLE_SCRIPT), *argv], capture_output=True, text=True, timeout=120, env=os.environ.copy(), check=False
+            [str(CONSOLE_SCRIPT), *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=os.environ.copy(),
+            check=False,
         )
         assert done.returncode == 0, done.stderr
         result = json.loads(done.stdout)
@@ -168,7 +190,9 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, monkeypatch):
             "INSERT INTO claude_batch_ledger (workload, record_key, prompt_version, status, updated_at) "
             "VALUES ('triage', 'k1', 'pv_0123456789abcdef', 'dead', now())"
         )
-    monkeypatch.setenv("AIRFLOW_CONN_CLAUDE_BATCH_WAREHOUSE", json.dumps({"conn_type": "duckdb", "host": str(path)}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_CLAUDE_BATCH_WAREHOUSE", json.dumps({"conn_type": "duckdb", "host": str(path)})
+    )
     code, out, err = cli("status", "--workload", "nope")
     assert code == 2 and out == ""
     assert "no workload 'nope' in this warehouse's ledger or run history (known: triage)" in err
@@ -177,7 +201,11 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, monkeypatch):
     assert cli_json("requeue", "--workload", "triage", "--all-dead", "--prompt-version", "pv_0123", "--dry-run")[
         "keys"] == ["k1"]  # fmt: skip
     code, _, err = cli("ledger", "--conn-id", "no_such_warehouse")
-    assert code == 2 and "no Airflow connection 'no_such_warehouse'" in err and "AIRFLOW_CONN_NO_SUCH_WAREHOUSE" in err
+    assert (
+        code == 2
+        and "no Airflow connection 'no_such_warehouse'" in err
+        and "AIRFLOW_CONN_NO_SUCH_WAREHOUSE" in err
+    )
     code, _, err = cli("dead", "--prompt-version", "pv_")
     assert code == 2 and "needs its workload" in err
     keys = tmp_path / "keys.txt"
@@ -189,7 +217,9 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as usage:  # argparse: one selection is required
         cli("requeue", "--workload", "triage")
     assert usage.value.code == 2
-    monkeypatch.setenv("AIRFLOW_CONN_ANTHROPIC_DEFAULT", json.dumps({"conn_type": "anthropic", "password": PG_PASSWORD}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_ANTHROPIC_DEFAULT", json.dumps({"conn_type": "anthropic", "password": PG_PASSWORD})
+    )
     code, _, err = cli("status", "--conn-id", "anthropic_default")
     assert code == 2 and "of type 'anthropic', not a warehouse" in err and PG_PASSWORD not in err
 
@@ -204,7 +234,9 @@ def test_a_warehouse_no_pipeline_ran_on_says_so(tmp_path, monkeypatch):
 def test_an_unreachable_warehouse_exits_1_without_showing_the_password(monkeypatch):
     from tests.ops.conftest import postgres_connection
 
-    connection = postgres_connection("postgresql://postgres@127.0.0.1:1/test?options=-csearch_path%3Dx", port=1)
+    connection = postgres_connection(
+        "postgresql://postgres@127.0.0.1:1/test?options=-csearch_path%3Dx", port=1
+    )
     connection["extra"]["connect_timeout"] = 2
     monkeypatch.setenv("AIRFLOW_CONN_UNREACHABLE", json.dumps(connection))
     code, out, err = cli("status", "--conn-id", "unreachable")
@@ -221,7 +253,9 @@ def test_the_default_connection_is_the_pipelines():
 
 
 def test_tables_align_numbers_right_and_text_left():
-    text = cli_module.table(["name", "items", "cost"], [["a", 5, cli_module._Right("$1.50")], ["long name", 1_234, None]])
+    text = cli_module.table(
+        ["name", "items", "cost"], [["a", 5, cli_module._Right("$1.50")], ["long name", 1_234, None]]
+    )
     lines = text.splitlines()
     assert lines[0] == "  name       items   cost"
     assert lines[2] == "  a              5  $1.50"

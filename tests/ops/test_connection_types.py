@@ -41,7 +41,9 @@ def test_a_dag_runs_on_a_duckdb_connection_made_with_airflow_connections_add(
     path = tmp_path / "warehouse.duckdb"
     with duckdb.connect(str(path)) as conn:
         load_sample_data(REPO).seed_warehouse(conn, end=END, tickets=12)
-    monkeypatch.delenv("AIRFLOW_CONN_CLAUDE_BATCH_WAREHOUSE", raising=False)  # only the metadata database has it
+    monkeypatch.delenv(
+        "AIRFLOW_CONN_CLAUDE_BATCH_WAREHOUSE", raising=False
+    )  # only the metadata database has it
     monkeypatch.setenv("CLAUDE_BATCH_STORAGE_ROOT", s3_store.root)
     monkeypatch.setenv("CLAUDE_BATCH_MIN_POLL_SECONDS", "0.2")
     # The README's command, word for word but the path.
@@ -91,7 +93,9 @@ def test_a_duckdb_connection_opens_through_the_providers_hook_with_its_extra(tmp
 
 def test_a_duckdb_connection_without_a_file_is_refused(monkeypatch):
     monkeypatch.setenv("AIRFLOW_CONN_CB_DUCK_MEMORY", json.dumps({"conn_type": "duckdb"}))
-    with pytest.raises(WarehouseError, match="'cb_duck_memory' names no database file: set its Database path"):
+    with pytest.raises(
+        WarehouseError, match="'cb_duck_memory' names no database file: set its Database path"
+    ):
         with open_warehouse("cb_duck_memory"):
             pass
 
@@ -102,7 +106,9 @@ def test_a_duckdb_aws_connection_is_accepted(tmp_path, monkeypatch):
 
     path = tmp_path / "aws.duckdb"
     extra = {"autoinstall_extensions": False, "credential_strategy": "none"}  # nothing downloaded here
-    monkeypatch.setenv("AIRFLOW_CONN_CB_DUCK_AWS", json.dumps({"conn_type": "duckdb_aws", "host": str(path), "extra": extra}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_CB_DUCK_AWS", json.dumps({"conn_type": "duckdb_aws", "host": str(path), "extra": extra})
+    )
     # Its hook loads DuckDB's httpfs and aws extensions; this machine has neither and may not download.
     with pytest.raises(WarehouseError, match=r"httpfs.*a plain duckdb connection needs neither"):
         with open_warehouse("cb_duck_aws"):

@@ -33,12 +33,25 @@ def rows(warehouse: Warehouse, sql: str, params=()) -> list[tuple]:
     return warehouse._fetchall(sql.replace("?", warehouse.dialect.placeholder), list(params))
 
 
-def add_item(warehouse, key, status, *, version="pv_aaaa000000000000", run_id="run-1", error=None, workload="w"):
+def add_item(
+    warehouse, key, status, *, version="pv_aaaa000000000000", run_id="run-1", error=None, workload="w"
+):
     execute(
         warehouse,
         "INSERT INTO claude_batch_ledger (workload, record_key, prompt_version, custom_id, status, attempts, "
         "invalid_answers, last_error, run_id, updated_at, claimed_at, dag_id) VALUES (?, ?, ?, ?, ?, 3, 1, ?, ?, ?, ?, ?)",
-        [workload, key, version, key, status, error, run_id, datetime(2026, 3, 1, 12), datetime(2026, 3, 1, 11), "dag"],
+        [
+            workload,
+            key,
+            version,
+            key,
+            status,
+            error,
+            run_id,
+            datetime(2026, 3, 1, 12),
+            datetime(2026, 3, 1, 11),
+            "dag",
+        ],
     )
 
 
@@ -58,9 +71,10 @@ def test_a_ledger_made_before_requeues_gains_the_columns_and_is_read_as_it_is(wa
     assert counts.counts["dead"] == 1 and counts.requeued == 0
     result = Ops(warehouse).requeue("w", keys=["k1"], by="someone")  # adds the columns, then moves the item
     assert result.requeued == 1
-    assert rows(warehouse, "SELECT status, attempts, invalid_answers, requeued_by, last_error FROM claude_batch_ledger") == [
-        ("retry", 0, 0, "someone", "out of attempts")
-    ]
+    assert rows(
+        warehouse,
+        "SELECT status, attempts, invalid_answers, requeued_by, last_error FROM claude_batch_ledger",
+    ) == [("retry", 0, 0, "someone", "out of attempts")]
     warehouse.ensure_tables()  # and again: nothing to add
     assert Ops(warehouse).ledger_counts()[0].requeued == 1
 
@@ -78,10 +92,18 @@ def test_requeue_moves_only_dead_and_invalid_items_of_the_prompt_version(warehou
     assert ops.resolve_prompt_version("w", "pv_a") == "pv_aaaa000000000000"
     with pytest.raises(OpsError, match="ambiguous"):
         ops.resolve_prompt_version("w", "pv_")
-    moved = warehouse.requeue(WorkloadRef("w", "pv_aaaa000000000000"), ["dead-1", "invalid-1", "held", "done"], by="t")
+    moved = warehouse.requeue(
+        WorkloadRef("w", "pv_aaaa000000000000"), ["dead-1", "invalid-1", "held", "done"], by="t"
+    )
     assert moved == 2
     statuses = dict(rows(warehouse, "SELECT record_key, status FROM claude_batch_ledger"))
-    assert statuses == {"dead-1": "retry", "invalid-1": "retry", "held": "submitted", "done": "succeeded", "old-dead": "dead"}
+    assert statuses == {
+        "dead-1": "retry",
+        "invalid-1": "retry",
+        "held": "submitted",
+        "done": "succeeded",
+        "old-dead": "dead",
+    }
     # By reason: only the prompt version asked for.
     result = ops.requeue("w", reason="TOO LONG", prompt_version="pv_b")
     assert (result.requeued, result.keys) == (1, ["old-dead"])
@@ -99,7 +121,9 @@ def test_a_warehouse_without_the_tables_is_named(warehouse):
 def test_results_become_json_ready_data():
     from claude_batch.ops import SkippedKey
 
-    assert to_jsonable({"at": datetime(2026, 3, 1, 12, 30), "keys": (SkippedKey("k", None, None, "why"),)}) == {
+    assert to_jsonable(
+        {"at": datetime(2026, 3, 1, 12, 30), "keys": (SkippedKey("k", None, None, "why"),)}
+    ) == {
         "at": "2026-03-01T12:30:00Z",
         "keys": [{"record_key": "k", "status": None, "run_id": None, "why": "why"}],
     }

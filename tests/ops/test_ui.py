@@ -34,10 +34,14 @@ def ui_client_fixture(airflow_db, monkeypatch):
 
     monkeypatch.setenv("AIRFLOW__CORE__AUTH_MANAGER",
                        "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager")  # fmt: skip
-    monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS", ",".join(f"{u}:{r}" for u, r in USERS.items()))
+    monkeypatch.setenv(
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS", ",".join(f"{u}:{r}" for u, r in USERS.items())
+    )
     monkeypatch.setenv("AIRFLOW__API_AUTH__JWT_SECRET", "ui-test-jwt-secret-" + "0123456789abcdef" * 4)
     monkeypatch.setenv("AIRFLOW__API__SECRET_KEY", "ui-test-secret-key")
-    monkeypatch.setenv("_AIRFLOW_PROCESS_CONTEXT", "server")  # as in the API server (airflow.api_fastapi.main)
+    monkeypatch.setenv(
+        "_AIRFLOW_PROCESS_CONTEXT", "server"
+    )  # as in the API server (airflow.api_fastapi.main)
     monkeypatch.delenv("CLAUDE_BATCH_UI_CONN_IDS", raising=False)
     monkeypatch.setattr(airflow_app._AuthManagerState, "instance", None)
     manager = airflow_app.create_auth_manager()
@@ -58,7 +62,9 @@ def get(client: TestClient, path: str, user: str | None, token, **params) -> tup
     return response.status_code, response.text
 
 
-def post_requeue(client: TestClient, user: str, token, keys: list[str], form_token: str, version: str) -> tuple[int, str]:
+def post_requeue(
+    client: TestClient, user: str, token, keys: list[str], form_token: str, version: str
+) -> tuple[int, str]:
     response = client.post(
         f"{PAGE}/requeue",
         data={"token": form_token, "prompt_version": version, "key": keys},
@@ -80,7 +86,9 @@ def form_token_of(html: str) -> str:
 
 
 @pytest.mark.parametrize("ops_stack", ["duckdb"], indirect=True)
-def test_the_page_shows_runs_and_dead_items_and_requeues_for_the_allowed_user_only(ops_stack, anthropic_conn, ui_client):
+def test_the_page_shows_runs_and_dead_items_and_requeues_for_the_allowed_user_only(
+    ops_stack, anthropic_conn, ui_client
+):
     client, token = ui_client
     stack = ops_stack
     first = PipelineRun(stack, "night-1", RUN_1).run()
@@ -125,14 +133,20 @@ def test_the_page_shows_runs_and_dead_items_and_requeues_for_the_allowed_user_on
     assert [row["key"] for row in attrs(text, "data-key")] == [PROSE_KEY]
     assert get(client, PAGE, "admin", token, status="everything")[0] == 400
     code, text = get(client, PAGE, "admin", token, pv=WORKLOAD.prompt_version[:8])  # a prefix of the version
-    assert code == 200 and len(attrs(text, "data-key")) == 2 and f'name="pv" value="{WORKLOAD.prompt_version[:8]}"' in text
+    assert (
+        code == 200
+        and len(attrs(text, "data-key")) == 2
+        and f'name="pv" value="{WORKLOAD.prompt_version[:8]}"' in text
+    )
     code, text = get(client, PAGE, "admin", token, pv="pv_nothing")
     assert code == 400 and "has no prompt version &#39;pv_nothing&#39;" in text
 
     # -- the viewer sees it all but may not requeue --------------------------------------------
     code, text = get(client, PAGE, "viewer", token)
     assert code == 200 and 'data-can-requeue="no"' in text and "needs edit access to DAG" in text
-    code, text = post_requeue(client, "viewer", token, [CONTROL_KEY], form_token_of(text), WORKLOAD.prompt_version)
+    code, text = post_requeue(
+        client, "viewer", token, [CONTROL_KEY], form_token_of(text), WORKLOAD.prompt_version
+    )
     assert code == 403 and f"edit access to DAG {DAG_ID}" in text
     assert ledger(stack)[CONTROL_KEY][0] == "dead"
 
@@ -173,7 +187,9 @@ def test_the_page_shows_runs_and_dead_items_and_requeues_for_the_allowed_user_on
 def test_only_the_listed_connections_are_shown(ui_client, monkeypatch, tmp_path):
     client, token = ui_client
     monkeypatch.setenv("CLAUDE_BATCH_UI_CONN_IDS", "wh_missing, wh_empty")
-    monkeypatch.setenv("AIRFLOW_CONN_WH_EMPTY", json.dumps({"conn_type": "duckdb", "host": str(tmp_path / "e.duckdb")}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_WH_EMPTY", json.dumps({"conn_type": "duckdb", "host": str(tmp_path / "e.duckdb")})
+    )
     code, text = get(client, "/", "admin", token)
     assert code == 200
     sections = [s["conn-id"] for s in attrs(text, "data-conn-id")]

@@ -75,7 +75,9 @@ def run_callback_trigger(path: str, kwargs: dict) -> list[dict]:
     from airflow.triggers.callback import CallbackTrigger
 
     async def events():
-        trigger = CallbackTrigger(callback_path=path, callback_kwargs={**kwargs, "context": missed_deadline_context()})
+        trigger = CallbackTrigger(
+            callback_path=path, callback_kwargs={**kwargs, "context": missed_deadline_context()}
+        )
         return [event.payload async for event in trigger.run()]
 
     return asyncio.run(events())
@@ -97,10 +99,14 @@ def test_the_deadline_alert_reaches_an_smtp_server_through_the_triggerers_callba
     assert mail.subject == f"claude-batch: cb_alerts run overdue ({RUN_ID})"
     assert RUN_ID in mail.body and "2026-11-10T20:00:05+00:00" in mail.body and "tiny_triage" in mail.body
     # The log notifier said it too, in the triggerer's log.
-    assert any("claude-batch ALERT: claude-batch: cb_alerts run overdue" in r.getMessage() for r in caplog.records)
+    assert any(
+        "claude-batch ALERT: claude-batch: cb_alerts run overdue" in r.getMessage() for r in caplog.records
+    )
 
 
-def test_the_default_notifier_emails_when_recipients_are_configured_and_always_logs(smtp, monkeypatch, caplog):
+def test_the_default_notifier_emails_when_recipients_are_configured_and_always_logs(
+    smtp, monkeypatch, caplog
+):
     caplog.set_level(logging.WARNING, logger="claude_batch.alerts")
     path, kwargs = serialized_deadline_callback(dag_with(None))  # the default
     assert [n["path"] for n in kwargs["notifiers"]] == ["claude_batch.alerts.DefaultNotifier"]
@@ -130,7 +136,9 @@ def test_a_run_failure_reaches_the_smtp_server_through_the_dags_failure_callback
         task_id, map_index, try_number = "gate", -1, 1
         log_url = "http://airflow.example.com/dags/cb_alerts/runs/r/tasks/gate?try_number=1"
 
-    callback({"dag": dag, "run_id": RUN_ID, "reason": "task_failure", "ti": FailedTI()})  # as Airflow calls it
+    callback(
+        {"dag": dag, "run_id": RUN_ID, "reason": "task_failure", "ti": FailedTI()}
+    )  # as Airflow calls it
 
     (mail,) = smtp.mailbox.wait_for(1)
     assert mail.subject == f"claude-batch: cb_alerts run failed ({RUN_ID})"
@@ -141,7 +149,9 @@ def test_a_notifier_that_cannot_send_does_not_stop_the_others(smtp, caplog):
     caplog.set_level(logging.ERROR, logger="claude_batch.alerts")
     broken = email("oncall@example.com", smtp_conn_id="missing_smtp")
     working = email("lead@example.com")
-    failed = asyncio.run(run_overdue("tiny_triage", [broken.to_dict(), working.to_dict()], missed_deadline_context()))
+    failed = asyncio.run(
+        run_overdue("tiny_triage", [broken.to_dict(), working.to_dict()], missed_deadline_context())
+    )
     assert failed == [broken.path]
     (mail,) = smtp.mailbox.wait_for(1)
     assert mail.recipients == ["lead@example.com"]

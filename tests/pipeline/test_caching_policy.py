@@ -52,7 +52,9 @@ def record(warehouse: Warehouse, work, run: int, setting: str, hit_rate: float =
         output_tokens=requests * 60, cache_creation_input_tokens=(cached - reads) * PREFIX,
         cache_read_input_tokens=reads * PREFIX, cost_usd=1.0,
     )  # fmt: skip
-    warehouse.record_run(work, manifest, load, AccountingReport(manifest.run_id, requests, {"succeeded": requests}))
+    warehouse.record_run(
+        work, manifest, load, AccountingReport(manifest.run_id, requests, {"succeeded": requests})
+    )
 
 
 @pytest.fixture
@@ -87,7 +89,11 @@ def test_auto_starts_off_with_a_probe_bounded_by_a_share_of_the_run(warehouse_co
         systems = [request["params"]["system"][0] for request in iter_shard_requests(layout, shard)]
         expected = {"type": "ephemeral"} if shard is probe_shard else None
         assert all(system.get("cache_control") == expected for system in systems)
-    keys = [key for shard in manifest.shards for key in read_shard_keys(layout, shard).column("record_key").to_pylist()]
+    keys = [
+        key
+        for shard in manifest.shards
+        for key in read_shard_keys(layout, shard).column("record_key").to_pylist()
+    ]
     assert sorted(keys) == sorted(row["id"] for row in rows(1_000))  # every request once, none lost
     assert any(line.startswith("Caching (auto): off") and "probing 5m on" in line for line in log.lines)
 
@@ -125,7 +131,10 @@ def test_auto_after_a_streak_of_off_runs_keeps_its_evidence(history):
     record(warehouse, work, 99, "off")
     decision = decide(work, warehouse.recent_cache_observations(work), default_prices())
     # Now the 5-minute evidence is REMEASURE_AFTER_RUNS runs old: it is measured again, at the probe's bounded cost.
-    assert decision.probe_setting == "5m" and decision.probe_reason == f"last measured {REMEASURE_AFTER_RUNS} runs ago"
+    assert (
+        decision.probe_setting == "5m"
+        and decision.probe_reason == f"last measured {REMEASURE_AFTER_RUNS} runs ago"
+    )
 
 
 def test_a_setting_that_pays_is_taken_up_again_after_off_runs(history):
@@ -148,7 +157,10 @@ def test_after_5m_does_not_pay_auto_probes_1h_then_settles(history):
     record(warehouse, work, 2, "off", 0.0, probe=("1h", 25))
     settled = decide(work, warehouse.recent_cache_observations(work), default_prices())
     assert settled.setting == "off" and settled.probe_setting is None
-    assert {s: f["conclusion"] for s, f in settled.factors.items()} == {"5m": "does not pay", "1h": "does not pay"}
+    assert {s: f["conclusion"] for s, f in settled.factors.items()} == {
+        "5m": "does not pay",
+        "1h": "does not pay",
+    }
 
 
 def test_the_run_history_records_the_decision_and_the_probe(warehouse_conn, local_store, emulator):
@@ -159,10 +171,13 @@ def test_the_run_history_records_the_decision_and_the_probe(warehouse_conn, loca
     from tests.datapath.conftest import query
 
     probe_setting, probe_requests, policy, decision = query(
-        warehouse_conn, "SELECT cache_probe_setting, cache_probe_requests, cache_policy, cache_decision FROM claude_batch_runs"
+        warehouse_conn,
+        "SELECT cache_probe_setting, cache_probe_requests, cache_policy, cache_decision FROM claude_batch_runs",
     )[0]
     plan = orjson.loads(decision)
-    assert (probe_setting, policy) == ("5m", "auto") and probe_requests == manifest.estimate["cache_plan"]["probe"]["requests"]
+    assert (probe_setting, policy) == ("5m", "auto") and probe_requests == manifest.estimate["cache_plan"][
+        "probe"
+    ]["requests"]
     assert plan["probe"]["setting"] == "5m" and plan["cached_batches"] == 1 and plan["prefix_tokens"] > 1_024
     assert report["cache"]["probe"]["requests"] == probe_requests
     # The probe measured the 5-minute cache at about 90%: the next night uses it for everything.

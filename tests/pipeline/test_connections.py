@@ -27,7 +27,9 @@ HOLD = textwrap.dedent(
 
 def start(path, name: str, hold: float) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(path), name, str(hold)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [sys.executable, "-c", HOLD, str(path), name, str(hold)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
 
 
@@ -61,7 +63,10 @@ def test_a_task_that_waits_past_the_timeout_names_the_file(tmp_path):
     holder = start(path, "holder", 3.0)
     assert holder.stdout.readline().strip() == b"open"
     try:
-        with pytest.raises(WarehouseError, match="warehouse.duckdb stayed in use"), duckdb_connection(str(path), timeout=0.5):
+        with (
+            pytest.raises(WarehouseError, match="warehouse.duckdb stayed in use"),
+            duckdb_connection(str(path), timeout=0.5),
+        ):
             pass
     finally:
         holder.communicate(timeout=60)

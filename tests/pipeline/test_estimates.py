@@ -80,7 +80,9 @@ def test_a_sample_of_200_counts_the_run_within_a_percent_and_the_prefix_exactly(
     decision = CacheDecision("5m", "5m", "fixed", evidence={"5m": measured("5m", 0.8)})
     manifest = estimate_run(layout, manifest, work, decision, [], PRICES, sample=sample, client=client_for(emulator),
                             key_column=RECORD_KEY_COLUMN)  # fmt: skip
-    requests = [request["params"] for shard in manifest.shards for request in iter_shard_requests(layout, shard)]
+    requests = [
+        request["params"] for shard in manifest.shards for request in iter_shard_requests(layout, shard)
+    ]
     counted = sum(analyse_prompt(params).total_tokens for params in requests)  # what the emulator bills
     estimate = manifest.estimate
     assert estimate["method"] == "count_tokens"
@@ -95,7 +97,9 @@ def test_a_sample_of_200_counts_the_run_within_a_percent_and_the_prefix_exactly(
     ("model", "cacheable"),
     [("claude-sonnet-4-6", True), ("claude-haiku-4-5", False)],  # minimum 1,024 and 4,096; the prefix ~1,500
 )
-def test_the_estimate_with_and_without_a_cached_prefix_under_and_over_the_minimum(emulator, local_store, model, cacheable):
+def test_the_estimate_with_and_without_a_cached_prefix_under_and_over_the_minimum(
+    emulator, local_store, model, cacheable
+):
     work = workload(cache="5m", model=model)
     layout = RunLayout(local_store, "cost_dag", f"run-{model}")
     sample = RowSample(seed="x")
@@ -105,7 +109,10 @@ def test_the_estimate_with_and_without_a_cached_prefix_under_and_over_the_minimu
     tokens = measure_tokens(client_for(emulator), work, "5m", sampled, per_model)
     counted = tokens[model]
     out = output_tokens(work, [])
-    assert out.point == FIRST_RUN_OUTPUT_SHARE * work.max_tokens and (out.low, out.high) == (0, work.max_tokens)
+    assert out.point == FIRST_RUN_OUTPUT_SHARE * work.max_tokens and (out.low, out.high) == (
+        0,
+        work.max_tokens,
+    )
     off = build_estimate(work, CacheDecision("5m", "off", "test"), tokens, out, PRICES)
     decision = CacheDecision("5m", "5m", "test", evidence={"5m": measured("5m", 0.8)})
     cached = build_estimate(work, decision, tokens, out, PRICES)
@@ -123,10 +130,17 @@ def test_the_estimate_with_and_without_a_cached_prefix_under_and_over_the_minimu
     prefix = 400 * counted.prefix_tokens
     assert counted.prefix_tokens >= price.min_cacheable_tokens
     assert cached["cost_usd_expected"] == pytest.approx(
-        (price.input * (counted.input_tokens - prefix + prefix * factor) + price.output * 400 * out.point) / 1e6 / 2,
+        (price.input * (counted.input_tokens - prefix + prefix * factor) + price.output * 400 * out.point)
+        / 1e6
+        / 2,
         rel=1e-5,
     )
-    assert cached["cost_usd_low"] < cached["cost_usd_expected"] < cached["cost_usd_high"] < cached["cost_usd_max"]
+    assert (
+        cached["cost_usd_low"]
+        < cached["cost_usd_expected"]
+        < cached["cost_usd_high"]
+        < cached["cost_usd_max"]
+    )
     assert cached["cost_usd_uncached"] == off["cost_usd_expected"]
 
 
@@ -151,8 +165,12 @@ def test_without_count_tokens_the_estimate_counts_characters_and_says_so(local_s
 def test_output_tokens_come_from_the_runs_of_the_same_prompt_version():
     work = workload(expected_output_tokens=60)
     history = [
-        CacheObservation("off", 0, 0, runs_ago=0, answers=1_000, output_tokens=41_000, prompt_version=work.prompt_version),
-        CacheObservation("off", 0, 0, runs_ago=1, answers=1_000, output_tokens=39_000, prompt_version=work.prompt_version),
+        CacheObservation(
+            "off", 0, 0, runs_ago=0, answers=1_000, output_tokens=41_000, prompt_version=work.prompt_version
+        ),
+        CacheObservation(
+            "off", 0, 0, runs_ago=1, answers=1_000, output_tokens=39_000, prompt_version=work.prompt_version
+        ),
         CacheObservation("off", 0, 0, runs_ago=2, answers=10, output_tokens=9_000, prompt_version="pv_other"),
     ]
     out = output_tokens(work, history)
@@ -161,7 +179,9 @@ def test_output_tokens_come_from_the_runs_of_the_same_prompt_version():
     assert stated.point == 60 and "expected_output_tokens" in stated.source
 
 
-def test_the_estimate_is_within_10_percent_once_the_hit_rate_is_measured(warehouse_conn, local_store, emulator):
+def test_the_estimate_is_within_10_percent_once_the_hit_rate_is_measured(
+    warehouse_conn, local_store, emulator
+):
     emulator.configure(cache_hit_rate=0.9)
     create_tickets(warehouse_conn, [*rows(300, day=0), *rows(300, day=1)])
     config = config_for(workload(cache="1h"), local_store)
@@ -171,25 +191,39 @@ def test_the_estimate_is_within_10_percent_once_the_hit_rate_is_measured(warehou
     assert estimate["low_usd"] <= first["costs"]["actual_usd"] <= estimate["high_usd"]
     second, _ = night(config, warehouse_conn, local_store, emulator, 1)
     assert abs(second["costs"]["estimate"]["gap_pct"]) < 10
-    assert second["costs"]["estimate"]["low_usd"] <= second["costs"]["actual_usd"] <= second["costs"]["estimate"]["high_usd"]
+    assert (
+        second["costs"]["estimate"]["low_usd"]
+        <= second["costs"]["actual_usd"]
+        <= second["costs"]["estimate"]["high_usd"]
+    )
 
 
-def test_the_budget_guard_at_a_high_hit_rate_goes_by_the_measured_estimate(warehouse_conn, local_store, emulator):
+def test_the_budget_guard_at_a_high_hit_rate_goes_by_the_measured_estimate(
+    warehouse_conn, local_store, emulator
+):
     emulator.configure(cache_hit_rate=0.9)
     create_tickets(warehouse_conn, [*rows(300, day=0), *rows(300, day=1)])
     config = config_for(workload(cache="1h"), local_store)
     night(config, warehouse_conn, local_store, emulator, 0)  # measures the 1-hour cache's hit rate
     warehouse = Warehouse(warehouse_conn)
     layout = RunLayout(local_store, "cost_dag", "scheduled__day1")
-    run_stage(config, warehouse, layout, RunOptions(), interval(1), client=client_for(emulator), log=RecordingLog())
+    run_stage(
+        config, warehouse, layout, RunOptions(), interval(1), client=client_for(emulator), log=RecordingLog()
+    )
     estimate = read_manifest(layout).estimate
-    expected, low, high, all_writes = (estimate[k] for k in ("cost_usd_expected", "cost_usd_low", "cost_usd_high", "cost_usd_max"))
-    assert low < expected < high < all_writes / 2  # every prefix a write would be more than twice the estimate
+    expected, low, high, all_writes = (
+        estimate[k] for k in ("cost_usd_expected", "cost_usd_low", "cost_usd_high", "cost_usd_max")
+    )
+    assert (
+        low < expected < high < all_writes / 2
+    )  # every prefix a write would be more than twice the estimate
     with pytest.raises(BudgetExceeded, match="Even the low end of the estimate is over it"):
         run_gate(config, warehouse, layout, RunOptions(budget_usd=low * 0.95), None, None, RecordingLog())
     log = RecordingLog()
     between = (expected + high) / 2
-    assert run_gate(config, warehouse, layout, RunOptions(budget_usd=between), None, None, log)  # goes, with a warning
+    assert run_gate(
+        config, warehouse, layout, RunOptions(budget_usd=between), None, None, log
+    )  # goes, with a warning
     assert any("may go over the budget" in line for line in log.lines)
 
 
@@ -199,7 +233,9 @@ def test_a_stage_retried_after_staging_writes_its_estimate_without_a_sample(duck
     warehouse.ensure_tables(work)
     layout = RunLayout(local_store, "cost_dag", "scheduled__day0")
     stage(layout, work, "off", 100)  # what a stage task that died before its estimate left behind
-    summary = run_stage(config_for(work, local_store), warehouse, layout, RunOptions(), interval(0), log=RecordingLog())
+    summary = run_stage(
+        config_for(work, local_store), warehouse, layout, RunOptions(), interval(0), log=RecordingLog()
+    )
     estimate = read_manifest(layout).estimate
     assert estimate["method"] == "characters" and estimate["cache_plan"]["setting"] == "off"
     assert estimate["cache_plan"]["probe"] is None  # no probe on a manifest already staged

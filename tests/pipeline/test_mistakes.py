@@ -48,7 +48,9 @@ def config(**changes) -> PipelineConfig:
 
 
 def test_a_missing_key_column_is_named(warehouse, tmp_path):
-    message = stage_fails(warehouse, tmp_path, config(source=dataclasses.replace(SOURCE, key_column="ticket_id")))
+    message = stage_fails(
+        warehouse, tmp_path, config(source=dataclasses.replace(SOURCE, key_column="ticket_id"))
+    )
     assert "ticket_id" in message and "key column" in message
 
 
@@ -58,7 +60,9 @@ def test_a_key_column_in_another_case_is_named_on_duckdb(warehouse, tmp_path):
 
 
 def test_a_missing_interval_column_is_named(warehouse, tmp_path):
-    message = stage_fails(warehouse, tmp_path, config(source=dataclasses.replace(SOURCE, interval_column="received_at")))
+    message = stage_fails(
+        warehouse, tmp_path, config(source=dataclasses.replace(SOURCE, interval_column="received_at"))
+    )
     assert "received_at" in message and "interval" in message
 
 
@@ -76,7 +80,9 @@ def test_a_model_outside_the_allowed_models_is_named_in_the_plain_steps(warehous
 
 def test_a_dag_whose_own_model_is_not_allowed_fails_when_parsed_naming_it():
     with pytest.raises(PreflightError, match="'claude-haiku-4-5' is not one of the allowed models"):
-        claude_batch_dag(config(allowed_models=("claude-sonnet-4-5",)), start_date=datetime(2026, 1, 1, tzinfo=UTC))
+        claude_batch_dag(
+            config(allowed_models=("claude-sonnet-4-5",)), start_date=datetime(2026, 1, 1, tzinfo=UTC)
+        )
 
 
 @pytest.mark.parametrize("root", ["s3:/bucket/prefix", "s3:bucket", "memory://", "s3://", "relative/dir"])
@@ -95,6 +101,8 @@ def test_a_malformed_storage_root_is_refused_by_the_tasks_store(root, tmp_path, 
 
 
 def test_a_query_source_with_a_missing_column_is_named(warehouse, tmp_path):
-    source = SourceSpec(key_column="id", query="SELECT id, created_at FROM tickets", interval_column="created_at")
+    source = SourceSpec(
+        key_column="id", query="SELECT id, created_at FROM tickets", interval_column="created_at"
+    )
     message = stage_fails(warehouse, tmp_path, config(source=source))
     assert "body" in message

@@ -67,7 +67,9 @@ def test_a_duckdb_warehouse_file_is_released_when_the_stage_ends(tmp_path, monke
     from claude_batch.connections import open_warehouse
 
     path = tmp_path / "warehouse.duckdb"
-    monkeypatch.setenv("AIRFLOW_CONN_CLAUDE_BATCH_WAREHOUSE", json.dumps({"conn_type": "duckdb", "host": str(path)}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_CLAUDE_BATCH_WAREHOUSE", json.dumps({"conn_type": "duckdb", "host": str(path)})
+    )
     with pytest.raises(RuntimeError), open_warehouse("claude_batch_warehouse") as warehouse:
         warehouse.conn.execute("CREATE TABLE t AS SELECT 1 AS x")
         raise RuntimeError("the stage failed")

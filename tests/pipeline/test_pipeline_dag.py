@@ -54,7 +54,9 @@ def test_nightly_run_end_to_end(tiny_dag, anthropic_conn, s3_store, warehouse_fi
     stats = anthropic_conn.stats()
     assert stats["batches_created"] == 3 and stats["requests_received"] == 100  # 40 + 40 + 20
     conn = duckdb.connect(str(warehouse_file), read_only=True)
-    results = conn.execute("SELECT category, count(*) FROM tiny_triage_results GROUP BY 1 ORDER BY 1").fetchall()
+    results = conn.execute(
+        "SELECT category, count(*) FROM tiny_triage_results GROUP BY 1 ORDER BY 1"
+    ).fetchall()
     ledger = dict(conn.execute("SELECT status, count(*) FROM claude_batch_ledger GROUP BY 1").fetchall())
     conn.close()
     assert sum(n for _, n in results) == ledger["succeeded"]

@@ -29,7 +29,9 @@ def test_the_definitions_on_tokens_priced_by_hand():
     assert costs.batch_uncached_usd == pytest.approx(costs.realtime_uncached_usd / 2)
     assert costs.actual_usd == pytest.approx((400_000 * 3 + 5_000_000 * 3 * 2 + 60_000 * 15) / 1e6 / 2)
     assert costs.saving_from_batching_usd == pytest.approx(costs.realtime_uncached_usd / 2)
-    assert costs.saving_from_caching_usd == pytest.approx(-5_000_000 * 3 / 1e6 / 2)  # every write at 2x: a loss
+    assert costs.saving_from_caching_usd == pytest.approx(
+        -5_000_000 * 3 / 1e6 / 2
+    )  # every write at 2x: a loss
     assert costs.saving_usd == pytest.approx(costs.saving_from_batching_usd + costs.saving_from_caching_usd)
     data = costs.to_dict()
     assert data["estimate"]["gap_usd"] == pytest.approx(15.0 - actual, abs=1e-6)
@@ -43,13 +45,24 @@ def check_report(report: dict, warehouse_conn, run_id: str) -> dict:
     costs = report["costs"]
     tokens = report["tokens"]
     every_input = tokens["input"] + tokens["cache_write"] + tokens["cache_read"]
-    assert costs["realtime_uncached_usd"] == pytest.approx((every_input * 3 + tokens["output"] * 15) / 1e6, abs=2e-6)
+    assert costs["realtime_uncached_usd"] == pytest.approx(
+        (every_input * 3 + tokens["output"] * 15) / 1e6, abs=2e-6
+    )
     assert costs["batch_uncached_usd"] == pytest.approx(costs["realtime_uncached_usd"] / 2, abs=2e-6)
     assert costs["actual_usd"] == report["cost_usd"]
-    assert costs["saving_from_batching_usd"] == pytest.approx(costs["realtime_uncached_usd"] - costs["batch_uncached_usd"], abs=2e-6)
-    assert costs["saving_from_caching_usd"] == pytest.approx(costs["batch_uncached_usd"] - costs["actual_usd"], abs=2e-6)
-    assert costs["saving_usd"] == pytest.approx(costs["realtime_uncached_usd"] - costs["actual_usd"], abs=2e-6)
-    assert report["realtime_cost_usd"] == costs["realtime_uncached_usd"] and report["saving_usd"] == costs["saving_usd"]
+    assert costs["saving_from_batching_usd"] == pytest.approx(
+        costs["realtime_uncached_usd"] - costs["batch_uncached_usd"], abs=2e-6
+    )
+    assert costs["saving_from_caching_usd"] == pytest.approx(
+        costs["batch_uncached_usd"] - costs["actual_usd"], abs=2e-6
+    )
+    assert costs["saving_usd"] == pytest.approx(
+        costs["realtime_uncached_usd"] - costs["actual_usd"], abs=2e-6
+    )
+    assert (
+        report["realtime_cost_usd"] == costs["realtime_uncached_usd"]
+        and report["saving_usd"] == costs["saving_usd"]
+    )
     assert costs["estimate"]["expected_usd"] == report["estimated_cost_usd"]
     assert costs["exact"] is True
     line = query(
@@ -76,7 +89,9 @@ def test_a_run_where_caching_lost_money(warehouse_conn, local_store, emulator):
     assert costs["saving_from_caching_usd"] < 0 < costs["saving_from_batching_usd"]
     assert costs["actual_usd"] > costs["batch_uncached_usd"]
     assert costs["saving_usd"] < costs["saving_from_batching_usd"]
-    assert costs["saving_usd"] != pytest.approx(costs["actual_usd"])  # the old report's saving was the cost itself
+    assert costs["saving_usd"] != pytest.approx(
+        costs["actual_usd"]
+    )  # the old report's saving was the cost itself
     text = describe_report(report)
     assert f"caching cost ${-costs['saving_from_caching_usd']:.4f} more than caching off" in text
     assert f"plain real-time calls without caching ${costs['realtime_uncached_usd']:.4f}" in text
@@ -116,8 +131,12 @@ def test_the_metrics_carry_the_same_definitions(monkeypatch):
     import airflow.sdk.observability.stats as stats_module
 
     monkeypatch.setattr(stats_module, "Stats", Stats)
-    costs = run_costs(2.0, {MODEL: TokenTotals(1_000_000, 10_000, 0, 0)}, default_prices(), {"cost_usd_expected": 2.1}).to_dict()
-    pipeline._emit_metrics("w", {"ledger": {"succeeded": 1}, "cost_usd": 2.0, "saving_usd": costs["saving_usd"], "costs": costs})
+    costs = run_costs(
+        2.0, {MODEL: TokenTotals(1_000_000, 10_000, 0, 0)}, default_prices(), {"cost_usd_expected": 2.1}
+    ).to_dict()
+    pipeline._emit_metrics(
+        "w", {"ledger": {"succeeded": 1}, "cost_usd": 2.0, "saving_usd": costs["saving_usd"], "costs": costs}
+    )
     assert sent["claude_batch.saving_usd"] == costs["saving_usd"]
     assert sent["claude_batch.saving_from_caching_usd"] == costs["saving_from_caching_usd"]
     assert sent["claude_batch.saving_from_batching_usd"] == costs["saving_from_batching_usd"]
@@ -146,10 +165,14 @@ def test_a_multi_model_run_is_priced_per_model_from_its_results(warehouse_conn, 
         for row in table:
             base = "claude-haiku-4-5" if row["model"].startswith("claude-haiku") else "claude-sonnet-4-6"
             price_in, price_out = prices[base]
-            every_input = row["input_tokens"] + row["cache_creation_input_tokens"] + row["cache_read_input_tokens"]
+            every_input = (
+                row["input_tokens"] + row["cache_creation_input_tokens"] + row["cache_read_input_tokens"]
+            )
             expected += (price_in * every_input + price_out * row["output_tokens"]) / 1e6
     costs = report["costs"]
     assert costs["exact"] is True and costs["realtime_uncached_usd"] == pytest.approx(expected, abs=2e-6)
-    assert costs["batch_uncached_usd"] == pytest.approx(costs["actual_usd"], abs=2e-6)  # caching off: no difference
+    assert costs["batch_uncached_usd"] == pytest.approx(
+        costs["actual_usd"], abs=2e-6
+    )  # caching off: no difference
     decision = query(warehouse_conn, "SELECT cache_decision FROM claude_batch_runs")[0][0]
     assert '"costs_exact":false' in decision  # the run history apportions a multi-model run's tokens

@@ -35,4 +35,3 @@ def duckdb_stack(tmp_path, s3_store, moto_endpoint, anthropic_conn, aws_conn) ->
 @pytest.fixture
 def postgres_stack(postgres_dsn, s3_store, moto_endpoint, anthropic_conn, aws_conn) -> Stack:
     return _stack(postgres_dsn, s3_store, moto_endpoint)
-

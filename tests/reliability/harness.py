@@ -385,7 +385,9 @@ def step_gate(stack: Stack, run_id: str) -> list[str]:
     hook = _hook()
     with stack.warehouse() as warehouse:
         try:
-            return run_gate(stack.config(), warehouse, stack.layout(run_id), RunOptions(), hook.conn, hook, log)
+            return run_gate(
+                stack.config(), warehouse, stack.layout(run_id), RunOptions(), hook.conn, hook, log
+            )
         except NothingToSubmit:  # the gate task skips: another live run holds every item
             return []
 
@@ -404,11 +406,15 @@ def step_submit(stack: Stack, run_id: str, index: int, shard: str, round_number:
     return operator.execute({"ti": _TaskInstance(run_id, task_id, index), "run_id": run_id})
 
 
-def step_collect(stack: Stack, run_id: str, index: int, batch_id: str, round_number: int = 1) -> dict[str, Any]:
+def step_collect(
+    stack: Stack, run_id: str, index: int, batch_id: str, round_number: int = 1
+) -> dict[str, Any]:
     layout = stack.layout(run_id).in_round(round_number)
     manifest = read_manifest(layout)
     assert manifest is not None
-    return run_collect(stack.config(), layout, RunOptions(), _hook().conn, manifest.shards[index].part, batch_id)
+    return run_collect(
+        stack.config(), layout, RunOptions(), _hook().conn, manifest.shards[index].part, batch_id
+    )
 
 
 def step_record(stack: Stack, run_id: str, batch_ids: list[str], round_number: int = 1) -> int:
@@ -418,7 +424,9 @@ def step_record(stack: Stack, run_id: str, batch_ids: list[str], round_number: i
         return run_record_batches(stack.config(), warehouse, layout, RunOptions(), batch_ids)
 
 
-def step_load(stack: Stack, run_id: str, round_number: int = 1, previous: dict | None = None) -> dict[str, Any]:
+def step_load(
+    stack: Stack, run_id: str, round_number: int = 1, previous: dict | None = None
+) -> dict[str, Any]:
     with stack.warehouse() as warehouse:
         layout = stack.layout(run_id).in_round(round_number)
         return run_load(stack.config(), warehouse, layout, RunOptions(), previous)
@@ -427,7 +435,9 @@ def step_load(stack: Stack, run_id: str, round_number: int = 1, previous: dict |
 def step_requeue(stack: Stack, run_id: str, round_number: int) -> list[str]:
     """Round N's requeue task: this run's retries staged again as the round's shards."""
     with stack.warehouse() as warehouse:
-        return run_requeue(stack.config(), warehouse, stack.layout(run_id).in_round(round_number), RunOptions(), log)
+        return run_requeue(
+            stack.config(), warehouse, stack.layout(run_id).in_round(round_number), RunOptions(), log
+        )
 
 
 def wait_for_batches(
@@ -534,7 +544,9 @@ class WorkerNotKilled(AssertionError):
     """The worker process finished without reaching its kill point: the scenario did not happen."""
 
 
-def run_killed_worker(stack: Stack, kill: KillPoint, step: str, args: list[Any], timeout: float = 120.0) -> None:
+def run_killed_worker(
+    stack: Stack, kill: KillPoint, step: str, args: list[Any], timeout: float = 120.0
+) -> None:
     """Run one step in a forked worker process that SIGKILLs itself at ``kill.point``.
 
     The child inherits the loaded modules (no import cost), opens its own connections and
@@ -605,13 +617,19 @@ class PipelineRun:
                     run_killed_worker(self.stack, kill, step, [self.run_id, *args])
                     self.faults.injected += 1
                     raise WorkerKilled(f"{step}[{index}] killed at {kill.point}")
-                wrap = self.faults.during(step, index, attempt) if self.faults.during else contextlib.nullcontext()
+                wrap = (
+                    self.faults.during(step, index, attempt)
+                    if self.faults.during
+                    else contextlib.nullcontext()
+                )
                 with wrap:
                     return STEPS[step](self.stack, self.run_id, *args)
             except WorkerNotKilled:
                 raise
             except Exception as exc:
-                self.record.failed_attempts.append(f"{step}[{index}] attempt {attempt + 1}: {type(exc).__name__}: {exc}"[:300])
+                self.record.failed_attempts.append(
+                    f"{step}[{index}] attempt {attempt + 1}: {type(exc).__name__}: {exc}"[:300]
+                )
                 if self.faults.after_failure is not None:
                     self.faults.after_failure(step, attempt, exc)
                 if attempt == TASK_RETRIES:

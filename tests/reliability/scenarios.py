@@ -151,7 +151,10 @@ def assert_nothing_loaded(stack: Stack, run_id: str) -> dict[str, int]:
     """After a failed load: no result row of the run, and every ledger item still ``submitted``."""
     results = query(stack, f"SELECT COUNT(*) FROM {WORKLOAD.results_table} WHERE run_id = '{run_id}'")[0][0]
     ledger = dict(
-        query(stack, f"SELECT status, COUNT(*) FROM claude_batch_ledger WHERE run_id = '{run_id}' GROUP BY status")
+        query(
+            stack,
+            f"SELECT status, COUNT(*) FROM claude_batch_ledger WHERE run_id = '{run_id}' GROUP BY status",
+        )
     )
     if results or set(ledger) != {"submitted"}:
         raise AssertionError(
@@ -198,7 +201,9 @@ def warehouse_fails_during_load(stack: Stack, emulator: Any, api_key: str, rows:
         if attempt == 0:
             action = _raise(faults, "the second write of the load")
             return statement_faults(StatementFault(LOAD_WRITE, action, after=LOAD_WRITE))
-        return statement_faults(StatementFault("^COMMIT$", _raise(faults, "the commit"), after=RESULTS_UPSERT))
+        return statement_faults(
+            StatementFault("^COMMIT$", _raise(faults, "the commit"), after=RESULTS_UPSERT)
+        )
 
     faults.during = during
     result = run_scenario(stack, emulator, api_key, "warehouse fails during the load", rows, faults=faults)
@@ -233,13 +238,19 @@ def _kill_evidence(point: str, stack: Stack, emulator: Any, api_key: str, index:
         elif point == "collect:mid_download":
             notes["results_after_kill"] = layout.store.exists(layout.results_parquet(index))
             notes["ledger_after_kill"] = dict(
-                query(stack, "SELECT status, COUNT(*) FROM claude_batch_ledger WHERE run_id = 'run-1' GROUP BY 1")
+                query(
+                    stack,
+                    "SELECT status, COUNT(*) FROM claude_batch_ledger WHERE run_id = 'run-1' GROUP BY 1",
+                )
             )
         elif point == "load:before_commit":
             notes["ledger_after_kill"] = assert_nothing_loaded(stack, "run-1")
         elif point == "load:after_commit":
             notes["ledger_after_kill"] = dict(
-                query(stack, "SELECT status, COUNT(*) FROM claude_batch_ledger WHERE run_id = 'run-1' GROUP BY 1")
+                query(
+                    stack,
+                    "SELECT status, COUNT(*) FROM claude_batch_ledger WHERE run_id = 'run-1' GROUP BY 1",
+                )
             )
 
     return after_failure
@@ -278,7 +289,9 @@ SCENARIOS: dict[str, Scenario] = {
     "kill_submit": _killed(
         "submit:after_create", "submit", 1, "worker killed after the paid create, before the state write"
     ),
-    "kill_collect": _killed("collect:mid_download", "collect", 1, "worker killed mid-collect (download half done)"),
+    "kill_collect": _killed(
+        "collect:mid_download", "collect", 1, "worker killed mid-collect (download half done)"
+    ),
     "kill_load": _killed("load:before_commit", "load", 0, "worker killed mid-load (before the commit)"),
     "kill_after_load": _killed(
         "load:after_commit", "load", 0, "worker killed after the load commit, before the run record"

@@ -84,7 +84,11 @@ def test_every_row_ends_in_a_clear_ledger_state_with_a_readable_reason(corpus_ru
         else:  # a made-up ledger key: find an unclaimed row of that shape that fits
             candidates = [k for k in ledger if k.startswith(case.ledger_prefix) and k not in claimed]
             fits = [k for k in candidates if _match(case, ledger[k][0], ledger[k][1]) is None]
-            problem = None if fits else f"no ledger row {case.ledger_prefix}* fits: {[ledger[k] for k in candidates]}"
+            problem = (
+                None
+                if fits
+                else f"no ledger row {case.ledger_prefix}* fits: {[ledger[k] for k in candidates]}"
+            )
             if fits:
                 claimed.add(fits[0])
         if problem:
@@ -123,7 +127,9 @@ def test_keys_join_back_to_their_rows_without_collisions(corpus_run):
 
 
 def test_sql_and_injection_content_is_only_data(corpus_run):
-    tables = {name for (name,) in warehouse_query(corpus_run, "SELECT table_name FROM information_schema.tables")}
+    tables = {
+        name for (name,) in warehouse_query(corpus_run, "SELECT table_name FROM information_schema.tables")
+    }
     assert {"corpus", "claude_batch_ledger", "claude_batch_runs", RESULTS_TABLE} <= tables
     assert warehouse_query(corpus_run, "SELECT COUNT(*) FROM corpus")[0][0] == len(CASES)
     answers = dict(warehouse_query(corpus_run, f"SELECT record_key, category FROM {RESULTS_TABLE}"))

@@ -35,7 +35,9 @@ def small_corpus(tmp_path, monkeypatch, s3_store, anthropic_conn, aws_conn, airf
         [(f"c{i}", b"I was charged twice", DAY + timedelta(minutes=i)) for i in range(30)],
     )
     conn.close()
-    monkeypatch.setenv("AIRFLOW_CONN_CLAUDE_BATCH_WAREHOUSE", json.dumps({"conn_type": "duckdb", "host": str(path)}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_CLAUDE_BATCH_WAREHOUSE", json.dumps({"conn_type": "duckdb", "host": str(path)})
+    )
     monkeypatch.setenv("CLAUDE_BATCH_STORAGE_ROOT", s3_store.root)
     from airflow.dag_processing.dagbag import DagBag
 
@@ -69,7 +71,10 @@ def test_a_run_whose_batches_are_all_canceled_accounts_for_every_item(small_corp
     conn = duckdb.connect(str(warehouse))  # the run's own connection may still be open in this process
     try:
         ledger = dict(conn.execute("SELECT status, COUNT(*) FROM claude_batch_ledger GROUP BY 1").fetchall())
-        reasons = {reason for (reason,) in conn.execute("SELECT DISTINCT last_error FROM claude_batch_ledger").fetchall()}
+        reasons = {
+            reason
+            for (reason,) in conn.execute("SELECT DISTINCT last_error FROM claude_batch_ledger").fetchall()
+        }
     finally:
         conn.close()
     assert run.state == "success"

@@ -107,7 +107,9 @@ def test_a_backfill_of_three_nights_two_at_a_time_pays_once(warehouse, request, 
     PipelineRun(stack, "night-1", RUN_1).run()
     emulator.configure(faults={"batch": {"errored_rate": 0.1, "error_types": ["api_error"]}})
     nights = [
-        PipelineRun(stack, f"backfill__night-{day}", (DAY + timedelta(days=day - 1), DAY + timedelta(days=day)))
+        PipelineRun(
+            stack, f"backfill__night-{day}", (DAY + timedelta(days=day - 1), DAY + timedelta(days=day))
+        )
         for day in (2, 3, 4)
     ]
     steps = [night.steps() for night in nights]
@@ -138,16 +140,30 @@ def test_re_running_an_older_run_after_a_later_retry_changes_nothing(warehouse, 
     PipelineRun(stack, "night-1", RUN_1).run()
     emulator.configure(faults={})
     PipelineRun(stack, "night-2", (DAY + timedelta(days=1), DAY + timedelta(days=2))).run()
-    before_ledger = query(stack, "SELECT record_key, status, attempts, run_id, batch_id FROM claude_batch_ledger ORDER BY 1")
-    before_results = query(stack, "SELECT record_key, output_json, run_id FROM reliability_results ORDER BY 1")
+    before_ledger = query(
+        stack, "SELECT record_key, status, attempts, run_id, batch_id FROM claude_batch_ledger ORDER BY 1"
+    )
+    before_results = query(
+        stack, "SELECT record_key, output_json, run_id FROM reliability_results ORDER BY 1"
+    )
     before_runs = query(stack, "SELECT run_id, succeeded, retry, dead FROM claude_batch_runs ORDER BY 1")
     received = emulator.stats()["requests_received"]
     again = PipelineRun(stack, "night-1", RUN_1)  # every task of night 1 cleared and run again
     again.run()
     assert emulator.stats()["requests_received"] == received
-    assert query(stack, "SELECT record_key, status, attempts, run_id, batch_id FROM claude_batch_ledger ORDER BY 1") == before_ledger
-    assert query(stack, "SELECT record_key, output_json, run_id FROM reliability_results ORDER BY 1") == before_results
-    assert query(stack, "SELECT run_id, succeeded, retry, dead FROM claude_batch_runs ORDER BY 1") == before_runs
+    assert (
+        query(
+            stack, "SELECT record_key, status, attempts, run_id, batch_id FROM claude_batch_ledger ORDER BY 1"
+        )
+        == before_ledger
+    )
+    assert (
+        query(stack, "SELECT record_key, output_json, run_id FROM reliability_results ORDER BY 1")
+        == before_results
+    )
+    assert (
+        query(stack, "SELECT run_id, succeeded, retry, dead FROM claude_batch_runs ORDER BY 1") == before_runs
+    )
     assert ledger(stack) == {"succeeded": ROWS}
 
 
@@ -168,20 +184,25 @@ def test_two_runs_that_both_probe_the_cache_pay_once_and_record_one_probe(wareho
     check_every_item_once(stack, emulator, [scheduled, manual])
     assert emulator.stats()["requests_received"] == ROWS, order
     winner = scheduled if scheduled.record.shards else manual
-    assert sorted([scheduled.record.shards, manual.record.shards]) == [0, 3], order  # two shards and the probe
+    assert sorted([scheduled.record.shards, manual.record.shards]) == [0, 3], (
+        order
+    )  # two shards and the probe
     probes = query(
         stack,
         "SELECT run_id, cache_setting, cache_probe_setting, answers FROM claude_batch_runs "
         "WHERE cache_probe_setting IS NOT NULL",
     )
-    assert [(run_id, setting, probe) for run_id, setting, probe, _ in probes] == [(winner.run_id, "off", "5m")], order
+    assert [(run_id, setting, probe) for run_id, setting, probe, _ in probes] == [
+        (winner.run_id, "off", "5m")
+    ], order
     assert probes[0][3] == ROWS
     # The probe's batch wrote (or read) the cached prefix on every request; the others never did.
     client = anthropic.Anthropic(api_key=EMULATOR_API_KEY, base_url=emulator.base_url, max_retries=0)
     cached = {
         batch_id: {
             (line.result.message.usage.cache_creation_input_tokens or 0)
-            + (line.result.message.usage.cache_read_input_tokens or 0) > 0
+            + (line.result.message.usage.cache_read_input_tokens or 0)
+            > 0
             for line in client.messages.batches.results(batch_id)
         }
         for batch_id in winner.record.batch_ids
@@ -220,9 +241,17 @@ def test_a_requeue_at_every_step_of_a_live_run_sends_each_item_once(warehouse, r
     stack = request.getfixturevalue(f"{warehouse}_stack")
     emulator.configure(faults={"batch": {"errored_rate": 0.5, "error_types": ["overloaded_error"]}})
     PipelineRun(stack, "night-1", RUN_1, rounds=3).run()
-    dead = [key for (key,) in query(stack, "SELECT record_key FROM claude_batch_ledger WHERE status = 'dead' ORDER BY 1")]
+    dead = [
+        key
+        for (key,) in query(
+            stack, "SELECT record_key FROM claude_batch_ledger WHERE status = 'dead' ORDER BY 1"
+        )
+    ]
     assert len(dead) >= 100 and ledger(stack) == {"succeeded": ROWS - len(dead), "dead": len(dead)}
-    add_tickets(stack, [(f"n{i:05d}", f"Where is my parcel {i}?", DAY + timedelta(days=1, minutes=i)) for i in range(NEW)])
+    add_tickets(
+        stack,
+        [(f"n{i:05d}", f"Where is my parcel {i}?", DAY + timedelta(days=1, minutes=i)) for i in range(NEW)],
+    )
     emulator.configure(faults={})
     received = emulator.stats()["requests_received"]
     night_2 = PipelineRun(stack, "night-2", (DAY + timedelta(days=1), DAY + timedelta(days=2)))
@@ -257,4 +286,7 @@ def test_a_requeue_at_every_step_of_a_live_run_sends_each_item_once(warehouse, r
     # Requeued before night 2's stage: night 2 sent them; later: night 3 did.
     sent_by = dict(query(stack, "SELECT record_key, run_id FROM claude_batch_ledger"))
     for first_key, steps_before in requeued_before.items():
-        assert sent_by[first_key] == ("night-2" if steps_before == 0 else "night-3"), (first_key, steps_before)
+        assert sent_by[first_key] == ("night-2" if steps_before == 0 else "night-3"), (
+            first_key,
+            steps_before,
+        )

@@ -38,7 +38,9 @@ def wall_clock(monkeypatch):
 
     Request it after the stack fixture, whose ``anthropic_conn`` points at the session's emulator.
     """
-    with EmulatorServer(api_key=EMULATOR_API_KEY, time_scale=1.0, processing_seconds=1.0, cancel_seconds=0.3) as emu:
+    with EmulatorServer(
+        api_key=EMULATOR_API_KEY, time_scale=1.0, processing_seconds=1.0, cancel_seconds=0.3
+    ) as emu:
         monkeypatch.setenv(
             "AIRFLOW_CONN_ANTHROPIC_DEFAULT",
             json.dumps({"conn_type": "anthropic", "host": emu.base_url, "password": EMULATOR_API_KEY}),
@@ -87,12 +89,20 @@ def test_batches_past_their_timeout_are_canceled_collected_and_their_rest_resent
     assert len(first) == 2 and len(later) == 1  # one follow-up round was enough
     for snapshot in first:
         # Each canceled at its own deadline (not both at the first one's), with answers kept.
-        created, canceled = (datetime.fromisoformat(snapshot[k]) for k in ("created_at", "cancel_initiated_at"))
+        created, canceled = (
+            datetime.fromisoformat(snapshot[k]) for k in ("created_at", "cancel_initiated_at")
+        )
         assert (canceled - created).total_seconds() >= TIMEOUT
         assert snapshot["succeeded"] > 0 and snapshot["canceled"] > 0
-    assert abs(
-        (datetime.fromisoformat(first[1]["cancel_initiated_at"]) - datetime.fromisoformat(first[0]["cancel_initiated_at"])).total_seconds()
-    ) >= 1.0
+    assert (
+        abs(
+            (
+                datetime.fromisoformat(first[1]["cancel_initiated_at"])
+                - datetime.fromisoformat(first[0]["cancel_initiated_at"])
+            ).total_seconds()
+        )
+        >= 1.0
+    )
     canceled = sum(snapshot["canceled"] for snapshot in first)
     rounds = run.record.load["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]

@@ -54,7 +54,9 @@ def ledger(stack) -> dict[str, int]:
 
 @pytest.mark.services
 @pytest.mark.parametrize("warehouse", ["duckdb", "postgres"])
-def test_a_run_failed_after_its_submits_has_its_batches_collected_by_the_next(warehouse, request, emulator, run_states):
+def test_a_run_failed_after_its_submits_has_its_batches_collected_by_the_next(
+    warehouse, request, emulator, run_states
+):
     stack = request.getfixturevalue(f"{warehouse}_stack")
     failed = PipelineRun(stack, "night-1", RUN_1)
     run_until(failed, "record")  # submitted and recorded, then the wait fails
@@ -73,7 +75,9 @@ def test_a_run_failed_after_its_submits_has_its_batches_collected_by_the_next(wa
 
 @pytest.mark.services
 @pytest.mark.parametrize("warehouse", ["duckdb", "postgres"])
-def test_a_run_failed_before_submitting_has_its_items_released_and_sent_once(warehouse, request, emulator, run_states):
+def test_a_run_failed_before_submitting_has_its_items_released_and_sent_once(
+    warehouse, request, emulator, run_states
+):
     stack = request.getfixturevalue(f"{warehouse}_stack")
     run_until(PipelineRun(stack, "night-1", RUN_1), "gate")  # claimed, then the run is given up
     run_states["night-1"] = "failed"
@@ -108,7 +112,9 @@ def test_a_live_run_and_a_running_batch_are_left_alone_until_they_end(postgres_s
 
 @pytest.mark.services
 @pytest.mark.parametrize("warehouse", ["duckdb", "postgres"])
-def test_a_run_failed_while_a_shard_waited_for_queue_room_has_that_shard_released(warehouse, request, emulator, run_states):
+def test_a_run_failed_while_a_shard_waited_for_queue_room_has_that_shard_released(
+    warehouse, request, emulator, run_states
+):
     """Its first shard was created; the second was refused by the full queue (state ``refused``,
     nothing created) and deferred; then the run failed. The next night collects the first
     shard's batch and sends the second shard's items, once."""

@@ -41,7 +41,9 @@ HOSTILE_IDENTIFIERS = [
     "tіckets",  # a Cyrillic i: looks the same, is not an identifier here
     "x" * 64,
 ]
-CONFIG = PipelineConfig(workload=WORKLOAD, source=SOURCE, allowed_models=("claude-haiku-4-5", "claude-sonnet-4-5"))
+CONFIG = PipelineConfig(
+    workload=WORKLOAD, source=SOURCE, allowed_models=("claude-haiku-4-5", "claude-sonnet-4-5")
+)
 
 
 @pytest.fixture
@@ -56,7 +58,10 @@ def warehouse():
 
 
 def tables(warehouse: Warehouse) -> set[str]:
-    return {name for (name,) in warehouse.conn.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    return {
+        name
+        for (name,) in warehouse.conn.execute("SELECT table_name FROM information_schema.tables").fetchall()
+    }
 
 
 @pytest.mark.parametrize(

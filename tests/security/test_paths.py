@@ -149,12 +149,18 @@ class _TaskInstance:
         raise AssertionError("nothing may be pushed for a refused shard")
 
 
-@pytest.mark.parametrize("shard", ["../other-tenant/requests/part-00000.jsonl", "/etc/passwd", "a/../../b.jsonl"])
+@pytest.mark.parametrize(
+    "shard", ["../other-tenant/requests/part-00000.jsonl", "/etc/passwd", "a/../../b.jsonl"]
+)
 def test_the_operator_refuses_a_shard_outside_the_root_before_any_call(sandbox, emulator, shard):
     tmp_path, store = sandbox
     (tmp_path / "other-tenant" / "requests").mkdir(parents=True)
-    (tmp_path / "other-tenant" / "requests" / "part-00000.jsonl").write_text('{"custom_id": "x", "params": {}}\n')
-    operator = ClaudeBatchOperator(task_id="submit", shard=shard, storage_root=str(store.root_path), wait="none")
+    (tmp_path / "other-tenant" / "requests" / "part-00000.jsonl").write_text(
+        '{"custom_id": "x", "params": {}}\n'
+    )
+    operator = ClaudeBatchOperator(
+        task_id="submit", shard=shard, storage_root=str(store.root_path), wait="none"
+    )
     with pytest.raises(UnsafePathError):
         operator.execute({"ti": _TaskInstance(), "run_id": "run-1"})
     assert emulator.stats()["http_requests"]["create"] == 0

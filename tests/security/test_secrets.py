@@ -48,7 +48,9 @@ def test_the_scanner_finds_secrets_in_every_form_it_looks_for(tmp_path):
     scan = Findings((secret,))
     assert scan.check_files(tmp_path) == 4
     found = set(scan.found)
-    assert {f"secret #0 in {tmp_path / name}" for name in ("plain.log", "url.log", "hidden.parquet (decoded)")} <= found
+    assert {
+        f"secret #0 in {tmp_path / name}" for name in ("plain.log", "url.log", "hidden.parquet (decoded)")
+    } <= found
     assert not any("clean.log" in where for where in found)
 
 
@@ -105,7 +107,9 @@ def test_no_secret_in_xcom_rendered_templates_or_any_metadata_table(corpus_run):
     # Not a scan of nothing: the run's XCom (batch ids, summaries) and rendered fields are there.
     keys = {(task, key) for task, _, key, _ in xcom}
     assert ("submit", "batch_id") in keys and ("load", "return_value") in keys
-    assert any(b"msgbatch_" in (value if isinstance(value, bytes) else str(value).encode()) for *_, value in xcom)
+    assert any(
+        b"msgbatch_" in (value if isinstance(value, bytes) else str(value).encode()) for *_, value in xcom
+    )
     rendered_tasks = {task for task, _, _ in rendered}
     assert {"stage", "submit", "wait", "load"} <= rendered_tasks
     assert any("storage_root" in str(fields) or "shard" in str(fields) for _, _, fields in rendered)
@@ -131,7 +135,9 @@ def test_no_secret_in_the_warehouse(corpus_run):
     scan = findings()
     conn = duckdb.connect(str(corpus_run.warehouse_path), read_only=True)
     try:
-        tables = [name for (name,) in conn.execute("SELECT table_name FROM information_schema.tables").fetchall()]
+        tables = [
+            name for (name,) in conn.execute("SELECT table_name FROM information_schema.tables").fetchall()
+        ]
         for table in tables:
             scan.check_values(f"warehouse table {table}", conn.execute(f'SELECT * FROM "{table}"').fetchall())
     finally:
@@ -207,11 +213,15 @@ def _fail_every_call(tmp_path):
     failures.append(list_error.value)
     store = ObjectStore(str(tmp_path / "store"))
     with pytest.raises(ClaudeBatchAuthError) as collect_error:
-        collect_results(hook.conn, RunLayout(store, "d", "r"), 0, "msgbatch_0123456789", manifest=_no_manifest())
+        collect_results(
+            hook.conn, RunLayout(store, "d", "r"), 0, "msgbatch_0123456789", manifest=_no_manifest()
+        )
     failures.append(collect_error.value)
 
     async def wait():
-        trigger = ClaudeBatchTrigger(batch_ids=["msgbatch_0123456789"], min_poll_interval=0.05, max_poll_interval=0.1)
+        trigger = ClaudeBatchTrigger(
+            batch_ids=["msgbatch_0123456789"], min_poll_interval=0.05, max_poll_interval=0.1
+        )
         return await asyncio.wait_for(anext(trigger.run()), 30)
 
     event = asyncio.run(wait())
@@ -246,7 +256,10 @@ def test_s3_failures_never_show_the_aws_secret(moto_endpoint, monkeypatch):
     store = ObjectStore.from_airflow("s3://no-such-bucket-canary/root", "aws_default")
     assert store.fs.secret == SECRET_AWS_PASSWORD  # the store really holds the secret
     errors = []
-    for attempt in (lambda: store.read_bytes("dag/run/manifest.json"), lambda: store.write_bytes("dag/x", b"1")):
+    for attempt in (
+        lambda: store.read_bytes("dag/run/manifest.json"),
+        lambda: store.write_bytes("dag/x", b"1"),
+    ):
         with pytest.raises(Exception) as failure:  # noqa: B017 - whatever s3fs raises, its text is what matters
             attempt()
         errors.append(failure.value)

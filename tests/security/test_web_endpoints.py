@@ -70,8 +70,14 @@ def test_the_plugin_adds_the_page_and_its_navigation_entry_only():
     (view,) = ClaudeBatchPlugin.external_views
     assert app["url_prefix"] == "/claude-batch" and app["name"] == "Claude Batches"
     # The navigation entry frames the app itself (relative to the UI's base URL), nothing outside.
-    assert view["href"] == "claude-batch/" and view["url_route"] == "claude-batch" and view["destination"] == "nav"
-    assert [type(link).__name__ for link in ClaudeBatchPlugin.operator_extra_links] == ["ClaudeConsoleBatchLink"]
+    assert (
+        view["href"] == "claude-batch/"
+        and view["url_route"] == "claude-batch"
+        and view["destination"] == "nav"
+    )
+    assert [type(link).__name__ for link in ClaudeBatchPlugin.operator_extra_links] == [
+        "ClaudeConsoleBatchLink"
+    ]
 
 
 @pytest.mark.parametrize("spec", ClaudeBatchPlugin.fastapi_apps, ids=lambda s: s["name"])
@@ -85,9 +91,14 @@ def test_every_plugin_route_refuses_an_anonymous_caller(spec):
 def test_every_plugin_route_refuses_a_user_without_permission(spec, ui_client):
     _, token = ui_client
     # A valid token of a user with no role: refused (403) before any warehouse is opened.
-    assert routes_open_without_credentials(spec["app"], cookies={"_token": token("nobody")}, refused=(403,)) == []
+    assert (
+        routes_open_without_credentials(spec["app"], cookies={"_token": token("nobody")}, refused=(403,))
+        == []
+    )
     # The same calls with the admin's token get through the gate (to a 404: no such connection).
-    assert sorted(routes_open_without_credentials(spec["app"], cookies={"_token": token("admin")}, refused=())) == [
+    assert sorted(
+        routes_open_without_credentials(spec["app"], cookies={"_token": token("admin")}, refused=())
+    ) == [
         "GET / -> 200",
         "GET /{conn_id}/{workload} -> 404",
         "POST /{conn_id}/{workload}/requeue -> 404",

@@ -54,15 +54,24 @@ def test_params_have_titles_descriptions_and_sections():
         for name, param in form.items():
             schema = param["schema"]
             assert schema["title"] and schema["title"] != name, name
-            assert not re.search(r"\b[a-z]+_[a-z_]+\b", schema["title"]), (name, schema["title"])  # no snake_case
+            assert not re.search(r"\b[a-z]+_[a-z_]+\b", schema["title"]), (
+                name,
+                schema["title"],
+            )  # no snake_case
             assert param["description"] and len(param["description"]) > 20, name
         # What to send comes first, in the form's default section (the one it opens); then the
         # other sections in order, each once (shown collapsed, as an accordion).
         sections = [param["schema"].get("section") for param in form.values()]
-        assert sections[:4] == [None] * 4 and list(form)[:4] == ["model", "row_limit", "window_start", "window_end"]
+        assert sections[:4] == [None] * 4 and list(form)[:4] == [
+            "model",
+            "row_limit",
+            "window_start",
+            "window_end",
+        ]
         assert list(dict.fromkeys(sections[4:])) == list(PARAM_SECTIONS), sections
-        assert {name for name, param in form.items() if param["schema"].get("section") == "Cost and dry run"} == {
-            "dry_run", "budget_usd"}
+        assert {
+            name for name, param in form.items() if param["schema"].get("section") == "Cost and dry run"
+        } == {"dry_run", "budget_usd"}
         assert form["model"]["schema"]["values_display"][dag.params["model"]].startswith("Claude ")
     triage = bag.dags["support_ticket_triage"]
     assert triage.params.get_param("window_end").dump()["schema"]["title"] == "To date (exclusive)"
@@ -86,7 +95,8 @@ def test_claude_batch_dag_lays_its_tasks_out_at_the_top_level_and_the_pipeline_k
     assert built.get_task("pilot_approval").decision_task_id == "pilot_decide"
 
     config = PipelineConfig(
-        workload=TINY_TRIAGE, source=SourceSpec(table="tickets", key_column="ticket_id", interval_column="created_at")
+        workload=TINY_TRIAGE,
+        source=SourceSpec(table="tickets", key_column="ticket_id", interval_column="created_at"),
     )
     with DAG("cb_own", schedule=None, start_date=datetime(2026, 11, 1, tzinfo=UTC)) as own:
         group = claude_batch_pipeline(config, group_id="triage")
@@ -125,9 +135,14 @@ def tiny_warehouse(tmp_path, monkeypatch):
         texts = ["I was charged twice for my invoice, refund please"] * 30 + ["The app crashes on start"] * 30
         conn.executemany(
             "INSERT INTO tickets VALUES (?, ?, ?)",
-            [(f"T-{i:04d}", text, DAY.replace(tzinfo=None) + timedelta(minutes=9 * i)) for i, text in enumerate(texts)],
+            [
+                (f"T-{i:04d}", text, DAY.replace(tzinfo=None) + timedelta(minutes=9 * i))
+                for i, text in enumerate(texts)
+            ],
         )
-    monkeypatch.setenv("AIRFLOW_CONN_CLAUDE_BATCH_WAREHOUSE", json.dumps({"conn_type": "duckdb", "host": str(path)}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_CLAUDE_BATCH_WAREHOUSE", json.dumps({"conn_type": "duckdb", "host": str(path)})
+    )
     return path
 
 
@@ -160,7 +175,9 @@ def test_a_run_leaves_its_cost_as_note_and_asset_extra_links_each_submit_and_log
     # The results Asset event carries the run's figures.
     with create_session() as session:
         events = session.scalars(
-            select(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id).where(
+            select(AssetEvent)
+            .join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+            .where(
                 AssetModel.name == "claude_batch.tiny_triage_results", AssetEvent.source_run_id == run.run_id
             )
         ).all()

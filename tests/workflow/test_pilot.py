@@ -63,13 +63,19 @@ def staged(tmp_path):
     )
     layout = RunLayout(ObjectStore(str(tmp_path / "store")), "invoices_dag", RUN_ID)
     rows = warehouse.extract(workload, config.source, RUN_ID, INTERVAL)
-    stage_requests(rows, workload, layout, key_field=RECORD_KEY_COLUMN, cache_setting="off", limits=config.staging_limits)
+    stage_requests(
+        rows, workload, layout, key_field=RECORD_KEY_COLUMN, cache_setting="off", limits=config.staging_limits
+    )
     yield config, warehouse, layout
     conn.close()
 
 
 def keys_of(layout: RunLayout, manifest) -> list[str]:
-    return [key for shard in manifest.shards for key in read_shard_keys(layout, shard).column("record_key").to_pylist()]
+    return [
+        key
+        for shard in manifest.shards
+        for key in read_shard_keys(layout, shard).column("record_key").to_pylist()
+    ]
 
 
 def gate(config, warehouse, layout, **options) -> list[str]:
@@ -99,13 +105,17 @@ def test_the_gate_splits_the_pilot_off_once_and_round_one_keeps_the_rest(staged)
     # still counts all 25 as extracted (the run accounts for the pilot's items too).
     assert [shard.count for shard in pilot.shards] == [10, 2] and pilot.staged_requests == 12
     assert rest.staged_requests == 13 and rest.extracted_rows == 25
-    assert keys_of(pilot_layout(layout), pilot) == staged_keys[:12] and keys_of(layout, rest) == staged_keys[12:]
+    assert (
+        keys_of(pilot_layout(layout), pilot) == staged_keys[:12] and keys_of(layout, rest) == staged_keys[12:]
+    )
     assert shards == [f"{layout.prefix}/{shard.requests}" for shard in rest.shards]
     assert run_pilot_shards(config, layout, RunOptions(pilot_size=12)) == [
         f"{layout.prefix}/pilot/requests/part-00000.jsonl",
         f"{layout.prefix}/pilot/requests/part-00001.jsonl",
     ]
-    assert rest.estimate["cost_usd_expected"] == pytest.approx(pilot.estimate["cost_usd_expected"] * 13 / 12, rel=0.2)
+    assert rest.estimate["cost_usd_expected"] == pytest.approx(
+        pilot.estimate["cost_usd_expected"] * 13 / 12, rel=0.2
+    )
     whole = with_pilot(layout, rest)
     assert (whole.staged_requests, whole.extracted_rows, len(whole.shards)) == (25, 25, 4)
 
@@ -143,14 +153,21 @@ def test_the_pilots_answers_are_loaded_once_and_the_run_accounts_for_them(staged
     pilot_loaded = run_pilot_load(config, warehouse, pilot_at, options)
     assert pilot_loaded["rounds"] == [{"round": 0, "pilot": True, "sent": 5, "by_status": {"valid": 5}}]
     decision = run_pilot_decide(config, warehouse, layout, options, LOG)
-    assert (decision["valid"], decision["judged"], decision["pass_rate"], decision["approval"]) == (5, 5, 1.0, False)
+    assert (decision["valid"], decision["judged"], decision["pass_rate"], decision["approval"]) == (
+        5,
+        5,
+        1.0,
+        False,
+    )
     assert decision["rest_requests"] == 20
     answer(layout, read_manifest(layout), lambda key, custom_id: succeeded(custom_id, GOOD))
     loaded = run_load(config, warehouse, layout, options, pilot_loaded)
     # Every item answered once; the run's totals and history include the pilot's.
     assert loaded["ledger"] == {"succeeded": 25} and loaded["extracted"] == 25
     assert loaded["load"]["rows"] == 25 and [r["round"] for r in loaded["rounds"]] == [0, 1]
-    assert warehouse.conn.execute("SELECT attempts, count(*) FROM claude_batch_ledger GROUP BY 1").fetchall() == [(1, 25)]
+    assert warehouse.conn.execute(
+        "SELECT attempts, count(*) FROM claude_batch_ledger GROUP BY 1"
+    ).fetchall() == [(1, 25)]
     assert warehouse.conn.execute("SELECT staged, succeeded FROM claude_batch_runs").fetchall() == [(25, 25)]
 
 
@@ -158,16 +175,28 @@ def test_a_failing_pilot_gives_the_rest_back_and_a_reviewer_sees_why(staged):
     config, warehouse, layout = staged
     gate(config, warehouse, layout, pilot_size=6)
     pilot_at = pilot_layout(layout)
-    bad = {0: errored, 1: lambda custom_id: succeeded(custom_id, "I cannot say."), 2: lambda c: succeeded(c, '{"x": 1}')}
+    bad = {
+        0: errored,
+        1: lambda custom_id: succeeded(custom_id, "I cannot say."),
+        2: lambda c: succeeded(c, '{"x": 1}'),
+    }
 
     def outcome(key: str, custom_id: str) -> dict[str, Any]:
         number = int(key[1:])
-        return bad[number](custom_id) if number in bad else succeeded(custom_id, GOOD.replace("charged", f"`{number}` *charged*"))
+        return (
+            bad[number](custom_id)
+            if number in bad
+            else succeeded(custom_id, GOOD.replace("charged", f"`{number}` *charged*"))
+        )
 
     answer(pilot_at, read_pilot(layout), outcome)
     run_pilot_load(config, warehouse, pilot_at, RunOptions(pilot_size=6))
     verdict = judge_pilot(pilot_at, read_pilot(layout))
-    assert (verdict.valid, verdict.judged, verdict.failures) == (3, 6, {"api_error": 1, "invalid_json": 1, "schema_mismatch": 1})
+    assert (verdict.valid, verdict.judged, verdict.failures) == (
+        3,
+        6,
+        {"api_error": 1, "invalid_json": 1, "schema_mismatch": 1},
+    )
     # Failures first, then valid answers: up to five, each with its verdict.
     assert [(s["status"], s["reason_code"]) for s in verdict.samples] == [
         ("errored", "api_error"), ("invalid", "invalid_json"), ("invalid", "schema_mismatch"), ("valid", None), ("valid", None),
@@ -176,15 +205,25 @@ def test_a_failing_pilot_gives_the_rest_back_and_a_reviewer_sees_why(staged):
     # With approval asked for, the threshold does not stop the run: a person decides.
     asked = run_pilot_decide(config, warehouse, layout, RunOptions(pilot_size=6, pilot_approval=True), LOG)
     assert asked["approval"] is True and ("retry", True, 19) not in ledger(warehouse)
-    assert asked["subject"].startswith("invoices: the pilot passed 50% (3 of 6). Send the other 19 requests (estimated $")
+    assert asked["subject"].startswith(
+        "invoices: the pilot passed 50% (3 of 6). Send the other 19 requests (estimated $"
+    )
     body = asked["body"]
     assert "**Validation pass rate: 50%** (3 of 6 valid); it is under the threshold 80%." in body
-    assert "- `t000000` **errored (api_error)**:" in body and "- `t000002` **invalid (schema_mismatch)**:" in body
+    assert (
+        "- `t000000` **errored (api_error)**:" in body
+        and "- `t000002` **invalid (schema_mismatch)**:" in body
+    )
     assert "- `t000003` **valid**: `{" in body and "'3' *charged*" in body  # answers stay in code spans
-    assert f"estimated cost **${asked['rest_estimated_cost_usd']:,.4f}**" in body and "19 more request(s)" in body
+    assert (
+        f"estimated cost **${asked['rest_estimated_cost_usd']:,.4f}**" in body
+        and "19 more request(s)" in body
+    )
 
     # Without it, 50% is under the threshold: the run stops and its other 19 items go back.
-    with pytest.raises(PilotFailed, match=r"pass rate is 50% \(3 of 6\), under the threshold 80%; nothing else"):
+    with pytest.raises(
+        PilotFailed, match=r"pass rate is 50% \(3 of 6\), under the threshold 80%; nothing else"
+    ):
         run_pilot_decide(config, warehouse, layout, RunOptions(pilot_size=6), LOG)
     counts = dict(((status, free), n) for status, free, n in ledger(warehouse))
     assert counts[("retry", True)] == 19 and counts[("succeeded", False)] == 3  # the pilot's answers are kept
@@ -286,12 +325,17 @@ class Reviewer(threading.Thread):
                 with create_session() as session:
                     ti = session.scalar(
                         select(TaskInstance).where(
-                            TaskInstance.task_id == self.task_id, TaskInstance.state == TaskInstanceState.AWAITING_INPUT
+                            TaskInstance.task_id == self.task_id,
+                            TaskInstance.state == TaskInstanceState.AWAITING_INPUT,
                         )
                     )
                     if ti is not None:
                         detail = session.scalar(select(HITLDetail).where(HITLDetail.ti_id == ti.id))
-                        self.detail = {"subject": detail.subject, "body": detail.body, "options": list(detail.options)}
+                        self.detail = {
+                            "subject": detail.subject,
+                            "body": detail.body,
+                            "options": list(detail.options),
+                        }
                         update_hitl_detail(
                             dag_id=ti.dag_id,
                             dag_run_id=ti.run_id,
@@ -330,20 +374,30 @@ def test_an_approved_pilot_lets_the_full_run_go_on(workflow_dags, anthropic_conn
     assert states["pilot_approval"] == "success" and states["submit"] == "success", states
     # What the reviewer saw: the pass rate, the sample answers with their verdicts, the estimate.
     assert detail["options"] == ["Approve", "Reject"]
-    assert detail["subject"].startswith("invoice_approval: the pilot passed 100% (2 of 2). Send the other 3 requests")
+    assert detail["subject"].startswith(
+        "invoice_approval: the pilot passed 100% (2 of 2). Send the other 3 requests"
+    )
     body = detail["body"]
     assert "**Validation pass rate: 100%** (2 of 2 valid); it meets the threshold 80%." in body
     assert "- `INV-001` **valid**: `{" in body and "- `INV-002` **valid**: `{" in body
-    assert "**The full run if approved:** 3 more request(s) in 1 batch(es), model(s) claude-sonnet-4-6" in body
+    assert (
+        "**The full run if approved:** 3 more request(s) in 1 batch(es), model(s) claude-sonnet-4-6" in body
+    )
     assert "estimated cost **$" in body and "at the pilot's measured cost per request" in body
     stats = anthropic_conn.stats()
-    assert stats["batches_created"] == 2 and stats["requests_received"] == 2 + 3  # the pilot's items not sent again
+    assert (
+        stats["batches_created"] == 2 and stats["requests_received"] == 2 + 3
+    )  # the pilot's items not sent again
     assert query(warehouse, "SELECT count(*) FROM invoice_approval_results")[0][0] == 5
-    assert query(warehouse, "SELECT status, attempts, count(*) FROM claude_batch_ledger GROUP BY ALL") == [("succeeded", 1, 5)]
+    assert query(warehouse, "SELECT status, attempts, count(*) FROM claude_batch_ledger GROUP BY ALL") == [
+        ("succeeded", 1, 5)
+    ]
 
 
 @pytest.mark.airflow
-def test_a_rejected_pilot_stops_the_run_and_gives_its_items_back(workflow_dags, anthropic_conn, warehouse, capfd):
+def test_a_rejected_pilot_stops_the_run_and_gives_its_items_back(
+    workflow_dags, anthropic_conn, warehouse, capfd
+):
     # Every answer errors: 0%, under the threshold, but with approval asked for a person decides.
     anthropic_conn.configure(faults={"batch": {"errored_rate": 1.0, "error_types": ["overloaded_error"]}})
     dag = workflow_dags["invoice_approval"]
@@ -354,8 +408,14 @@ def test_a_rejected_pilot_stops_the_run_and_gives_its_items_back(workflow_dags, 
     assert states["submit"] == "upstream_failed" and states["report"] == "upstream_failed", states
     assert "**Validation pass rate: 0%** (0 of 2 valid); it is under the threshold 80%." in detail["body"]
     assert "**errored (overloaded_error)**" in detail["body"]
-    assert "The pilot was rejected by Ann; nothing else was submitted. 3 item(s) were given back" in capfd.readouterr().out
+    assert (
+        "The pilot was rejected by Ann; nothing else was submitted. 3 item(s) were given back"
+        in capfd.readouterr().out
+    )
     stats = anthropic_conn.stats()
     assert stats["batches_created"] == 1 and stats["requests_received"] == 2
-    released = query(warehouse, "SELECT status, run_id IS NULL, count(*) FROM claude_batch_ledger GROUP BY ALL ORDER BY ALL")
+    released = query(
+        warehouse,
+        "SELECT status, run_id IS NULL, count(*) FROM claude_batch_ledger GROUP BY ALL ORDER BY ALL",
+    )
     assert released == [("retry", False, 2), ("retry", True, 3)]

@@ -130,7 +130,9 @@ def test_a_failing_pilot_stops_the_run_after_its_sample(workflow_dags, anthropic
     assert run.state == "failed"
     states = task_states(run)
     # The pilot went through its own round, deferred wait included; the decision stopped the run.
-    assert all(states[f"pilot_{task}"] == "success" for task in ("submit", "record", "wait", "collect", "load")), states
+    assert all(
+        states[f"pilot_{task}"] == "success" for task in ("submit", "record", "wait", "collect", "load")
+    ), states
     assert states["gate"] == "success" and states["pilot_decide"] == "failed", states
     assert states["pilot_approval"] == "upstream_failed" and states["submit"] == "upstream_failed", states
     assert (
@@ -195,9 +197,13 @@ def test_a_run_goes_round_with_its_transient_failures_until_they_are_out_of_atte
     run = dag.test(logical_date=INVOICE_RUN)
     states = task_states(run)
     assert run.state == "success", states
-    assert all(states[f"{task}_{n}"] == "success" for task in ("requeue", "record", "wait", "load") for n in (2, 3)), states
+    assert all(
+        states[f"{task}_{n}"] == "success" for task in ("requeue", "record", "wait", "load") for n in (2, 3)
+    ), states
     stats = anthropic_conn.stats()
-    assert stats["batches_created"] == 3 and stats["requests_received"] == 3 * 5  # each invoice sent three times
+    assert (
+        stats["batches_created"] == 3 and stats["requests_received"] == 3 * 5
+    )  # each invoice sent three times
     ledger = query(warehouse, "SELECT status, attempts, COUNT(*) FROM claude_batch_ledger WHERE workload = ? GROUP BY 1, 2",
                    "invoice_approval")  # fmt: skip
     assert ledger == [("dead", 3, 5)]

@@ -38,7 +38,9 @@ WORD_RE = re.compile(r"[a-z0-9]+")
 # ASCII characters other than letters and digits become spaces, so split() yields the words
 # (str.translate is about twice as fast as WORD_RE.findall on long texts).
 _PUNCTUATION_TO_SPACE = str.maketrans({chr(c): " " for c in range(128) if not chr(c).isalnum()})
-_DATE_RE = re.compile(r"\b\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?\b")
+_DATE_RE = re.compile(
+    r"\b\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?\b"
+)
 # Runs of digits and number punctuation; each is then read as a number, or skipped when it is
 # a date, a time or part of a word.
 _NUMERIC_RUN_RE = re.compile(r"\d[\d,.:\-]*")
@@ -52,12 +54,48 @@ MAX_DEPTH = 8
 DEFAULT_MAX_STRING = 200
 # Words that say nothing about a field's content.
 _NAME_STOPWORDS = frozenset(
-    {"the", "a", "an", "of", "is", "has", "have", "was", "are", "requires", "needs", "needed", "should", "value"}
+    {
+        "the",
+        "a",
+        "an",
+        "of",
+        "is",
+        "has",
+        "have",
+        "was",
+        "are",
+        "requires",
+        "needs",
+        "needed",
+        "should",
+        "value",
+    }
 )
 # Fallback enum values when nothing in the text points anywhere.
-_NEUTRAL_LABELS = ("other", "unknown", "neutral", "general", "none", "unclear", "n/a", "misc", "medium", "normal")
+_NEUTRAL_LABELS = (
+    "other",
+    "unknown",
+    "neutral",
+    "general",
+    "none",
+    "unclear",
+    "n/a",
+    "misc",
+    "medium",
+    "normal",
+)
 _EXCERPT_FIELDS = frozenset(
-    {"summary", "reason", "reasoning", "explanation", "rationale", "justification", "comment", "notes", "description"}
+    {
+        "summary",
+        "reason",
+        "reasoning",
+        "explanation",
+        "rationale",
+        "justification",
+        "comment",
+        "notes",
+        "description",
+    }
 )
 _RATING_FIELDS = frozenset({"rating", "score", "stars", "sentiment", "satisfaction", "nps"})
 _CONFIDENCE_FIELDS = frozenset({"confidence", "certainty", "probability", "likelihood"})
@@ -94,7 +132,9 @@ _INSTRUCTION_PATTERNS = tuple(
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+(?=\S)|\n+")
 # A header line: "Subject: Refund", "Amount due: 124,500.00 USD" (a short label; a value that is
 # not prose: no sentence break in it, and no sentence's end).
-_LABELLED_LINE = re.compile(r"^\s*[A-Za-z][\w#/()-]*(?: [\w#/()-]+){0,3}:\s*\S(?:(?![.!?]\s).)*(?<![.!?])\s*$")
+_LABELLED_LINE = re.compile(
+    r"^\s*[A-Za-z][\w#/()-]*(?: [\w#/()-]+){0,3}:\s*\S(?:(?![.!?]\s).)*(?<![.!?])\s*$"
+)
 _GREETING = re.compile(
     r"^(?:hello|hi|hey|dear|good (?:morning|afternoon|evening)|thanks|thank you|thx|regards|best|cheers|kind regards|"
     r"sincerely|greetings)\b",
@@ -150,33 +190,146 @@ def labelled_values(text: str) -> list[tuple[str, str]]:
             pairs.append((label.strip(), value.strip()))
     return pairs
 
+
 # Hint keywords per label word. Matched against the text's words (or phrases, with spaces).
 DEFAULT_LABEL_HINTS: dict[str, tuple[str, ...]] = {
-    "billing": ("refund", "invoice", "charge", "charged", "overcharged", "payment", "paid", "pay", "bill",
-                "billed", "price", "pricing", "receipt", "fee", "credit card", "money", "vat", "overdue"),
+    "billing": (
+        "refund",
+        "invoice",
+        "charge",
+        "charged",
+        "overcharged",
+        "payment",
+        "paid",
+        "pay",
+        "bill",
+        "billed",
+        "price",
+        "pricing",
+        "receipt",
+        "fee",
+        "credit card",
+        "money",
+        "vat",
+        "overdue",
+    ),
     "payment": ("paid", "pay", "card", "invoice", "transfer", "charge"),
     "refund": ("refund", "money back", "reimburse", "chargeback"),
     "invoice": ("invoice", "bill", "amount due", "remit"),
-    "bug": ("crash", "crashes", "crashed", "error", "errors", "bug", "broken", "exception", "fails", "failing",
-            "failed", "freeze", "freezes", "glitch", "not working", "doesn't work", "stack trace", "stopped working",
-            "not saved", "blank page", "not loading", "never show up", "loop"),
+    "bug": (
+        "crash",
+        "crashes",
+        "crashed",
+        "error",
+        "errors",
+        "bug",
+        "broken",
+        "exception",
+        "fails",
+        "failing",
+        "failed",
+        "freeze",
+        "freezes",
+        "glitch",
+        "not working",
+        "doesn't work",
+        "stack trace",
+        "stopped working",
+        "not saved",
+        "blank page",
+        "not loading",
+        "never show up",
+        "loop",
+    ),
     "technical": ("crash", "error", "bug", "broken", "not working", "install", "api", "server", "timeout"),
-    "feature": ("feature", "would like", "please add", "wish", "suggest", "suggestion", "could you add",
-                "support for", "it would be nice", "it would be great", "request", "integration", "any plan",
-                "let us", "be able to"),
-    "account": ("login", "log in", "password", "sign in", "signin", "locked", "account", "2fa", "username",
-                "email address", "profile"),
+    "feature": (
+        "feature",
+        "would like",
+        "please add",
+        "wish",
+        "suggest",
+        "suggestion",
+        "could you add",
+        "support for",
+        "it would be nice",
+        "it would be great",
+        "request",
+        "integration",
+        "any plan",
+        "let us",
+        "be able to",
+    ),
+    "account": (
+        "login",
+        "log in",
+        "password",
+        "sign in",
+        "signin",
+        "locked",
+        "account",
+        "2fa",
+        "username",
+        "email address",
+        "profile",
+    ),
     "access": ("login", "log in", "password", "locked out", "permission", "access"),
-    "shipping": ("shipping", "delivery", "delivered", "package", "parcel", "tracking", "courier", "arrived",
-                 "shipment", "shipped"),
+    "shipping": (
+        "shipping",
+        "delivery",
+        "delivered",
+        "package",
+        "parcel",
+        "tracking",
+        "courier",
+        "arrived",
+        "shipment",
+        "shipped",
+    ),
     "delivery": ("delivery", "delivered", "package", "arrived", "late", "courier"),
-    "cancellation": ("cancel", "cancellation", "unsubscribe", "terminate", "close my account", "not renew",
-                     "automatic renewal", "moving to another", "close account"),
+    "cancellation": (
+        "cancel",
+        "cancellation",
+        "unsubscribe",
+        "terminate",
+        "close my account",
+        "not renew",
+        "automatic renewal",
+        "moving to another",
+        "close account",
+    ),
     "cancel": ("cancel", "unsubscribe", "terminate"),
-    "positive": ("great", "love", "loved", "excellent", "amazing", "happy", "fantastic", "perfect", "good",
-                 "recommend", "awesome", "wonderful", "best", "pleased"),
-    "negative": ("terrible", "awful", "hate", "bad", "disappointed", "disappointing", "worst", "poor", "angry",
-                 "broken", "useless", "horrible", "unacceptable", "frustrated"),
+    "positive": (
+        "great",
+        "love",
+        "loved",
+        "excellent",
+        "amazing",
+        "happy",
+        "fantastic",
+        "perfect",
+        "good",
+        "recommend",
+        "awesome",
+        "wonderful",
+        "best",
+        "pleased",
+    ),
+    "negative": (
+        "terrible",
+        "awful",
+        "hate",
+        "bad",
+        "disappointed",
+        "disappointing",
+        "worst",
+        "poor",
+        "angry",
+        "broken",
+        "useless",
+        "horrible",
+        "unacceptable",
+        "frustrated",
+    ),
     "neutral": ("okay", "ok", "fine", "average", "decent"),
     "urgent": ("urgent", "asap", "immediately", "critical", "emergency", "outage", "down", "right now"),
     "high": ("urgent", "asap", "immediately", "critical", "emergency", "outage", "blocking", "production"),
@@ -250,7 +403,16 @@ def _label_regex(label: str, hints_id: int) -> re.Pattern:
 # the emulator.
 _DESCRIPTION_HINTS = re.compile(r"\{([^{}]+)\}")
 _HINTED_KEYWORDS = frozenset(
-    {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength", "minItems", "maxItems"}
+    {
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+        "minLength",
+        "maxLength",
+        "minItems",
+        "maxItems",
+    }
 )
 
 
@@ -395,7 +557,9 @@ class SchemaAnswerer:
             options = schema.get(combinator)
             if isinstance(options, list) and options:
                 resolved = [self._resolve(option, root) for option in options if isinstance(option, dict)]
-                chosen = next((o for o in resolved if o.get("type") != "null"), resolved[0] if resolved else {})
+                chosen = next(
+                    (o for o in resolved if o.get("type") != "null"), resolved[0] if resolved else {}
+                )
                 merged = {k: v for k, v in schema.items() if k != combinator} | chosen
                 return self.value(merged, root=root, name=name, depth=depth + 1)
         kind = self._type_of(schema)
@@ -452,7 +616,9 @@ class SchemaAnswerer:
 
     def _minimal(self, schema: dict) -> Any:
         kind = self._type_of(schema)
-        return {"object": {}, "array": [], "string": "", "integer": 0, "number": 0, "boolean": False}.get(kind)
+        return {"object": {}, "array": [], "string": "", "integer": 0, "number": 0, "boolean": False}.get(
+            kind
+        )
 
     def _object(self, schema: dict, root: Any, depth: int) -> dict:
         properties = schema.get("properties")
@@ -485,7 +651,9 @@ class SchemaAnswerer:
         if self._type_of(items) == "string" and not items.get("format") and not items.get("enum"):
             sentences = self.sentences() or [self.text[:80] or "item"]
             return [
-                self._fit_string(sentences[i % len(sentences)] + ("" if i < len(sentences) else f" ({i})"), items)
+                self._fit_string(
+                    sentences[i % len(sentences)] + ("" if i < len(sentences) else f" ({i})"), items
+                )
                 for i in range(count)
             ]
         return [self.value(items, root=root, name=name, depth=depth + 1) for _ in range(count)]
@@ -629,7 +797,9 @@ class SchemaAnswerer:
             return False
         for word in words:
             if self.has_word(word):
-                negated = re.search(r"\b(?:not|no|never|without)\s+(?:\w+\s+)?" + re.escape(word[:4]), self.lower)
+                negated = re.search(
+                    r"\b(?:not|no|never|without)\s+(?:\w+\s+)?" + re.escape(word[:4]), self.lower
+                )
                 return not negated
         return False
 
@@ -651,7 +821,9 @@ class SchemaAnswerer:
         words = name_words(name)
         candidate: str | None = None
         if (_EXCERPT_FIELDS | _HEADLINE_FIELDS).intersection(words) and not schema.get("pattern"):
-            return self._fit_words(self.written_summary(words, headline=not _EXCERPT_FIELDS.intersection(words)), schema)
+            return self._fit_words(
+                self.written_summary(words, headline=not _EXCERPT_FIELDS.intersection(words)), schema
+            )
         pattern = schema.get("pattern")
         if isinstance(pattern, str):
             try:

@@ -229,7 +229,9 @@ def create_app(store: BatchStore, api_key: str) -> ASGIApp:
         after_id, before_id = query.get("after_id"), query.get("before_id")
         if after_id and before_id:
             raise ApiError(400, "after_id and before_id cannot both be given")
-        page = store.list(limit=limit, after_id=after_id or None, before_id=before_id or None, base_url=base_url(request))
+        page = store.list(
+            limit=limit, after_id=after_id or None, before_id=before_id or None, base_url=base_url(request)
+        )
         return JSONResponse(page)
 
     async def retrieve(request: Request) -> Response:
@@ -343,7 +345,9 @@ def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"Request body exceeds the batch size limit of {limit} bytes.")
 
 
-def _parse_step(parser: RequestsBodyParser, builder: BatchBuilder, data: bytes, final: bool) -> ApiError | None:
+def _parse_step(
+    parser: RequestsBodyParser, builder: BatchBuilder, data: bytes, final: bool
+) -> ApiError | None:
     """Feed one piece of the create body; returns the error to answer with, if any.
 
     Past ``max_requests_per_batch`` the items are only counted (the 400 names how many there

@@ -32,7 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765, help="0 picks a free port")
     parser.add_argument("--api-key", default="sk-emulator", help="the key clients must send")
-    parser.add_argument("--time-scale", type=float, default=1.0, help="emulated seconds per wall-clock second")
+    parser.add_argument(
+        "--time-scale", type=float, default=1.0, help="emulated seconds per wall-clock second"
+    )
     parser.add_argument("--processing-seconds", type=float, default=60.0, help="emulated time a batch takes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-hit-rate", type=float, default=0.9)
@@ -40,7 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-body-bytes", type=int, default=256 * 1024 * 1024)
     parser.add_argument("--max-queued-requests", type=int, default=None)
     parser.add_argument("--batch-requests-per-minute", type=int, default=None)
-    parser.add_argument("--public-base-url", default=None, help="base of results_url (default: as the client called)")
+    parser.add_argument(
+        "--public-base-url", default=None, help="base of results_url (default: as the client called)"
+    )
     parser.add_argument(
         "--no-precompute-results",
         action="store_true",

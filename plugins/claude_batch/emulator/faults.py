@@ -80,7 +80,9 @@ class HttpFault:
         _reject_unknown(data, {"endpoint", "status", "rate", "times", "retry_after"}, "http fault")
         status = int(data["status"])
         if status not in ERROR_TYPE_BY_STATUS:
-            raise ValueError(f"unsupported fault status {status}; expected one of {sorted(ERROR_TYPE_BY_STATUS)}")
+            raise ValueError(
+                f"unsupported fault status {status}; expected one of {sorted(ERROR_TYPE_BY_STATUS)}"
+            )
         retry_after = data.get("retry_after")
         return cls(
             endpoint=_endpoint(data.get("endpoint", "*")),
@@ -128,7 +130,9 @@ class BatchFaults:
         error_types = tuple(data.get("error_types") or cls.error_types)
         for error_type in error_types:
             if error_type not in BATCH_ERROR_TYPES:
-                raise ValueError(f"unsupported batch error type {error_type!r}; expected one of {BATCH_ERROR_TYPES}")
+                raise ValueError(
+                    f"unsupported batch error type {error_type!r}; expected one of {BATCH_ERROR_TYPES}"
+                )
         faults = cls(
             errored_rate=_rate(data.get("errored_rate", 0.0), "errored_rate"),
             error_types=error_types,

@@ -97,7 +97,7 @@ class RequestsBodyParser:
             return False, None
         if end == len(self._buffer) and not final:
             # A number may go on in the next chunk; wait unless the value closed with a bracket/quote.
-            if self._buffer[end - 1] not in "}]\"el":
+            if self._buffer[end - 1] not in '}]"el':
                 return False, None
         self._retry_when_length = 0
         self._pos = end
@@ -122,7 +122,9 @@ class RequestsBodyParser:
     def _expect(self, char: str, what: str) -> None:
         found = self._buffer[self._pos]
         if found != char:
-            raise BodyError(f"Request body is not valid JSON: expected {what} at character {self._pos}, found {found!r}")
+            raise BodyError(
+                f"Request body is not valid JSON: expected {what} at character {self._pos}, found {found!r}"
+            )
         self._pos += 1
 
     def _run(self, final: bool) -> Iterator[Any]:
@@ -146,7 +148,9 @@ class RequestsBodyParser:
                     self._state = self._DONE
                     continue
                 if char != '"':
-                    raise BodyError(f"Request body is not valid JSON: expected a key at character {self._pos}")
+                    raise BodyError(
+                        f"Request body is not valid JSON: expected a key at character {self._pos}"
+                    )
                 complete, key = self._decode_value(final)
                 if not complete:
                     return

@@ -113,7 +113,9 @@ class DefaultResponder:
         text = user_text(params)
         tool = forced_tool(params)
         if tool is not None:
-            answer = SchemaAnswerer(text, self.label_hints).answer(tool.get("input_schema") or {"type": "object"})
+            answer = SchemaAnswerer(text, self.label_hints).answer(
+                tool.get("input_schema") or {"type": "object"}
+            )
             if not isinstance(answer, dict):
                 answer = {"value": answer}
             block = {
@@ -154,7 +156,10 @@ def base_usage(
         "input_tokens": max(total_tokens - written - read, 0),
         "cache_creation_input_tokens": written,
         "cache_read_input_tokens": read,
-        "cache_creation": {"ephemeral_5m_input_tokens": written - written_1h, "ephemeral_1h_input_tokens": written_1h},
+        "cache_creation": {
+            "ephemeral_5m_input_tokens": written - written_1h,
+            "ephemeral_1h_input_tokens": written_1h,
+        },
         "output_tokens": 0,
         "output_tokens_details": {"thinking_tokens": 0},
         "server_tool_use": None,  # no server tools (web search, web fetch) run in the emulator
@@ -244,7 +249,9 @@ def finish_message(reply: dict, params: dict, context: ResponseContext, usage: d
         "content": content,
         "stop_reason": stop_reason,
         "stop_sequence": stop_sequence,
-        "stop_details": reply.get("stop_details", dict(_REFUSAL_DETAILS) if stop_reason == "refusal" else None),
+        "stop_details": reply.get(
+            "stop_details", dict(_REFUSAL_DETAILS) if stop_reason == "refusal" else None
+        ),
         "usage": usage,
         "container": reply.get("container"),
     }

@@ -1,8 +1,8 @@
 """``EmulatorServer``: the emulator on a background thread, for tests and in-process use.
 
-    with EmulatorServer(api_key="sk-test", time_scale=60.0, processing_seconds=30.0, port=0, seed=0) as emu:
-        client = anthropic.Anthropic(api_key="sk-test", base_url=emu.base_url)
-        emu.stats(); emu.configure(cache_hit_rate=0.5); emu.advance(86_400); emu.reset()
+with EmulatorServer(api_key="sk-test", time_scale=60.0, processing_seconds=30.0, port=0, seed=0) as emu:
+    client = anthropic.Anthropic(api_key="sk-test", base_url=emu.base_url)
+    emu.stats(); emu.configure(cache_hit_rate=0.5); emu.advance(86_400); emu.reset()
 """
 
 from __future__ import annotations
@@ -109,7 +109,10 @@ class EmulatorServer:
         config = uvicorn.Config(self.app, log_level=self.log_level, access_log=False, lifespan="off")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._socket]}, name="claude-batch-emulator", daemon=True
+            target=self._server.run,
+            kwargs={"sockets": [self._socket]},
+            name="claude-batch-emulator",
+            daemon=True,
         )
         self._thread.start()
         deadline = time.monotonic() + timeout

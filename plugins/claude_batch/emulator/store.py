@@ -247,7 +247,11 @@ class BatchBuilder:
         # The usual item, checked inline (this runs 100,000 times per big create); check_item otherwise.
         if type(item) is dict and len(item) == 2:
             custom_id, params = item.get("custom_id"), item.get("params")
-            if type(custom_id) is not str or type(params) is not dict or not CUSTOM_ID_RE.fullmatch(custom_id):
+            if (
+                type(custom_id) is not str
+                or type(params) is not dict
+                or not CUSTOM_ID_RE.fullmatch(custom_id)
+            ):
                 custom_id, params = check_item(index, item)
         else:
             custom_id, params = check_item(index, item)
@@ -269,7 +273,9 @@ class BatchBuilder:
             self._append_outcome(FATE_INVALID, _NO_TEMPLATE, b"", 0, CACHE_NONE, 0, 0)
             return
         if fault_roll < self._errored_rate:
-            fate = FATE_ERRORED + int(fault_roll / self._errored_rate * len(self.error_types)) % len(self.error_types)
+            fate = FATE_ERRORED + int(fault_roll / self._errored_rate * len(self.error_types)) % len(
+                self.error_types
+            )
         elif fault_roll < self._errored_rate + self._expired_rate:
             fate = FATE_EXPIRED
         else:
@@ -317,7 +323,9 @@ class BatchBuilder:
         template = self._template_by_bytes.get(key)
         if template is None:
             template = self._new_template(key, params)
-        problem = template.problem_before_messages or messages_error(params) or template.problem_after_messages
+        problem = (
+            template.problem_before_messages or messages_error(params) or template.problem_after_messages
+        )
         if problem is not None:
             return None, b"", problem
         try:
@@ -343,7 +351,14 @@ class BatchBuilder:
         return Counter(self.fates)
 
     def _append_outcome(
-        self, fate: int, template_id: int, messages_bytes: bytes, tokens: int, cache_code: int, prefix: int, one_hour: int
+        self,
+        fate: int,
+        template_id: int,
+        messages_bytes: bytes,
+        tokens: int,
+        cache_code: int,
+        prefix: int,
+        one_hour: int,
     ) -> None:
         self.fates.append(fate)
         self.template_ids.append(template_id)
@@ -376,7 +391,9 @@ class BatchStore:
         self.request_id_rng = random.Random(f"{seed}:request-ids")
         self._next_seq = 0
         self.in_flight = 0  # HTTP requests being served (the app counts them); the results worker waits for 0
-        self._production_lock = threading.Lock()  # one maker of result lines at a time (responders need not be thread-safe)
+        self._production_lock = (
+            threading.Lock()
+        )  # one maker of result lines at a time (responders need not be thread-safe)
         self._results_worker = ResultsWorker(self._worker_step, lambda: self.in_flight > 0)
         self._reset_state()
 
@@ -519,7 +536,10 @@ class BatchStore:
                     raise ApiError(
                         429,
                         f"Number of batch API requests has exceeded the rate limit of {limit} per minute (emulated).",
-                        headers={"retry-after": str(math.ceil(wait)), "retry-after-ms": str(int(wait * 1000))},
+                        headers={
+                            "retry-after": str(math.ceil(wait)),
+                            "retry-after-ms": str(int(wait * 1000)),
+                        },
                     )
                 calls.append(now)
 
@@ -605,7 +625,13 @@ class BatchStore:
         with self._lock:
             return self._to_api(batch, batch.created_at, base_url) | {
                 "processing_status": "in_progress",
-                "request_counts": {"processing": batch.size, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0},
+                "request_counts": {
+                    "processing": batch.size,
+                    "succeeded": 0,
+                    "errored": 0,
+                    "canceled": 0,
+                    "expired": 0,
+                },
                 "ended_at": None,
                 "results_url": None,
             }
@@ -620,7 +646,9 @@ class BatchStore:
             now = self._tick()
             batch = self._get(batch_id)
             if batch.status == "ended":
-                raise invalid_request(f"Message Batch {batch_id} has already ended and can no longer be canceled.")
+                raise invalid_request(
+                    f"Message Batch {batch_id} has already ended and can no longer be canceled."
+                )
             if batch.status == "in_progress":
                 batch.cancel_initiated_at = now
                 batch.end_at = min(now + batch.config.cancel_seconds, max(batch.expires_at, now))
@@ -686,7 +714,11 @@ class BatchStore:
         ended = batch.status == "ended"
         if ended:
             # An end by expiry is reported at exactly expires_at.
-            ended_at = batch.expires_at_text if batch.ended_at == batch.expires_at else rfc3339_us(batch.api_us(batch.ended_at))
+            ended_at = (
+                batch.expires_at_text
+                if batch.ended_at == batch.expires_at
+                else rfc3339_us(batch.api_us(batch.ended_at))
+            )
         else:
             ended_at = None
         archived = now >= batch.created_at + archive_seconds
@@ -700,7 +732,9 @@ class BatchStore:
             "created_at": batch.created_at_text,
             "expires_at": batch.expires_at_text,
             "archived_at": (
-                rfc3339_us(batch.api_created_us + round(archive_seconds * 1e6 / batch.api_scale)) if archived else None
+                rfc3339_us(batch.api_created_us + round(archive_seconds * 1e6 / batch.api_scale))
+                if archived
+                else None
             ),
             "cancel_initiated_at": None if cancel is None else rfc3339_us(batch.api_us(cancel)),
             "results_url": f"{base_url}/v1/messages/batches/{batch.id}/results" if ended else None,
@@ -815,7 +849,11 @@ class BatchStore:
         if template is None:
             template_params = orjson.loads(batch.templates[template_id])
             model = batch.config.resolve_model(template_params["model"])
-            template = templates[template_id] = (template_params, model, requested_inference_geo(template_params))
+            template = templates[template_id] = (
+                template_params,
+                model,
+                requested_inference_geo(template_params),
+            )
         template_params, model, inference_geo = template
         params = dict(template_params)
         params["messages"] = orjson.loads(batch.messages[index])
@@ -916,7 +954,9 @@ class BatchStore:
                     if batch.results is not None
                 ),
                 "results_stored_bytes": sum(
-                    batch.results.stored_bytes for batch in self._batch_by_seq.values() if batch.results is not None
+                    batch.results.stored_bytes
+                    for batch in self._batch_by_seq.values()
+                    if batch.results is not None
                 ),
             }
 
@@ -938,4 +978,3 @@ _STATUS_BY_ERROR_TYPE = {error_type: status for status, error_type in ERROR_TYPE
 def _errored(batch: Batch, index: int, error_type: str, message: str) -> dict:
     request_id = derived_id("req_", batch.id, index)
     return {"type": "errored", "error": error_body(error_type, message, request_id)}
-

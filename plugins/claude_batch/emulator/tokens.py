@@ -189,7 +189,9 @@ def analyse_prompt(params: dict, template: TemplateShape | None = None) -> Promp
             cache_key=prefix.cache_key,
         )
     message_segments = _message_segments(messages)
-    return _prefix(template.segments + message_segments, template.fixed_tokens, template.model, template.schema)
+    return _prefix(
+        template.segments + message_segments, template.fixed_tokens, template.model, template.schema
+    )
 
 
 def _uncached_message_tokens(messages: Any) -> int | None:

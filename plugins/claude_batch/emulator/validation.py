@@ -171,7 +171,12 @@ def _tools_error(params: dict) -> str | None:
             names.add(tool["name"])
     tool_choice = params.get("tool_choice")
     if tool_choice is not None:
-        if not isinstance(tool_choice, dict) or tool_choice.get("type") not in ("auto", "any", "tool", "none"):
+        if not isinstance(tool_choice, dict) or tool_choice.get("type") not in (
+            "auto",
+            "any",
+            "tool",
+            "none",
+        ):
             return "tool_choice: Input should be an object with type 'auto', 'any', 'tool' or 'none'"
         if tool_choice["type"] == "tool" and tool_choice.get("name") not in names:
             return f"tool_choice.name: tool {tool_choice.get('name')!r} is not in tools"

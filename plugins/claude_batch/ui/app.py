@@ -171,7 +171,9 @@ def create_app() -> FastAPI:
         with _ops(conn_id) as ops:
             dag_ids = _readable_workload(ops, user, workload)
             if not auth.may_access_dags(user, dag_ids, "PUT"):
-                raise PageError(status.HTTP_403_FORBIDDEN, _needs(dag_ids, "edit", workload, "requeue its items"))
+                raise PageError(
+                    status.HTTP_403_FORBIDDEN, _needs(dag_ids, "edit", workload, "requeue its items")
+                )
             result, notice = None, None
             if key:
                 result = ops.requeue(
@@ -184,7 +186,16 @@ def create_app() -> FastAPI:
             else:
                 notice = "Tick the items to requeue first."
             view = _workload_view(
-                ops, user, conn_id, workload, "", "all", 0, prompt_version=prompt_version, result=result, notice=notice
+                ops,
+                user,
+                conn_id,
+                workload,
+                "",
+                "all",
+                0,
+                prompt_version=prompt_version,
+                result=result,
+                notice=notice,
             )
         return _render(request, "workload.html", user=user, view=view)
 
@@ -270,7 +281,9 @@ def _workload_view(
         can_requeue=auth.may_access_dags(user, dag_ids, "PUT"),
         form_token=auth.form_token(user, conn_id, workload),
         runs=runs,
-        chart_svg=Markup(chart.cost_chart_svg(bars, title=f"Cost per day of {workload}, last {CHART_DAYS} days")),  # escaped parts
+        chart_svg=Markup(
+            chart.cost_chart_svg(bars, title=f"Cost per day of {workload}, last {CHART_DAYS} days")
+        ),  # escaped parts
         chart_total=total,
         in_flight=in_flight,
         holders=holders,
@@ -357,11 +370,13 @@ def _ops(conn_id: str) -> Iterator[Ops]:
         raise
     except AirflowNotFoundException:
         raise PageError(
-            status.HTTP_404_NOT_FOUND, f"There is no Airflow connection {conn_id!r}: create it, or set {CONN_IDS_ENV}."
+            status.HTTP_404_NOT_FOUND,
+            f"There is no Airflow connection {conn_id!r}: create it, or set {CONN_IDS_ENV}.",
         ) from None
     except NoLedger:
         raise PageError(
-            status.HTTP_404_NOT_FOUND, f"No claude-batch pipeline has run on {conn_id!r} yet: there is nothing to show."
+            status.HTTP_404_NOT_FOUND,
+            f"No claude-batch pipeline has run on {conn_id!r} yet: there is nothing to show.",
         ) from None
     except UnknownWorkload as exc:
         raise PageError(status.HTTP_404_NOT_FOUND, str(exc)) from None
@@ -373,8 +388,12 @@ def _ops(conn_id: str) -> Iterator[Ops]:
                 status.HTTP_503_SERVICE_UNAVAILABLE,
                 f"The warehouse {conn_id!r} is busy (a task is writing to it): reload in a moment.",
             ) from None
-        log.warning("Claude Batches page: the warehouse %s could not be opened (%s)", conn_id, type(exc).__name__)
-        raise PageError(status.HTTP_502_BAD_GATEWAY, f"The warehouse {conn_id!r} could not be opened.") from None
+        log.warning(
+            "Claude Batches page: the warehouse %s could not be opened (%s)", conn_id, type(exc).__name__
+        )
+        raise PageError(
+            status.HTTP_502_BAD_GATEWAY, f"The warehouse {conn_id!r} could not be opened."
+        ) from None
     except Exception as exc:  # the driver's own error: its text may hold connection details
         log.warning("Claude Batches page: reading %s failed (%s)", conn_id, type(exc).__name__)
         raise PageError(
@@ -428,7 +447,12 @@ async def _error_page(request: Request, exc: Exception) -> HTMLResponse:
         with contextlib.suppress(Exception):  # an auth manager without a login page: no link
             login = auth.login_url(str(request.url))
     response = _render(
-        request, "error.html", status_code=exc.status_code, code=exc.status_code, detail=str(exc.detail), login=login
+        request,
+        "error.html",
+        status_code=exc.status_code,
+        code=exc.status_code,
+        detail=str(exc.detail),
+        login=login,
     )
     for name, value in (exc.headers or {}).items():
         response.headers[name] = value

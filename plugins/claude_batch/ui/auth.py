@@ -67,7 +67,9 @@ def may_access_dags(user: Any, dag_ids: Iterable[str], method: Method) -> bool:
         return bool(manager.is_authorized_dag(method=method, user=user))
     teams = _team_names(wanted)
     return all(
-        manager.is_authorized_dag(method=method, user=user, details=DagDetails(id=dag_id, team_name=teams.get(dag_id)))
+        manager.is_authorized_dag(
+            method=method, user=user, details=DagDetails(id=dag_id, team_name=teams.get(dag_id))
+        )
         for dag_id in wanted
     )
 
@@ -102,7 +104,9 @@ def form_token(user: Any, conn_id: str, workload: str) -> str:
 def check_form_token(user: Any, conn_id: str, workload: str, token: str | None) -> None:
     """403 unless ``token`` is :func:`form_token` of this user, connection and workload."""
     if not token or not hmac.compare_digest(token, form_token(user, conn_id, workload)):
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "The requeue form has expired or is not yours: reload the page.")
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, "The requeue form has expired or is not yours: reload the page."
+        )
 
 
 def _secret_key() -> bytes:

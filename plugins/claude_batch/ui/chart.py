@@ -68,7 +68,9 @@ def cost_chart_svg(bars: Sequence[DayBar], *, title: str) -> str:
             f"{bar.day.isoformat()}: {bar.runs} run(s), cost {money(bar.cost_usd)}, "
             f"real-time equivalent {money(bar.realtime_cost_usd)}, saving {money(bar.realtime_cost_usd - bar.cost_usd)}"
         )
-        parts.append(f'<g class="day" data-day="{bar.day.isoformat()}" data-cost="{bar.cost_usd:.6f}"><title>{tip}</title>')
+        parts.append(
+            f'<g class="day" data-day="{bar.day.isoformat()}" data-cost="{bar.cost_usd:.6f}"><title>{tip}</title>'
+        )
         for css, value in (("realtime", bar.realtime_cost_usd), ("cost", bar.cost_usd)):
             if value > 0 and scale > 0:
                 h = max(plot_h * value / scale, 1.0)
@@ -94,4 +96,3 @@ def _nice_ceiling(value: float) -> float:
         if value <= step * power:
             return step * power
     return 10 * power
-

@@ -78,7 +78,10 @@ def main(argv: list[str] | None = None) -> None:
         ["git", "-C", args.git_dir, "rev-parse", args.commit], check=True, capture_output=True, text=True
     ).stdout.strip()
     text = subprocess.run(
-        ["git", "-C", args.git_dir, "show", f"{commit}:{SOURCE_PATH}"], check=True, capture_output=True, text=True
+        ["git", "-C", args.git_dir, "show", f"{commit}:{SOURCE_PATH}"],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     header = {
         "repository": SOURCE_REPOSITORY,
