@@ -66,7 +66,12 @@ def test_many_triggers_share_one_list_call_per_round(anthropic_conn):
             ClaudeBatchTrigger(batch_ids=[i], min_poll_interval=0.2, max_poll_interval=0.2) for i in ids
         ]
         tasks = [asyncio.create_task(_first_event(t)) for t in triggers]
-        await asyncio.sleep(1.0)  # about five rounds while nothing has ended
+        # at least two rounds while nothing has ended (waiting on the count, not the clock:
+        # a loaded machine may take a second to start 60 triggers)
+        for _ in range(300):
+            if anthropic_conn.stats()["http_requests"].get("list", 0) - before.get("list", 0) >= 2:
+                break
+            await asyncio.sleep(0.05)
         anthropic_conn.advance(3 * HOUR)
         return await asyncio.gather(*tasks)
 
