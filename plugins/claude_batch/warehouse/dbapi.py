@@ -19,8 +19,10 @@ Params = Sequence[Any]
 class Cursor(Protocol):
     """A DB-API cursor (a DuckDB connection is its own cursor inside a transaction)."""
 
+    # PEP 249 makes it None after a statement that returns no rows; typed for the case callers
+    # read it in (after a query), so that they need not test for None first.
     @property
-    def description(self) -> Sequence[Sequence[Any]] | None: ...
+    def description(self) -> Sequence[Sequence[Any]]: ...
 
     @property
     def rowcount(self) -> int: ...

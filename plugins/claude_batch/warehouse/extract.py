@@ -86,7 +86,7 @@ class ExtractMixin(WarehouseTables):
         sql, params = source_columns_query(source, self.dialect)
         with self.dialect.transaction(self.conn) as cursor:
             cursor.execute(sql, self.dialect.bind(params))
-            names = [column[0] for column in cursor.description or ()]
+            names = [column[0] for column in cursor.description]
             cursor.fetchall()
         return names
 

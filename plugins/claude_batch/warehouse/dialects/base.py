@@ -104,7 +104,7 @@ class Dialect:
         cursor = conn.cursor()
         try:
             cursor.execute(sql, tuple(params))
-            names = [column[0] for column in cursor.description or ()]
+            names = [column[0] for column in cursor.description]
             while rows := cursor.fetchmany(chunk_rows):
                 yield [dict(zip(names, row, strict=True)) for row in rows]
         finally:
