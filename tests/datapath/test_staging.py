@@ -314,7 +314,9 @@ def test_restaging_overwrites_and_removes_parts_no_longer_needed(layout):
     assert len(smaller.shards) == 2
     names = sorted(p.rsplit("/", 1)[1] for p in layout.store.list(f"{layout.prefix}/requests"))
     assert names == [
-        "part-00000.jsonl", "part-00000.keys.parquet", "part-00001.jsonl", "part-00001.keys.parquet", "rejects.jsonl",
+        "part-00000.jsonl", "part-00000.keys.parquet",
+        "part-00001.jsonl", "part-00001.keys.parquet",
+        "rejects.jsonl",
     ]  # fmt: skip
 
 
