@@ -5,11 +5,11 @@ the Batches API create takes per request), at most ``max_requests_per_shard`` of
 most ``max_shard_bytes``. Beside it, ``requests/part-NNNNN.keys.parquet`` maps each custom_id
 back to its record key (custom_ids may be hashes of the key, see docs/architecture.md). Rows
 that cannot be sent are never dropped: each is a line of ``requests/rejects.jsonl`` with the
-row, its ledger key and a reason. ``manifest.json`` lists shards, counts, bytes, checksums,
-the prompt version, the models and a token and cost estimate; ``extracted_rows`` always equals
-``staged_requests + rejected_rows``.
+row, its ledger key and a reason, and the ledger records it as ``dead``. ``manifest.json``
+lists shards, counts, bytes, checksums, the prompt version, the models and a token and cost
+estimate; ``extracted_rows`` always equals ``staged_requests + rejected_rows``.
 
-Collect, validate, load and the warehouse import this module alone: it needs neither the
+Collect, validate, load and the warehouse need only this module, which imports neither the
 text kernels nor the threaded writers of the staging engine.
 """
 

@@ -226,13 +226,8 @@ class RowScreen:
             self.reject(row_number, None, None, "null_key", f"record key {key_name!r} {reason}", row)
             return None, ""
         if isinstance(raw, BINARY_TYPES):
-            try:
-                raw = bytes(raw).decode("utf-8")
-            except UnicodeDecodeError as exc:
-                self.reject(
-                    row_number, None, None, "invalid_key",
-                    f"record key is not valid UTF-8 ({exc.reason} at byte {exc.start})", row,
-                )  # fmt: skip
+            raw = self._decoded(raw, row_number, None, "invalid_key", "record key", row)
+            if raw is None:
                 return None, ""
         key = raw if isinstance(raw, str) else str(raw)
         if not key or key.isspace():
@@ -253,13 +248,8 @@ class RowScreen:
             self.reject(row_number, key, key, code, f"field {name!r} {what}", row)
             return False, None
         if isinstance(value, BINARY_TYPES):
-            try:
-                value = bytes(value).decode("utf-8")
-            except UnicodeDecodeError as exc:
-                self.reject(
-                    row_number, key, key, "invalid_utf8",
-                    f"field {name!r} is not valid UTF-8 ({exc.reason} at byte {exc.start})", row,
-                )  # fmt: skip
+            value = self._decoded(value, row_number, key, "invalid_utf8", f"field {name!r}", row)
+            if value is None:
                 return False, None
         elif not isinstance(value, str):
             return True, value  # numbers and dates are rendered by the template as they are
@@ -267,6 +257,23 @@ class RowScreen:
             self.reject(row_number, key, key, "empty_text", f"field {name!r} is empty", row)
             return False, None
         return True, value
+
+    def _decoded(
+        self,
+        raw: bytes | bytearray | memoryview,
+        row_number: int,
+        key: str | None,
+        code: str,
+        subject: str,
+        row: Mapping[str, Any],
+    ) -> str | None:
+        """Bytes as UTF-8 text, or None after rejecting the row (``subject`` names the value)."""
+        try:
+            return bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            reason = f"{subject} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+            self.reject(row_number, key, key, code, reason, row)
+            return None
 
     def _route(self, row_number: int, key: str, row: Mapping[str, Any]) -> str | None:
         """The model the workload's rule chooses, or None after rejecting the row."""
