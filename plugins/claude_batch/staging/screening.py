@@ -303,6 +303,7 @@ class RowScreen:
         return model
 
     def _reject_duplicate(self, row_number: int, key: str, row: Mapping[str, Any]) -> None:
+        """Reject a later row with an earlier row's key, as a ledger item of its own."""
         row_json = jsonable_row(row)
         # The first row with the key is the item; each later one is its own ledger item.
         ledger_key = self.rejections.unique(f"{key}#dup-{hashlib.sha256(row_json).hexdigest()[:12]}")
