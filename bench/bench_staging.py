@@ -182,13 +182,14 @@ def main() -> None:
     markdown = (
         "### Staging: rows rendered into request shards vs the orjson floor\n\n"
         + markdown_table(rows, list(rows[0]))
-        + f"\n\nPeak memory (above the RSS after imports) at {rows[-1]['rows']:,} vs {rows[0]['rows']:,} rows: "
+        + "\n\nPeak memory (above the RSS after imports) at "
+        f"{rows[-1]['rows']:,} vs {rows[0]['rows']:,} rows: "
         f"{growth:.2f}x (targets: under 400 MB at 1,000,000 rows, at most 1.2x the 100,000 figure; "
         "throughput at least half the floor's rows/s). Each request repeats the system prompt and the "
         "schema, so staging writes several times the floor's bytes: MB/s shows that side. CPU us/row is "
-        "user + system time of the whole process (staging hashes and writes on a second thread, so on a busy "
-        "machine, where that thread finds no free core, the ratio falls towards the CPU ratio). Load average: "
-        "the machine's 1-minute load after the row's runs."
+        "user + system time of the whole process (staging hashes and writes on a second thread, so on a "
+        "busy machine, where that thread finds no free core, the ratio falls towards the CPU ratio). Load "
+        "average: the machine's 1-minute load after the row's runs."
     )
     write_results("staging", rows, markdown)
 

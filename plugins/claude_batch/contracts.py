@@ -14,8 +14,14 @@ import re
 MAX_REQUESTS_PER_BATCH = 100_000
 # The API refuses request bodies over 256 MB with HTTP 413.
 MAX_BATCH_BYTES = 256 * 1000 * 1000
-CUSTOM_ID_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-_HASHED_ID_PATTERN = re.compile(r"^k_[0-9a-f]{40}$")
+# The rule's two shapes as regex text, so every scan of custom_ids (one key, or a whole chunk's
+# keys joined) is built from them rather than restating them.
+CUSTOM_ID_SHAPE = r"[a-zA-Z0-9_-]{1,64}"
+HASHED_ID_SHAPE = r"k_[0-9a-f]{40}"
+CUSTOM_ID_PATTERN = re.compile(rf"^{CUSTOM_ID_SHAPE}$")
+_HASHED_ID_PATTERN = re.compile(rf"^{HASHED_ID_SHAPE}$")
+# A key used as its own custom_id: valid, and not of the hashed shape. Use with ``fullmatch``.
+AS_IS_CUSTOM_ID = re.compile(rf"(?!{HASHED_ID_SHAPE}\Z){CUSTOM_ID_SHAPE}")
 
 
 class InvalidRecordKey(ValueError):

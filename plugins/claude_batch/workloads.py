@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
 from functools import cached_property
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anthropic
 import orjson
@@ -33,6 +33,9 @@ from claude_batch.costs import (
     PriceTable,
     estimate_tokens,
 )
+
+if TYPE_CHECKING:
+    from claude_batch.staging.wire import RequestEncoder
 
 CachePolicy = Literal["off", "5m", "1h", "auto"]
 OutputMode = Literal["json_schema", "tool"]
@@ -288,7 +291,7 @@ class Workload:
         """The user message for ``row``: the template filled with the row's fields."""
         return self.user_template.format_map(self.template_values(row))
 
-    def _static_params(self, cache_setting: CacheSetting) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    def static_params(self, cache_setting: CacheSetting) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """(system blocks, params after ``messages``), shared by every request."""
         system_block: dict[str, Any] = {"type": "text", "text": self.system_prompt}
         cache_control = _CACHE_CONTROL[cache_setting]
@@ -316,7 +319,7 @@ class Workload:
         :param row: the row's fields (the template's fields at least).
         :param cache_setting: the run's resolved cache setting (``off``, ``5m`` or ``1h``).
         """
-        system, tail = self._static_params(cache_setting)
+        system, tail = self.static_params(cache_setting)
         return {
             "model": self.model_for(row),
             "max_tokens": self.max_tokens,
@@ -327,6 +330,8 @@ class Workload:
 
     def encoder(self, cache_setting: CacheSetting) -> RequestEncoder:
         """A fast encoder of request lines for staging (same bytes meaning as :meth:`render`)."""
+        from claude_batch.staging.wire import RequestEncoder
+
         return RequestEncoder(self, cache_setting)
 
     # -- versions and caching -------------------------------------------------------------
@@ -413,50 +418,11 @@ class Workload:
         return f"{self.name}_results"
 
 
-class RequestEncoder:
-    """Encodes one batch request line (``{"custom_id", "params"}`` plus newline) per row, fast.
+def __getattr__(name: str) -> Any:
+    # RequestEncoder moved to claude_batch.staging.wire (the wire format's module); loaded on
+    # use, as importing it here would pull the staging engine into every workload import.
+    if name == "RequestEncoder":
+        from claude_batch.staging.wire import RequestEncoder
 
-    The parts every request shares are serialised once per model; a row adds only its
-    custom_id and user content, each serialised by orjson, so the line is always valid JSON.
-    """
-
-    def __init__(self, workload: Workload, cache_setting: CacheSetting) -> None:
-        self.workload = workload
-        self.cache_setting = cache_setting
-        system, tail = workload._static_params(cache_setting)
-        self._system = orjson.dumps(system)
-        tail_json = orjson.dumps(tail)
-        # ``tail`` is never empty (structured output is always set), so splice its members.
-        self.suffix = b"}]," + tail_json[1:] + b"}\n"
-        self._prefix_by_model: dict[str, bytes] = {}
-
-    def prefix(self, model: str) -> bytes:
-        """The bytes between the custom_id and the user content, for ``model``."""
-        prefix = self._prefix_by_model.get(model)
-        if prefix is None:
-            prefix = (
-                b',"params":{"model":'
-                + orjson.dumps(model)
-                + b',"max_tokens":'
-                + str(self.workload.max_tokens).encode()
-                + b',"system":'
-                + self._system
-                + b',"messages":[{"role":"user","content":'
-            )
-            self._prefix_by_model[model] = prefix
-        return prefix
-
-    def encode(self, custom_id: str, content: str, model: str) -> bytes:
-        """One JSONL line; raises ``orjson.JSONEncodeError`` on text that is not valid UTF-8.
-
-        :param custom_id: a valid custom_id.
-        :param content: the rendered user message.
-        :param model: the model for this request.
-        """
-        return (
-            b'{"custom_id":'
-            + orjson.dumps(custom_id)
-            + self.prefix(model)
-            + orjson.dumps(content)
-            + self.suffix
-        )
+        return RequestEncoder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

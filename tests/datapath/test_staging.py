@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import random
 import string
+import subprocess
+import sys
 
 import numpy as np
 import orjson
@@ -314,7 +316,9 @@ def test_restaging_overwrites_and_removes_parts_no_longer_needed(layout):
     assert len(smaller.shards) == 2
     names = sorted(p.rsplit("/", 1)[1] for p in layout.store.list(f"{layout.prefix}/requests"))
     assert names == [
-        "part-00000.jsonl", "part-00000.keys.parquet", "part-00001.jsonl", "part-00001.keys.parquet", "rejects.jsonl",
+        "part-00000.jsonl", "part-00000.keys.parquet",
+        "part-00001.jsonl", "part-00001.keys.parquet",
+        "rejects.jsonl",
     ]  # fmt: skip
 
 
@@ -389,3 +393,23 @@ def test_every_staged_line_is_byte_for_byte_the_reference_encoder_line(layout, c
     lines = [line for shard in manifest.shards for line in iter_shard_lines(layout, shard)]
     assert lines == expected
     assert sum(shard.bytes for shard in manifest.shards) == sum(len(line) + 1 for line in expected)
+
+
+def test_the_manifest_module_imports_without_the_staging_engine():
+    """Collect, validate, load and the warehouse read manifests without the kernels or writers."""
+    code = (
+        "import sys, claude_batch.staging.manifest; "
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('claude_batch.staging'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["claude_batch.staging", "claude_batch.staging.manifest"]
+
+
+def test_every_old_name_stays_importable_from_the_old_paths():
+    import claude_batch.staging as staging
+    from claude_batch.staging.wire import RequestEncoder
+    from claude_batch.workloads import RequestEncoder as OldPathEncoder
+
+    assert OldPathEncoder is RequestEncoder
+    for name in staging.__all__:
+        assert getattr(staging, name) is not None, name
