@@ -555,7 +555,8 @@ def _fill_source(night: Setup, count: int) -> None:
         with conn.cursor() as cur:
             cur.execute(f"CREATE SCHEMA IF NOT EXISTS {night.where}")
             cur.execute(
-                "CREATE TABLE tickets (ticket_id TEXT PRIMARY KEY, customer TEXT, subject TEXT, body TEXT, created_at TIMESTAMP)"
+                "CREATE TABLE tickets (ticket_id TEXT PRIMARY KEY, customer TEXT, subject TEXT, body TEXT, "
+                "created_at TIMESTAMP)"
             )
             buffer = io.BytesIO()
             pacsv.write_csv(table, buffer)
@@ -583,7 +584,10 @@ def _check_night(night: Setup, count: int) -> dict:
     """Every row loaded once, every ledger item final."""
     conn = night.connect()
     statements = {
-        "ledger": "SELECT status, COUNT(*) FROM claude_batch_ledger WHERE workload = 'ticket_triage' GROUP BY status",
+        "ledger": (
+            "SELECT status, COUNT(*) FROM claude_batch_ledger "
+            "WHERE workload = 'ticket_triage' GROUP BY status"
+        ),
         "results": "SELECT COUNT(*), COUNT(DISTINCT record_key) FROM ticket_triage_results",
     }
     answers = {}
@@ -877,20 +881,21 @@ def main(argv: list[str] | None = None) -> None:
             "Each stage runs in a fresh interpreter as its task would (collect and validate: one process per "
             "shard; their wall and CPU are summed, their peak is the largest). Client CPU excludes each "
             "process's imports (summed apart under imports CPU s); waiting is wall minus client CPU (the "
-            "emulator, S3, the database, or a busy core); emulator CPU is the emulator process's own, over the "
-            "stage (it also renders results in the background from each batch's creation). Floors: stage = the "
-            "rows fetched and written as JSONL with orjson; collect = the results downloaded with plain httpx; "
-            "validate = every line parsed with orjson; load = the validated Parquet bulk-inserted into a scratch "
-            "table. Submit, record and wait have no client floor. The queue holds "
-            f"{queue:,} requests, batches take {BATCH_WALL_SECONDS:.0f} s of wall time, shards hold "
+            "emulator, S3, the database, or a busy core); emulator CPU is the emulator process's own, over "
+            "the stage (it also renders results in the background from each batch's creation). Floors: stage "
+            "= the rows fetched and written as JSONL with orjson; collect = the results downloaded with "
+            "plain httpx; validate = every line parsed with orjson; load = the validated Parquet "
+            "bulk-inserted into a scratch table. Submit, record and wait have no client floor. The queue "
+            f"holds {queue:,} requests, batches take {BATCH_WALL_SECONDS:.0f} s of wall time, shards hold "
             f"{shard_size:,} requests. Target: at most 30 us of client CPU per row at 1,000,000 rows.",
             f"### End to end: the project's DAG run by Airflow over {max(counts):,} rows, queue {queue:,}",
             markdown_table([dag_run], DAG_COLUMNS),
-            "One `dag.test()` of `claude_batch_dag` on DuckDB (Airflow's task runner; deferred tasks and their "
-            "triggers run inline, one at a time), default staging limits (a shard ends at 100,000 requests or "
-            f"the byte limit), batches that stay {QUEUE_BATCH_WALL_SECONDS:.0f} s (wall) in the queue: shards "
-            "that do not fit are refused by the emulator's queue-full 429, deferred to `QueueRoomTrigger` and "
-            "resumed when batches end. Peak queue use is sampled from the emulator every 50 ms.",
+            "One `dag.test()` of `claude_batch_dag` on DuckDB (Airflow's task runner; deferred tasks and "
+            "their triggers run inline, one at a time), default staging limits (a shard ends at 100,000 "
+            f"requests or the byte limit), batches that stay {QUEUE_BATCH_WALL_SECONDS:.0f} s (wall) in the "
+            "queue: shards that do not fit are refused by the emulator's queue-full 429, deferred to "
+            "`QueueRoomTrigger` and resumed when batches end. Peak queue use is sampled from the emulator "
+            "every 50 ms.",
         ]
     )
     write_results("end_to_end", stage_rows + totals + [dag_run], markdown)

@@ -580,7 +580,8 @@ def run_killed_worker(
         time.sleep(0.02)
     if not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL):
         raise WorkerNotKilled(
-            f"worker for {step} at {kill.point} ended with status {status}, not SIGKILL (see its traceback above)"
+            f"worker for {step} at {kill.point} ended with status {status}, not SIGKILL (see its traceback "
+            "above)"
         )
 
 
