@@ -22,13 +22,16 @@ $(VENV)/.installed: requirements.txt pyproject.toml | $(UV)
 	$(UV) pip install --python $(BIN)/python --no-deps -e .
 	touch $@
 
+# mypy reads its configuration (files, strictness) from pyproject.toml.
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 demo: install
@@ -54,4 +57,4 @@ lock: | $(UV)
 		cat requirements.txt.new) > requirements.txt && rm requirements.txt.new
 
 clean:
-	rm -rf $(VENV) .tools .pytest_cache
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache

@@ -70,7 +70,10 @@ def _system_prompt() -> str:
     while len(text) < 20_000:
         for rule in rules:
             number += 1
-            text += f"Rule {number}. {rule} Example {number}: vendor Example Supplier {number} Ltd, invoice EX-{number:04d}.\n"
+            text += (
+                f"Rule {number}. {rule} Example {number}: "
+                f"vendor Example Supplier {number} Ltd, invoice EX-{number:04d}.\n"
+            )
     return text[:20_000]
 
 
@@ -111,7 +114,9 @@ def _invoice(day: int, i: int) -> dict:
     return {
         "invoice_id": f"INV-{day}-{i:05d}",
         "vendor": f"Supplier {rng.randint(1, 400)} GmbH",
-        "invoice_text": f"Invoice dated 2026-10-{1 + day:02d}, payment within 30 days. {lines} Total due as stated.",
+        "invoice_text": (
+            f"Invoice dated 2026-10-{1 + day:02d}, payment within 30 days. {lines} Total due as stated."
+        ),
         "received_at": DAY + timedelta(days=day, seconds=(i * 13) % 86_000),
     }
 
@@ -227,9 +232,12 @@ def run_matrix(rows: int) -> list[dict]:
                         report = one_run(store, warehouse_path, workload, run)
                         line = _line(hit_rate, setting, run + 1, report, time.perf_counter() - started)
                         lines.append(line)
-                        print(f"  h={hit_rate} {setting} run {run + 1}: {line['used']}, cost ${line['cost']:.4f}, "
-                              f"{line['share_rt']:.3f} of real-time, estimate {line['error_pct']:+.1f}% "
-                              f"({line['seconds']:.0f} s)", flush=True)  # fmt: skip
+                        print(
+                            f"  h={hit_rate} {setting} run {run + 1}: {line['used']}, cost "
+                            f"${line['cost']:.4f}, {line['share_rt']:.3f} of real-time, estimate "
+                            f"{line['error_pct']:+.1f}% ({line['seconds']:.0f} s)",
+                            flush=True,
+                        )
     return lines
 
 
@@ -294,25 +302,36 @@ def summarise(lines: list[dict]) -> tuple[list[dict], list[dict], dict]:
             for run in range(1, RUNS + 1)
         ]
         worst_auto = max(worst_auto, *ratios)
-        versus.append({
-            "hit rate": f"{hit_rate:.2f}",
-            "auto / off (runs 1 / 2 / 3)": _three(ratios, ".4f"),
-            "auto / real-time": _three([by_key[(hit_rate, "auto", run)]["share_rt"] for run in range(1, RUNS + 1)], ".3f"),
-            "best fixed setting / real-time": _three(best, ".3f"),
-        })  # fmt: skip
+        versus.append(
+            {
+                "hit rate": f"{hit_rate:.2f}",
+                "auto / off (runs 1 / 2 / 3)": _three(ratios, ".4f"),
+                "auto / real-time": _three(
+                    [by_key[(hit_rate, "auto", run)]["share_rt"] for run in range(1, RUNS + 1)], ".3f"
+                ),
+                "best fixed setting / real-time": _three(best, ".3f"),
+            }
+        )
     errors = [abs(line["error_pct"]) for line in lines]
     measured = [abs(line["error_pct"]) for line in lines if not _unmeasured(line)]
     totals = {
         "runs": len(lines),
         "worst_auto_vs_off": worst_auto,
-        "auto_above_off": [f"h={line['hit_rate']} run {line['run']}" for line in lines if line["setting"] == "auto"
-                           and line["cost"] > by_key[(line["hit_rate"], "off", line["run"])]["cost"] * (1 + 1e-9)],
+        "auto_above_off": [
+            f"h={line['hit_rate']} run {line['run']}"
+            for line in lines
+            if line["setting"] == "auto"
+            and line["cost"] > by_key[(line["hit_rate"], "off", line["run"])]["cost"] * (1 + 1e-9)
+        ],
         "max_error_pct": max(errors),
         "max_error_pct_measured": max(measured) if measured else None,
-        "over_target": [f"h={line['hit_rate']} {line['setting']} run {line['run']} ({line['error_pct']:+.1f}%)"
-                        for line in lines if abs(line["error_pct"]) > ESTIMATE_TARGET_PCT],
+        "over_target": [
+            f"h={line['hit_rate']} {line['setting']} run {line['run']} ({line['error_pct']:+.1f}%)"
+            for line in lines
+            if abs(line["error_pct"]) > ESTIMATE_TARGET_PCT
+        ],
         "in_band": sum(1 for line in lines if line["in_band"]),
-    }  # fmt: skip
+    }
     return table, versus, totals
 
 
@@ -326,31 +345,37 @@ def main() -> None:
     started = time.perf_counter()
     lines = run_matrix(rows)
     table, versus, totals = summarise(lines)
-    markdown = "\n".join([
-        "### Caching and cost estimates: invoice-style workload, six hit rates, four settings, three runs each",
-        "",
-        f"claude-sonnet-4-6, a {len(_system_prompt()):,}-character system prompt (about 5,000 tokens), about 380 "
-        f"uncached input and 60 output tokens a row, {rows:,} rows a run; the emulator's `--cache-hit-rate` per "
-        "row; each setting a fresh warehouse and three successive nightly runs through the pipeline's steps. "
-        "Costs are the run report's: actual / plain real-time calls without caching, actual / batches without "
-        "caching; the estimate error is (estimate - actual) / actual, the band the estimate's low and high.",
-        "",
-        markdown_table(table, list(table[0])),
-        "",
-        "`auto` beside `off` (same rows, same run) and the cheapest fixed setting of each run:",
-        "",
-        markdown_table(versus, list(versus[0])),
-        "",
-        f"{totals['runs']} runs in {time.perf_counter() - started:.0f} s. auto / off at most "
-        f"{totals['worst_auto_vs_off']:.4f}; auto above off in: {', '.join(totals['auto_above_off']) or 'no run'} "
-        "(a probe's run at hit rates where caching never pays; each probe is bounded to 1% of the run's cost "
-        "with caching off). Estimate error at most "
-        f"{totals['max_error_pct']:.1f}%, and {totals['max_error_pct_measured']:.1f}% on every run whose setting's "
-        "hit rate had been measured (all but the first run of a fixed 5m or 1h setting, priced at the break-even "
-        f"hit rate with a band from no hits to all hits); over {ESTIMATE_TARGET_PCT:.0f}%: "
-        f"{', '.join(totals['over_target']) or 'none'}. The actual cost was inside the estimate's band in "
-        f"{totals['in_band']} of {totals['runs']} runs. Re-run: `BENCH_SCALE={scale()} .venv/bin/python -m bench.bench_caching`.",
-    ])  # fmt: skip
+    markdown = "\n".join(
+        [
+            "### Caching and cost estimates: invoice-style workload, six hit rates, four settings, three "
+            "runs each",
+            "",
+            f"claude-sonnet-4-6, a {len(_system_prompt()):,}-character system prompt (about 5,000 tokens), "
+            f"about 380 uncached input and 60 output tokens a row, {rows:,} rows a run; the emulator's "
+            "`--cache-hit-rate` per row; each setting a fresh warehouse and three successive nightly runs "
+            "through the pipeline's steps. Costs are the run report's: actual / plain real-time calls "
+            "without caching, actual / batches without caching; the estimate error is (estimate - actual) / "
+            "actual, the band the estimate's low and high.",
+            "",
+            markdown_table(table, list(table[0])),
+            "",
+            "`auto` beside `off` (same rows, same run) and the cheapest fixed setting of each run:",
+            "",
+            markdown_table(versus, list(versus[0])),
+            "",
+            f"{totals['runs']} runs in {time.perf_counter() - started:.0f} s. auto / off at most "
+            f"{totals['worst_auto_vs_off']:.4f}; auto above off in: "
+            f"{', '.join(totals['auto_above_off']) or 'no run'} "
+            "(a probe's run at hit rates where caching never pays; each probe is bounded to 1% of the run's "
+            "cost with caching off). Estimate error at most "
+            f"{totals['max_error_pct']:.1f}%, and {totals['max_error_pct_measured']:.1f}% on every run whose "
+            "setting's hit rate had been measured (all but the first run of a fixed 5m or 1h setting, priced "
+            "at the break-even hit rate with a band from no hits to all hits); over "
+            f"{ESTIMATE_TARGET_PCT:.0f}%: {', '.join(totals['over_target']) or 'none'}. The actual cost was "
+            f"inside the estimate's band in {totals['in_band']} of {totals['runs']} runs. Re-run: "
+            f"`BENCH_SCALE={scale()} .venv/bin/python -m bench.bench_caching`.",
+        ]
+    )
     write_results("caching", lines, markdown)
 
 

@@ -29,9 +29,19 @@ API_KEY = "sk-ant-bench-fault-matrix-0123456789"
 POSTGRES = ("127.0.0.1", 5432)
 POSTGRES_SCENARIOS = ("warehouse_load", "kill_load")
 COLUMNS = [
-    "fault", "warehouse", "rows", "records lost", "duplicates", "batches billed twice", "records billed twice",
-    "accounting ok", "faults injected", "task attempts retried", "requests sent", "seconds",
-]  # fmt: skip
+    "fault",
+    "warehouse",
+    "rows",
+    "records lost",
+    "duplicates",
+    "batches billed twice",
+    "records billed twice",
+    "accounting ok",
+    "faults injected",
+    "task attempts retried",
+    "requests sent",
+    "seconds",
+]
 
 
 def _environment(emulator_url: str, moto_url: str) -> None:
@@ -99,8 +109,11 @@ def run_matrix(rows: int, shards: int) -> list[dict]:
                         result = SCENARIOS[name](stack, emulator, API_KEY, rows)
                         line = _line(result, time.perf_counter() - started)
                     lines.append(line)
-                    print(f"  {line['fault']} [{warehouse}]: lost {line['records lost']}, billed twice "
-                          f"{line['batches billed twice']}, accounting {line['accounting ok']}", flush=True)  # fmt: skip
+                    print(
+                        f"  {line['fault']} [{warehouse}]: lost {line['records lost']}, billed twice "
+                        f"{line['batches billed twice']}, accounting {line['accounting ok']}",
+                        flush=True,
+                    )
     finally:
         moto.stop()
     return lines
@@ -138,11 +151,16 @@ def main() -> None:
     rows, shards = (10_000, 4) if full else (2_000, 2)
     lines = run_matrix(rows, shards)
     bad = [
-        line for line in lines
-        if line["records lost"] or line["duplicates"] or line["batches billed twice"] or line["records billed twice"]
-        or line["accounting ok"] != "yes" or line["succeeded"] != rows
+        line
+        for line in lines
+        if line["records lost"]
+        or line["duplicates"]
+        or line["batches billed twice"]
+        or line["records billed twice"]
+        or line["accounting ok"] != "yes"
+        or line["succeeded"] != rows
         or (line["faults injected"] == 0 and not line["fault"].startswith("none"))  # the fault never happened
-    ]  # fmt: skip
+    ]
     survived = len(lines) - len(bad)
     totals = {key: sum(line[key] for line in lines) for key in
               ("records lost", "duplicates", "batches billed twice", "records billed twice")}  # fmt: skip
@@ -152,10 +170,12 @@ def main() -> None:
             "",
             markdown_table(lines, COLUMNS),
             "",
-            f"{survived} of {len(lines)} fault scenarios survived on runs of {rows:,} rows ({shards} shards): "
-            f"records lost {totals['records lost']}, duplicates {totals['duplicates']}, batches billed twice "
-            f"{totals['batches billed twice']}, records billed twice {totals['records billed twice']}. Each "
-            "scenario: run 1 with the fault (tasks retried as Airflow would), run 2 retrying what run 1 left, "
+            f"{survived} of {len(lines)} fault scenarios survived on runs of {rows:,} rows ({shards} "
+            f"shards): records lost {totals['records lost']}, duplicates {totals['duplicates']}, batches "
+            f"billed twice {totals['batches billed twice']}, records billed twice "
+            f"{totals['records billed twice']}. Each "
+            "scenario: run 1 with the fault (tasks retried as Airflow would), run 2 retrying what run 1 "
+            "left, "
             'audit of the results table, the ledger and every batch the emulator holds. "requests sent" '
             f"above {rows:,} are the retries run 2 sent. Re-run: `BENCH_SCALE={'full' if full else 'small'} "
             ".venv/bin/python -m bench.bench_fault_matrix`.",

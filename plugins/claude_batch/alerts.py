@@ -40,9 +40,12 @@ import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from airflow.sdk.bases.notifier import BaseNotifier
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +55,7 @@ DEFAULT_SMTP_CONN_ID = "smtp_default"
 SMTP_NOTIFIER = "airflow.providers.smtp.notifications.smtp.SmtpNotifier"
 
 # The message fields of notifiers we know: (subject field, body field, body is HTML).
-KNOWN_NOTIFIERS: dict[str, tuple[str | None, str, bool]] = {
+KNOWN_NOTIFIERS: dict[str, tuple[str | None, str | None, bool]] = {
     SMTP_NOTIFIER: ("subject", "html_content", True),
     "airflow.providers.slack.notifications.slack.SlackNotifier": (None, "text", False),
     "airflow.providers.slack.notifications.slack_webhook.SlackWebhookNotifier": (None, "text", False),
@@ -201,7 +204,10 @@ def log_only() -> NotifierSpec:
 
 
 def default_notifiers() -> tuple[NotifierSpec, ...]:
-    """The default: log every alert; e-mail it too when ``CLAUDE_BATCH_ALERT_EMAIL`` is set (see the module)."""
+    """The default: log every alert; e-mail it too when ``CLAUDE_BATCH_ALERT_EMAIL`` is set.
+
+    See the module's docstring.
+    """
     return (notifier("claude_batch.alerts.DefaultNotifier"),)
 
 
@@ -335,11 +341,12 @@ def overdue_alert(workload: str, context: Mapping[str, Any] | None) -> Alert:
     run_id = str(dag_run.get("dag_run_id") or dag_run.get("run_id") or "?")
     lines = [
         f"The {workload} run {run_id} of DAG {dag_id} is still not done at its deadline "
-        f"({deadline.get('deadline_time', 'unknown')}); it was queued at {dag_run.get('queued_at', 'unknown')} "
+        f"({deadline.get('deadline_time', 'unknown')}); "
+        f"it was queued at {dag_run.get('queued_at', 'unknown')} "
         f"and is {dag_run.get('state', 'running')}.",
-        "Its batches may be waiting in the API's queue, or a task may be stuck. Batches are canceled 23 hours "
-        "after submission and their unanswered items go round again, so the run will still end; look at its "
-        "wait task's progress lines to see where it is.",
+        "Its batches may be waiting in the API's queue, or a task may be stuck. "
+        "Batches are canceled 23 hours after submission and their unanswered items go round again, "
+        "so the run will still end; look at its wait task's progress lines to see where it is.",
     ]
     return Alert(
         "overdue", f"claude-batch: {dag_id} run overdue ({run_id})", tuple(lines), run_url(dag_id, run_id)
@@ -357,7 +364,7 @@ def specs_of(notifiers: Iterable[NotifierSpec | Mapping[str, Any]] | None) -> tu
     )
 
 
-def _render_context(context: Mapping[str, Any]) -> dict[str, Any]:
+def _render_context(context: Mapping[str, Any]) -> Context:
     """The context a notifier renders its templates with.
 
     ``dag.test()`` passes the scheduler's SerializedDAG as ``dag``, which has no template
@@ -366,7 +373,7 @@ def _render_context(context: Mapping[str, Any]) -> dict[str, Any]:
     context = dict(context)
     if "dag" in context and not hasattr(context["dag"], "get_template_env"):
         context.pop("dag")
-    return context
+    return cast("Context", context)  # Airflow's own context, less at most its ``dag``
 
 
 async def _deliver(notifier_: BaseNotifier, context: Mapping[str, Any]) -> None:

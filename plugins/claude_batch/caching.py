@@ -25,22 +25,20 @@ entries), so they are measured per setting, never assumed.
   is :data:`REMEASURE_AFTER_RUNS` runs old; an inconclusive one at most :data:`EVIDENCE_RUNS` times.
 
 The decision, the evidence and the numbers it rests on go into the manifest's estimate
-(``cache_plan``), the stage task's log and the run's line in the run history.
+(``cache_plan``), the stage task's log and the run's line in the run history. The probe's
+requests are cut into their own shard by :func:`claude_batch.cache_probe.split_probe`
+(importable from here too).
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections.abc import Iterable
-from contextlib import ExitStack, closing
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
+from claude_batch.cache_probe import split_probe as split_probe  # re-exported: the old import path
 from claude_batch.costs import (
     CacheSetting,
     PriceTable,
@@ -50,8 +48,6 @@ from claude_batch.costs import (
 )
 
 if TYPE_CHECKING:
-    from claude_batch.staging import Manifest
-    from claude_batch.storage import RunLayout
     from claude_batch.workloads import CacheObservation, Workload
 
 CACHED_SETTINGS: tuple[CacheSetting, ...] = ("5m", "1h")  # probed in this order: 5m writes cost less
@@ -244,9 +240,11 @@ class CacheDecision:
             low, high = measured.interval(ESTIMATE_Z)
             point = measured.hit_rate
             return HitRate(
-                point, max(0.0, min(low, point - HIT_RATE_DRIFT)), min(1.0, max(high, point + HIT_RATE_DRIFT)),
+                point,
+                max(0.0, min(low, point - HIT_RATE_DRIFT)),
+                min(1.0, max(high, point + HIT_RATE_DRIFT)),
                 f"measured: {round(measured.requests):,} cached requests over {measured.runs} run(s)",
-            )  # fmt: skip
+            )
         other = self.evidence.get("5m" if setting == "1h" else "1h")
         if other is not None and other.requests > 0:
             low, high = other.interval(ESTIMATE_Z)
@@ -289,15 +287,16 @@ class CacheDecision:
         if self.probe_setting is not None:
             if self.probe_requests:
                 text += (
-                    f"; probing {self.probe_setting} on {self.probe_requests:,} request(s) in a batch of their own "
-                    f"({self.probe_reason}), at most ${self.probe_max_extra_usd:.4f} more than caching off "
+                    f"; probing {self.probe_setting} on {self.probe_requests:,} request(s) "
+                    f"in a batch of their own ({self.probe_reason}), "
+                    f"at most ${self.probe_max_extra_usd:.4f} more than caching off "
                     f"({self.probe_share_of_run:.1%} of the run)"
                 )
             else:
                 text += f"; no probe of {self.probe_setting} ({self.probe_reason})"
         measured = ", ".join(
-            f"{s} {e.hit_rate:.1%} hits over {round(e.requests):,} requests in {e.batches} batch(es) ({e.runs} run(s), "
-            f"last {e.runs_ago} run(s) ago)"
+            f"{s} {e.hit_rate:.1%} hits over {round(e.requests):,} requests in {e.batches} batch(es) "
+            f"({e.runs} run(s), last {e.runs_ago} run(s) ago)"
             for s, e in sorted(self.evidence.items())
         )
         return text + f". Evidence: {measured or 'none yet'}."
@@ -334,11 +333,16 @@ def decide(
     minimum = min(table.for_model(model).min_cacheable_tokens for model in workload.models)
     if workload.prefix_tokens < minimum:
         return CacheDecision(
-            workload.cache, "off", f"the shared prefix (about {workload.prefix_tokens:,} tokens) is under the "
-            f"models' minimum cacheable length ({minimum:,})", cacheable=False,
-        )  # fmt: skip
+            workload.cache,
+            "off",
+            f"the shared prefix (about {workload.prefix_tokens:,} tokens) is under the "
+            f"models' minimum cacheable length ({minimum:,})",
+            cacheable=False,
+        )
     evidence = gather_evidence(observations, workload.prefix_tokens)
-    factors = {setting: _factors(found, table) for setting, found in evidence.items()}
+    factors: dict[str, dict[str, Any]] = {
+        setting: _factors(found, table) for setting, found in evidence.items()
+    }
     if workload.cache != "auto":
         return CacheDecision(
             workload.cache, workload.cache, "fixed by the workload", evidence=evidence, factors=factors
@@ -358,8 +362,9 @@ def decide(
         chosen = evidence[best]
         low, _ = chosen.interval(DECISION_Z)
         reason = (
-            f"measured hit rate {chosen.hit_rate:.1%} (one standard error under it: {low:.1%}): a cached prefix "
-            f"token costs {factors[best]['expected']:.3f}x plain input, at most {best_factor:.3f}x"
+            f"measured hit rate {chosen.hit_rate:.1%} (one standard error under it: {low:.1%}): "
+            f"a cached prefix token costs {factors[best]['expected']:.3f}x plain input, "
+            f"at most {best_factor:.3f}x"
         )
         return CacheDecision("auto", best, reason, evidence=evidence, factors=factors)
     decision = CacheDecision(
@@ -417,101 +422,3 @@ def size_probe(
         decision.probe_max_extra_usd / uncached_cost_usd if uncached_cost_usd else 0.0
     )
     return decision
-
-
-# --- the probe's shard ----------------------------------------------------------------------------
-
-
-def split_probe(layout: RunLayout, manifest: Manifest, workload: Workload, probe_setting: CacheSetting,
-                requests: int) -> tuple[Manifest, dict[str, int]]:  # fmt: skip
-    """Move the last ``requests`` requests of one shard into a shard of their own sent with ``probe_setting``.
-
-    The smallest shard holding enough requests gives them: its other lines are written under a
-    new name (``part-NNNNN.rK.jsonl``, never over the file the manifest names) and the probe's
-    lines, their system block now carrying the probe's ``cache_control``, become a new part. The
-    manifest is written with both; counts and checksums follow. The run's requests and custom_ids
-    are unchanged: only how the probe's prefix is cached differs.
-
-    :returns: (the manifest, the probe's requests by model).
-    """
-    from claude_batch.staging import (
-        SHARD_KEYS_SCHEMA,
-        ShardManifest,
-        StagingError,
-        _next_revision,
-        iter_shard_lines,
-        read_shard_keys,
-    )
-
-    candidates = [shard for shard in manifest.shards if shard.count >= requests]
-    if not candidates:
-        raise StagingError(f"no shard of run {manifest.run_id} holds {requests} requests for a probe")
-    source = min(candidates, key=lambda shard: (shard.count, -shard.part))
-    keep = source.count - requests
-    keys = read_shard_keys(layout, source).cast(SHARD_KEYS_SCHEMA)
-    if keys.num_rows != source.count:
-        raise StagingError(f"shard {source.requests}: {keys.num_rows} keys for {source.count} requests")
-    plain = workload.encoder(manifest.cache_setting)
-    probing = workload.encoder(probe_setting)
-    part = max(shard.part for shard in manifest.shards) + 1
-    prefix_length = len(layout.prefix) + 1
-
-    class _Out:
-        def __init__(self, part: int, revision: int | None = None) -> None:
-            self.path = layout.requests(part, revision)
-            self.keys_path = layout.shard_keys(part, revision)
-            self.digest = hashlib.sha256()
-            self.size = 0
-            self.count = 0
-
-    main = _Out(source.part, _next_revision(source.requests)) if keep else None
-    probe = _Out(part)
-    with ExitStack() as stack:
-        handles = {"probe": stack.enter_context(layout.store.open(probe.path, "wb"))}
-        if main is not None:
-            handles["main"] = stack.enter_context(
-                layout.store.open(main.path, "wb", block_size=8 * 1024 * 1024)
-            )
-        models = keys.column("model").to_pylist()
-        with closing(iter_shard_lines(layout, source)) as lines:
-            for index, line in enumerate(lines):
-                if index < keep:
-                    out, name, data = main, "main", line + b"\n"
-                else:
-                    model = models[index]
-                    old, new = plain.prefix(model), probing.prefix(model)
-                    if old not in line:
-                        raise StagingError(
-                            f"a request of {source.requests} does not carry the run's system block"
-                        )
-                    out, name, data = probe, "probe", line.replace(old, new, 1) + b"\n"
-                assert out is not None
-                handles[name].write(data)
-                out.digest.update(data)
-                out.size += len(data)
-                out.count += 1
-    if (main.count if main else 0) + probe.count != source.count:
-        raise StagingError(f"shard {source.requests} was cut short while taking its probe")
-
-    def shard_for(out: _Out, number: int, table: pa.Table) -> ShardManifest:
-        with layout.store.open(out.keys_path, "wb") as handle:
-            pq.write_table(table, handle)
-        counts: dict[str, int] = {}
-        for model in table.column("model").to_pylist():
-            counts[model] = counts.get(model, 0) + 1
-        return ShardManifest(
-            part=number, requests=out.path[prefix_length:], keys=out.keys_path[prefix_length:], count=out.count,
-            bytes=out.size, sha256=out.digest.hexdigest(), models=dict(sorted(counts.items())),
-        )  # fmt: skip
-
-    shards = []
-    for shard in manifest.shards:
-        if shard.part != source.part:
-            shards.append(shard)
-        elif main is not None:
-            shards.append(shard_for(main, source.part, keys.slice(0, keep)))
-    probe_shard = shard_for(probe, part, keys.slice(keep))
-    shards.append(probe_shard)
-    split = replace(manifest, shards=shards)
-    layout.store.write_json(layout.manifest, split.to_dict())
-    return split, dict(probe_shard.models)

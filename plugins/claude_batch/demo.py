@@ -55,7 +55,10 @@ EMULATED_ANSWERS = (
     "written into a row (the prompt-injection ticket) are ignored. Set CLAUDE_BATCH_DEMO_REAL_API=1 with "
     "ANTHROPIC_API_KEY for real answers."
 )
-EMULATED_ANSWERS_SHORT = "The answers below come from the Claude API emulator (deterministic, read from each row's text), not from a model."
+EMULATED_ANSWERS_SHORT = (
+    "The answers below come from the Claude API emulator "
+    "(deterministic, read from each row's text), not from a model."
+)
 # With the real API: a small sample and a budget per run, so the demo costs cents.
 REAL_API_CONF = {"row_limit": 100, "budget_usd": 1.0}
 
@@ -247,7 +250,8 @@ def product_table(warehouse: Path) -> str:
 
     with duckdb.connect(str(warehouse), read_only=True) as conn:
         rows = conn.execute(
-            "SELECT record_key, description_chars, tagline FROM product_descriptions_results ORDER BY record_key"
+            "SELECT record_key, description_chars, tagline "
+            "FROM product_descriptions_results ORDER BY record_key"
         ).fetchall()
     return table(("sku", "description chars", "tagline"), rows, "<><")
 
@@ -271,7 +275,8 @@ def describe_report(report: dict[str, Any], clock: str = "") -> str:
     hit_rate = report.get("cache_hit_rate")
     tokens = report.get("tokens") or {}
     lines = [
-        f"run             {report['run_id']}  (prompt {report['prompt_version']}, model {', '.join(report['models'])})",
+        f"run             {report['run_id']}  "
+        f"(prompt {report['prompt_version']}, model {', '.join(report['models'])})",
         f"items           extracted {report['extracted']:,}, staged {report['staged']:,}, "
         f"rejected before sending {report['rejected']:,}" + (f" {rejected}" if rejected else ""),
         f"outcomes        {outcomes}",
@@ -308,7 +313,8 @@ def _describe_costs(report: dict[str, Any]) -> list[str]:
     costs = report.get("costs")
     if not costs:  # a report from before the definitions
         return [
-            f"cost            ${report['cost_usd']:.4f} in batches (estimate was ${report['estimated_cost_usd']:.4f}); "
+            f"cost            ${report['cost_usd']:.4f} in batches "
+            f"(estimate was ${report['estimated_cost_usd']:.4f}); "
             f"real-time equivalent ${report['realtime_cost_usd']:.4f}; saving ${report['saving_usd']:.4f}"
         ]
     estimate = costs.get("estimate") or {}
@@ -326,7 +332,8 @@ def _describe_costs(report: dict[str, Any]) -> list[str]:
         line,
         f"compared with   plain real-time calls without caching ${realtime:.4f}; batches without caching "
         f"${costs['batch_uncached_usd']:.4f}",
-        f"saving          ${costs['saving_usd']:.4f}{share}: batching ${costs['saving_from_batching_usd']:.4f}, "
+        f"saving          ${costs['saving_usd']:.4f}{share}: "
+        f"batching ${costs['saving_from_batching_usd']:.4f}, "
         + (
             f"caching ${caching:.4f}"
             if caching >= 0
@@ -382,7 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             claude = {"conn_type": "anthropic", "host": emulator.base_url, "password": emulator_key}
             print(
                 f"Claude: the emulator at {emulator.base_url} (key {masked(emulator_key)}; "
-                f"time x{EMULATOR_TIME_SCALE:.0f}, a batch takes {EMULATOR_PROCESSING_SECONDS / 60:.0f} emulated min)"
+                f"time x{EMULATOR_TIME_SCALE:.0f}, "
+                f"a batch takes {EMULATOR_PROCESSING_SECONDS / 60:.0f} emulated min)"
             )
             print(EMULATED_ANSWERS)
         print(f"S3: moto at {s3_endpoint}, storage root {STORAGE_ROOT}")

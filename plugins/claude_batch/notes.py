@@ -15,8 +15,8 @@ scheduled on the results table sees what the run cost without reading the wareho
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,8 @@ def staged_note(staged: Mapping[str, Any]) -> str:
     """What ``stage`` found (the note until a later task says more)."""
     return (
         f"**Staged** {staged.get('staged', 0):,} requests in {staged.get('shards', 0):,} shard(s) "
-        f"({staged.get('rejected', 0):,} rejected before sending); estimated {_money(staged.get('estimated_cost_usd'))}"
+        f"({staged.get('rejected', 0):,} rejected before sending); "
+        f"estimated {_money(staged.get('estimated_cost_usd'))}"
     )
 
 
@@ -174,12 +175,24 @@ def run_note(notes: list[tuple[str, str]], failed_tasks: list[str] | None) -> st
 
 # --- the listener (the scheduler calls it as runs end) --------------------------------------------
 
+_Listener = TypeVar("_Listener", bound=Callable[..., Any])
+
+
+class _HookMarker(Protocol):
+    """What the listener functions are decorated with: pluggy's marker, or nothing at all."""
+
+    def __call__(self, function: _Listener, /) -> _Listener: ...
+
+
+def _unmarked(function: _Listener) -> _Listener:
+    return function
+
+
+hookimpl: _HookMarker
 try:
     from airflow.listeners import hookimpl
 except ImportError:  # pragma: no cover - the Task SDK alone (a worker without airflow-core)
-
-    def hookimpl(function):  # type: ignore[no-redef]
-        return function
+    hookimpl = _unmarked
 
 
 def _notes_of(dag_run: Any, session: Any) -> list[tuple[str, str]]:

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -107,7 +107,9 @@ def split_pilot(
             keys = read_shard_keys(layout, shard).slice(0, want)
             # The shard's first lines, in the order of its keys (the checksum covers the whole shard:
             # the rest is read, and checked, when round 1's shard is rewritten without them).
-            with closing(iter_shard_lines(layout, shard, verify=False)) as lines:
+            # A generator (annotated as an Iterator): closing it closes the shard's file.
+            shard_lines = cast(Generator[bytes, None, None], iter_shard_lines(layout, shard, verify=False))
+            with closing(shard_lines) as lines:
                 writer.add(itertools.islice(lines, want), keys)
             taken += want
     except BaseException:
@@ -260,7 +262,8 @@ class _PilotShards:
         keys = pa.concat_tables(self._keys).cast(SHARD_KEYS_SCHEMA)
         if keys.num_rows != self._count:
             raise StagingError(
-                f"pilot shard {part}: {self._count} lines but {keys.num_rows} keys; its source shard is cut short"
+                f"pilot shard {part}: {self._count} lines but {keys.num_rows} keys; "
+                "its source shard is cut short"
             )
         with self.layout.store.open(shard_keys_path(self.layout, part), "wb") as handle:
             pq.write_table(keys, handle)
@@ -374,8 +377,8 @@ def _cut(text: str, limit: int) -> str:
 def threshold_message(verdict: PilotVerdict, threshold: float) -> str:
     """Why a pilot under its threshold stops the run."""
     return (
-        f"The pilot's validation pass rate is {verdict.pass_rate:.0%} ({verdict.valid} of {verdict.judged}), under the "
-        f"threshold {threshold:.0%}; nothing else was submitted. Failures: {verdict.failures}"
+        f"The pilot's validation pass rate is {verdict.pass_rate:.0%} ({verdict.valid} of {verdict.judged}), "
+        f"under the threshold {threshold:.0%}; nothing else was submitted. Failures: {verdict.failures}"
     )
 
 
@@ -410,14 +413,16 @@ def approval_text(
         f"**Pilot of run** {_inline(run_id)}: {verdict.requests:,} request(s) sent alone, in batch(es) "
         f"{', '.join(_inline(b) for b in verdict.batch_ids) or '(none)'}.",
         "",
-        f"- **Validation pass rate: {verdict.pass_rate:.0%}** ({verdict.valid} of {verdict.judged} valid); it {meets} "
-        f"the threshold {threshold:.0%}.",
+        f"- **Validation pass rate: {verdict.pass_rate:.0%}** ({verdict.valid} of {verdict.judged} valid); "
+        f"it {meets} the threshold {threshold:.0%}.",
         f"- Failures by reason: {failures}.",
-        f"- The pilot cost ${verdict.cost_usd:,.4f} ({verdict.input_tokens:,} input, {verdict.output_tokens:,} output "
-        "tokens); its answers are kept and are not sent again.",
+        f"- The pilot cost ${verdict.cost_usd:,.4f} "
+        f"({verdict.input_tokens:,} input, {verdict.output_tokens:,} output tokens); "
+        "its answers are kept and are not sent again.",
         "",
-        f"**The full run if approved:** {rest.staged_requests:,} more request(s) in {len(rest.shards)} batch(es), "
-        f"model(s) {', '.join(rest.models) or '(none)'}; estimated cost **${expected:,.4f}** (at most ${worst:,.4f})"
+        f"**The full run if approved:** {rest.staged_requests:,} more request(s) "
+        f"in {len(rest.shards)} batch(es), model(s) {', '.join(rest.models) or '(none)'}; "
+        f"estimated cost **${expected:,.4f}** (at most ${worst:,.4f})"
         + (f"; ${measured:,.4f} at the pilot's measured cost per request." if measured is not None else "."),
         "",
         f"**Sample answers** ({len(verdict.samples)} of {verdict.judged}):",

@@ -294,7 +294,8 @@ def check_source_columns(
                 else f", and the source has no such column either{_near(name, available, dialect_name)}"
             )
             problems.append(
-                f"{role} is not among the selected columns ({_listed(selected)}): add {name!r} to columns{where}"
+                f"{role} is not among the selected columns ({_listed(selected)}): "
+                f"add {name!r} to columns{where}"
             )
             reported.add(name)
         elif name not in present:
@@ -313,7 +314,8 @@ def check_source_columns(
     for column in dict.fromkeys(selected or ()):
         if column not in present and column not in reported:
             problems.append(
-                f"selected column {column!r} is not a column of the source{_near(column, available, dialect_name)}"
+                f"selected column {column!r} is not a column of the source"
+                f"{_near(column, available, dialect_name)}"
             )
     if problems:
         subject = f"the source {source_name}" if source_name else "the source"

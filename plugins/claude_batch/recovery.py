@@ -83,7 +83,7 @@ def recover_stranded(
         if holder.run_id == current_run_id:
             continue
         state = run_state(holder.dag_id, holder.run_id) if holder.dag_id else None
-        if state not in OVER_STATES:
+        if not holder.dag_id or state not in OVER_STATES:  # no DAG id: no state to go on, so live
             report.live.append(holder.run_id)
             continue
         layout = RunLayout(store, holder.dag_id, holder.run_id)
@@ -167,7 +167,7 @@ def _submitted_batches(layout: RunLayout) -> dict[tuple[int, int], str | None]:
     for path in layout.store.list(layout.submission_states):
         match = _STATE_FILE.fullmatch(path.rsplit("/", 1)[-1])
         task = _SUBMIT_TASK.search(match["task"]) if match else None
-        if task is None:
+        if match is None or task is None:
             continue
         data = layout.store.read_json_or_none(path)
         # ``refused``: the queue turned the create away and nothing was created since, so the

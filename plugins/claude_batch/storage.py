@@ -241,8 +241,11 @@ def recorded_shard_sha256(store: ObjectStore, requests_path: str) -> str | None:
     None when the path is not a staged shard's or its manifest does not list it.
     """
     found = RunLayout.manifest_of(requests_path)
-    data = store.read_json_or_none(found[0]) if found else None
+    if found is None:
+        return None
+    manifest_path, relative_path = found
+    data = store.read_json_or_none(manifest_path)
     for shard in (data or {}).get("shards", ()):
-        if shard.get("requests") == found[1]:
+        if shard.get("requests") == relative_path:
             return shard.get("sha256")
     return None

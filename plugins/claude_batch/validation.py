@@ -283,9 +283,8 @@ class _Judged:
             if outcome[position] != "succeeded":
                 verdict = _rest_verdict(outcome[position], error_type[position], error_message[position])
             else:
-                verdict = _cut_verdict(workload, stop_reason[position], output_tokens[position] or 0)
-                if verdict is None:
-                    verdict = _no_output_verdict(workload)
+                cut = _cut_verdict(workload, stop_reason[position], output_tokens[position] or 0)
+                verdict = cut if cut is not None else _no_output_verdict(workload)
             self.failures[row] = verdict
 
     def _parse(self, workload: Workload) -> None:

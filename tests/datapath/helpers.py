@@ -11,8 +11,15 @@ from claude_batch.results import ResultRows, results_table
 from claude_batch.staging import iter_shard_requests
 
 
-def succeeded(custom_id: str, text: str | None = None, *, stop_reason: str = "end_turn", tool_input=None,
-              model: str = "claude-haiku-4-5-20251001", usage: dict | None = None) -> dict[str, Any]:  # fmt: skip
+def succeeded(
+    custom_id: str,
+    text: str | None = None,
+    *,
+    stop_reason: str = "end_turn",
+    tool_input=None,
+    model: str = "claude-haiku-4-5-20251001",
+    usage: dict | None = None,
+) -> dict[str, Any]:
     content: list[dict] = []
     if text is not None:
         content.append({"type": "text", "text": text})
@@ -63,7 +70,10 @@ def submit_shard(client, layout, shard) -> str:
 
 
 def write_results_part(layout, manifest, part: int, outcome_for) -> None:
-    """Write ``results/part-NNNNN.parquet`` as collect would, with ``outcome_for(record_key, custom_id)`` lines."""
+    """Write ``results/part-NNNNN.parquet`` as collect would.
+
+    Its lines are ``outcome_for(record_key, custom_id)``.
+    """
     import pyarrow.parquet as pq
     from claude_batch.staging import read_shard_keys
 
@@ -76,8 +86,11 @@ def write_results_part(layout, manifest, part: int, outcome_for) -> None:
         )
     )
     table = results_table(
-        rows.columns(), keys.column("record_key"), manifest.prompt_version, f"msgbatch_{manifest.run_id}_{part}",
+        rows.columns(),
+        keys.column("record_key"),
+        manifest.prompt_version,
+        f"msgbatch_{manifest.run_id}_{part}",
         default_prices(),
-    )  # fmt: skip
+    )
     with layout.store.open(layout.results_parquet(part), "wb") as handle:
         pq.write_table(table, handle)

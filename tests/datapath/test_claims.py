@@ -175,11 +175,22 @@ KEY_TYPES = {
     "fixed_text": ("CHAR(8)", "CHAR(8)", ["ab", "cd ", "ef"]),
     "integer": ("BIGINT", "BIGINT", [1, 22, 333]),
     "decimal": ("DECIMAL(10,2)", "NUMERIC(10,2)", ["1.50", "2.00", "30.25"]),
-    "timestamp": ("TIMESTAMP", "TIMESTAMP", ["2026-01-01 01:00:00", "2026-01-01 02:30:00.5", "2026-01-01 03:00:00"]),
+    "timestamp": (
+        "TIMESTAMP",
+        "TIMESTAMP",
+        ["2026-01-01 01:00:00", "2026-01-01 02:30:00.5", "2026-01-01 03:00:00"],
+    ),
     "date": ("DATE", "DATE", ["2025-12-30", "2025-12-31", "2026-01-01"]),
-    "uuid": ("UUID", "UUID", ["0b2d6ff8-7b0e-4d6a-9d7e-1b5a6d8e9f01", "1c3e7009-8c1f-4e7b-ae8f-2c6b7e9f0a12",
-                             "2d4f811a-9d20-4f8c-bf90-3d7c8fa01b23"]),
-}  # fmt: skip
+    "uuid": (
+        "UUID",
+        "UUID",
+        [
+            "0b2d6ff8-7b0e-4d6a-9d7e-1b5a6d8e9f01",
+            "1c3e7009-8c1f-4e7b-ae8f-2c6b7e9f0a12",
+            "2d4f811a-9d20-4f8c-bf90-3d7c8fa01b23",
+        ],
+    ),
+}
 
 
 @pytest.mark.parametrize("key_type", list(KEY_TYPES))

@@ -121,8 +121,9 @@ def test_estimate_does_not_count_caching_under_the_minimum_prefix():
 def test_a_table_can_be_read_from_another_file(tmp_path, monkeypatch):
     path = tmp_path / "prices.json"
     path.write_text(
-        '{"read_on": "2030-01-01", "batch_discount": 0.5, "cache_multipliers": {"write_5m": 1.25, "write_1h": 2,'
-        ' "read": 0.1}, "models": [{"name": "X", "ids": ["claude-x"], "input": 1, "output": 2,'
+        '{"read_on": "2030-01-01", "batch_discount": 0.5, '
+        '"cache_multipliers": {"write_5m": 1.25, "write_1h": 2, "read": 0.1}, '
+        '"models": [{"name": "X", "ids": ["claude-x"], "input": 1, "output": 2,'
         ' "min_cacheable_tokens": 1024, "context_window": 1000}]}'
     )
     table = PriceTable.load(path)

@@ -65,8 +65,11 @@ def run(warehouse, workload, client, emulator, store, run_id):
 def test_two_runs_with_errors_and_expiries_account_for_every_item(warehouse_conn, s3_store, emulator):
     # Sonnet 4.5 caches prefixes from 1,024 tokens: a ~1,100-token prompt keeps requests small.
     # A fixed 1-hour cache: auto starts with caching off and probes (tests/pipeline/test_caching_policy.py).
-    workload = make_workload(system_prompt="Read the ticket; classify it and extract the invoice total. " * 70,
-                             model="claude-sonnet-4-5", cache="1h")  # fmt: skip
+    workload = make_workload(
+        system_prompt="Read the ticket; classify it and extract the invoice total. " * 70,
+        model="claude-sonnet-4-5",
+        cache="1h",
+    )
     warehouse = Warehouse(warehouse_conn)
     warehouse.ensure_tables(workload)
     create_tickets(warehouse_conn, [*ticket_rows(ROWS), *BAD_ROWS])
@@ -96,8 +99,11 @@ def test_two_runs_with_errors_and_expiries_account_for_every_item(warehouse_conn
     assert load.cache_read_input_tokens > load.cache_creation_input_tokens > 0
 
     emulator.configure(faults={})
-    retried = {key for key, status in query(warehouse_conn, "SELECT record_key, status FROM claude_batch_ledger")
-               if status in ("retry", "invalid")}  # fmt: skip
+    retried = {
+        key
+        for key, status in query(warehouse_conn, "SELECT record_key, status FROM claude_batch_ledger")
+        if status in ("retry", "invalid")
+    }
     manifest2, _, load2, report2 = run(warehouse, workload, client, emulator, s3_store, "run-2")
     assert manifest2.cache_setting == "1h"
     # The blank row is dead for this prompt version; the keyless row and the duplicate come back

@@ -189,8 +189,13 @@ def test_cost_is_priced_per_model_and_null_for_an_unknown_model():
 
     from tests.datapath.helpers import ended, errored, results_batch, succeeded
 
-    split = {"input_tokens": 10, "output_tokens": 7, "cache_creation_input_tokens": 300, "cache_read_input_tokens": 40,
-             "cache_creation": {"ephemeral_5m_input_tokens": 100, "ephemeral_1h_input_tokens": 200}}  # fmt: skip
+    split = {
+        "input_tokens": 10,
+        "output_tokens": 7,
+        "cache_creation_input_tokens": 300,
+        "cache_read_input_tokens": 40,
+        "cache_creation": {"ephemeral_5m_input_tokens": 100, "ephemeral_1h_input_tokens": 200},
+    }
     unsplit = {
         "input_tokens": 3,
         "output_tokens": 5,

@@ -86,8 +86,10 @@ def test_validate_batch_keeps_failures_with_their_raw_text_and_reason():
 def test_tool_use_answers_are_read_from_the_tool_input():
     workload = make_workload(output_mode="tool")
     tool_input = {"category": "bug", "total_amount": 3, "summary": "crash"}
-    validated = validate_batch(workload, results_batch([succeeded("a", "Let me record that.", tool_input=tool_input,
-                                                                  stop_reason="tool_use")]))  # fmt: skip
+    validated = validate_batch(
+        workload,
+        results_batch([succeeded("a", "Let me record that.", tool_input=tool_input, stop_reason="tool_use")]),
+    )
     row = validated.to_pylist()[0]
     assert row["status"] == "valid" and row["category"] == "bug"
 
@@ -136,7 +138,10 @@ def test_enum_decimal_date_and_nested_fields_become_typed_or_json_columns():
         note: str | None = None
 
     workload = make_workload(output_schema=Document, rules=())
-    payload = '{"kind": "invoice", "total": "12.50", "issued": "2026-01-31", "lines": [{"sku": "A", "quantity": 2}]}'
+    payload = (
+        '{"kind": "invoice", "total": "12.50", "issued": "2026-01-31", '
+        '"lines": [{"sku": "A", "quantity": 2}]}'
+    )
     row = validate_batch(workload, results_batch([succeeded("a", payload)])).to_pylist()[0]
     assert row["status"] == "valid"
     assert (row["kind"], row["total"], row["issued"], row["note"]) == (
@@ -222,8 +227,16 @@ def test_validate_part_validates_in_slices_and_keeps_the_order_and_row_groups(la
 
 def test_judge_and_validate_batch_agree_on_every_kind_of_answer():
     workload = make_workload()
-    cases = [(GOOD, "end_turn"), (GOOD, "max_tokens"), (GOOD, "refusal"), (None, "end_turn"), ("{", "end_turn"),
-             ('{"category": "bug"}', "end_turn"), (GOOD, "model_context_window_exceeded"), (GOOD, "pause_turn")]  # fmt: skip
+    cases = [
+        (GOOD, "end_turn"),
+        (GOOD, "max_tokens"),
+        (GOOD, "refusal"),
+        (None, "end_turn"),
+        ("{", "end_turn"),
+        ('{"category": "bug"}', "end_turn"),
+        (GOOD, "model_context_window_exceeded"),
+        (GOOD, "pause_turn"),
+    ]
     lines = [succeeded(f"r{i}", payload, stop_reason=stop) for i, (payload, stop) in enumerate(cases)]
     rows = validate_batch(workload, results_batch(lines)).to_pylist()
     for row, (payload, stop) in zip(rows, cases, strict=True):

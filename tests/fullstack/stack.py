@@ -49,9 +49,21 @@ from claude_batch.devstack import (
 )
 
 __all__ = [  # what the full-stack tests import from here (the shared pieces among them)
-    "ADMIN_USER", "AIRFLOW_BIN", "ARTIFACTS", "POOL", "VIEWER_USER", "AirflowApi", "AirflowStack", "Component", "StackError",
-    "free_port", "model_family", "start_stack", "stop_all", "wait_for",
-]  # fmt: skip
+    "ADMIN_USER",
+    "AIRFLOW_BIN",
+    "ARTIFACTS",
+    "POOL",
+    "VIEWER_USER",
+    "AirflowApi",
+    "AirflowStack",
+    "Component",
+    "StackError",
+    "free_port",
+    "model_family",
+    "start_stack",
+    "stop_all",
+    "wait_for",
+]
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts" / "fullstack"
@@ -208,7 +220,10 @@ class AirflowStack:
                 continue
             if record.get("level") in ("error", "critical"):
                 details = record.get("error_detail") or [{}]
-                last = f"{record.get('event')}: {details[-1].get('exc_type', '')} {details[-1].get('exc_value', '')}".strip()
+                error = details[-1]
+                last = (
+                    f"{record.get('event')}: {error.get('exc_type', '')} {error.get('exc_value', '')}".strip()
+                )
         return last
 
     def warehouse_query(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:

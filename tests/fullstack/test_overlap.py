@@ -281,7 +281,8 @@ def test_two_overlapping_runs_share_a_duckdb_warehouse_without_lock_errors(fulls
     # The ledger and results, read after the runs (with the product's turn-taking, as a task would).
     with duckdb_connection(str(database), timeout=60) as conn:
         ledger = conn.execute(
-            "SELECT record_key, custom_id, status, run_id, attempts FROM claude_batch_ledger WHERE workload = ?",
+            "SELECT record_key, custom_id, status, run_id, attempts FROM claude_batch_ledger WHERE workload "
+            "= ?",
             [WORKLOAD],
         ).fetchall()
         results = conn.execute(f"SELECT record_key, batch_id FROM {RESULTS_TABLE}").fetchall()

@@ -15,33 +15,30 @@ that SIGKILLs itself at a chosen point (``tests/reliability/worker.py``).
 :func:`audit` then counts what the table reports: records lost, duplicates in the results
 table, batches and records billed twice (from every batch the emulator holds), and whether the
 accounting check holds for every run.
+
+Beside this module: the parts a run talks to (``parts.py``: ``Stack``, the workload, the
+source rows), the faults injected under the pipeline (``injected_faults.py``: SQL statements
+and S3 calls) and the audit (``audit.py``). Their names stay importable from here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import gc
-import json
 import logging
 import os
-import re
 import signal
 import sys
 import time
 import traceback
-from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
-from unittest import mock
+from typing import Any
 
-import anthropic
 from claude_batch.pipeline import (
     NothingToSubmit,
-    PipelineConfig,
     RunOptions,
     run_collect,
     run_gate,
@@ -51,301 +48,34 @@ from claude_batch.pipeline import (
     run_requeue,
     run_stage,
 )
-from claude_batch.staging import StagingLimits, read_manifest
-from claude_batch.storage import ObjectStore, RunLayout
-from claude_batch.warehouse import SourceSpec, Warehouse, dialect_for
-from claude_batch.workloads import Workload
-from pydantic import BaseModel, Field
+from claude_batch.staging import read_manifest
 
-from tests.services import create_tickets, moto_store
+# The run's parts, its faults and its audit live beside this module; the names the tests and
+# benches take from here stay importable from here (``X as X``: re-exported).
+from tests.reliability.audit import Audit as Audit
+from tests.reliability.audit import _all_batches as _all_batches
+from tests.reliability.audit import audit
+from tests.reliability.audit import billed_custom_ids as billed_custom_ids
+from tests.reliability.injected_faults import S3_READS as S3_READS
+from tests.reliability.injected_faults import S3_WRITES as S3_WRITES
+from tests.reliability.injected_faults import StatementFault as StatementFault
+from tests.reliability.injected_faults import s3_call_faults as s3_call_faults
+from tests.reliability.injected_faults import statement_faults as statement_faults
+from tests.reliability.injected_faults import terminate_backend as terminate_backend
+from tests.reliability.parts import DAG_ID as DAG_ID
+from tests.reliability.parts import DAY, WORKLOAD, Stack
+from tests.reliability.parts import SOURCE as SOURCE
+from tests.reliability.parts import fill_source as fill_source
+from tests.reliability.parts import query as query
 
-DAG_ID = "reliability_matrix"
 TASK_RETRIES = 3
-DAY = datetime(2026, 3, 1)
 RUN_1 = (DAY, DAY + timedelta(days=1))  # the rows' own day
 RUN_2 = (DAY + timedelta(days=1), DAY + timedelta(days=2))  # no new rows: only the items due for retry
 log = logging.getLogger("claude_batch.reliability")
 
-
-class TicketLabel(BaseModel):
-    category: Literal["billing", "bug", "feature_request", "other"]
-    confidence: float = Field(ge=0, le=1)
-
-
-WORKLOAD = Workload(
-    name="reliability",
-    system_prompt="Classify the support ticket into one category and give your confidence.",
-    user_template="Ticket {id}: {body}",
-    model="claude-haiku-4-5",
-    max_tokens=100,
-    output_schema=TicketLabel,
-    cache="off",
-)
-# The same task with a prompt long enough to cache (~1,500 tokens: Sonnet 4.6 caches from 1,024)
-# and the caching policy on ``auto``: with no history, a run probes the 5-minute cache on a shard
-# of its own (``claude_batch.caching``).
-CACHED_WORKLOAD = dataclasses.replace(
-    WORKLOAD,
-    system_prompt=WORKLOAD.system_prompt + " Follow the house rules for every ticket." * 200,
-    model="claude-sonnet-4-6",
-    cache="auto",
-)
-WORKLOADS = {"plain": WORKLOAD, "cached": CACHED_WORKLOAD}
-SOURCE = SourceSpec(table="tickets", key_column="id", interval_column="created_at")
-BODIES = (
-    "I was charged twice for invoice {i}, please refund",
-    "The app crashes with an error when I open report {i}",
-    "Please add a dark mode, a feature idea ({i})",
-    "Where is my parcel {i}?",
-)
-
-
-# -- faults one level under the pipeline: SQL statements and S3 calls ----------------------------
-
-
-@dataclass
-class StatementFault:
-    """Act when the ``nth`` statement matching ``pattern`` runs, once one matching ``after`` has.
-
-    Statements are the SQL text a warehouse connection executes; ``COMMIT`` stands for a
-    commit however the driver does it. Matching SQL text, not the warehouse module's methods,
-    keeps the fault where it is when that module is refactored.
-
-    :param pattern: a regular expression searched in each statement.
-    :param action: called with the statement instead of running it (it raises, or kills).
-    :param after: only statements after one matching this count.
-    :param nth: act on this matching statement (1 = the first).
-    """
-
-    pattern: str
-    action: Callable[[str, Any], None]
-    after: str | None = None
-    nth: int = 1
-    seen: int = 0
-    armed: bool = False
-
-    def before(self, sql: str, conn: Any) -> None:
-        if self.after is not None and not self.armed:
-            self.armed = re.search(self.after, sql) is not None
-            return
-        if re.search(self.pattern, sql):
-            self.seen += 1
-            if self.seen == self.nth:
-                self.action(sql, conn)
-
-
-_statement_faults: list[StatementFault] = []
-
-
-@contextlib.contextmanager
-def statement_faults(*faults: StatementFault) -> Iterator[None]:
-    """Within the block, warehouse connections opened through :class:`Stack` carry ``faults``."""
-    _statement_faults.extend(faults)
-    try:
-        yield
-    finally:
-        for fault in faults:
-            _statement_faults.remove(fault)
-
-
-def _before(sql: str, conn: Any) -> None:
-    for fault in list(_statement_faults):
-        fault.before(sql, conn)
-
-
-class _Proxy:
-    """Delegates everything to the wrapped DB-API object (attribute writes too)."""
-
-    def __init__(self, inner: Any) -> None:
-        object.__setattr__(self, "_inner", inner)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self._inner, name, value)
-
-    def __enter__(self) -> Any:
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self._inner.__exit__(*exc_info)
-
-
-class _DuckDBConnection(_Proxy):
-    def execute(self, sql: str, *args: Any, **kwargs: Any) -> Any:
-        _before(sql, self._inner)
-        return self._inner.execute(sql, *args, **kwargs)
-
-
-class _PostgresCursor(_Proxy):
-    def execute(self, sql: str, *args: Any, **kwargs: Any) -> Any:
-        _before(sql, self._inner.connection)
-        return self._inner.execute(sql, *args, **kwargs)
-
-    def copy_expert(self, sql: str, *args: Any, **kwargs: Any) -> Any:
-        _before(sql, self._inner.connection)
-        return self._inner.copy_expert(sql, *args, **kwargs)
-
-
-class _PostgresConnection(_Proxy):
-    def cursor(self, *args: Any, **kwargs: Any) -> Any:
-        return _PostgresCursor(self._inner.cursor(*args, **kwargs))
-
-    def commit(self) -> None:
-        _before("COMMIT", self._inner)
-        self._inner.commit()
-
-
-def terminate_backend(dsn: str) -> Callable[[str, Any], None]:
-    """An action: another session terminates this connection's PostgreSQL backend (a lost server)."""
-
-    def action(sql: str, conn: Any) -> None:
-        import psycopg2
-
-        admin = psycopg2.connect(dsn)
-        admin.autocommit = True
-        with admin.cursor() as cur:
-            cur.execute("SELECT pg_terminate_backend(%s)", (conn.get_backend_pid(),))
-        admin.close()
-
-    return action
-
-
-@contextlib.contextmanager
-def s3_call_faults(methods: set[str], nth: int, action: Callable[[str, dict], None]) -> Iterator[None]:
-    """Within the block, the ``nth`` S3 call whose method is in ``methods`` runs ``action`` first.
-
-    s3fs sends every S3 request through ``S3FileSystem._call_s3`` (and ``call_s3``, its sync
-    wrapper, made at class creation: both are patched).
-    """
-    import s3fs
-    from fsspec.asyn import sync_wrapper
-
-    original = s3fs.S3FileSystem._call_s3
-    seen = {"n": 0}
-
-    async def call_s3(self, method, *args, **kwargs):
-        if method in methods:
-            seen["n"] += 1
-            if seen["n"] == nth:
-                action(method, kwargs)
-        return await original(self, method, *args, **kwargs)
-
-    with (
-        mock.patch.object(s3fs.S3FileSystem, "_call_s3", call_s3),
-        mock.patch.object(s3fs.S3FileSystem, "call_s3", sync_wrapper(call_s3)),
-    ):
-        yield
-
-
-S3_WRITES = {"put_object", "create_multipart_upload", "upload_part", "complete_multipart_upload"}
-S3_READS = {"get_object", "head_object"}
 RESULTS_UPSERT = rf'INSERT INTO "?{WORKLOAD.results_table}"?'
 # A write of the load to either table (the order of the two differs by dialect and version).
 LOAD_WRITE = rf'(INSERT INTO|UPDATE) "?(claude_batch_ledger|{WORKLOAD.results_table})"?'
-
-
-# -- the stack: where a run's parts live (JSON-able, so a worker process can rebuild it) --------
-
-
-@dataclass(frozen=True)
-class Stack:
-    """The parts one run talks to.
-
-    :param store_root: ``s3://bucket/prefix`` on the moto server.
-    :param s3_endpoint: the moto server's URL.
-    :param warehouse_url: ``duckdb:///path/to/file.duckdb`` or a ``postgresql://`` DSN.
-    :param shard_size: requests per shard.
-    """
-
-    store_root: str
-    s3_endpoint: str
-    warehouse_url: str
-    shard_size: int
-    workload_name: str = "plain"  # a key of WORKLOADS
-
-    @property
-    def workload(self) -> Workload:
-        return WORKLOADS[self.workload_name]
-
-    @property
-    def dialect(self) -> str:
-        return "duckdb" if self.warehouse_url.startswith("duckdb://") else "postgres"
-
-    def store(self) -> ObjectStore:
-        return moto_store(self.store_root, self.s3_endpoint)
-
-    def layout(self, run_id: str) -> RunLayout:
-        return RunLayout(self.store(), DAG_ID, run_id)
-
-    def config(self) -> PipelineConfig:
-        return PipelineConfig(
-            workload=self.workload,
-            source=SOURCE,
-            storage_root=self.store_root,
-            staging_limits=StagingLimits(max_requests_per_shard=self.shard_size),
-        )
-
-    def connect(self) -> Any:
-        """A new DB-API connection, as each task attempt opens its own."""
-        if self.dialect == "duckdb":
-            import duckdb
-
-            return duckdb.connect(self.warehouse_url.removeprefix("duckdb://"))
-        import psycopg2
-
-        return psycopg2.connect(self.warehouse_url)
-
-    @contextlib.contextmanager
-    def warehouse(self) -> Iterator[Warehouse]:
-        """The warehouse on a new connection, which carries the active :func:`statement_faults`."""
-        conn = self.connect()
-        dialect = dialect_for(conn)
-        wrapped = (_DuckDBConnection if self.dialect == "duckdb" else _PostgresConnection)(conn)
-        try:
-            yield Warehouse(wrapped, dialect)
-        finally:
-            with contextlib.suppress(Exception):
-                conn.close()
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> Stack:
-        return cls(**json.loads(text))
-
-
-def fill_source(stack: Stack, rows: int) -> None:
-    """Create ``tickets(id, body, created_at)`` with ``rows`` rows on :data:`DAY`."""
-    conn = stack.connect()
-    try:
-        create_tickets(
-            conn,
-            (
-                {
-                    "id": f"t{i:06d}",
-                    "body": BODIES[i % len(BODIES)].format(i=i),
-                    "created_at": DAY + timedelta(seconds=(i * 7) % 86_000),
-                }
-                for i in range(rows)
-            ),
-        )
-    finally:
-        conn.close()
-
-
-def query(stack: Stack, sql: str) -> list[tuple]:
-    conn = stack.connect()
-    try:
-        if stack.dialect == "duckdb":
-            return conn.execute(sql).fetchall()
-        with conn.cursor() as cur:
-            cur.execute(sql)
-            return cur.fetchall()
-    finally:
-        conn.close()
 
 
 # -- the steps, as their tasks run them ------------------------------------------------------
@@ -580,7 +310,8 @@ def run_killed_worker(
         time.sleep(0.02)
     if not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL):
         raise WorkerNotKilled(
-            f"worker for {step} at {kill.point} ended with status {status}, not SIGKILL (see its traceback above)"
+            f"worker for {step} at {kill.point} ended with status {status}, not SIGKILL (see its traceback "
+            "above)"
         )
 
 
@@ -684,105 +415,6 @@ class PipelineRun:
 
 class WorkerKilled(RuntimeError):
     """The task's worker process died (SIGKILL); Airflow marks the attempt failed and retries."""
-
-
-# -- the audit -------------------------------------------------------------------------------
-
-
-@dataclass
-class Audit:
-    """One line of the fault matrix."""
-
-    fault: str
-    warehouse: str
-    rows: int
-    runs: int
-    records_lost: int
-    duplicates: int
-    batches_billed_twice: int
-    records_billed_twice: int
-    accounting_ok: bool
-    faults_injected: int
-    failed_attempts: int
-    seconds: float = 0.0
-    notes: dict[str, Any] = field(default_factory=dict)
-
-
-def _all_batches(client: anthropic.Anthropic) -> list[Any]:
-    batches, after_id = [], None
-    while True:
-        page = client.messages.batches.list(limit=1000, **({"after_id": after_id} if after_id else {}))
-        batches.extend(page.data)
-        if not page.has_more or not page.data:
-            return batches
-        after_id = page.data[-1].id
-
-
-def billed_custom_ids(emulator: Any, api_key: str) -> tuple[Counter[str], int]:
-    """How often each custom_id succeeded (was billed), over every batch the emulator holds."""
-    client = anthropic.Anthropic(api_key=api_key, base_url=emulator.base_url, max_retries=0)
-    billed: Counter[str] = Counter()
-    batches = _all_batches(client)
-    for batch in batches:
-        if batch.processing_status != "ended":
-            raise AssertionError(f"batch {batch.id} is still {batch.processing_status} at the audit")
-        for line in client.messages.batches.results(batch.id):
-            if line.result.type == "succeeded":
-                billed[line.custom_id] += 1
-    return billed, len(batches)
-
-
-def audit(
-    stack: Stack,
-    emulator: Any,
-    api_key: str,
-    fault: str,
-    rows: int,
-    records: list[RunRecord],
-    other_faults: int = 0,
-) -> Audit:
-    """Count losses, duplicates and double billing after the runs; check every run's accounting."""
-    emulator.configure(faults={})  # the audit reads with no faults
-    stats = emulator.stats()
-    billed, batches_listed = billed_custom_ids(emulator, api_key)
-    submissions = sum(record.shards for record in records)
-    # Checked by each run right after its load (a later run moves the items it retries).
-    accounting_ok = all(record.accounting and record.accounting["ok"] for record in records if record.shards)
-    source = {key for (key,) in query(stack, "SELECT id FROM tickets")}
-    ledger = dict(
-        query(stack, f"SELECT record_key, status FROM claude_batch_ledger WHERE workload = '{WORKLOAD.name}'")
-    )
-    result_rows = query(stack, f"SELECT record_key FROM {WORKLOAD.results_table}")
-    in_results = Counter(key for (key,) in result_rows)
-    done = {key for key in source if ledger.get(key) == "succeeded" and in_results.get(key) == 1}
-    dead = {key for key in source if ledger.get(key) == "dead"}
-    return Audit(
-        fault=fault,
-        warehouse=stack.dialect,
-        rows=rows,
-        runs=len(records),
-        records_lost=len(source - done - dead),
-        duplicates=len(result_rows) - len(in_results) + sum(1 for key in in_results if key not in source),
-        batches_billed_twice=max(stats["batches_created"] - submissions, 0),
-        records_billed_twice=sum(1 for count in billed.values() if count > 1),
-        accounting_ok=accounting_ok,
-        faults_injected=other_faults
-        + sum(count for kind, count in stats["faults_injected"].items() if kind != "latency"),
-        failed_attempts=sum(len(record.failed_attempts) for record in records),
-        notes={
-            "batches_created": stats["batches_created"],
-            "batches_listed": batches_listed,
-            "shard_submissions": submissions,
-            "requests_received": stats["requests_received"],
-            "succeeded": len(done),
-            "dead": len(dead),
-            "ledger": dict(Counter(ledger.values())),
-            "faults": stats["faults_injected"],
-            "failed": [attempt for record in records for attempt in record.failed_attempts],
-            "accounting": {record.run_id: record.accounting for record in records},
-            "batch_ids": {record.run_id: record.batch_ids for record in records},
-        },
-    )
 
 
 def run_scenario(

@@ -264,8 +264,14 @@ def test_a_requeue_at_every_step_of_a_live_run_sends_each_item_once(warehouse, r
             ops = Ops(house)
             result = ops.requeue("reliability", keys=group, by="ops@example.com")
             assert result.requeued == len(group) and not result.skipped, result
-            held = [key for (key,) in query(stack, "SELECT record_key FROM claude_batch_ledger "
-                                                   "WHERE status IN ('pending', 'submitted') ORDER BY 1 LIMIT 1")]  # fmt: skip
+            held = [
+                key
+                for (key,) in query(
+                    stack,
+                    "SELECT record_key FROM claude_batch_ledger "
+                    "WHERE status IN ('pending', 'submitted') ORDER BY 1 LIMIT 1",
+                )
+            ]
             if held:  # an item night 2 holds is not the operator's to requeue
                 refused = ops.requeue("reliability", keys=held, by="ops@example.com")
                 assert refused.requeued == 0 and [s.record_key for s in refused.skipped] == held, refused

@@ -33,14 +33,14 @@ def _die() -> None:
 
 def arm(point: str) -> None:
     """Arrange for this process to be killed at ``point`` (patches live in this process only)."""
-    from tests.reliability import harness
+    from tests.reliability import harness, injected_faults
 
     def die(*_args: Any, **_kwargs: Any) -> None:
         _die()
 
     if point == "stage:mid_write":
         # The second S3 write of staging: the first shard object is written, the rest not.
-        patch = harness.s3_call_faults(harness.S3_WRITES, 2, die)
+        patch = injected_faults.s3_call_faults(injected_faults.S3_WRITES, 2, die)
         patch.__enter__()
         _ARMED.append(patch)  # a collected context manager would undo the patch
     elif point == "submit:after_create":
@@ -66,8 +66,8 @@ def arm(point: str) -> None:
         results._stream = stream
     elif point == "load:before_commit":
         # Results upserted and the ledger moved; the transaction's commit never runs.
-        harness._statement_faults.append(
-            harness.StatementFault("^COMMIT$", die, after=harness.RESULTS_UPSERT)
+        injected_faults._statement_faults.append(
+            injected_faults.StatementFault("^COMMIT$", die, after=harness.RESULTS_UPSERT)
         )
     elif point == "load:after_commit":
         from claude_batch.warehouse import Warehouse

@@ -157,9 +157,13 @@ def test_valid_identifiers_are_quoted_not_just_filtered(tmp_path):
     conn.execute('CREATE TABLE "order" ("select" VARCHAR, "from" VARCHAR, "where" TIMESTAMP)')
     conn.execute("INSERT INTO \"order\" VALUES ('k1', 'charged twice', TIMESTAMP '2026-03-01 10:00:00')")
     workload = Workload(
-        name="w", system_prompt="Classify.", user_template="Ticket {select}: {from}", model="claude-haiku-4-5",
-        max_tokens=10, output_schema=WORKLOAD.output_schema,
-    )  # fmt: skip
+        name="w",
+        system_prompt="Classify.",
+        user_template="Ticket {select}: {from}",
+        model="claude-haiku-4-5",
+        max_tokens=10,
+        output_schema=WORKLOAD.output_schema,
+    )
     house = Warehouse(conn)
     house.ensure_tables(workload)
     source = SourceSpec(table="order", key_column="select", interval_column="where")

@@ -232,12 +232,33 @@ def _fail_every_call(tmp_path):
 def _no_manifest():
     from claude_batch.staging import Manifest, ShardManifest
 
-    shard = ShardManifest(part=0, requests="requests/part-00000.jsonl", keys="requests/part-00000.keys.parquet",
-                          count=1, bytes=1, sha256="0", models={})  # fmt: skip
-    return Manifest(workload="w", prompt_version="v", dag_id="d", run_id="r", cache_setting="off", key_field="id",
-                    models=[], extracted_rows=1, staged_requests=1, rejected_rows=0, rejected_by_reason={},
-                    rejects="requests/rejects.jsonl", shards=[shard], limits={}, estimate={},
-                    created_at="2026-01-01T00:00:00+00:00")  # fmt: skip
+    shard = ShardManifest(
+        part=0,
+        requests="requests/part-00000.jsonl",
+        keys="requests/part-00000.keys.parquet",
+        count=1,
+        bytes=1,
+        sha256="0",
+        models={},
+    )
+    return Manifest(
+        workload="w",
+        prompt_version="v",
+        dag_id="d",
+        run_id="r",
+        cache_setting="off",
+        key_field="id",
+        models=[],
+        extracted_rows=1,
+        staged_requests=1,
+        rejected_rows=0,
+        rejected_by_reason={},
+        rejects="requests/rejects.jsonl",
+        shards=[shard],
+        limits={},
+        estimate={},
+        created_at="2026-01-01T00:00:00+00:00",
+    )
 
 
 def test_s3_failures_never_show_the_aws_secret(moto_endpoint, monkeypatch):
