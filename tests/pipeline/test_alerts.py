@@ -45,13 +45,16 @@ def dag_with(notifiers, deadline_hours: float = 20):
         storage_root="s3://bucket/prefix",
     )
     return claude_batch_dag(
-        config, dag_id="cb_alerts", start_date=datetime(2026, 11, 1, tzinfo=UTC), deadline_hours=deadline_hours,
-        notifiers=notifiers,
+        config, dag_id="cb_alerts", start_date=datetime(2026, 11, 1, tzinfo=UTC),
+        deadline_hours=deadline_hours, notifiers=notifiers,
     )  # fmt: skip
 
 
 def missed_deadline_context() -> dict:
-    """What the scheduler adds to the callback's kwargs when a run misses its deadline (Deadline.handle_miss)."""
+    """What the scheduler adds to the callback's kwargs when a run misses its deadline.
+
+    See Deadline.handle_miss.
+    """
     return {
         "dag_run": {"dag_id": "cb_alerts", "dag_run_id": RUN_ID, "state": "running",
                     "queued_at": "2026-11-10T00:00:05+00:00", "logical_date": "2026-11-10T00:00:00+00:00"},

@@ -30,8 +30,8 @@ MODEL = "claude-sonnet-4-6"
 PREFIX = 1_500  # tokens per request of the cached prefix in the recorded runs
 
 
-def record(warehouse: Warehouse, work, run: int, setting: str, hit_rate: float = 0.0, *, requests: int = 1_000,
-           probe: tuple[str, int] | None = None) -> None:  # fmt: skip
+def record(warehouse: Warehouse, work, run: int, setting: str, hit_rate: float = 0.0, *,
+           requests: int = 1_000, probe: tuple[str, int] | None = None) -> None:  # fmt: skip
     """A run in the history: ``requests`` answered, the cached ones (all, or the probe's) at ``hit_rate``."""
     cached = probe[1] if probe else (requests if setting != "off" else 0)
     reads = round((cached - 1) * hit_rate) if cached else 0
@@ -42,7 +42,8 @@ def record(warehouse: Warehouse, work, run: int, setting: str, hit_rate: float =
         shards.append(ShardManifest(1, "requests/part-00001.jsonl", "k", probe[1], 1, "x", {MODEL: probe[1]}))
     manifest = Manifest(
         workload=work.name, prompt_version=work.prompt_version, dag_id="cost_dag", run_id=f"run-{run:03d}",
-        cache_setting=setting, key_field="id", models=[MODEL], extracted_rows=requests, staged_requests=requests,
+        cache_setting=setting, key_field="id", models=[MODEL], extracted_rows=requests,
+        staged_requests=requests,
         rejected_rows=0, rejected_by_reason={}, rejects="requests/rejects.jsonl", shards=shards, limits={},
         estimate={"per_model": {MODEL: {"requests": requests}}, "cache_plan": plan, "cost_usd_expected": 1.0},
         created_at=dt.datetime.now(dt.UTC).isoformat(),
@@ -125,12 +126,14 @@ def test_auto_after_a_streak_of_off_runs_keeps_its_evidence(history):
     for run in range(3, 3 + REMEASURE_AFTER_RUNS - 2):
         record(warehouse, work, run, "off")
         decision = decide(work, warehouse.recent_cache_observations(work), default_prices())
-        # Off, and no new probe: the evidence of runs 1 and 2 is still there, however many off runs came after.
+        # Off, and no new probe: the evidence of runs 1 and 2 is still there, however many off runs
+        # came after.
         assert decision.setting == "off" and decision.probe_setting is None, (run, decision.describe())
         assert set(decision.evidence) == {"5m", "1h"}
     record(warehouse, work, 99, "off")
     decision = decide(work, warehouse.recent_cache_observations(work), default_prices())
-    # Now the 5-minute evidence is REMEASURE_AFTER_RUNS runs old: it is measured again, at the probe's bounded cost.
+    # Now the 5-minute evidence is REMEASURE_AFTER_RUNS runs old: it is measured again, at the probe's
+    # bounded cost.
     assert (
         decision.probe_setting == "5m"
         and decision.probe_reason == f"last measured {REMEASURE_AFTER_RUNS} runs ago"
@@ -172,7 +175,8 @@ def test_the_run_history_records_the_decision_and_the_probe(warehouse_conn, loca
 
     probe_setting, probe_requests, policy, decision = query(
         warehouse_conn,
-        "SELECT cache_probe_setting, cache_probe_requests, cache_policy, cache_decision FROM claude_batch_runs",
+        "SELECT cache_probe_setting, cache_probe_requests, cache_policy, cache_decision "
+        "FROM claude_batch_runs",
     )[0]
     plan = orjson.loads(decision)
     assert (probe_setting, policy) == ("5m", "auto") and probe_requests == manifest.estimate["cache_plan"][

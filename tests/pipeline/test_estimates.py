@@ -39,8 +39,8 @@ def staged_rows(count: int) -> list[dict]:
 
 def stage(layout, work, setting: str, count: int, sample: RowSample | None = None):
     source = staged_rows(count)
-    return stage_requests(sample.wrap(source) if sample else source, work, layout, key_field=RECORD_KEY_COLUMN,
-                          cache_setting=setting)  # fmt: skip
+    return stage_requests(sample.wrap(source) if sample else source, work, layout,
+                          key_field=RECORD_KEY_COLUMN, cache_setting=setting)  # fmt: skip
 
 
 def measured(setting: str, hit_rate: float, requests: int = 2_000, prefix: int = 1_500) -> Evidence:
@@ -78,8 +78,8 @@ def test_a_sample_of_200_counts_the_run_within_a_percent_and_the_prefix_exactly(
     sample = RowSample(seed="run-1")
     manifest = stage(layout, work, "5m", 1_000, sample)
     decision = CacheDecision("5m", "5m", "fixed", evidence={"5m": measured("5m", 0.8)})
-    manifest = estimate_run(layout, manifest, work, decision, [], PRICES, sample=sample, client=client_for(emulator),
-                            key_column=RECORD_KEY_COLUMN)  # fmt: skip
+    manifest = estimate_run(layout, manifest, work, decision, [], PRICES, sample=sample,
+                            client=client_for(emulator), key_column=RECORD_KEY_COLUMN)  # fmt: skip
     requests = [
         request["params"] for shard in manifest.shards for request in iter_shard_requests(layout, shard)
     ]
@@ -156,8 +156,9 @@ def test_without_count_tokens_the_estimate_counts_characters_and_says_so(local_s
     sample = RowSample()
     manifest = stage(layout, work, "off", 50, sample)
     log = RecordingLog()
-    manifest = estimate_run(layout, manifest, work, CacheDecision("off", "off", "fixed"), [], PRICES, sample=sample,
-                            client=Broken(), key_column=RECORD_KEY_COLUMN, log=log)  # fmt: skip
+    manifest = estimate_run(layout, manifest, work, CacheDecision("off", "off", "fixed"), [], PRICES,
+                            sample=sample, client=Broken(), key_column=RECORD_KEY_COLUMN,
+                            log=log)  # fmt: skip
     assert manifest.estimate["method"] == "characters"
     assert any("count_tokens failed (ConnectionError" in line for line in log.lines)
 

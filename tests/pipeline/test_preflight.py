@@ -304,8 +304,10 @@ def test_fields_left_out_of_the_selected_columns_are_named():
             columns=("vendor", "amount"),
         )
     assert refused.value.problems == (
-        "key column 'invoice_id' is not among the selected columns ('vendor', 'amount'): add 'invoice_id' to columns",
-        "template field {notes} is not among the selected columns ('vendor', 'amount'): add 'notes' to columns",
+        "key column 'invoice_id' is not among the selected columns ('vendor', 'amount'): "
+        "add 'invoice_id' to columns",
+        "template field {notes} is not among the selected columns ('vendor', 'amount'): "
+        "add 'notes' to columns",
     )
 
 
@@ -314,7 +316,8 @@ def test_a_field_neither_selected_nor_in_the_source_is_named_once():
         check_source_columns(["id", "Body"], "id", None, ("body",), columns=("id",))
     assert refused.value.problems == (
         "template field {body} is not among the selected columns ('id'): add 'body' to columns, and the "
-        "source has no such column either; found 'Body'; names are case-sensitive: staging looks fields up by exact name",
+        "source has no such column either; found 'Body'; names are case-sensitive: "
+        "staging looks fields up by exact name",
     )
 
 
@@ -437,7 +440,10 @@ def test_preflight_imports_no_airflow():
     import subprocess
     import sys
 
-    code = "import sys, claude_batch.preflight, claude_batch.storage; print(any(m.split('.')[0] == 'airflow' for m in sys.modules))"
+    code = (
+        "import sys, claude_batch.preflight, claude_batch.storage; "
+        "print(any(m.split('.')[0] == 'airflow' for m in sys.modules))"
+    )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "plugins")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "False"

@@ -22,8 +22,9 @@ def test_the_definitions_on_tokens_priced_by_hand():
     # 1,000 requests: 400 uncached input, a 5,000-token prefix as 1-hour writes, 60 output tokens each.
     tokens = {MODEL: TokenTotals(400_000, 60_000, 5_000_000, 0)}
     actual = usage_cost(Usage(400_000, 60_000, 5_000_000, 0, 0, 5_000_000), MODEL)
-    costs = run_costs(actual, tokens, default_prices(), {"cost_usd_expected": 15.0, "cost_usd_low": 14.0,
-                                                        "cost_usd_high": 17.0, "method": "count_tokens"})  # fmt: skip
+    costs = run_costs(actual, tokens, default_prices(),
+                      {"cost_usd_expected": 15.0, "cost_usd_low": 14.0, "cost_usd_high": 17.0,
+                       "method": "count_tokens"})  # fmt: skip
     # Sonnet 4.6: $3 in, $15 out. Plain real-time: 5.4M input, 60k output; batch halves it.
     assert costs.realtime_uncached_usd == pytest.approx((5_400_000 * 3 + 60_000 * 15) / 1e6)
     assert costs.batch_uncached_usd == pytest.approx(costs.realtime_uncached_usd / 2)
@@ -67,14 +68,15 @@ def check_report(report: dict, warehouse_conn, run_id: str) -> dict:
     assert costs["exact"] is True
     line = query(
         warehouse_conn,
-        "SELECT cost_usd, realtime_cost_usd, batch_uncached_cost_usd, batching_saving_usd, caching_saving_usd, "
-        "estimated_cost_usd, estimate_low_usd, estimate_high_usd FROM claude_batch_runs WHERE run_id = ?",
+        "SELECT cost_usd, realtime_cost_usd, batch_uncached_cost_usd, batching_saving_usd, "
+        "caching_saving_usd, estimated_cost_usd, estimate_low_usd, estimate_high_usd "
+        "FROM claude_batch_runs WHERE run_id = ?",
         (run_id,),
     )[0]
     assert line == pytest.approx((
         costs["actual_usd"], costs["realtime_uncached_usd"], costs["batch_uncached_usd"],
-        costs["saving_from_batching_usd"], costs["saving_from_caching_usd"], costs["estimate"]["expected_usd"],
-        costs["estimate"]["low_usd"], costs["estimate"]["high_usd"],
+        costs["saving_from_batching_usd"], costs["saving_from_caching_usd"],
+        costs["estimate"]["expected_usd"], costs["estimate"]["low_usd"], costs["estimate"]["high_usd"],
     ), abs=2e-6)  # fmt: skip
     return costs
 
@@ -85,7 +87,8 @@ def test_a_run_where_caching_lost_money(warehouse_conn, local_store, emulator):
     report, _ = night(config_for(workload(cache="1h"), local_store), warehouse_conn, local_store, emulator, 0)
     costs = check_report(report, warehouse_conn, report["run_id"])
     assert report["cache_setting"] == "1h" and report["cache_hit_rate"] == 0.0
-    # Every prefix a 1-hour write at 2x: caching cost money, and the report says how much, apart from batching.
+    # Every prefix a 1-hour write at 2x: caching cost money, and the report says how much, apart from
+    # batching.
     assert costs["saving_from_caching_usd"] < 0 < costs["saving_from_batching_usd"]
     assert costs["actual_usd"] > costs["batch_uncached_usd"]
     assert costs["saving_usd"] < costs["saving_from_batching_usd"]
@@ -108,7 +111,8 @@ def test_a_run_where_caching_saved(warehouse_conn, local_store, emulator):
     text = describe_report(report)
     share = costs["saving_usd"] / costs["realtime_uncached_usd"]
     assert (
-        f"saving          ${costs['saving_usd']:.4f} ({share:.0%}): batching ${costs['saving_from_batching_usd']:.4f}, "
+        f"saving          ${costs['saving_usd']:.4f} ({share:.0%}): "
+        f"batching ${costs['saving_from_batching_usd']:.4f}, "
         f"caching ${costs['saving_from_caching_usd']:.4f}"
     ) in text
     assert f"estimate ${costs['estimate']['expected_usd']:.4f} (between $" in text

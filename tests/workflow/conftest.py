@@ -1,4 +1,5 @@
-"""Fixtures for the workflow tests: the repository's DAGs over a seeded DuckDB file, moto S3 and the emulator."""
+"""Fixtures for the workflow tests: the repository's DAGs over a seeded DuckDB file, moto S3 and the
+emulator."""
 
 from __future__ import annotations
 

@@ -199,7 +199,8 @@ def test_a_failing_pilot_gives_the_rest_back_and_a_reviewer_sees_why(staged):
     )
     # Failures first, then valid answers: up to five, each with its verdict.
     assert [(s["status"], s["reason_code"]) for s in verdict.samples] == [
-        ("errored", "api_error"), ("invalid", "invalid_json"), ("invalid", "schema_mismatch"), ("valid", None), ("valid", None),
+        ("errored", "api_error"), ("invalid", "invalid_json"), ("invalid", "schema_mismatch"),
+        ("valid", None), ("valid", None),
     ]  # fmt: skip
 
     # With approval asked for, the threshold does not stop the run: a person decides.

@@ -136,7 +136,8 @@ def test_a_failing_pilot_stops_the_run_after_its_sample(workflow_dags, anthropic
     assert states["gate"] == "success" and states["pilot_decide"] == "failed", states
     assert states["pilot_approval"] == "upstream_failed" and states["submit"] == "upstream_failed", states
     assert (
-        "The pilot's validation pass rate is 0% (0 of 2), under the threshold 50%; nothing else was submitted. "
+        "The pilot's validation pass rate is 0% (0 of 2), under the threshold 50%; "
+        "nothing else was submitted. "
         "Failures: {'overloaded_error': 2}" in capfd.readouterr().out
     )
     stats = anthropic_conn.stats()
@@ -145,7 +146,8 @@ def test_a_failing_pilot_stops_the_run_after_its_sample(workflow_dags, anthropic
     # the run's other claimed items are given back: retry, held by no run, for the next run to take.
     ledger = query(
         warehouse,
-        "SELECT status, run_id, attempts, COUNT(*) FROM claude_batch_ledger WHERE workload = ? GROUP BY ALL ORDER BY ALL",
+        "SELECT status, run_id, attempts, COUNT(*) FROM claude_batch_ledger WHERE workload = ? "
+        "GROUP BY ALL ORDER BY ALL",
         "invoice_approval",
     )
     assert ledger == [("retry", run.run_id, 1, 2), ("retry", None, 0, 3)]
@@ -174,7 +176,9 @@ def test_a_passing_pilot_lets_the_run_go_on_without_sending_its_items_again(
         ("INV-004", "Marketing", 78_000.0, False),
         ("INV-005", "Finance", 850_000.0, True),
     ]
-    ledger = query(warehouse, "SELECT status, attempts, COUNT(*) FROM claude_batch_ledger WHERE workload = ? GROUP BY ALL",
+    ledger = query(warehouse,
+                   "SELECT status, attempts, COUNT(*) FROM claude_batch_ledger "
+                   "WHERE workload = ? GROUP BY ALL",
                    "invoice_approval")  # fmt: skip
     assert ledger == [("succeeded", 1, 5)]  # each invoice answered once
     # The report and the run's history count the pilot: its requests, batch, tokens and cost.
@@ -182,7 +186,9 @@ def test_a_passing_pilot_lets_the_run_go_on_without_sending_its_items_again(
     assert report["extracted"] == report["staged"] == 5 and report["ledger"] == {"succeeded": 5}
     assert report["batches"] == 2 and [(r["round"], r["sent"]) for r in report["rounds"]] == [(0, 2), (1, 3)]
     assert report["pilot"]["pass_rate"] == 1.0 and report["pilot"]["judged"] == 2
-    history = query(warehouse, "SELECT staged, succeeded, cost_usd, input_tokens FROM claude_batch_runs WHERE run_id = ?",
+    history = query(warehouse,
+                    "SELECT staged, succeeded, cost_usd, input_tokens FROM claude_batch_runs "
+                    "WHERE run_id = ?",
                     run.run_id)  # fmt: skip
     assert history == [(5, 5, pytest.approx(report["cost_usd"]), report["tokens"]["input"])]
     assert report["cost_usd"] > report["pilot"]["cost_usd"] > 0
@@ -191,7 +197,8 @@ def test_a_passing_pilot_lets_the_run_go_on_without_sending_its_items_again(
 def test_a_run_goes_round_with_its_transient_failures_until_they_are_out_of_attempts(
     workflow_dags, anthropic_conn, warehouse
 ):
-    """Every answer errors transiently: rounds 2 and 3 (requeue_N ... load_N) resend, then the items are dead."""
+    """Every answer errors transiently: rounds 2 and 3 (requeue_N ... load_N) resend, then the items
+    are dead."""
     anthropic_conn.configure(faults={"batch": {"errored_rate": 1.0, "error_types": ["overloaded_error"]}})
     dag = workflow_dags["invoice_approval"]
     run = dag.test(logical_date=INVOICE_RUN)
@@ -204,7 +211,9 @@ def test_a_run_goes_round_with_its_transient_failures_until_they_are_out_of_atte
     assert (
         stats["batches_created"] == 3 and stats["requests_received"] == 3 * 5
     )  # each invoice sent three times
-    ledger = query(warehouse, "SELECT status, attempts, COUNT(*) FROM claude_batch_ledger WHERE workload = ? GROUP BY 1, 2",
+    ledger = query(warehouse,
+                   "SELECT status, attempts, COUNT(*) FROM claude_batch_ledger "
+                   "WHERE workload = ? GROUP BY 1, 2",
                    "invoice_approval")  # fmt: skip
     assert ledger == [("dead", 3, 5)]
     report = run.get_task_instance("report").xcom_pull(task_ids="report")
