@@ -256,11 +256,11 @@ def create_app(store: BatchStore, api_key: str) -> ASGIApp:
                 return
             for block in range(results.block_count):
                 if len(results.blocks) <= block:
-                    await anyio.to_thread.run_sync(store.make_results_block, batch, block)
+                    await anyio.to_thread.run_sync(store.result_lines.make_results_block, batch, block)
                 if batch.results is None:  # deleted (or reset) meanwhile: the connection just closes
                     cut_state["cut"] = True
                     return
-                data, count = store.results_block(batch, block)
+                data, count = store.result_lines.results_block(batch, block)
                 if lines_allowed is not None and served + count > lines_allowed:
                     keep = lines_allowed - served
                     lines = data.split(b"\n")

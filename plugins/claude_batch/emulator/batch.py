@@ -16,6 +16,7 @@ the counts never change again. Its timestamps are reported on the API clock (``c
 from __future__ import annotations
 
 import gc
+import math
 import random
 from array import array
 from collections import Counter
@@ -126,6 +127,49 @@ class Batch:
     api_scale: float
     results: ResultsFile | None
 
+    @classmethod
+    def open(
+        cls,
+        builder: BatchBuilder,
+        *,
+        seq: int,
+        batch_id: str,
+        now: float,
+        api_created_us: int,
+        api_scale: float,
+    ) -> Batch:
+        """A new in_progress batch from a fully read builder, created at emulated time ``now``
+        (``api_created_us`` on the API clock, whose scale is then ``api_scale``)."""
+        batch = cls()
+        batch.seq = seq
+        batch.id = batch_id
+        batch.config = builder.config
+        batch.size = builder.size
+        batch.created_at = now
+        batch.expires_at = now + builder.config.expiry_seconds
+        batch.api_created_us = api_created_us
+        batch.api_scale = api_scale
+        batch.duration = builder.duration
+        batch.stall_fraction = builder.stall_fraction
+        batch.ready_at = math.inf if builder.stalled else now + builder.duration
+        batch.end_at = min(batch.ready_at, batch.expires_at)
+        batch.status = "in_progress"
+        batch.cancel_initiated_at = batch.ended_at = None
+        batch.done_fraction = 0.0
+        batch.counts = None
+        batch.created_at_text = rfc3339_us(api_created_us)
+        batch.expires_at_text = rfc3339_us(
+            api_created_us + round(builder.config.expiry_seconds * 1e6 / api_scale)
+        )
+        batch.results = ResultsFile(batch.size)
+        for name in (
+            "custom_ids", "templates", "template_ids", "messages", "invalid", "completion",
+            "fates", "error_types", "fate_counts", "cache_codes", "input_tokens", "cache_tokens",
+            "cache_1h_tokens",
+        ):  # fmt: skip
+            setattr(batch, name, getattr(builder, name))
+        return batch
+
     def api_us(self, emulated: float) -> int:
         """An emulated instant of this batch's life on the API clock, in whole microseconds.
 
@@ -134,10 +178,19 @@ class Batch:
         """
         return self.api_created_us + round((emulated - self.created_at) * 1e6 / self.api_scale)
 
+    @staticmethod
+    def counts_before_any_end(size: int) -> dict[str, int]:
+        return {"processing": size, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
+
     def processing_counts(self) -> dict[str, int]:
-        if self.counts is not None:
-            return self.counts
-        return {"processing": self.size, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
+        return self.counts if self.counts is not None else self.counts_before_any_end(self.size)
+
+    def cancel(self, now: float) -> None:
+        """An in_progress batch starts canceling: it ends ``cancel_seconds`` later (at the latest at
+        its expiry, unless that has passed)."""
+        self.cancel_initiated_at = now
+        self.end_at = min(now + self.config.cancel_seconds, max(self.expires_at, now))
+        self.status = "canceling"
 
     def unfinished_result(self) -> str:
         return "canceled" if self.cancel_initiated_at is not None else "expired"

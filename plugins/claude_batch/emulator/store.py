@@ -2,8 +2,10 @@
 
 ``BatchStore`` is what the HTTP app (``app.py``) calls; every method is thread-safe (one
 re-entrant lock). A create is parsed into a ``BatchBuilder`` and registered by ``commit``;
-the batch is then decided (``batch.py``). Ends are kept in a heap and applied lazily, at the
+the batch is then decided (``batch.py``) and kept in a ``BatchIndex`` (``batch_index.py``:
+by id, in creation order, the list pages). Ends are kept in a heap and applied lazily, at the
 next request or clock change (``_tick``), so a batch's state only moves when someone looks.
+The real-time endpoints are in ``realtime.py``; the rate limit of batch calls in ``faults.py``.
 
 Result lines are made once per batch and kept compressed (``result_lines.py``,
 ``results_file.py``); a background thread starts making them when the batch is created and
@@ -16,21 +18,19 @@ clock (``clock.py``, and the README's "Time").
 from __future__ import annotations
 
 import heapq
-import math
 import random
 import threading
-from bisect import bisect_left, bisect_right
-from collections import Counter, deque
-from collections.abc import Iterator
+from collections import Counter
 from typing import Any
 
-from .batch import CACHE_TTL_SECONDS as CACHE_TTL_SECONDS
-from .batch import Batch, BatchBuilder, TooManyRequests, paused_gc
+from .batch import CACHE_TTL_SECONDS, Batch, BatchBuilder, TooManyRequests, paused_gc
+from .batch_index import BatchIndex
 from .clock import EmulatedClock
 from .config import EmulatorConfig
-from .errors import ERROR_TYPE_BY_STATUS, ApiError, invalid_request, not_found
-from .faults import ENDPOINTS, FaultInjector
-from .ids import random_id, rfc3339, rfc3339_us
+from .errors import ApiError, invalid_request, not_found
+from .faults import ENDPOINTS, BatchCallWindow, FaultInjector
+from .ids import random_id, rfc3339
+from .realtime import count_tokens, create_message
 from .responder import (
     CACHE_NONE,
     CACHE_READ,
@@ -38,18 +38,12 @@ from .responder import (
     DefaultResponder,
     PromptCache,
     Responder,
-    ResponderError,
-    ResponseContext,
-    base_usage,
-    finish_message,
-    requested_inference_geo,
 )
 from .result_lines import ResultLineMaker
-from .results_file import STEP_LINES, ResultsFile, ResultsWorker
-from .tokens import analyse_prompt
-from .validation import params_error
+from .results_file import STEP_LINES, ResultsWorker
+from .tokens import PromptShape
 
-# Names other modules import from here (they moved to batch.py and clock.py).
+# Names other modules import from here (moved to batch.py and clock.py, still importable here).
 __all__ = ["Batch", "BatchBuilder", "BatchStore", "EmulatedClock", "TooManyRequests", "paused_gc"]
 
 BATCH_ENDPOINTS = frozenset({"create", "retrieve", "list", "cancel", "delete", "results"})
@@ -78,23 +72,22 @@ class BatchStore:
         self.request_id_rng = random.Random(f"{seed}:request-ids")
         self._next_seq = 0
         self.in_flight = 0  # HTTP requests being served (the app counts them); the results worker waits for 0
-        self._result_lines = ResultLineMaker(lambda: self.responder)
-        self._results_worker = ResultsWorker(self._worker_step, lambda: self.in_flight > 0)
+        self.result_lines = ResultLineMaker(lambda: self.responder)
+        self._results_worker = ResultsWorker(
+            lambda batch: self.result_lines.make_result_lines(batch, STEP_LINES), lambda: self.in_flight > 0
+        )
         self._reset_state()
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def _reset_state(self) -> None:
         self._results_worker.clear()
-        for batch in getattr(self, "_batch_by_seq", {}).values():
+        for batch in getattr(self, "batches", ()):
             batch.results = None  # a maker still working on it stops
-        self._batches_by_id: dict[str, Batch] = {}
-        self._seq_by_id: dict[str, int] = {}  # also of deleted batches, so they still work as cursors
-        self._order: list[int] = []  # seqs of live batches, oldest first
-        self._batch_by_seq: dict[int, Batch] = {}
+        self.batches = BatchIndex()
         self._ends: list[tuple[float, int]] = []  # heap of (end time, seq)
         self._batches_since_reset = 0
         self._queued_requests = 0
-        self._recent_batch_calls: deque[float] = deque()
+        self._batch_calls = BatchCallWindow()
         self.faults = FaultInjector(self.config.faults, self.seed)
         self.prompt_cache.clear()
         self.counters: Counter[str] = Counter()
@@ -143,7 +136,7 @@ class BatchStore:
         ends = self._ends
         while ends and ends[0][0] <= now:
             end_at, seq = heapq.heappop(ends)
-            batch = self._batch_by_seq.get(seq)
+            batch = self.batches.by_seq(seq)
             if batch is not None and batch.status != "ended" and batch.end_at == end_at:
                 self._finish(batch)
         return now
@@ -180,23 +173,10 @@ class BatchStore:
                 raise fault
             limit = self.config.batch_requests_per_minute
             if limit is not None and endpoint in BATCH_ENDPOINTS:
-                now = self._tick()
-                calls = self._recent_batch_calls
-                while calls and calls[0] <= now - 60.0:
-                    calls.popleft()
-                if len(calls) >= limit:
+                refusal = self._batch_calls.refusal(self._tick(), limit, self.clock.time_scale)
+                if refusal is not None:
                     self.faults_injected["rate_limit"] += 1
-                    wait = max((calls[0] + 60.0 - now) / self.clock.time_scale, 0.001)
-                    raise ApiError(
-                        429,
-                        f"Number of batch API requests has exceeded the rate limit of {limit} per minute "
-                        "(emulated).",
-                        headers={
-                            "retry-after": str(math.ceil(wait)),
-                            "retry-after-ms": str(int(wait * 1000)),
-                        },
-                    )
-                calls.append(now)
+                    raise refusal
 
     # ---- batches ------------------------------------------------------------------------------
     def new_builder(self) -> BatchBuilder:
@@ -222,43 +202,19 @@ class BatchStore:
                     f"({self._queued_requests} are waiting).",
                     headers={"retry-after": "60"},
                 )
-            batch = Batch()
             self._next_seq += 1
-            batch.seq = self._next_seq
-            batch.id = random_id("msgbatch_", self._id_rng)
-            batch.config = builder.config
-            batch.size = builder.size
-            batch.created_at = now
-            batch.expires_at = now + builder.config.expiry_seconds
             emulated_now, api_now, scale = self.clock.readings()
-            batch.api_created_us = round((api_now + (now - emulated_now) / scale) * 1e6)
-            batch.api_scale = scale
-            batch.duration = builder.duration
-            batch.stall_fraction = builder.stall_fraction
-            batch.ready_at = math.inf if builder.stalled else now + builder.duration
-            batch.end_at = min(batch.ready_at, batch.expires_at)
-            batch.status = "in_progress"
-            batch.cancel_initiated_at = batch.ended_at = None
-            batch.done_fraction = 0.0
-            batch.counts = None
-            batch.created_at_text = rfc3339_us(batch.api_created_us)
-            batch.expires_at_text = rfc3339_us(
-                batch.api_created_us + round(builder.config.expiry_seconds * 1e6 / scale)
+            batch = Batch.open(
+                builder,
+                seq=self._next_seq,
+                batch_id=random_id("msgbatch_", self._id_rng),
+                now=now,
+                api_created_us=round((api_now + (now - emulated_now) / scale) * 1e6),
+                api_scale=scale,
             )
-            batch.results = ResultsFile(batch.size)
-            for name in (
-                "custom_ids", "templates", "template_ids", "messages", "invalid", "completion",
-                "fates", "error_types", "fate_counts", "cache_codes", "input_tokens", "cache_tokens",
-                "cache_1h_tokens",
-            ):  # fmt: skip
-                setattr(batch, name, getattr(builder, name))
             for key, ttl in builder.cache_writes.items():
                 self.prompt_cache.write(key, now + builder.duration + ttl, now)
-
-            self._batches_by_id[batch.id] = batch
-            self._batch_by_seq[batch.seq] = batch
-            self._seq_by_id[batch.id] = batch.seq
-            self._order.append(batch.seq)
+            self.batches.add(batch)
             heapq.heappush(self._ends, (batch.end_at, batch.seq))
             self._queued_requests += batch.size
             self.status_counts["in_progress"] += 1
@@ -270,24 +226,12 @@ class BatchStore:
                 self._results_worker.submit(batch)
             return batch
 
-    def _get(self, batch_id: str) -> Batch:
-        batch = self._batches_by_id.get(batch_id)
-        if batch is None:
-            raise not_found(f"No Message Batch found with id {batch_id!r}.")
-        return batch
-
     def describe_new(self, batch: Batch, base_url: str) -> dict:
         """The just-created batch as the create call answers it: always still in_progress."""
         with self._lock:
             return batch.to_api(batch.created_at, base_url) | {
                 "processing_status": "in_progress",
-                "request_counts": {
-                    "processing": batch.size,
-                    "succeeded": 0,
-                    "errored": 0,
-                    "canceled": 0,
-                    "expired": 0,
-                },
+                "request_counts": Batch.counts_before_any_end(batch.size),
                 "ended_at": None,
                 "results_url": None,
             }
@@ -295,39 +239,33 @@ class BatchStore:
     def retrieve(self, batch_id: str, base_url: str) -> dict:
         with self._lock:
             now = self._tick()
-            return self._get(batch_id).to_api(now, base_url)
+            return self.batches.get(batch_id).to_api(now, base_url)
 
     def cancel(self, batch_id: str, base_url: str) -> dict:
         with self._lock:
             now = self._tick()
-            batch = self._get(batch_id)
+            batch = self.batches.get(batch_id)
             if batch.status == "ended":
                 raise invalid_request(
                     f"Message Batch {batch_id} has already ended and can no longer be canceled."
                 )
             if batch.status == "in_progress":
-                batch.cancel_initiated_at = now
-                batch.end_at = min(now + batch.config.cancel_seconds, max(batch.expires_at, now))
-                batch.status = "canceling"
-                self.status_counts["in_progress"] -= 1
-                self.status_counts["canceling"] += 1
+                batch.cancel(now)
+                self.status_counts.update(in_progress=-1, canceling=1)
                 heapq.heappush(self._ends, (batch.end_at, batch.seq))
             return batch.to_api(now, base_url)
 
     def delete(self, batch_id: str) -> dict:
         with self._lock:
             self._tick()
-            batch = self._get(batch_id)
+            batch = self.batches.get(batch_id)
             if batch.status != "ended":
                 raise invalid_request(
                     f"Message Batch {batch_id} is still {batch.status}; a batch can only be deleted "
                     "once it has ended. Cancel it first."
                 )
-            del self._batches_by_id[batch_id]
-            del self._batch_by_seq[batch.seq]
+            self.batches.remove(batch)
             batch.results = None
-            position = bisect_left(self._order, batch.seq)
-            del self._order[position]
             self.status_counts["ended"] -= 1
             self.counters["batches_deleted"] += 1
             return {"id": batch_id, "type": "message_batch_deleted"}
@@ -336,21 +274,8 @@ class BatchStore:
         """A page, newest first: after_id pages to older batches, before_id to newer ones."""
         with self._lock:
             now = self._tick()
-            order = self._order
-            if after_id is not None:
-                end = bisect_left(order, self._cursor_seq(after_id, "after_id"))
-                start = max(0, end - limit)
-                has_more = start > 0
-            elif before_id is not None:
-                start = bisect_right(order, self._cursor_seq(before_id, "before_id"))
-                end = min(len(order), start + limit)
-                has_more = end < len(order)
-            else:
-                end = len(order)
-                start = max(0, end - limit)
-                has_more = start > 0
-            by_seq = self._batch_by_seq
-            data = [by_seq[seq].to_api(now, base_url) for seq in reversed(order[start:end])]
+            page, has_more = self.batches.page(limit=limit, after_id=after_id, before_id=before_id)
+            data = [batch.to_api(now, base_url) for batch in page]
             return {
                 "data": data,
                 "has_more": has_more,
@@ -358,17 +283,11 @@ class BatchStore:
                 "last_id": data[-1]["id"] if data else None,
             }
 
-    def _cursor_seq(self, batch_id: str, name: str) -> int:
-        seq = self._seq_by_id.get(batch_id)
-        if seq is None:
-            raise invalid_request(f"{name}: no Message Batch with id {batch_id!r}")
-        return seq
-
     def results_source(self, batch_id: str) -> tuple[Batch, tuple[int, bool] | None]:
         """The ended batch whose results are to be streamed, and the cut to apply (if any)."""
         with self._lock:
             now = self._tick()
-            batch = self._get(batch_id)
+            batch = self.batches.get(batch_id)
             if batch.status != "ended":
                 raise invalid_request(
                     f"Message Batch {batch_id} is still {batch.status}; results are available once it "
@@ -389,72 +308,25 @@ class BatchStore:
         with self._lock:
             self.counters["results_served"] += lines
 
-    # ---- results files ------------------------------------------------------------------------
-    def _worker_step(self, batch: Batch) -> bool:
-        return self._result_lines.make_result_lines(batch, STEP_LINES)
-
-    def make_result_lines(self, batch: Batch, limit: int) -> bool:
-        """Make up to ``limit`` more lines of the batch's results file; True once it is complete."""
-        return self._result_lines.make_result_lines(batch, limit)
-
-    def make_results_block(self, batch: Batch, block: int) -> None:
-        """Make the results file up to the end of ``block`` (what a download waits for)."""
-        self._result_lines.make_results_block(batch, block)
-
-    def results_block(self, batch: Batch, block: int) -> tuple[bytes, int]:
-        """The served bytes of one made block, and its line count."""
-        return self._result_lines.results_block(batch, block)
-
-    def result_lines(self, batch: Batch) -> Iterator[bytes]:
-        """One JSON line (without newline) per request, in request order, as a download serves them."""
-        return self._result_lines.result_lines(batch)
-
     # ---- real-time endpoints ------------------------------------------------------------------
     def create_message(self, params: dict) -> dict:
-        problem = params_error(params, in_batch=False)
-        if problem:
-            raise invalid_request(problem)
+        """A ``POST /v1/messages`` answer (see ``realtime.py``)."""
+        return create_message(self, params)
+
+    count_tokens = staticmethod(count_tokens)  # a ``POST /v1/messages/count_tokens`` answer
+
+    def note_message(self, shape: PromptShape, model: str) -> tuple[int, str]:
+        """Count one real-time message and apply its prompt-cache use: (cache outcome, message id)."""
         with self._lock:
             now = self._tick()
-            config = self.config
-            shape = analyse_prompt(params)
-            model = config.resolve_model(params["model"])
             cache_code = CACHE_NONE
-            if shape.cache_key is not None and shape.cache_prefix_tokens >= config.min_cacheable_for(model):
+            cacheable_from = self.config.min_cacheable_for(model)
+            if shape.cache_key is not None and shape.cache_prefix_tokens >= cacheable_from:
                 cache_code = CACHE_READ if self.prompt_cache.is_warm(shape.cache_key, now) else CACHE_WRITE
                 ttl = CACHE_TTL_SECONDS["1h" if shape.cache_1h_tokens else "5m"]
                 self.prompt_cache.write(shape.cache_key, now + ttl, now)  # a hit refreshes the TTL too
-            message_id = random_id("msg_", self._id_rng)
             self.counters["messages_created"] += 1
-        context = ResponseContext(
-            custom_id=None,
-            batch_id=None,
-            request_index=None,
-            service_tier="standard",
-            model=model,
-            input_tokens=shape.total_tokens,
-            message_id=message_id,
-        )
-        usage = base_usage(
-            total_tokens=shape.total_tokens,
-            cache_outcome=cache_code,
-            cache_prefix_tokens=shape.cache_prefix_tokens,
-            cache_1h_tokens=shape.cache_1h_tokens,
-            service_tier="standard",
-            inference_geo=requested_inference_geo(params),
-        )
-        try:
-            reply = self.responder(params, context)
-        except ResponderError as error:
-            status = _STATUS_BY_ERROR_TYPE.get(error.error_type, 500)
-            raise ApiError(status, error.message, error_type=error.error_type) from None
-        return finish_message(reply, params, context, usage)
-
-    def count_tokens(self, params: dict) -> dict:
-        problem = params_error(params, in_batch=False, count_tokens=True)
-        if problem:
-            raise invalid_request(problem)
-        return {"input_tokens": analyse_prompt(params).total_tokens}
+            return cache_code, random_id("msg_", self._id_rng)
 
     # ---- admin --------------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -475,17 +347,6 @@ class BatchStore:
                 "emulated_now": rfc3339(now),
                 "api_now": rfc3339(self.clock.api_now()),
                 "time_scale": self.clock.time_scale,
-                "results_lines_pending": sum(
-                    batch.size - batch.results.next_index
-                    for batch in self._batch_by_seq.values()
-                    if batch.results is not None
-                ),
-                "results_stored_bytes": sum(
-                    batch.results.stored_bytes
-                    for batch in self._batch_by_seq.values()
-                    if batch.results is not None
-                ),
+                "results_lines_pending": self.batches.result_lines_pending(),
+                "results_stored_bytes": self.batches.results_stored_bytes(),
             }
-
-
-_STATUS_BY_ERROR_TYPE = {error_type: status for status, error_type in ERROR_TYPE_BY_STATUS.items()}
