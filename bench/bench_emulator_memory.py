@@ -175,8 +175,8 @@ def measure(count: int, shape: str) -> dict:
 
 def measure_list_page(batches: int = 1000, rounds: int = 20) -> dict:
     """Time one list call returning a page of ``batches`` in-progress batches (the poller's call)."""
-    body = orjson.dumps({"requests": [{"custom_id": "r0", "params": {
-        "model": "claude-haiku-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}}]})  # fmt: skip
+    params = {"model": "claude-haiku-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+    body = orjson.dumps({"requests": [{"custom_id": "r0", "params": params}]})
     with (
         emulator(processing_seconds=86_400) as (_pid, base_url),
         httpx.Client(base_url=base_url, headers=HEADERS) as client,

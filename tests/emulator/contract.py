@@ -28,6 +28,9 @@ from typing import Any
 
 import httpx
 import orjson
+from anthropic.types import Message, MessageTokensCount
+from anthropic.types.messages import DeletedMessageBatch, MessageBatch, MessageBatchIndividualResponse
+from anthropic.types.shared import ErrorResponse
 from jsonschema import Draft202012Validator, FormatChecker
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
@@ -161,3 +164,46 @@ def check_error_body(body: dict, status: int, request_id: str | None = None) -> 
         validate("ErrorResponse", body)
     if request_id is not None:
         assert body["request_id"] == request_id
+
+
+# ---- calls checked against the document and the SDK's models --------------------------------
+SDK_MODEL = {
+    "message_batches_post": MessageBatch,
+    "message_batches_retrieve": MessageBatch,
+    "message_batches_cancel": MessageBatch,
+    "message_batches_delete": DeletedMessageBatch,
+    "message_batches_results": MessageBatchIndividualResponse,
+    "messages_post": Message,
+    "messages_count_tokens_post": MessageTokensCount,
+}
+
+
+def checked(response: httpx.Response, operation_id: str, status: int = 200):
+    """The parsed body, checked against the document and, for successes, parsed by the SDK's model."""
+    assert response.status_code == status, response.text
+    body = check(response, operation_id)
+    if status == 200:
+        if operation_id == "message_batches_list":
+            for batch in body["data"]:
+                MessageBatch.model_validate(batch)
+        else:
+            for value in body if isinstance(body, list) else [body]:
+                SDK_MODEL[operation_id].model_validate(value)
+    elif body["error"]["type"] not in ERROR_TYPES_OUTSIDE_THE_DOCUMENT:
+        ErrorResponse.model_validate(body)
+    return body
+
+
+def create(http: httpx.Client, requests: list[dict]) -> dict:
+    return checked(
+        http.post("/v1/messages/batches", content=orjson.dumps({"requests": requests})),
+        "message_batches_post",
+    )
+
+
+def retrieve(http: httpx.Client, batch_id: str) -> dict:
+    return checked(http.get(f"/v1/messages/batches/{batch_id}"), "message_batches_retrieve")
+
+
+def results(http: httpx.Client, batch_id: str) -> list[dict]:
+    return checked(http.get(f"/v1/messages/batches/{batch_id}/results"), "message_batches_results")

@@ -39,7 +39,8 @@ def test_stats_count_what_happened(client, emu, http):
     assert stats["messages_created"] == 1
     assert stats["batches_by_status"] == {"in_progress": 2, "canceling": 0, "ended": 0}
     assert stats["http_requests"] == {
-        "create": 2, "retrieve": 0, "list": 1, "cancel": 0, "delete": 0, "results": 0, "messages": 1, "count_tokens": 0,
+        "create": 2, "retrieve": 0, "list": 1, "cancel": 0, "delete": 0, "results": 0, "messages": 1,
+        "count_tokens": 0,
     }  # fmt: skip
     finish(emu)
     lines = list(client.messages.batches.results(first.id))
@@ -52,8 +53,9 @@ def test_stats_count_what_happened(client, emu, http):
 
 
 def test_admin_api_requires_the_key(emu):
-    for method, path in (("GET", "/_emulator/stats"), ("GET", "/_emulator/config"), ("POST", "/_emulator/reset"),
-                         ("POST", "/_emulator/config"), ("POST", "/_emulator/advance")):  # fmt: skip
+    for method, path in (("GET", "/_emulator/stats"), ("GET", "/_emulator/config"),
+                         ("POST", "/_emulator/reset"), ("POST", "/_emulator/config"),
+                         ("POST", "/_emulator/advance")):  # fmt: skip
         response = httpx.request(method, f"{emu.base_url}{path}", headers={"x-api-key": "sk-wrong"})
         assert response.status_code == 401, path
         assert response.json()["error"]["type"] == "authentication_error"
@@ -106,8 +108,9 @@ def test_in_process_server_picks_a_free_port_and_stops(emu):
 
 def test_command_line_server(tmp_path):
     executable = Path(sys.executable).parent / "claude-batch-emulator"
-    command = [str(executable), "--host", "127.0.0.1", "--port", "0", "--api-key", API_KEY, "--time-scale", "3600",
-               "--processing-seconds", "60", "--seed", "5", "--fault", "count_tokens:529:1:1", "--cache-hit-rate", "0.5",
+    command = [str(executable), "--host", "127.0.0.1", "--port", "0", "--api-key", API_KEY,
+               "--time-scale", "3600", "--processing-seconds", "60", "--seed", "5",
+               "--fault", "count_tokens:529:1:1", "--cache-hit-rate", "0.5",
                "--no-precompute-results"]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

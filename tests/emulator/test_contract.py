@@ -3,26 +3,20 @@
 The document is the vendored subset in ``spec/`` (see ``contract.py`` for how answers are
 validated: JSON Schema 2020-12, ``required`` and ``additionalProperties`` as stated, and closed).
 Covered: every endpoint's answers; every result type (succeeded with text and with tool_use,
-errored, canceled, expired); every error body, including each injected fault status.
+errored, canceled, expired). The error bodies: ``test_contract_errors.py``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 
-import anthropic
 import httpx
 import orjson
 import pytest
-from anthropic.types import Message, MessageTokensCount
-from anthropic.types.messages import DeletedMessageBatch, MessageBatch, MessageBatchIndividualResponse
-from anthropic.types.shared import ErrorResponse
-from claude_batch.emulator.errors import ERROR_TYPE_BY_STATUS
-from claude_batch.emulator.faults import BATCH_ERROR_TYPES, ENDPOINTS
+from claude_batch.emulator.faults import BATCH_ERROR_TYPES
 
-from .contract import ERROR_TYPES_OUTSIDE_THE_DOCUMENT, SPEC, check, check_error_body, operation_ids, validate
-from .helpers import API_KEY, HEADERS, PROCESSING_SECONDS, finish, items, request_item
+from .contract import SPEC, checked, create, operation_ids, results, retrieve, validate
+from .helpers import API_KEY, HEADERS, finish, items, request_item
 
 DAY = 86_400.0
 SCHEMA = {
@@ -38,46 +32,6 @@ TOOL = {"name": "classify", "description": "File the ticket.", "input_schema": S
 SYSTEM = [
     {"type": "text", "text": "You triage support tickets. " * 800, "cache_control": {"type": "ephemeral"}}
 ]
-SDK_MODEL = {
-    "message_batches_post": MessageBatch,
-    "message_batches_retrieve": MessageBatch,
-    "message_batches_cancel": MessageBatch,
-    "message_batches_delete": DeletedMessageBatch,
-    "message_batches_results": MessageBatchIndividualResponse,
-    "messages_post": Message,
-    "messages_count_tokens_post": MessageTokensCount,
-}
-
-
-def checked(response: httpx.Response, operation_id: str, status: int = 200):
-    """The parsed body, checked against the document and, for successes, parsed by the SDK's model."""
-    assert response.status_code == status, response.text
-    body = check(response, operation_id)
-    if status == 200:
-        if operation_id == "message_batches_list":
-            for batch in body["data"]:
-                MessageBatch.model_validate(batch)
-        else:
-            for value in body if isinstance(body, list) else [body]:
-                SDK_MODEL[operation_id].model_validate(value)
-    elif body["error"]["type"] not in ERROR_TYPES_OUTSIDE_THE_DOCUMENT:
-        ErrorResponse.model_validate(body)
-    return body
-
-
-def create(http: httpx.Client, requests: list[dict]) -> dict:
-    return checked(
-        http.post("/v1/messages/batches", content=orjson.dumps({"requests": requests})),
-        "message_batches_post",
-    )
-
-
-def retrieve(http: httpx.Client, batch_id: str) -> dict:
-    return checked(http.get(f"/v1/messages/batches/{batch_id}"), "message_batches_retrieve")
-
-
-def results(http: httpx.Client, batch_id: str) -> list[dict]:
-    return checked(http.get(f"/v1/messages/batches/{batch_id}/results"), "message_batches_results")
 
 
 def structured_item(custom_id: str, text: str) -> dict:
@@ -89,7 +43,8 @@ def tool_item(custom_id: str, text: str) -> dict:
 
 
 def mixed_items(prefix: str, count: int) -> list[dict]:
-    """Plain text, JSON-schema text, forced tool_use, cached system prompts, stop sequences, max_tokens cuts."""
+    """Plain text, JSON-schema text, forced tool_use, cached system prompts, stop sequences,
+    max_tokens cuts."""
     kinds = [
         lambda i: request_item(f"{prefix}-plain-{i}", f"Hello number {i}"),
         lambda i: structured_item(f"{prefix}-json-{i}", f"I was charged twice, invoice {i}."),
@@ -110,8 +65,9 @@ def test_the_vendored_subset_names_its_source_and_holds_the_emulated_operations(
     assert SPEC["openapi"].startswith("3.1")
     assert operation_ids() == sorted(
         [
-            "message_batches_post", "message_batches_list", "message_batches_retrieve", "message_batches_cancel",
-            "message_batches_delete", "message_batches_results", "messages_post", "messages_count_tokens_post",
+            "message_batches_post", "message_batches_list", "message_batches_retrieve",
+            "message_batches_cancel", "message_batches_delete", "message_batches_results",
+            "messages_post", "messages_count_tokens_post",
         ]
     )  # fmt: skip
     refs = set(re.findall(r'"\$ref":"#/components/schemas/([^"]+)"', orjson.dumps(SPEC).decode()))
@@ -128,8 +84,9 @@ def test_the_validator_is_strict():
         "stop_sequence": None, "stop_details": None, "container": None,
         "content": [{"type": "text", "text": "hi", "citations": None}],
         "usage": {
-            "input_tokens": 1, "output_tokens": 1, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
-            "cache_creation": None, "inference_geo": None, "output_tokens_details": None, "server_tool_use": None,
+            "input_tokens": 1, "output_tokens": 1, "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0, "cache_creation": None, "inference_geo": None,
+            "output_tokens_details": None, "server_tool_use": None,
             "service_tier": "batch",
         },
     }  # fmt: skip
@@ -304,241 +261,3 @@ def test_a_refusal_carries_stop_details(emu):
             http.post("/v1/messages", content=orjson.dumps(request_item("x")["params"])), "messages_post"
         )
     assert message["stop_details"] == {"type": "refusal", "category": None, "explanation": None}
-
-
-# ---- error bodies ---------------------------------------------------------------------------
-def _ended_batch(http, emu) -> str:
-    batch_id = create(http, items(1))["id"]
-    emu.advance(PROCESSING_SECONDS * 2)
-    return batch_id
-
-
-def _post(http, body: bytes | dict) -> httpx.Response:
-    return http.post("/v1/messages/batches", content=body if isinstance(body, bytes) else orjson.dumps(body))
-
-
-ErrorCase = Callable[[httpx.Client, object], httpx.Response]
-ERROR_CASES: dict[str, tuple[str, int, str, ErrorCase]] = {
-    "create-bad-json": (
-        "message_batches_post",
-        400,
-        "invalid_request_error",
-        lambda h, e: _post(h, b"{nope"),
-    ),
-    "create-empty": (
-        "message_batches_post",
-        400,
-        "invalid_request_error",
-        lambda h, e: _post(h, {"requests": []}),
-    ),
-    "create-too-many": (
-        "message_batches_post",
-        400,
-        "invalid_request_error",
-        lambda h, e: (e.configure(max_requests_per_batch=2), _post(h, {"requests": items(3)}))[1],
-    ),
-    "create-duplicate-id": (
-        "message_batches_post",
-        400,
-        "invalid_request_error",
-        lambda h, e: _post(h, {"requests": [request_item("a"), request_item("a")]}),
-    ),
-    "create-bad-item": (
-        "message_batches_post",
-        400,
-        "invalid_request_error",
-        lambda h, e: _post(h, {"requests": [{"params": {}}]}),
-    ),
-    "create-body-too-large": (
-        "message_batches_post",
-        413,
-        "request_too_large",
-        lambda h, e: (e.configure(max_body_bytes=1000), _post(h, {"requests": items(20)}))[1],
-    ),
-    "create-queue-full": (
-        "message_batches_post",
-        429,
-        "rate_limit_error",
-        lambda h, e: (e.configure(max_queued_requests=1), _post(h, {"requests": items(2)}))[1],
-    ),
-    "create-rate-limited": (
-        "message_batches_list",
-        429,
-        "rate_limit_error",
-        lambda h, e: (
-            e.configure(batch_requests_per_minute=1),
-            h.get("/v1/messages/batches"),
-            h.get("/v1/messages/batches"),
-        )[2],
-    ),  # fmt: skip
-    "no-api-key": (
-        "message_batches_list",
-        401,
-        "authentication_error",
-        lambda h, e: httpx.get(
-            f"{e.base_url}/v1/messages/batches", headers={"anthropic-version": "2023-06-01"}
-        ),
-    ),
-    "wrong-api-key": (
-        "message_batches_list",
-        401,
-        "authentication_error",
-        lambda h, e: httpx.get(
-            f"{e.base_url}/v1/messages/batches", headers=HEADERS | {"x-api-key": "sk-wrong"}
-        ),
-    ),
-    "no-version": (
-        "message_batches_list",
-        400,
-        "invalid_request_error",
-        lambda h, e: httpx.get(f"{e.base_url}/v1/messages/batches", headers={"x-api-key": API_KEY}),
-    ),
-    "list-bad-limit": (
-        "message_batches_list",
-        400,
-        "invalid_request_error",
-        lambda h, e: h.get("/v1/messages/batches?limit=0"),
-    ),
-    "list-unknown-cursor": (
-        "message_batches_list",
-        400,
-        "invalid_request_error",
-        lambda h, e: h.get("/v1/messages/batches?after_id=msgbatch_01nope"),
-    ),
-    "retrieve-unknown": (
-        "message_batches_retrieve",
-        404,
-        "not_found_error",
-        lambda h, e: h.get("/v1/messages/batches/msgbatch_01nope"),
-    ),
-    "cancel-ended": (
-        "message_batches_cancel",
-        400,
-        "invalid_request_error",
-        lambda h, e: h.post(f"/v1/messages/batches/{_ended_batch(h, e)}/cancel"),
-    ),
-    "cancel-unknown": (
-        "message_batches_cancel",
-        404,
-        "not_found_error",
-        lambda h, e: h.post("/v1/messages/batches/msgbatch_01x/cancel"),
-    ),
-    "delete-in-progress": (
-        "message_batches_delete",
-        400,
-        "invalid_request_error",
-        lambda h, e: h.delete(f"/v1/messages/batches/{create(h, items(1))['id']}"),
-    ),
-    "delete-unknown": (
-        "message_batches_delete",
-        404,
-        "not_found_error",
-        lambda h, e: h.delete("/v1/messages/batches/msgbatch_01x"),
-    ),
-    "results-before-the-end": (
-        "message_batches_results",
-        400,
-        "invalid_request_error",
-        lambda h, e: h.get(f"/v1/messages/batches/{create(h, items(1))['id']}/results"),
-    ),
-    "results-unknown": (
-        "message_batches_results",
-        404,
-        "not_found_error",
-        lambda h, e: h.get("/v1/messages/batches/msgbatch_01x/results"),
-    ),
-    "messages-bad-json": (
-        "messages_post",
-        400,
-        "invalid_request_error",
-        lambda h, e: h.post("/v1/messages", content=b"["),
-    ),
-    "messages-bad-params": (
-        "messages_post",
-        400,
-        "invalid_request_error",
-        lambda h, e: h.post(
-            "/v1/messages", content=orjson.dumps({"model": "m", "max_tokens": 0, "messages": []})
-        ),
-    ),
-    "count-tokens-bad-params": (
-        "messages_count_tokens_post",
-        400,
-        "invalid_request_error",
-        lambda h, e: h.post("/v1/messages/count_tokens", content=orjson.dumps({"messages": []})),
-    ),
-    "unknown-route": ("message_batches_list", 404, "not_found_error", lambda h, e: h.get("/v1/nothing/here")),
-    "wrong-method": (
-        "message_batches_list",
-        405,
-        "invalid_request_error",
-        lambda h, e: h.put("/v1/messages/batches"),
-    ),
-}
-
-
-@pytest.mark.parametrize("name", sorted(ERROR_CASES))
-def test_every_error_body_matches_the_document(http, emu, name):
-    operation_id, status, error_type, call = ERROR_CASES[name]
-    body = checked(call(http, emu), operation_id, status)
-    assert body["error"]["type"] == error_type
-
-
-@pytest.mark.parametrize("status", sorted(ERROR_TYPE_BY_STATUS))
-def test_every_injected_fault_status_has_a_documented_body(http, emu, status):
-    emu.configure(faults={"http": [{"endpoint": "retrieve", "status": status}]})
-    body = checked(http.get("/v1/messages/batches/msgbatch_01x"), "message_batches_retrieve", status)
-    assert body["error"]["type"] == ERROR_TYPE_BY_STATUS[status]
-
-
-OPERATION_BY_ENDPOINT = {
-    "create": ("message_batches_post", lambda h: _post(h, {"requests": items(1)})),
-    "retrieve": ("message_batches_retrieve", lambda h: h.get("/v1/messages/batches/msgbatch_01x")),
-    "list": ("message_batches_list", lambda h: h.get("/v1/messages/batches")),
-    "cancel": ("message_batches_cancel", lambda h: h.post("/v1/messages/batches/msgbatch_01x/cancel")),
-    "delete": ("message_batches_delete", lambda h: h.delete("/v1/messages/batches/msgbatch_01x")),
-    "results": ("message_batches_results", lambda h: h.get("/v1/messages/batches/msgbatch_01x/results")),
-    "messages": (
-        "messages_post",
-        lambda h: h.post("/v1/messages", content=orjson.dumps(request_item("x")["params"])),
-    ),
-    "count_tokens": (
-        "messages_count_tokens_post",
-        lambda h: h.post("/v1/messages/count_tokens", content=orjson.dumps(request_item("x")["params"])),
-    ),
-}
-
-
-@pytest.mark.parametrize("endpoint", ENDPOINTS)
-def test_a_fault_on_every_endpoint_has_a_documented_body(http, emu, endpoint):
-    emu.configure(faults={"http": [{"endpoint": endpoint, "status": 529}]})
-    operation_id, call = OPERATION_BY_ENDPOINT[endpoint]
-    assert checked(call(http), operation_id, 529)["error"]["type"] == "overloaded_error"
-
-
-def test_an_emulator_failure_is_a_documented_500(http, emu, monkeypatch):
-    def broken(*args, **kwargs):
-        raise RuntimeError("boom")
-
-    monkeypatch.setattr(emu.store, "retrieve", broken)
-    body = checked(http.get("/v1/messages/batches/msgbatch_01x"), "message_batches_retrieve", 500)
-    assert body["error"]["type"] == "api_error"
-
-
-def test_errored_results_nest_a_documented_error_body(http, emu):
-    emu.configure(faults={"batch": {"errored_rate": 1.0, "error_types": list(BATCH_ERROR_TYPES)}})
-    batch = create(http, items(40))
-    finish(emu)
-    for line in results(http, batch["id"]):
-        check_error_body(line["result"]["error"], 200)
-        assert line["result"]["error"]["request_id"].startswith("req_")
-
-
-def test_sdk_errors_carry_the_documented_bodies(client, emu):
-    with pytest.raises(anthropic.NotFoundError) as caught:
-        client.messages.batches.retrieve("msgbatch_01nope")
-    check_error_body(caught.value.body, 404)
-    emu.configure(max_requests_per_batch=1)
-    with pytest.raises(anthropic.BadRequestError) as caught:
-        client.messages.batches.create(requests=items(2))
-    check_error_body(caught.value.body, 400)

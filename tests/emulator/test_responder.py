@@ -317,8 +317,12 @@ def test_cache_breakpoints_on_tools_and_message_blocks(http, emu):
 
     def ask(question: str) -> dict:
         content = [document, {"type": "text", "text": question}]
-        return create_message(http, {"model": "claude-sonnet-4-5", "max_tokens": 10,
-                                     "messages": [{"role": "user", "content": content}]})["usage"]  # fmt: skip
+        params = {
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 10,
+            "messages": [{"role": "user", "content": content}],
+        }
+        return create_message(http, params)["usage"]
 
     written, read = ask("Who signs?"), ask("When does it end?")
     assert (

@@ -249,21 +249,23 @@ def create_app(store: BatchStore, api_key: str) -> ASGIApp:
 
         async def body() -> AsyncIterator[bytes]:
             """The results file block by block (~1,000 lines each), made first where still missing."""
-            lines_allowed = cut[0] if cut else None
+            lines_allowed, mid_line = cut if cut is not None else (None, False)
             served = 0
             results = batch.results
-            for block in range(results.block_count if results is not None else 0):
+            if results is None:
+                return
+            for block in range(results.block_count):
                 if len(results.blocks) <= block:
-                    await anyio.to_thread.run_sync(store.make_results_block, batch, block)
+                    await anyio.to_thread.run_sync(store.result_lines.make_results_block, batch, block)
                 if batch.results is None:  # deleted (or reset) meanwhile: the connection just closes
                     cut_state["cut"] = True
                     return
-                data, count = store.results_block(batch, block)
+                data, count = store.result_lines.results_block(batch, block)
                 if lines_allowed is not None and served + count > lines_allowed:
                     keep = lines_allowed - served
                     lines = data.split(b"\n")
                     data = b"".join(line + b"\n" for line in lines[:keep])
-                    if cut[1]:
+                    if mid_line:
                         data += lines[keep][: max(1, len(lines[keep]) // 2)]
                     cut_state["cut"] = True
                     if data:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -272,3 +273,29 @@ def _http_error(rule: HttpFault) -> ApiError:
         headers["retry-after-ms"] = str(int(retry_after * 1000))
     message = DEFAULT_MESSAGE_BY_STATUS.get(rule.status, f"Injected fault (HTTP {rule.status}).")
     return ApiError(rule.status, message, headers=headers)
+
+
+class BatchCallWindow:
+    """The emulated ``batch_requests_per_minute`` limit: the batch API calls of the last emulated
+    minute, and the 429 for one too many (its retry-after in wall-clock seconds)."""
+
+    def __init__(self) -> None:
+        self._calls: deque[float] = deque()
+
+    def refusal(self, now: float, limit: int, time_scale: float) -> ApiError | None:
+        """None (and the call counted) while under ``limit``, else the 429 to answer."""
+        calls = self._calls
+        while calls and calls[0] <= now - 60.0:
+            calls.popleft()
+        if len(calls) >= limit:
+            wait = max((calls[0] + 60.0 - now) / time_scale, 0.001)
+            return ApiError(
+                429,
+                f"Number of batch API requests has exceeded the rate limit of {limit} per minute (emulated).",
+                headers={
+                    "retry-after": str(math.ceil(wait)),
+                    "retry-after-ms": str(int(wait * 1000)),
+                },
+            )
+        calls.append(now)
+        return None
