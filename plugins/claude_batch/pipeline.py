@@ -47,7 +47,7 @@ from claude_batch.alerts import NotifierSpec, RunFailedNotifier, deadline_callba
 from claude_batch.connections import open_warehouse
 from claude_batch.hooks import ClaudeBatchHook
 from claude_batch.operators import ClaudeBatchOperator
-from claude_batch.pilot import PilotApprovalOperator
+from claude_batch.pilot_approval import PilotApprovalOperator
 from claude_batch.pipeline_metrics import emit_metrics
 from claude_batch.pipeline_params import PARAM_SECTIONS as PARAM_SECTIONS
 from claude_batch.pipeline_params import run_params

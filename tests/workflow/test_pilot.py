@@ -17,7 +17,8 @@ from typing import Any
 
 import duckdb
 import pytest
-from claude_batch.pilot import PilotApprovalOperator, judge_pilot, pilot_layout, read_pilot, with_pilot
+from claude_batch.pilot import judge_pilot, pilot_layout, read_pilot, with_pilot
+from claude_batch.pilot_approval import PilotApprovalOperator
 from claude_batch.pipeline import (
     PilotFailed,
     PipelineConfig,
