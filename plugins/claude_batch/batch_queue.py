@@ -39,13 +39,15 @@ from claude_batch.errors import ClaudeBatchError, ClaudeBatchQueueFullError, exp
 from claude_batch.hooks import ClaudeBatchHook, shared_async_client
 from claude_batch.paging import aiter_list_pages, iter_list_pages, list_params
 
+# Its home is claude_batch.waiting (Airflow-free); re-exported here, its old place.
+from claude_batch.waiting import DEFAULT_QUEUE_POLL_INTERVAL
+
 # A batch expires 24 h after its creation, so nothing older can still be processing; the hour
 # is slack for the API's clock and for batches in the middle of expiring.
 IN_PROGRESS_HORIZON = timedelta(hours=25)
 # 100 pages of 1,000 batches: far more batches than 25 h of any pipeline creates.
 QUEUE_MAX_PAGES = 100
 DEFAULT_QUEUE_WAIT_TIMEOUT = 20 * 3600.0
-DEFAULT_QUEUE_POLL_INTERVAL = 60.0
 DEFAULT_QUEUE_RECHECK_INTERVAL = 900.0
 # The deferral's own timeout is this much past the trigger's wake time (a safety net only:
 # the trigger always fires by wake_at).

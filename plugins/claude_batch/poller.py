@@ -27,6 +27,7 @@ from claude_batch.paging import aiter_list_pages, list_params, next_after_id_jso
 
 # Re-exported: BatchSnapshot lived here before it moved to claude_batch.snapshots.
 from claude_batch.snapshots import BatchSnapshot, human_duration
+from claude_batch.waiting import POLL_BACKOFF, next_poll_interval
 
 __all__ = [
     "DEFAULT_MAX_LIST_PAGES",
@@ -78,7 +79,7 @@ class Subscription:
         batch_ids: list[str],
         min_interval: float,
         max_interval: float,
-        backoff: float = 1.5,
+        backoff: float = POLL_BACKOFF,
     ) -> None:
         self.poller = poller
         self.batch_ids = set(batch_ids)
@@ -92,7 +93,7 @@ class Subscription:
         everything = found.snapshots
         mine = {key: everything[key] for key in self.batch_ids if key in everything}
         self._rounds.put_nowait(PollRound(mine, found.error, found.api_calls, found.missing & self.batch_ids))
-        self.interval = min(self.interval * self.backoff, self.max_interval)
+        self.interval = next_poll_interval(self.interval, self.max_interval, self.backoff)
 
     async def next_round(self) -> PollRound:
         """Wait for the next round that covers this subscription's batches."""
