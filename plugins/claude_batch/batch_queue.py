@@ -192,7 +192,7 @@ class QueueRefused(Exception):
     :param processing: requests in processing when refused, if known.
     :param limit: the limit that refused it, if known.
     :param retry_after: the API's ``retry-after``, if it sent one.
-    :param maybe_created_before: see :class:`~claude_batch.hooks.ClaudeBatchQueueFullError`.
+    :param maybe_created_before: see :class:`~claude_batch.errors.ClaudeBatchQueueFullError`.
     """
 
     def __init__(

@@ -311,7 +311,7 @@ def collect_results(
     ``max_attempts`` times, then :class:`ResultsIncomplete` is raised and the partial objects
     are removed; nothing incomplete is left looking complete. An error the API will answer again
     (a refused key, no permission, no such batch) is not retried: it is raised at once as a
-    :class:`~claude_batch.hooks.ClaudeBatchError` that says what to check.
+    :class:`~claude_batch.errors.ClaudeBatchError` that says what to check.
 
     :param client: an ``anthropic.Anthropic`` client (the hook's, or one on the emulator).
     :param layout: the run's S3 layout.

@@ -169,13 +169,14 @@ class ClaudeBatchSensor(BaseSensorOperator):
         snapshots = [BatchSnapshot.from_batch(batch) for batch in self._find(self._ids())]
         now = datetime.now(UTC)
         line = progress_summary(snapshots, self.batch_timeout, now)
-        if all(snap.ended for snap in snapshots):
+        every_batch_ended = all(snap.ended for snap in snapshots)
+        if every_batch_ended:
             self.log.info("%s; every batch has ended.", line)
         else:
             self.log.info(
                 "%s; next check in %s.", line, human_duration(timedelta(seconds=self.poke_interval))
             )
-        if all(snap.ended for snap in snapshots):
+        if every_batch_ended:
             from airflow.sdk import PokeReturnValue
 
             event = completion_event(snapshots, self.batch_timeout, self.on_timeout, self._cancel_failed)
