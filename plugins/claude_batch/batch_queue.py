@@ -23,6 +23,7 @@ trigger sees room (or after a re-check interval), until a deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -34,16 +35,12 @@ import anthropic
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 from anthropic.types.messages import MessageBatch
 
-from claude_batch.hooks import (
-    LIST_PAGE_LIMIT,
-    ClaudeBatchError,
-    ClaudeBatchHook,
-    ClaudeBatchQueueFullError,
-    aiter_list_pages,
-    explain_api_error,
-    is_transient,
-    shared_async_client,
-)
+from claude_batch.errors import ClaudeBatchError, ClaudeBatchQueueFullError, explain_api_error, is_transient
+from claude_batch.hooks import ClaudeBatchHook, shared_async_client
+from claude_batch.paging import aiter_list_pages, iter_list_pages, list_params
+
+# Its home is claude_batch.waiting (Airflow-free); re-exported here, its old place.
+from claude_batch.waiting import DEFAULT_QUEUE_POLL_INTERVAL
 
 # A batch expires 24 h after its creation, so nothing older can still be processing; the hour
 # is slack for the API's clock and for batches in the middle of expiring.
@@ -51,7 +48,6 @@ IN_PROGRESS_HORIZON = timedelta(hours=25)
 # 100 pages of 1,000 batches: far more batches than 25 h of any pipeline creates.
 QUEUE_MAX_PAGES = 100
 DEFAULT_QUEUE_WAIT_TIMEOUT = 20 * 3600.0
-DEFAULT_QUEUE_POLL_INTERVAL = 60.0
 DEFAULT_QUEUE_RECHECK_INTERVAL = 900.0
 # The deferral's own timeout is this much past the trigger's wake time (a safety net only:
 # the trigger always fires by wake_at).
@@ -111,21 +107,22 @@ class _Tally:
 def queue_usage(hook: ClaudeBatchHook, max_pages: int = QUEUE_MAX_PAGES) -> QueueUsage:
     """The requests in processing now, from one paged ``list`` sequence (newest first)."""
     tally = _Tally()
-    after_id: str | None = None
-    for _ in range(max_pages):
-        page = hook.list_page(after_id=after_id, limit=LIST_PAGE_LIMIT)
+    for page in iter_list_pages(hook.list_page, max_pages):
         if not tally.add(page):
             return tally.usage(complete=True)
-        after_id = page.data[-1].id
     return tally.usage(complete=False)
 
 
 async def aqueue_usage(client: anthropic.AsyncAnthropic, max_pages: int = QUEUE_MAX_PAGES) -> QueueUsage:
     """:func:`queue_usage` with the async client (in a trigger)."""
     tally = _Tally()
-    async for page in aiter_list_pages(client, max_pages):
-        if not tally.add(page):
-            return tally.usage(complete=True)
+    pages = aiter_list_pages(
+        lambda after_id: client.messages.batches.list(**list_params(after_id)), max_pages
+    )
+    async with contextlib.aclosing(pages):
+        async for page in pages:
+            if not tally.add(page):
+                return tally.usage(complete=True)
     return tally.usage(complete=False)
 
 
@@ -195,7 +192,7 @@ class QueueRefused(Exception):
     :param processing: requests in processing when refused, if known.
     :param limit: the limit that refused it, if known.
     :param retry_after: the API's ``retry-after``, if it sent one.
-    :param maybe_created_before: see :class:`~claude_batch.hooks.ClaudeBatchQueueFullError`.
+    :param maybe_created_before: see :class:`~claude_batch.errors.ClaudeBatchQueueFullError`.
     """
 
     def __init__(
@@ -293,7 +290,8 @@ class QueueAwareApi:
             return QueueRefused(reason, needed, usage.processing, limit)
         self.log(
             f"Queue check: {usage.processing:,} requests in processing in {usage.batches} batches, "
-            f"+{needed:,} fits within {limit:,} ({'queue_budget' if reason == 'budget' else 'the API limit'})."
+            f"+{needed:,} fits within {limit:,} "
+            f"({'queue_budget' if reason == 'budget' else 'the API limit'})."
         )
         return None
 

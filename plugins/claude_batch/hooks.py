@@ -11,239 +11,65 @@ event loop, and errors that say what to do.
 from __future__ import annotations
 
 import asyncio
-import random
-import re
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
-from typing import Any
 
 import anthropic
 from airflow.providers.anthropic.hooks.anthropic import AnthropicHook
 from anthropic.types.messages import MessageBatch
 
+# The error classes and helpers live in claude_batch.errors (Airflow-free) and paging in
+# claude_batch.paging; they are re-exported here, their old home, for existing imports.
+from claude_batch.errors import (
+    NOT_CREATED_STATUS,
+    TRANSIENT_STATUS,
+    AmbiguousCreateError,
+    ClaudeBatchAuthError,
+    ClaudeBatchBillingError,
+    ClaudeBatchError,
+    ClaudeBatchQueueFullError,
+    ClaudeBatchRateLimitError,
+    ClaudeBatchValidationError,
+    describe_briefly,
+    explain_api_error,
+    is_queue_full,
+    is_transient,
+    queue_full_error,
+    retry_after_seconds,
+)
+from claude_batch.paging import LIST_PAGE_LIMIT, iter_batches_since, list_params
+
+__all__ = [
+    "DEFAULT_CREATE_MAX_SLEEP",
+    "DEFAULT_READ_RETRIES",
+    "LIST_PAGE_LIMIT",
+    "NOT_CREATED_STATUS",
+    "TRANSIENT_STATUS",
+    "AmbiguousCreateError",
+    "ClaudeBatchAuthError",
+    "ClaudeBatchBillingError",
+    "ClaudeBatchError",
+    "ClaudeBatchHook",
+    "ClaudeBatchQueueFullError",
+    "ClaudeBatchRateLimitError",
+    "ClaudeBatchValidationError",
+    "explain_api_error",
+    "is_queue_full",
+    "is_transient",
+    "iter_batches_since",
+    "queue_full_error",
+    "shared_async_client",
+]
+
 # Reads (retrieve, list, results) are safe to retry; the SDK does it with backoff and
 # honours retry-after. A create is not: see create_batch_from_body.
 DEFAULT_READ_RETRIES = 4
-TRANSIENT_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
-# Statuses after which the API certainly did not create a batch, so the create can be re-sent.
-NOT_CREATED_STATUS = frozenset({429, 529})
-LIST_PAGE_LIMIT = 1000
 # The longest a create sleeps in the worker, in all, between its short retries (request-rate
 # 429, 529, 5xx). A full processing queue is not waited for here at all: see
 # ClaudeBatchQueueFullError and claude_batch.batch_queue.
 DEFAULT_CREATE_MAX_SLEEP = 120.0
-# A 429 whose message names the processing queue is "the queue is full", not "too many calls".
-_QUEUE_WORDS = re.compile(r"\bqueue", re.IGNORECASE)
-_QUEUE_LIMIT = re.compile(r"limit of ([\d,_]+) (?:batch )?requests", re.IGNORECASE)
-_QUEUE_WAITING = re.compile(
-    r"\(([\d,_]+) (?:requests )?(?:are )?(?:waiting|in processing|processing)", re.IGNORECASE
-)
-
-
-class ClaudeBatchError(Exception):
-    """An API failure explained for the person who has to fix it. Never carries secrets."""
-
-
-class ClaudeBatchAuthError(ClaudeBatchError):
-    """The API key (or workspace permission) was refused."""
-
-
-class ClaudeBatchBillingError(ClaudeBatchError):
-    """The organisation cannot be billed."""
-
-
-class ClaudeBatchRateLimitError(ClaudeBatchError):
-    """Rate-limited or overloaded after every retry."""
-
-
-class ClaudeBatchQueueFullError(ClaudeBatchRateLimitError):
-    """The API refused a create because its processing queue has no room: nothing was created.
-
-    The organisation's queue holds a fixed number of requests in processing (by tier); it
-    drains over hours, so this is waited for outside the worker (see
-    :mod:`claude_batch.batch_queue`), not slept through.
-
-    :param request_count: the requests of the refused create.
-    :param retry_after: the server's ``retry-after`` in seconds, if it sent one.
-    :param queue_limit: the queue's limit, when the API's message states it.
-    :param queued: the requests in processing when refused, when the message states it.
-    :param maybe_created_before: an earlier send of this create failed ambiguously (a timeout,
-        a 5xx) and was only judged not to have created the batch by listing: whoever resumes
-        should let the submission state's recovery ask the API again.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        request_count: int,
-        retry_after: float | None = None,
-        queue_limit: int | None = None,
-        queued: int | None = None,
-        maybe_created_before: bool = False,
-    ) -> None:
-        super().__init__(message)
-        self.request_count = request_count
-        self.retry_after = retry_after
-        self.queue_limit = queue_limit
-        self.queued = queued
-        self.maybe_created_before = maybe_created_before
-
-
-class ClaudeBatchValidationError(ClaudeBatchError):
-    """The API rejected the request itself (fix the input, do not retry)."""
-
-
-class AmbiguousCreateError(ClaudeBatchError):
-    """A create failed in a way that may or may not have created the batch."""
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether ``exc`` is worth retrying: connection trouble, 408/409/429/5xx/529."""
-    if isinstance(exc, anthropic.APIConnectionError):
-        return True
-    return isinstance(exc, anthropic.APIStatusError) and exc.status_code in TRANSIENT_STATUS
-
-
-def is_queue_full(exc: BaseException) -> bool:
-    """Whether ``exc`` is the API refusing a create because the processing queue is full.
-
-    Both this and the request-rate limit answer HTTP 429 ``rate_limit_error``; the queue's
-    message names the processing queue ("... would exceed the limit of N requests waiting in
-    the processing queue ..."), the request-rate one names requests per minute.
-    """
-    return (
-        isinstance(exc, anthropic.APIStatusError)
-        and exc.status_code == 429
-        and bool(_QUEUE_WORDS.search(_api_message(exc)))
-    )
-
-
-def queue_full_error(
-    exc: anthropic.APIStatusError, conn_id: str, request_count: int, maybe_created_before: bool = False
-) -> ClaudeBatchQueueFullError:
-    """The :class:`ClaudeBatchQueueFullError` for a queue-full 429, with what its message states."""
-    message = _api_message(exc)
-    request_id = exc.response.headers.get("request-id", "unknown")
-    return ClaudeBatchQueueFullError(
-        f"The API's processing queue has no room for a batch of {request_count:,} requests "
-        f"(HTTP 429, request-id {request_id}): {message}. Nothing was created. Wait for the queue to "
-        f"drain (ClaudeBatchOperator defers until it does) or submit smaller shards; connection {conn_id!r}.",
-        request_count=request_count,
-        retry_after=_server_retry_after(exc),
-        queue_limit=_first_int(_QUEUE_LIMIT, message),
-        queued=_first_int(_QUEUE_WAITING, message),
-        maybe_created_before=maybe_created_before,
-    )
-
-
-def _first_int(pattern: re.Pattern[str], text: str) -> int | None:
-    match = pattern.search(text)
-    if not match:
-        return None
-    try:
-        return int(match.group(1).replace(",", "").replace("_", ""))
-    except ValueError:
-        return None
-
-
-def _server_retry_after(exc: anthropic.APIStatusError) -> float | None:
-    """The server's ``retry-after-ms`` / ``retry-after`` in seconds (uncapped), if any."""
-    headers = exc.response.headers
-    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is None:
-            continue
-        try:
-            return max(float(value) / scale, 0.0)
-        except ValueError:
-            continue
-    return None
-
-
-def explain_api_error(exc: BaseException, conn_id: str, action: str) -> ClaudeBatchError:
-    """Turn an SDK exception into a :class:`ClaudeBatchError` with a clear next step.
-
-    :param exc: the exception raised by the SDK.
-    :param conn_id: the Airflow connection in use (named so the user knows what to check).
-    :param action: what was being done, e.g. ``"creating a batch"``.
-    """
-    if isinstance(exc, anthropic.APIStatusError):
-        status = exc.status_code
-        api_message = _api_message(exc)
-        request_id = exc.response.headers.get("request-id", "unknown")
-        suffix = f"(HTTP {status}, request-id {request_id}): {api_message}"
-        if status == 401:
-            return ClaudeBatchAuthError(
-                f"Authentication failed while {action} {suffix}. Check the API key in the password "
-                f"field of Airflow connection {conn_id!r}."
-            )
-        if status == 403:
-            return ClaudeBatchAuthError(
-                f"Permission denied while {action} {suffix}. The key of connection {conn_id!r} has no "
-                "access to this workspace or resource."
-            )
-        if status == 402:
-            return ClaudeBatchBillingError(
-                f"Billing error while {action} {suffix}. Check the organisation's credit balance."
-            )
-        if status in (429, 529):
-            return ClaudeBatchRateLimitError(
-                f"Still rate-limited or overloaded after retries while {action} {suffix}. Reduce "
-                "concurrent submissions (a smaller Airflow pool) or try later."
-            )
-        if status in (400, 404, 413, 422):
-            return ClaudeBatchValidationError(f"The API rejected the request while {action} {suffix}.")
-        return ClaudeBatchError(f"API error while {action} {suffix}.")
-    if isinstance(exc, anthropic.APIConnectionError):
-        return ClaudeBatchError(
-            f"Could not reach the Claude API while {action} (connection {conn_id!r}): {exc}"
-        )
-    return ClaudeBatchError(f"Unexpected error while {action}: {exc}")
-
-
-def _api_message(exc: anthropic.APIStatusError) -> str:
-    body = exc.body
-    if isinstance(body, dict):
-        error = body.get("error")
-        if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])
-    return exc.message
-
-
-def _retry_after_seconds(exc: BaseException, attempt: int) -> float:
-    """Seconds to wait before retrying: the server's retry-after, else capped jittered backoff."""
-    if isinstance(exc, anthropic.APIStatusError):
-        header = exc.response.headers.get("retry-after")
-        try:
-            if header is not None:
-                return min(float(header), 60.0)
-        except ValueError:
-            pass
-    return min(0.5 * 2**attempt, 8.0) * (0.75 + random.random() / 2)
-
-
-def iter_batches_since(
-    fetch_page: Callable[[str | None], Any], created_after: datetime, max_pages: int = 50
-) -> Iterator[MessageBatch]:
-    """Yield batches newest first until one created before ``created_after``.
-
-    :param fetch_page: ``after_id -> page`` (a SyncPage of MessageBatch, newest first).
-    :param created_after: stop once batches are older than this (timezone-aware).
-    :param max_pages: a bound on the pages read.
-    """
-    after_id: str | None = None
-    for _ in range(max_pages):
-        page = fetch_page(after_id)
-        for batch in page.data:
-            if batch.created_at < created_after:
-                return
-            yield batch
-        if not page.has_more or not page.data:
-            return
-        after_id = page.data[-1].id
 
 
 class ClaudeBatchHook(AnthropicHook):
@@ -345,11 +171,12 @@ class ClaudeBatchHook(AnthropicHook):
                 maybe_created_before = True
             if attempt + 1 >= max_attempts:
                 break
-            delay = _retry_after_seconds(last_error, attempt)
+            delay = retry_after_seconds(last_error, attempt)
             if slept + delay > max_sleep:
                 self.log.warning(
-                    "Creating a batch failed (%s); not sleeping %.1f s more in the worker (%.1f s of %.0f s used).",
-                    _describe(last_error),
+                    "Creating a batch failed (%s); not sleeping %.1f s more in the worker "
+                    "(%.1f s of %.0f s used).",
+                    describe_briefly(last_error),
                     delay,
                     slept,
                     max_sleep,
@@ -357,7 +184,7 @@ class ClaudeBatchHook(AnthropicHook):
                 break
             self.log.warning(
                 "Creating a batch failed (%s); attempt %d of %d, retrying in %.1f s.",
-                _describe(last_error),
+                describe_briefly(last_error),
                 attempt + 1,
                 max_attempts,
                 delay,
@@ -387,33 +214,14 @@ class ClaudeBatchHook(AnthropicHook):
 
     def batches_created_since(self, created_after: datetime) -> Iterator[MessageBatch]:
         """Batches created at or after ``created_after``, newest first, paged 1,000 at a time."""
-
-        def fetch(after_id: str | None):
-            kwargs: dict[str, Any] = {"limit": LIST_PAGE_LIMIT}
-            if after_id:
-                kwargs["after_id"] = after_id
-            try:
-                return self.conn.messages.batches.list(**kwargs)
-            except anthropic.APIError as exc:
-                raise explain_api_error(exc, self.conn_id, "listing batches") from exc
-
-        return iter_batches_since(fetch, created_after)
+        return iter_batches_since(self.list_page, created_after)
 
     def list_page(self, after_id: str | None = None, limit: int = LIST_PAGE_LIMIT):
         """One page of batches, newest first."""
-        kwargs: dict[str, Any] = {"limit": limit}
-        if after_id:
-            kwargs["after_id"] = after_id
         try:
-            return self.conn.messages.batches.list(**kwargs)
+            return self.conn.messages.batches.list(**list_params(after_id, limit))
         except anthropic.APIError as exc:
             raise explain_api_error(exc, self.conn_id, "listing batches") from exc
-
-
-def _describe(exc: BaseException | None) -> str:
-    if isinstance(exc, anthropic.APIStatusError):
-        return f"HTTP {exc.status_code}"
-    return type(exc).__name__
 
 
 # --- one async client per connection and event loop ------------------------------------------
@@ -436,19 +244,3 @@ async def shared_async_client(conn_id: str) -> anthropic.AsyncAnthropic:
         # Another trigger may have built one while this one awaited the connection lookup.
         client = clients.setdefault(conn_id, client)
     return client
-
-
-async def aiter_list_pages(
-    client: anthropic.AsyncAnthropic, max_pages: int, limit: int = LIST_PAGE_LIMIT
-) -> AsyncIterator[Any]:
-    """Async pages of batches, newest first, at most ``max_pages`` of them."""
-    after_id: str | None = None
-    for _ in range(max_pages):
-        kwargs: dict[str, Any] = {"limit": limit}
-        if after_id:
-            kwargs["after_id"] = after_id
-        page = await client.messages.batches.list(**kwargs)
-        yield page
-        if not page.has_more or not page.data:
-            return
-        after_id = page.data[-1].id

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from airflow.sdk import BaseOperator, BaseOperatorLink, Context
 from airflow.sdk.exceptions import AirflowFailException
 
 from claude_batch.batch_queue import (
-    DEFAULT_QUEUE_POLL_INTERVAL,
     DEFAULT_QUEUE_RECHECK_INTERVAL,
     DEFAULT_QUEUE_WAIT_TIMEOUT,
     DEFER_TIMEOUT_SLACK,
@@ -28,11 +26,18 @@ from claude_batch.batch_queue import (
     parse_deadline,
 )
 from claude_batch.hooks import ClaudeBatchHook
-from claude_batch.poller import BatchSnapshot
 from claude_batch.sensors import apply_completion_policy, handle_trigger_event
+from claude_batch.snapshots import BatchSnapshot
 from claude_batch.storage import ObjectStore, RunLayout, recorded_shard_sha256
 from claude_batch.submission import BatchSubmitter, InlineRequests, RequestSource, StoredShard
-from claude_batch.triggers import DEFAULT_MAX_POLL_INTERVAL, DEFAULT_MIN_POLL_INTERVAL, ClaudeBatchTrigger
+from claude_batch.triggers import ClaudeBatchTrigger
+from claude_batch.waiting import (
+    DEFAULT_MAX_POLL_INTERVAL,
+    DEFAULT_MIN_POLL_INTERVAL,
+    DEFAULT_QUEUE_POLL_INTERVAL,
+    age_seconds,
+    poll_until,
+)
 
 # Where the real API's batches are shown; CLAUDE_BATCH_CONSOLE_URL (a format string with
 # {batch_id}) overrides it, e.g. for another workspace or a gateway's own console.
@@ -198,12 +203,14 @@ class ClaudeBatchOperator(BaseOperator):
         held = "unknown" if processing is None else f"{processing:,}"
         if event.get("status") == "error":
             self.log.warning(
-                "The wait for queue room ended with an error (%s); submitting again, which says what is wrong.",
+                "The wait for queue room ended with an error (%s); submitting again, "
+                "which says what is wrong.",
                 event.get("message"),
             )
         else:
             self.log.info(
-                "Queue wait over (%s, %s requests in processing) after %s and %d deferral(s); submitting again.",
+                "Queue wait over (%s, %s requests in processing) after %s and %d deferral(s); "
+                "submitting again.",
                 event.get("status", "resumed"),
                 held,
                 human_seconds(wait.waited_seconds()),
@@ -211,22 +218,14 @@ class ClaudeBatchOperator(BaseOperator):
             )
         return self._submit_and_wait(context, wait)
 
-    def _queue_budget(self) -> int | None:
-        if self.queue_budget is not None:
-            return self.queue_budget
-        value = os.environ.get(QUEUE_BUDGET_ENV, "").strip()
-        if not value:
-            return None
-        budget = int(value.replace("_", "").replace(",", ""))
-        if budget < 1:
-            raise ValueError(f"{QUEUE_BUDGET_ENV} must be a positive number of requests, not {value!r}")
-        return budget
-
     def _submit_and_wait(self, context: Context, wait: QueueWait) -> Any:
         store = self._store()
         relpath = self._state_relpath(context, store)
         api = QueueAwareApi(
-            self.hook, budget=self._queue_budget(), api_limit=wait.api_limit, log=self.log.info
+            self.hook,
+            budget=queue_budget_from_env(self.queue_budget),
+            api_limit=wait.api_limit,
+            log=self.log.info,
         )
         try:
             if wait.needed is not None and (store.read_json_or_none(relpath) or {}).get("phase") == "refused":
@@ -236,19 +235,22 @@ class ClaudeBatchOperator(BaseOperator):
                 refused = api.check_room(wait.needed)
                 if refused is not None:
                     self._defer_for_queue(refused, wait, api, store.uri(relpath))
-            source: RequestSource = (
+            # A cast: RequestSource declares ``description`` a plain attribute, which the sources'
+            # read-only properties do not match for mypy (the fix belongs in submission.py).
+            source = cast(
+                RequestSource,
                 StoredShard(store, self.shard, recorded_shard_sha256(store, self.shard))
                 if self.shard is not None
-                else InlineRequests(self.requests or [])
+                else InlineRequests(self.requests or []),
             )
             submitter = BatchSubmitter(api, store, relpath)
             try:
                 result = submitter.submit(source, log=self.log.info)
             except QueueRefused as refused:
-                self._release_intent(submitter, refused.reason, refused)
+                release_refused_intent(submitter, refused.reason, self.log.warning, refused)
                 self._defer_for_queue(refused, wait, api, submitter.state_uri)
             except QueueNeverFits:
-                self._release_intent(submitter, "never_fits")
+                release_refused_intent(submitter, "never_fits", self.log.warning)
                 raise
         except QueueNeverFits as exc:
             raise AirflowFailException(str(exc)) from exc
@@ -282,31 +284,6 @@ class ClaudeBatchOperator(BaseOperator):
             )
         return self._wait_in_place(result.batch_id)
 
-    def _release_intent(
-        self, submitter: BatchSubmitter, refused_by: str, refused: QueueRefused | None = None
-    ) -> None:
-        """After a refusal nothing was created: mark the intent so the resume sends afresh.
-
-        Left as ``intent``, the resume would look for a batch this attempt made among those
-        created since (hours of them, after a long wait). A ``refused`` state has no batch id
-        and is not an intent, so the submitter writes a new intent and creates; superseded ids
-        are kept. When an earlier send of this create failed ambiguously, the intent stays, and
-        the resume asks the API first, as after a crash.
-        """
-        if refused is not None and refused.maybe_created_before:
-            self.log.warning(
-                "An earlier send of this create failed ambiguously; keeping the intent in %s so the resume "
-                "first asks the API whether that send created the batch.",
-                submitter.state_uri,
-            )
-            return
-        data = submitter.store.read_json_or_none(submitter.state_relpath)
-        if data and data.get("phase") == "intent" and not data.get("batch_id"):
-            submitter.store.write_json(
-                submitter.state_relpath,
-                {**data, "phase": "refused", "refused_at": _utcnow().isoformat(), "refused_by": refused_by},
-            )
-
     def _defer_for_queue(
         self, refused: QueueRefused, wait: QueueWait, api: QueueAwareApi, state_uri: str
     ) -> None:
@@ -332,7 +309,11 @@ class ClaudeBatchOperator(BaseOperator):
             )
         deadline = parse_deadline(wait.deadline)
         if deadline is not None and now >= deadline:
-            raise AirflowFailException(self._queue_timeout_message(refused, wait, deadline, state_uri))
+            raise AirflowFailException(
+                queue_timeout_message(
+                    refused, wait, deadline, state_uri, self.queue_wait_timeout, self.queue_deadline
+                )
+            )
         wake = now + timedelta(seconds=max(refused.retry_after or 0.0, self.queue_recheck_interval))
         if deadline is not None:
             wake = min(wake, deadline)
@@ -362,23 +343,6 @@ class ClaudeBatchOperator(BaseOperator):
             timeout=timedelta(seconds=(wake - now).total_seconds() + DEFER_TIMEOUT_SLACK),
         )
 
-    def _queue_timeout_message(
-        self, refused: QueueRefused, wait: QueueWait, deadline: datetime, state_uri: str
-    ) -> str:
-        limits = []
-        if self.queue_wait_timeout is not None:
-            limits.append(f"queue_wait_timeout={self.queue_wait_timeout:,.0f} s")
-        if self.queue_deadline:
-            limits.append(f"queue_deadline={self.queue_deadline}")
-        return (
-            f"Gave up waiting for room in the Claude API's processing queue: {refused.describe()}, "
-            f"after waiting {human_seconds(wait.waited_seconds())} since {wait.started_at} "
-            f"({wait.deferrals} deferral(s); deadline {deadline.isoformat(timespec='seconds')} from "
-            f"{', '.join(limits) or 'the configuration'}). Nothing was created for this shard ({state_uri}); "
-            "clearing the task submits it. Raise queue_wait_timeout, lower the other load on the "
-            "organisation's queue, or raise queue_budget."
-        )
-
     def _api_base_url(self) -> Any:
         try:
             return self.hook.conn.base_url
@@ -386,19 +350,19 @@ class ClaudeBatchOperator(BaseOperator):
             return None
 
     def _wait_in_place(self, batch_id: str) -> dict[str, Any]:
-        interval = self.min_poll_interval
-        while True:
+        def check() -> dict[str, Any] | None:
             snapshot = BatchSnapshot.from_batch(self.hook.retrieve_batch(batch_id))
             self.log.info("%s", snapshot.progress_line(_utcnow()))
             if snapshot.ended:
                 return apply_completion_policy([snapshot], self.fail_on_partial, self.log)
-            if self.batch_timeout is not None and _age_seconds(snapshot.created_at) > self.batch_timeout:
+            if self.batch_timeout is not None and age_seconds(snapshot.created_at) > self.batch_timeout:
                 self.hook.cancel_batch(batch_id)
                 raise TimeoutError(
                     f"Batch {batch_id} did not end within {self.batch_timeout:.0f} s; cancelled."
                 )
-            time.sleep(interval)
-            interval = min(interval * 1.5, self.max_poll_interval)
+            return None
+
+        return poll_until(check, self.min_poll_interval, self.max_poll_interval)
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
         return handle_trigger_event(event, self.fail_on_partial, self.log)
@@ -416,5 +380,67 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _age_seconds(created_iso: str) -> float:
-    return (_utcnow() - datetime.fromisoformat(created_iso)).total_seconds()
+def queue_budget_from_env(explicit: int | None) -> int | None:
+    """The queue budget: ``explicit`` if given, else ``CLAUDE_BATCH_QUEUE_BUDGET``, else none."""
+    if explicit is not None:
+        return explicit
+    value = os.environ.get(QUEUE_BUDGET_ENV, "").strip()
+    if not value:
+        return None
+    budget = int(value.replace("_", "").replace(",", ""))
+    if budget < 1:
+        raise ValueError(f"{QUEUE_BUDGET_ENV} must be a positive number of requests, not {value!r}")
+    return budget
+
+
+def release_refused_intent(
+    submitter: BatchSubmitter,
+    refused_by: str,
+    warn: Callable[..., None],
+    refused: QueueRefused | None = None,
+) -> None:
+    """After a refusal nothing was created: mark the intent so the resume sends afresh.
+
+    Left as ``intent``, the resume would look for a batch this attempt made among those
+    created since (hours of them, after a long wait). A ``refused`` state has no batch id
+    and is not an intent, so the submitter writes a new intent and creates; superseded ids
+    are kept. When an earlier send of this create failed ambiguously, the intent stays, and
+    the resume asks the API first, as after a crash.
+    """
+    if refused is not None and refused.maybe_created_before:
+        warn(
+            "An earlier send of this create failed ambiguously; keeping the intent in %s so the "
+            "resume first asks the API whether that send created the batch.",
+            submitter.state_uri,
+        )
+        return
+    data = submitter.store.read_json_or_none(submitter.state_relpath)
+    if data and data.get("phase") == "intent" and not data.get("batch_id"):
+        submitter.store.write_json(
+            submitter.state_relpath,
+            {**data, "phase": "refused", "refused_at": _utcnow().isoformat(), "refused_by": refused_by},
+        )
+
+
+def queue_timeout_message(
+    refused: QueueRefused,
+    wait: QueueWait,
+    deadline: datetime,
+    state_uri: str,
+    queue_wait_timeout: float | None,
+    queue_deadline: datetime | str | None,
+) -> str:
+    """Why the wait for queue room gave up, and what to change."""
+    limits = []
+    if queue_wait_timeout is not None:
+        limits.append(f"queue_wait_timeout={queue_wait_timeout:,.0f} s")
+    if queue_deadline:
+        limits.append(f"queue_deadline={queue_deadline}")
+    return (
+        f"Gave up waiting for room in the Claude API's processing queue: {refused.describe()}, "
+        f"after waiting {human_seconds(wait.waited_seconds())} since {wait.started_at} "
+        f"({wait.deferrals} deferral(s); deadline {deadline.isoformat(timespec='seconds')} from "
+        f"{', '.join(limits) or 'the configuration'}). Nothing was created for this shard "
+        f"({state_uri}); clearing the task submits it. Raise queue_wait_timeout, lower the other "
+        "load on the organisation's queue, or raise queue_budget."
+    )

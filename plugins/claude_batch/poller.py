@@ -11,121 +11,39 @@ older than the pages it read. One client, one connection pool, one call per roun
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import random
 import time
 import weakref
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
 import anthropic
-from anthropic.types.messages import MessageBatch
 
-from claude_batch.hooks import LIST_PAGE_LIMIT
+from claude_batch.paging import aiter_list_pages, list_params, next_after_id_json
+
+# Re-exported: BatchSnapshot lived here before it moved to claude_batch.snapshots.
+from claude_batch.snapshots import BatchSnapshot, human_duration
+from claude_batch.waiting import POLL_BACKOFF, next_poll_interval
+
+__all__ = [
+    "DEFAULT_MAX_LIST_PAGES",
+    "RETRIEVE_CONCURRENCY",
+    "BatchPoller",
+    "BatchSnapshot",
+    "PollRound",
+    "Subscription",
+    "human_duration",
+    "shared_poller",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LIST_PAGES = 5
 RETRIEVE_CONCURRENCY = 8
-
-
-@dataclass(frozen=True)
-class BatchSnapshot:
-    """A batch's status in primitives, so it can travel in a TriggerEvent and XCom."""
-
-    id: str
-    processing_status: str
-    processing: int
-    succeeded: int
-    errored: int
-    canceled: int
-    expired: int
-    created_at: str
-    expires_at: str
-    ended_at: str | None = None
-    cancel_initiated_at: str | None = None
-
-    @classmethod
-    def from_batch(cls, batch: MessageBatch) -> BatchSnapshot:
-        counts = batch.request_counts
-        return cls(
-            id=batch.id,
-            processing_status=batch.processing_status,
-            processing=counts.processing,
-            succeeded=counts.succeeded,
-            errored=counts.errored,
-            canceled=counts.canceled,
-            expired=counts.expired,
-            created_at=batch.created_at.isoformat(),
-            expires_at=batch.expires_at.isoformat(),
-            ended_at=batch.ended_at.isoformat() if batch.ended_at else None,
-            cancel_initiated_at=batch.cancel_initiated_at.isoformat() if batch.cancel_initiated_at else None,
-        )
-
-    @classmethod
-    def from_api(cls, data: dict[str, Any]) -> BatchSnapshot:
-        """From the API's JSON (a ``list`` page item), without building SDK models."""
-        counts = data["request_counts"]
-        return cls(
-            id=data["id"],
-            processing_status=data["processing_status"],
-            processing=counts["processing"],
-            succeeded=counts["succeeded"],
-            errored=counts["errored"],
-            canceled=counts["canceled"],
-            expired=counts["expired"],
-            created_at=data["created_at"],
-            expires_at=data["expires_at"],
-            ended_at=data.get("ended_at"),
-            cancel_initiated_at=data.get("cancel_initiated_at"),
-        )
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BatchSnapshot:
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def ended(self) -> bool:
-        return self.processing_status == "ended"
-
-    @property
-    def total(self) -> int:
-        return self.processing + self.succeeded + self.errored + self.canceled + self.expired
-
-    @property
-    def outcome(self) -> str:
-        """``in_progress``, ``succeeded`` (all), ``canceled`` (none ran), ``expired`` (none ran), or ``partial``."""
-        if not self.ended:
-            return "in_progress"
-        if self.succeeded == self.total:
-            return "succeeded"
-        if self.canceled == self.total:
-            return "canceled"
-        if self.expired == self.total:
-            return "expired"
-        return "partial"
-
-    def progress_line(self, now: datetime) -> str:
-        """One log line: status, counts, age and time left before expiry."""
-        created = datetime.fromisoformat(self.created_at)
-        expires = datetime.fromisoformat(self.expires_at)
-        return (
-            f"batch {self.id}: {self.processing_status} ({self.outcome}); processing={self.processing:,} "
-            f"succeeded={self.succeeded:,} errored={self.errored:,} canceled={self.canceled:,} "
-            f"expired={self.expired:,}; age {_human(now - created)}, expires in {_human(expires - now)}"
-        )
-
-
-def _human(delta) -> str:
-    seconds = int(max(delta.total_seconds(), 0))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
 class PollRound:
@@ -161,7 +79,7 @@ class Subscription:
         batch_ids: list[str],
         min_interval: float,
         max_interval: float,
-        backoff: float = 1.5,
+        backoff: float = POLL_BACKOFF,
     ) -> None:
         self.poller = poller
         self.batch_ids = set(batch_ids)
@@ -175,7 +93,7 @@ class Subscription:
         everything = found.snapshots
         mine = {key: everything[key] for key in self.batch_ids if key in everything}
         self._rounds.put_nowait(PollRound(mine, found.error, found.api_calls, found.missing & self.batch_ids))
-        self.interval = min(self.interval * self.backoff, self.max_interval)
+        self.interval = next_poll_interval(self.interval, self.max_interval, self.backoff)
 
     async def next_round(self) -> PollRound:
         """Wait for the next round that covers this subscription's batches."""
@@ -274,23 +192,24 @@ class BatchPoller:
         try:
             client = await self._get_client()
             oldest = min((self._created_at[i] for i in remaining if i in self._created_at), default=None)
-            after_id: str | None = None
-            for _ in range(self.max_list_pages):
-                page = await self._list_page(client, after_id)
-                calls += 1
-                items = page["data"]
-                for item in items:
-                    if item["id"] in remaining:
-                        remaining.discard(item["id"])
-                        snapshot = BatchSnapshot.from_api(item)
-                        snapshots[snapshot.id] = snapshot
-                        self._created_at[snapshot.id] = datetime.fromisoformat(snapshot.created_at)
-                if not remaining or not page.get("has_more") or not items:
-                    break
-                if oldest is not None and datetime.fromisoformat(items[-1]["created_at"]) < oldest:
-                    break  # paged past every batch we know; the rest are older or gone
-                after_id = items[-1]["id"]
-                await asyncio.sleep(0)  # let other coroutines run between pages
+            pages = aiter_list_pages(
+                lambda after_id: self._list_page(client, after_id), self.max_list_pages, next_after_id_json
+            )
+            async with contextlib.aclosing(pages):
+                async for page in pages:
+                    calls += 1
+                    items = page["data"]
+                    for item in items:
+                        if item["id"] in remaining:
+                            remaining.discard(item["id"])
+                            snapshot = BatchSnapshot.from_api(item)
+                            snapshots[snapshot.id] = snapshot
+                            self._created_at[snapshot.id] = datetime.fromisoformat(snapshot.created_at)
+                    if not remaining or next_after_id_json(page) is None:
+                        break
+                    if oldest is not None and datetime.fromisoformat(items[-1]["created_at"]) < oldest:
+                        break  # paged past every batch we know; the rest are older or gone
+                    await asyncio.sleep(0)  # let other coroutines run between pages
             if remaining:
                 calls += len(remaining)
                 snapshots.update(await self._retrieve_each(client, remaining, missing))
@@ -308,10 +227,9 @@ class BatchPoller:
         Building SDK models for 1,000 batches costs about 0.2 ms each on the event loop, which
         would stall every other trigger; plain JSON and five fields per batch cost a fraction.
         """
-        query: dict[str, Any] = {"limit": LIST_PAGE_LIMIT}
-        if after_id:
-            query["after_id"] = after_id
-        return await client.get("/v1/messages/batches", options={"params": query}, cast_to=dict[str, Any])
+        return await client.get(
+            "/v1/messages/batches", options={"params": list_params(after_id)}, cast_to=dict[str, Any]
+        )
 
     async def _retrieve_each(
         self, client: anthropic.AsyncAnthropic, batch_ids: set[str], missing: set[str]

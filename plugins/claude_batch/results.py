@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from claude_batch.costs import PriceTable, cost_array, default_prices
+from claude_batch.costs import PriceTable, default_prices
+from claude_batch.errors import DEFAULT_CONN_ID, explain_api_error, is_transient
+
+# Re-exported: the row building moved to claude_batch.result_rows.
+from claude_batch.result_rows import (
+    RESULTS_SCHEMA,
+    RESULTS_UNIQUE_COLUMNS,
+    ResultRows,
+    parquet_writer,
+    results_table,
+)
 from claude_batch.staging import Manifest, ShardManifest, read_manifest
 from claude_batch.storage import RunLayout
 from claude_batch.tuning import bulk_processing, release_arrow_memory, return_freed_memory
@@ -31,36 +41,6 @@ from claude_batch.tuning import bulk_processing, release_arrow_memory, return_fr
 log = logging.getLogger(__name__)
 
 OUTCOMES = ("succeeded", "errored", "canceled", "expired")
-RESULTS_SCHEMA = pa.schema(
-    [
-        ("custom_id", pa.string()),
-        ("record_key", pa.string()),
-        ("outcome", pa.string()),
-        ("text", pa.string()),
-        ("tool_input_json", pa.string()),
-        ("stop_reason", pa.string()),
-        ("model", pa.string()),
-        ("input_tokens", pa.int64()),
-        ("output_tokens", pa.int64()),
-        ("cache_creation_input_tokens", pa.int64()),
-        ("cache_read_input_tokens", pa.int64()),
-        ("cache_creation_5m_input_tokens", pa.int64()),
-        ("cache_creation_1h_input_tokens", pa.int64()),
-        ("cost_usd", pa.float64()),
-        ("error_type", pa.string()),
-        ("error_message", pa.string()),
-        ("prompt_version", pa.string()),
-        ("batch_id", pa.string()),
-    ]
-)
-# Columns with a value per row (see parquet_writer).
-_UNIQUE_COLUMNS = frozenset({"custom_id", "record_key", "text", "tool_input_json", "error_message"})
-_TOKEN_COLUMNS = (
-    "input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens",
-    "cache_creation_5m_input_tokens", "cache_creation_1h_input_tokens",
-)  # fmt: skip
-# The pipeline's default connection (hooks.ClaudeBatchHook.default_conn_name, not imported: Airflow).
-DEFAULT_CONN_ID = "anthropic_default"
 _DOWNLOAD_CHUNK = 1 << 20
 _S3_BLOCK_SIZE = 8 * 1024 * 1024
 
@@ -98,174 +78,6 @@ class CollectSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-# The fields of a parsed row tuple: RESULTS_SCHEMA without the columns set per row group (the
-# record key, looked up by custom_id; cost, prompt version and batch id).
-_ROW_FIELDS = (
-    "custom_id", "outcome", "text", "tool_input_json", "stop_reason", "model", *_TOKEN_COLUMNS,
-    "error_type", "error_message",
-)  # fmt: skip
-_ROW_TYPES = tuple(pa.int64() if name in _TOKEN_COLUMNS else pa.string() for name in _ROW_FIELDS)
-# The token columns in the order of cost_array's parameters.
-_COST_TOKENS = (
-    "input_tokens", "output_tokens", "cache_creation_5m_input_tokens", "cache_creation_1h_input_tokens",
-    "cache_read_input_tokens",
-)  # fmt: skip
-_NO_USAGE: dict[str, Any] = {}
-
-
-def _content_payloads(content: list[dict[str, Any]]) -> tuple[str | None, str | None]:
-    """(text, tool input as JSON) of a message's content blocks: the texts joined, the first tool input."""
-    texts = []
-    tool_input = None
-    for block in content:
-        kind = block.get("type")
-        if kind == "text":
-            texts.append(block.get("text", ""))
-        elif kind == "tool_use" and tool_input is None:
-            tool_input = orjson.dumps(block.get("input")).decode()
-    return ("".join(texts) if texts else None), tool_input
-
-
-def _unsucceeded_row(custom_id: str, outcome: str, result: dict[str, Any]) -> tuple[Any, ...]:
-    """The row of a request that did not succeed (errored, canceled, expired or unknown)."""
-    error_type = error_message = None
-    if outcome == "errored":
-        # The error object is nested twice: {"error": {"type": "error", "error": {...}}}.
-        error = result.get("error") or {}
-        inner = error.get("error") if isinstance(error.get("error"), dict) else error
-        error_type, error_message = inner.get("type"), inner.get("message")
-    return (custom_id, outcome, None, None, None, None, 0, 0, 0, 0, 0, 0, error_type, error_message)
-
-
-class ResultRows:
-    """Result lines parsed into Arrow columns, one call's lines at a time, until they become a table.
-
-    A call's rows live as Python tuples only until it returns: a row group held as Python objects
-    would take several times its Arrow size, and leave the heap fragmented after.
-
-    :param keys: the shard's keys; when given, each row's place among them is kept as the column
-        ``position`` (null for an id that is not the shard's).
-    """
-
-    def __init__(self, keys: _ShardKeys | None = None) -> None:
-        self.keys = keys
-        self.pieces: list[list[pa.Array]] = []
-        self.size = 0
-
-    def __len__(self) -> int:
-        return self.size
-
-    def add_lines(self, lines: Iterable[bytes]) -> None:
-        """Parse result lines (JSON) into rows.
-
-        Raises ``orjson.JSONDecodeError``, ``KeyError``, ``TypeError``, ``AttributeError`` or
-        ``pyarrow.ArrowException`` at the first line that is not a whole result; the lines before
-        it are kept.
-        """
-        loads = orjson.loads
-        rows: list[tuple[Any, ...]] = []
-        append = rows.append
-        try:
-            for line in lines:
-                record = loads(line)
-                result = record["result"]
-                outcome = result["type"]
-                if outcome != "succeeded":
-                    append(_unsucceeded_row(record["custom_id"], outcome, result))
-                    continue
-                # Inlined, not a function per line: this loop is most of collect's time.
-                message = result["message"]
-                content = message.get("content") or ()
-                if len(content) == 1 and content[0].get("type") == "text":
-                    text = content[0].get("text")
-                    tool_input = None
-                else:
-                    text, tool_input = _content_payloads(content)
-                usage = message.get("usage") or _NO_USAGE
-                written = usage.get("cache_creation_input_tokens") or 0
-                creation = usage.get("cache_creation")
-                if creation:
-                    written_5m = creation.get("ephemeral_5m_input_tokens") or 0
-                    written_1h = creation.get("ephemeral_1h_input_tokens") or 0
-                else:  # no split reported: price the writes as 5-minute writes, the API's default TTL
-                    written_5m, written_1h = written, 0
-                append(
-                    (
-                        record["custom_id"], "succeeded", text, tool_input, message.get("stop_reason"),
-                        message.get("model"), usage.get("input_tokens") or 0, usage.get("output_tokens") or 0,
-                        written, usage.get("cache_read_input_tokens") or 0, written_5m, written_1h, None, None,
-                    )
-                )  # fmt: skip
-        finally:
-            if rows:
-                self._add_piece(rows)
-
-    def _add_piece(self, rows: list[tuple[Any, ...]]) -> None:
-        columns = list(zip(*rows, strict=True))
-        piece = [pa.array(values, kind) for kind, values in zip(_ROW_TYPES, columns, strict=True)]
-        if self.keys is not None:
-            piece.append(self.keys.positions(columns[0], piece[0]))
-        self.pieces.append(piece)
-        self.size += len(rows)
-
-    def columns(self) -> dict[str, pa.ChunkedArray]:
-        """The rows as one column per field of :data:`_ROW_FIELDS` (and ``position``), one chunk a call."""
-        names, kinds = _ROW_FIELDS, _ROW_TYPES
-        if self.keys is not None:
-            names, kinds = (*names, "position"), (*kinds, pa.int32())
-        return {
-            name: pa.chunked_array([piece[index] for piece in self.pieces], kind)
-            for index, (name, kind) in enumerate(zip(names, kinds, strict=True))
-        }
-
-    def clear(self) -> None:
-        self.pieces.clear()
-        self.size = 0
-
-
-def results_table(
-    fields: dict[str, pa.ChunkedArray],
-    record_keys: pa.Array | pa.ChunkedArray,
-    prompt_version: str | None,
-    batch_id: str,
-    prices: PriceTable,
-) -> pa.Table:
-    """Parsed rows as a :data:`RESULTS_SCHEMA` table, with the columns set per row group.
-
-    :param fields: the rows' fields (:meth:`ResultRows.columns`).
-    :param record_keys: the record key of each row, in row order (null where unknown).
-    :param prompt_version: the run's prompt version.
-    :param batch_id: the batch the rows came from.
-    :param prices: the price table for ``cost_usd``.
-    """
-    size = len(record_keys)
-    columns = {
-        **fields,
-        "record_key": record_keys,
-        "cost_usd": _cost_column(fields["model"], fields, prices),
-        "prompt_version": pa.array([prompt_version] * size, pa.string()),
-        "batch_id": pa.array([batch_id] * size, pa.string()),
-    }
-    return pa.Table.from_arrays([columns[f.name] for f in RESULTS_SCHEMA], schema=RESULTS_SCHEMA)
-
-
-def _cost_column(models: pa.ChunkedArray, tokens: dict[str, pa.ChunkedArray], prices: PriceTable) -> pa.Array:
-    """``cost_usd`` per row: null where the model has no price, 0 for rows without a message.
-
-    Cost is linear in each token count, so each of the row group's few models (None for rows
-    without a message) is priced once per kind of token and the rows are weighed with numpy.
-    """
-    distinct = pc.unique(models)
-    names: list[str | None] = distinct.to_pylist()
-    codes = pc.index_in(models, value_set=distinct).to_numpy()  # a null model finds the null entry
-    cost = np.zeros(len(models), dtype=np.float64)
-    for kind, name in enumerate(_COST_TOKENS):
-        one_token = [np.full(len(names), float(position == kind)) for position in range(len(_COST_TOKENS))]
-        unit_cost = cost_array(names, *one_token, prices)
-        cost += unit_cost[codes] * tokens[name].to_numpy()
-    return pa.array(cost, pa.float64(), mask=np.isnan(cost))
 
 
 class _ShardKeys:
@@ -370,7 +182,7 @@ class _Download:
             store.open(
                 self.layout.results_parquet(self.part), "wb", block_size=_S3_BLOCK_SIZE
             ) as parquet_handle,
-            parquet_writer(parquet_handle, RESULTS_SCHEMA, _UNIQUE_COLUMNS) as writer,
+            parquet_writer(parquet_handle, RESULTS_SCHEMA, RESULTS_UNIQUE_COLUMNS) as writer,
         ):
             rows = ResultRows(self.keys)
             # For the whole download: collections would walk each call's row tuples again and
@@ -445,7 +257,8 @@ class _Download:
         for outcome in OUTCOMES:
             if self.counts[outcome] != expected_counts.get(outcome, 0):
                 self.problems.append(
-                    f"{self.counts[outcome]} {outcome} results, but the batch counts {expected_counts.get(outcome, 0)}"
+                    f"{self.counts[outcome]} {outcome} results, "
+                    f"but the batch counts {expected_counts.get(outcome, 0)}"
                 )
         if self.unknown:
             sample = ", ".join(sorted(self.unknown)[:5])
@@ -455,38 +268,13 @@ class _Download:
             )
 
 
-def parquet_writer(handle: Any, schema: pa.Schema, unique_columns: frozenset[str]) -> pq.ParquetWriter:
-    """A zstd Parquet writer for the data path's parts.
-
-    :param handle: the open file (a store handle).
-    :param schema: the part's columns.
-    :param unique_columns: columns with a value per row, written without a dictionary: for them one
-        would be built and then given up, which costs a fifth of the write.
-    """
-    use_dictionary = [name for name in schema.names if name not in unique_columns]
-    return pq.ParquetWriter(handle, schema, compression="zstd", use_dictionary=use_dictionary)
-
-
-def _is_transient(exc: BaseException) -> bool:
-    from claude_batch.hooks import is_transient  # the hooks import Airflow: only on this rare path
-
-    return is_transient(exc)
-
-
-def _explained(exc: BaseException, conn_id: str, action: str) -> Exception:
-    """The SDK error as the hook explains it (what to check, no secrets)."""
-    from claude_batch.hooks import explain_api_error
-
-    return explain_api_error(exc, conn_id, action)
-
-
 def _delete_results(layout: RunLayout, part: int) -> None:
     """Remove what a failed collect wrote, so nothing incomplete looks complete."""
     layout.store.delete(layout.results_jsonl(part))
     layout.store.delete(layout.results_parquet(part))
 
 
-def _stream(client: anthropic.Anthropic, batch_id: str) -> Iterator[bytes]:
+def _stream(client: anthropic.Anthropic, batch_id: str) -> Generator[bytes, None, None]:
     """The results' bytes in chunks of about :data:`_DOWNLOAD_CHUNK`."""
     with client.messages.batches.with_streaming_response.results(batch_id) as response:
         # Gathered here with one join: the HTTP library's exact-size chunks copy each megabyte thrice.
@@ -523,7 +311,7 @@ def collect_results(
     ``max_attempts`` times, then :class:`ResultsIncomplete` is raised and the partial objects
     are removed; nothing incomplete is left looking complete. An error the API will answer again
     (a refused key, no permission, no such batch) is not retried: it is raised at once as a
-    :class:`~claude_batch.hooks.ClaudeBatchError` that says what to check.
+    :class:`~claude_batch.errors.ClaudeBatchError` that says what to check.
 
     :param client: an ``anthropic.Anthropic`` client (the hook's, or one on the emulator).
     :param layout: the run's S3 layout.
@@ -544,15 +332,15 @@ def collect_results(
     try:
         batch = client.messages.batches.retrieve(batch_id)
     except anthropic.APIError as exc:
-        raise _explained(exc, conn_id, f"retrieving batch {batch_id}") from exc
+        raise explain_api_error(exc, conn_id, f"retrieving batch {batch_id}") from exc
     if batch.processing_status != "ended":
         raise BatchNotEnded(f"batch {batch_id} is {batch.processing_status}; collect it once it has ended")
     request_counts = batch.request_counts
     expected = {outcome: int(getattr(request_counts, outcome)) for outcome in OUTCOMES}
     if sum(expected.values()) != shard.count:
         raise ResultsMismatch(
-            f"batch {batch_id} has {sum(expected.values())} requests but shard part {part} has {shard.count}; "
-            "is it the right batch?"
+            f"batch {batch_id} has {sum(expected.values())} requests "
+            f"but shard part {part} has {shard.count}; is it the right batch?"
         )
     keys = _read_shard_keys(layout, shard)
     release_arrow_memory()
@@ -564,9 +352,9 @@ def collect_results(
             download.run(stream, manifest.prompt_version, table)
             return_freed_memory()
         except anthropic.APIStatusError as exc:
-            if not _is_transient(exc):
+            if not is_transient(exc):
                 _delete_results(layout, part)
-                raise _explained(exc, conn_id, f"downloading the results of batch {batch_id}") from exc
+                raise explain_api_error(exc, conn_id, f"downloading the results of batch {batch_id}") from exc
             download.problems.append(f"the download failed: {type(exc).__name__}: {exc}")
         except (anthropic.APIConnectionError, OSError) as exc:
             download.problems.append(f"the download failed: {type(exc).__name__}: {exc}")

@@ -1,26 +1,39 @@
-"""ClaudeBatchSensor: wait for one batch or many, deferrable by default or in poke mode."""
+"""ClaudeBatchSensor: wait for one batch or many, deferrable by default or in poke mode.
+
+Also the Airflow shell of the waiting policy (:mod:`claude_batch.waiting`), shared with the
+operator: :func:`apply_completion_policy` and :func:`handle_trigger_event` raise the policy's
+plain exceptions as :class:`ClaudeBatchFailed` (the task fails) and ``AirflowSkipException``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Any
 
 from airflow.sdk import BaseSensorOperator, Context
 from airflow.sdk.exceptions import AirflowException, AirflowSkipException
+from anthropic.types.messages import MessageBatch
 
 from claude_batch.hooks import ClaudeBatchHook
-from claude_batch.poller import BatchSnapshot, _human
-from claude_batch.triggers import (
+from claude_batch.paging import iter_list_pages
+from claude_batch.snapshots import BatchSnapshot, human_duration
+from claude_batch.triggers import ClaudeBatchTrigger
+from claude_batch.waiting import (
     DEFAULT_BATCH_TIMEOUT,
     DEFAULT_MAX_POLL_INTERVAL,
     DEFAULT_MIN_POLL_INTERVAL,
     ON_TIMEOUT_CANCEL_AND_COLLECT,
     ON_TIMEOUT_FAIL,
-    ClaudeBatchTrigger,
+    AllRequestsCanceled,
+    BatchWaitFailed,
+    Logger,
     check_on_timeout,
     completion_event,
+    judge_completion,
+    judge_trigger_event,
     overdue_batches,
     progress_summary,
 )
@@ -35,82 +48,44 @@ __all__ = [
     "handle_trigger_event",
 ]
 
+# With this few batches, one retrieve each costs less than a list page.
+RETRIEVE_EACH_UP_TO = 2
+# List pages read before the batches not seen on them are retrieved one by one.
+POKE_MAX_LIST_PAGES = 5
+
 
 class ClaudeBatchFailed(AirflowException):
     """The batches ended in a way the task's policy does not accept."""
 
 
+@contextmanager
+def airflow_outcomes() -> Iterator[None]:
+    """The waiting policy's plain exceptions as the task outcomes Airflow knows."""
+    try:
+        yield
+    except AllRequestsCanceled as exc:
+        raise AirflowSkipException(str(exc)) from exc
+    except BatchWaitFailed as exc:
+        raise ClaudeBatchFailed(str(exc)) from exc
+
+
 def apply_completion_policy(
-    snapshots: list[BatchSnapshot], fail_on_partial: bool, log: Any, skip_if_all_canceled: bool = True
+    snapshots: list[BatchSnapshot], fail_on_partial: bool, log: Logger, skip_if_all_canceled: bool = True
 ) -> dict[str, Any]:
-    """Judge ended batches and return a summary for XCom.
-
-    Every batch canceled before anything ran: the task is skipped. Some requests errored,
-    expired or were canceled: the task succeeds and says so (the ledger retries them), or fails
-    when ``fail_on_partial`` is set. Canceled and expired are reported by name, never as success.
-
-    :param snapshots: the batches as they ended.
-    :param fail_on_partial: fail instead of reporting partial failures.
-    :param log: the task's logger.
-    :param skip_if_all_canceled: skip when nothing ran; a pipeline that must still collect the
-        canceled results (so the ledger retries them) turns this off.
-    """
-    summary = {
-        "batch_ids": [snap.id for snap in snapshots],
-        "outcomes": {snap.id: snap.outcome for snap in snapshots},
-        "request_counts": {
-            key: sum(getattr(snap, key) for snap in snapshots)
-            for key in ("succeeded", "errored", "canceled", "expired")
-        },
-    }
-    counts = summary["request_counts"]
-    total = sum(counts.values())
-    if total and counts["canceled"] == total and skip_if_all_canceled:
-        raise AirflowSkipException(
-            f"Every request was canceled ({total:,}) in batches {summary['batch_ids']}."
-        )
-    failed = total - counts["succeeded"]
-    if failed:
-        by_batch = {snap.id: snap.outcome for snap in snapshots if snap.outcome != "succeeded"}
-        message = (
-            f"{failed:,} of {total:,} requests did not succeed (errored={counts['errored']:,}, "
-            f"expired={counts['expired']:,}, canceled={counts['canceled']:,}); batches: {by_batch}"
-        )
-        if fail_on_partial:
-            raise ClaudeBatchFailed(message)
-        log.warning("%s. They go back to the ledger for retry; the successful results are kept.", message)
-    else:
-        log.info("All %s requests succeeded in %d batch(es).", f"{total:,}", len(snapshots))
-    return summary
+    """:func:`claude_batch.waiting.judge_completion`, failing or skipping the task as Airflow does."""
+    with airflow_outcomes():
+        return judge_completion(snapshots, fail_on_partial, log, skip_if_all_canceled)
 
 
 def handle_trigger_event(
-    event: dict[str, Any] | None, fail_on_partial: bool, log: Any, skip_if_all_canceled: bool = True
+    event: dict[str, Any] | None, fail_on_partial: bool, log: Logger, skip_if_all_canceled: bool = True
 ) -> dict[str, Any]:
-    """Turn a :class:`ClaudeBatchTrigger` event into a summary or a clear failure.
+    """:func:`claude_batch.waiting.judge_trigger_event`, failing or skipping the task as Airflow does.
 
-    A ``success`` event may name batches canceled for their deadline (``timed_out``, under
-    ``on_timeout="cancel_and_collect"``): they count as ended, the summary lists them with their
-    counts under ``timed_out``, and the task is never skipped for them (their canceled requests
-    must reach the ledger as retries). ``cancel_failed`` names batches whose cancel was refused.
+    An event with an unknown status fails the task, naming the status.
     """
-    if not event or "status" not in event:
-        raise ClaudeBatchFailed(f"Unexpected trigger event: {event!r}")
-    if event["status"] == "error":
-        raise ClaudeBatchFailed(event["message"])
-    if event["status"] == "timeout":
-        raise ClaudeBatchFailed(event["message"])
-    snapshots = [BatchSnapshot.from_dict(item) for item in event["batches"]]
-    timed_out = {item["id"]: item for item in event.get("timed_out") or []}
-    cancel_failed = list(event.get("cancel_failed") or [])
-    if timed_out or cancel_failed:
-        log.warning(
-            "%s", event.get("message") or f"Timed out: {sorted(timed_out)}; not canceled: {cancel_failed}"
-        )
-    summary = apply_completion_policy(snapshots, fail_on_partial, log, skip_if_all_canceled and not timed_out)
-    summary["timed_out"] = timed_out
-    summary["cancel_failed"] = cancel_failed
-    return summary
+    with airflow_outcomes():
+        return judge_trigger_event(event, fail_on_partial, log, skip_if_all_canceled)
 
 
 class ClaudeBatchSensor(BaseSensorOperator):
@@ -194,11 +169,14 @@ class ClaudeBatchSensor(BaseSensorOperator):
         snapshots = [BatchSnapshot.from_batch(batch) for batch in self._find(self._ids())]
         now = datetime.now(UTC)
         line = progress_summary(snapshots, self.batch_timeout, now)
-        if all(snap.ended for snap in snapshots):
+        every_batch_ended = all(snap.ended for snap in snapshots)
+        if every_batch_ended:
             self.log.info("%s; every batch has ended.", line)
         else:
-            self.log.info("%s; next check in %s.", line, _human(timedelta(seconds=self.poke_interval)))
-        if all(snap.ended for snap in snapshots):
+            self.log.info(
+                "%s; next check in %s.", line, human_duration(timedelta(seconds=self.poke_interval))
+            )
+        if every_batch_ended:
             from airflow.sdk import PokeReturnValue
 
             event = completion_event(snapshots, self.batch_timeout, self.on_timeout, self._cancel_failed)
@@ -224,19 +202,16 @@ class ClaudeBatchSensor(BaseSensorOperator):
                 self._cancel_failed.add(batch_id)
         return False
 
-    def _find(self, batch_ids: list[str]):
+    def _find(self, batch_ids: list[str]) -> list[MessageBatch]:
         """The batches, learned from ``list`` pages where possible (few ids: one retrieve each)."""
-        if len(batch_ids) <= 2:
+        if len(batch_ids) <= RETRIEVE_EACH_UP_TO:
             return [self.hook.retrieve_batch(batch_id) for batch_id in batch_ids]
         wanted = set(batch_ids)
-        found = {}
-        after_id = None
-        for _ in range(5):
-            page = self.hook.list_page(after_id)
+        found: dict[str, MessageBatch] = {}
+        for page in iter_list_pages(self.hook.list_page, POKE_MAX_LIST_PAGES):
             found.update({batch.id: batch for batch in page.data if batch.id in wanted})
-            if len(found) == len(wanted) or not page.has_more or not page.data:
+            if len(found) == len(wanted):
                 break
-            after_id = page.data[-1].id
         for batch_id in wanted - found.keys():
             found[batch_id] = self.hook.retrieve_batch(batch_id)
         return [found[batch_id] for batch_id in batch_ids]

@@ -18,173 +18,62 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anthropic
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from claude_batch.hooks import explain_api_error, is_transient, shared_async_client
-from claude_batch.poller import BatchSnapshot, PollRound, Subscription, _human, shared_poller
+from claude_batch.errors import explain_api_error, is_transient
+from claude_batch.hooks import shared_async_client
+from claude_batch.poller import PollRound, Subscription, shared_poller
+from claude_batch.snapshots import BatchSnapshot, human_duration
 
-DEFAULT_MIN_POLL_INTERVAL = 30.0
-DEFAULT_MAX_POLL_INTERVAL = 600.0
-DEFAULT_MAX_CONSECUTIVE_ERRORS = 10
-# The production rule: a batch that has not completed 23 hours after submission is canceled, what
-# it has is collected and its other requests are requeued (an hour before the API's 24 h expiry).
-DEFAULT_BATCH_TIMEOUT = 23 * 3600.0
-# What a timeout does to the wait, once every batch has ended: fail the task, or count the
-# canceled batches as ended so that ``collect`` keeps their successes and requeues the rest.
-ON_TIMEOUT_FAIL = "fail"
-ON_TIMEOUT_CANCEL_AND_COLLECT = "cancel_and_collect"
-ON_TIMEOUT_CHOICES = (ON_TIMEOUT_FAIL, ON_TIMEOUT_CANCEL_AND_COLLECT)
-# A cancel the API dates up to this long before a batch's deadline still counts as the timeout's
-# (our clock and the API's may differ a little; after a restart the API's date is all there is).
-CANCEL_CLOCK_SLACK = 300.0
+# The waiting policy lives in claude_batch.waiting (shared with the sensor and the operator);
+# these names are re-exported from here, their old home.
+from claude_batch.waiting import (
+    CANCEL_CLOCK_SLACK,
+    DEFAULT_BATCH_TIMEOUT,
+    DEFAULT_MAX_CONSECUTIVE_ERRORS,
+    DEFAULT_MAX_POLL_INTERVAL,
+    DEFAULT_MIN_POLL_INTERVAL,
+    EVENT_ERROR,
+    ON_TIMEOUT_CANCEL_AND_COLLECT,
+    ON_TIMEOUT_CHOICES,
+    ON_TIMEOUT_FAIL,
+    batch_deadline,
+    canceled_for_timeout,
+    check_on_timeout,
+    completion_event,
+    deadline_at,
+    iso_utc,
+    overdue_batches,
+    progress_summary,
+    waiting_uncanceled,
+)
+
+__all__ = [
+    "CANCEL_CLOCK_SLACK",
+    "CANCEL_CONCURRENCY",
+    "DEFAULT_BATCH_TIMEOUT",
+    "DEFAULT_MAX_CONSECUTIVE_ERRORS",
+    "DEFAULT_MAX_POLL_INTERVAL",
+    "DEFAULT_MIN_POLL_INTERVAL",
+    "ON_TIMEOUT_CANCEL_AND_COLLECT",
+    "ON_TIMEOUT_CHOICES",
+    "ON_TIMEOUT_FAIL",
+    "ClaudeBatchTrigger",
+    "batch_deadline",
+    "canceled_for_timeout",
+    "check_on_timeout",
+    "completion_event",
+    "overdue_batches",
+    "progress_summary",
+]
+
 # Cancel calls in flight at once when many batches reach their deadline together.
 CANCEL_CONCURRENCY = 8
-
-
-def check_on_timeout(on_timeout: str) -> str:
-    if on_timeout not in ON_TIMEOUT_CHOICES:
-        raise ValueError(f"on_timeout must be one of {ON_TIMEOUT_CHOICES}, not {on_timeout!r}")
-    return on_timeout
-
-
-def _epoch(iso: str) -> float:
-    return datetime.fromisoformat(iso).timestamp()
-
-
-def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).isoformat()
-
-
-def batch_deadline(snap: BatchSnapshot, timeout: float | None) -> float | None:
-    """The batch's own deadline (epoch seconds): its ``created_at`` plus ``timeout``."""
-    return None if timeout is None else _epoch(snap.created_at) + timeout
-
-
-def overdue_batches(
-    snapshots: Iterable[BatchSnapshot], timeout: float | None, now: float, skip: Iterable[str] = ()
-) -> list[str]:
-    """Batches still ``in_progress`` and uncanceled past their own deadline (``skip``: already asked)."""
-    if timeout is None:
-        return []
-    skip = set(skip)
-    return [
-        snap.id
-        for snap in snapshots
-        if snap.processing_status == "in_progress"
-        and snap.cancel_initiated_at is None
-        and snap.id not in skip
-        and batch_deadline(snap, timeout) <= now
-    ]
-
-
-def canceled_for_timeout(snap: BatchSnapshot, timeout: float | None) -> bool:
-    """Whether the batch was canceled at (or after) its deadline, i.e. by the timeout."""
-    if timeout is None or snap.cancel_initiated_at is None:
-        return False
-    return _epoch(snap.cancel_initiated_at) >= batch_deadline(snap, timeout) - CANCEL_CLOCK_SLACK
-
-
-def completion_event(
-    snapshots: list[BatchSnapshot], timeout: float | None, on_timeout: str, cancel_failed: Iterable[str] = ()
-) -> dict[str, Any]:
-    """The event once every batch has ended: ``success``, or ``timeout`` when the policy is ``fail``.
-
-    ``timed_out`` lists the batches canceled for their deadline with their counts;
-    ``cancel_failed`` the batches past their deadline whose cancel the API refused (they ran on,
-    and were billed, until they ended or expired).
-    """
-    timed_out = [
-        {
-            "id": snap.id,
-            "created_at": snap.created_at,
-            "deadline": _iso(batch_deadline(snap, timeout)),
-            "cancel_initiated_at": snap.cancel_initiated_at,
-            "ended_at": snap.ended_at,
-            **{key: getattr(snap, key) for key in ("succeeded", "errored", "canceled", "expired")},
-        }
-        for snap in snapshots
-        if canceled_for_timeout(snap, timeout)
-    ]
-    refused = sorted(
-        set(cancel_failed) - {snap.id for snap in snapshots if snap.cancel_initiated_at is not None}
-    )
-    payload: dict[str, Any] = {
-        "status": "success",
-        "batches": [snap.to_dict() for snap in snapshots],
-        "timeout": timeout,
-        "on_timeout": on_timeout,
-        "timed_out": timed_out,
-        "cancel_failed": refused,
-    }
-    if timed_out or refused:
-        parts = []
-        if timed_out:
-            totals = {
-                key: sum(item[key] for item in timed_out) for key in ("succeeded", "errored", "canceled")
-            }
-            parts.append(
-                f"Batch(es) {_some([item['id'] for item in timed_out])} did not end within {timeout:.0f} s of "
-                f"submission; cancellation was requested at each one's deadline and they have ended "
-                f"(their requests: {totals})."
-            )
-        if refused:
-            parts.append(
-                f"Past the {timeout:.0f} s deadline, cancelling {_some(refused)} failed: they ran on (and were "
-                "billed) until they ended or expired. Check that the connection's key may cancel batches."
-            )
-        payload["message"] = " ".join(parts)
-        if on_timeout == ON_TIMEOUT_FAIL:
-            payload["status"] = "timeout"
-    return payload
-
-
-def _some(ids: list[str], shown: int = 10) -> str:
-    """The ids as a list, the first ``shown`` of them when there are many."""
-    return str(ids) if len(ids) <= shown else f"{ids[:shown]} and {len(ids) - shown:,} more"
-
-
-def progress_summary(snapshots: list[BatchSnapshot], timeout: float | None, now: datetime) -> str:
-    """One line for the whole wait: statuses, request counts, oldest age, the nearest deadline."""
-    if len(snapshots) == 1:
-        head = f"batch {snapshots[0].id}: {snapshots[0].processing_status}"
-    else:
-        statuses = Counter(snap.processing_status for snap in snapshots)
-        head = f"{len(snapshots)} batches: " + ", ".join(
-            f"{statuses[status]} {status}"
-            for status in ("in_progress", "canceling", "ended")
-            if statuses[status]
-        )
-    counts = " ".join(
-        f"{key}={sum(getattr(snap, key) for snap in snapshots):,}"
-        for key in ("processing", "succeeded", "errored", "canceled", "expired")
-    )
-    oldest = min(snapshots, key=lambda snap: snap.created_at)
-    line = f"{head}; requests {counts}; {'age' if len(snapshots) == 1 else 'oldest age'} {_age(oldest, now)}"
-    waiting = [s for s in snapshots if s.processing_status == "in_progress" and s.cancel_initiated_at is None]
-    if timeout is not None and waiting:
-        nearest = min(waiting, key=lambda snap: snap.created_at)
-        left = batch_deadline(nearest, timeout) - now.timestamp()
-        line += f"; next deadline {'in ' + _human(timedelta(seconds=left)) if left > 0 else 'passed'}"
-        if len(snapshots) > 1:
-            line += f" ({nearest.id}, age {_age(nearest, now)})"
-    pending = [snap for snap in snapshots if not snap.ended]
-    if pending:
-        soonest = min(pending, key=lambda snap: snap.expires_at)
-        line += f"; expires in {_human(datetime.fromisoformat(soonest.expires_at) - now)}"
-    timed_out = sum(canceled_for_timeout(snap, timeout) for snap in snapshots)
-    if timed_out:
-        line += f"; canceled for timeout: {timed_out}"
-    return line
-
-
-def _age(snap: BatchSnapshot, now: datetime) -> str:
-    return _human(now - datetime.fromisoformat(snap.created_at))
 
 
 class ClaudeBatchTrigger(BaseTrigger):
@@ -273,8 +162,8 @@ class ClaudeBatchTrigger(BaseTrigger):
                     subscription.forget({key for key, snap in found.snapshots.items() if snap.ended})
                     if all(key in latest and latest[key].ended for key in self.batch_ids):
                         snapshots = [latest[key] for key in self.batch_ids]
-                        self.log.info("Poll round %d: %s; every batch has ended.", rounds,
-                                      progress_summary(snapshots, self.timeout, datetime.now(UTC)))  # fmt: skip
+                        line = progress_summary(snapshots, self.timeout, datetime.now(UTC))
+                        self.log.info("Poll round %d: %s; every batch has ended.", rounds, line)
                         yield TriggerEvent(
                             completion_event(snapshots, self.timeout, self.on_timeout, refused)
                         )
@@ -296,22 +185,25 @@ class ClaudeBatchTrigger(BaseTrigger):
                         "Poll round %d: %s; next check in %s.",
                         rounds,
                         progress_summary(list(latest.values()), self.timeout, datetime.now(UTC)),
-                        _human(timedelta(seconds=subscription.interval)),
+                        human_duration(timedelta(seconds=subscription.interval)),
                     )
 
     async def _next_round(
         self, subscription: Subscription, latest: dict[str, BatchSnapshot], skip: set[str]
     ) -> PollRound | None:
         """The next poll round, or ``None`` when a batch's deadline falls before it arrives."""
-        deadlines = [
-            batch_deadline(snap, self.timeout)
-            for snap in latest.values()
-            if snap.id not in skip
-            and snap.processing_status == "in_progress"
-            and snap.cancel_initiated_at is None
-        ]
+        timeout = self.timeout
+        deadlines = (
+            [
+                deadline_at(snap, timeout)
+                for snap in latest.values()
+                if snap.id not in skip and waiting_uncanceled(snap)
+            ]
+            if timeout is not None
+            else []
+        )
         try:
-            if self.timeout is None or not deadlines:
+            if not deadlines:
                 found = await subscription.next_round()
             else:
                 wake_in = max(min(deadlines) - time.time(), 0) + 0.001
@@ -322,7 +214,7 @@ class ClaudeBatchTrigger(BaseTrigger):
         return subscription.newest(found)
 
     def _error(self, message: str) -> TriggerEvent:
-        return TriggerEvent({"status": "error", "message": message, "batch_ids": self.batch_ids})
+        return TriggerEvent({"status": EVENT_ERROR, "message": message, "batch_ids": self.batch_ids})
 
     async def _cancel(
         self, batch_ids: list[str], deadline_of: dict[str, BatchSnapshot] | None = None
@@ -334,7 +226,7 @@ class ClaudeBatchTrigger(BaseTrigger):
         async def one(batch_id: str) -> bool:
             snap = (deadline_of or {}).get(batch_id)
             why = (
-                f" (created {snap.created_at}, deadline {_iso(batch_deadline(snap, self.timeout))})"
+                f" (created {snap.created_at}, deadline {iso_utc(deadline_at(snap, self.timeout))})"
                 if snap is not None and self.timeout is not None
                 else ""
             )
@@ -350,8 +242,8 @@ class ClaudeBatchTrigger(BaseTrigger):
                             self.log.info("Batch %s ended before it could be cancelled.", batch_id)
                             return True
                     self.log.warning(
-                        "Could not cancel batch %s%s: %s. It runs on (and is billed) until it ends or expires; "
-                        "cancel it in the Claude Console. Retrying at the next poll round.",
+                        "Could not cancel batch %s%s: %s. It runs on (and is billed) until it ends or "
+                        "expires; cancel it in the Claude Console. Retrying at the next poll round.",
                         batch_id,
                         why,
                         exc,

@@ -1,4 +1,7 @@
-"""Queue-aware submission against the emulator over HTTP: defer on a full queue, never sleep, never pay twice."""
+"""Queue-aware submission against the emulator over HTTP.
+
+Defer on a full queue, never sleep, never pay twice.
+"""
 
 from __future__ import annotations
 
@@ -77,7 +80,8 @@ def _rate_limit_error(message: str) -> anthropic.RateLimitError:
 
 def test_queue_full_429_is_told_apart_from_the_request_rate_429():
     queue_full = _rate_limit_error(
-        "This batch would exceed the limit of 300000 requests waiting in the processing queue (290000 are waiting)."
+        "This batch would exceed the limit of 300000 requests waiting in the processing queue "
+        "(290000 are waiting)."
     )
     rate = _rate_limit_error("Number of batch API requests has exceeded the rate limit of 4000 per minute.")
     assert is_queue_full(queue_full) and not is_queue_full(rate)

@@ -147,7 +147,8 @@ def test_a_submit_reads_the_shard_from_the_store_once(tmp_path):
             sent.append(b"".join(body))  # a resend streams the body again
             return MessageBatch.model_validate({
                 "id": "msgbatch_1", "type": "message_batch", "processing_status": "in_progress",
-                "request_counts": {"processing": request_count, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0},
+                "request_counts": {"processing": request_count, "succeeded": 0, "errored": 0, "canceled": 0,
+                                   "expired": 0},
                 "created_at": "2026-01-01T00:00:00Z", "expires_at": "2026-01-02T00:00:00Z", "ended_at": None,
                 "archived_at": None, "cancel_initiated_at": None, "results_url": None,
             })  # fmt: skip

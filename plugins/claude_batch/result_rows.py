@@ -1,0 +1,240 @@
+"""Result lines into rows: parse the API's JSONL into Arrow columns, then a results table.
+
+The results' columns (:data:`RESULTS_SCHEMA`) are defined here, once: collect writes them,
+validation and the load read them. Parsing is the hot loop of collect, so a call's lines live as
+Python tuples only until the call returns, then as Arrow arrays. Cost is computed per row group
+from the price table (null where the model has no price). Airflow-free, and no I/O but the
+Parquet writer's handle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from claude_batch.costs import PriceTable, cost_array
+
+RESULTS_SCHEMA = pa.schema(
+    [
+        ("custom_id", pa.string()),
+        ("record_key", pa.string()),
+        ("outcome", pa.string()),
+        ("text", pa.string()),
+        ("tool_input_json", pa.string()),
+        ("stop_reason", pa.string()),
+        ("model", pa.string()),
+        ("input_tokens", pa.int64()),
+        ("output_tokens", pa.int64()),
+        ("cache_creation_input_tokens", pa.int64()),
+        ("cache_read_input_tokens", pa.int64()),
+        ("cache_creation_5m_input_tokens", pa.int64()),
+        ("cache_creation_1h_input_tokens", pa.int64()),
+        ("cost_usd", pa.float64()),
+        ("error_type", pa.string()),
+        ("error_message", pa.string()),
+        ("prompt_version", pa.string()),
+        ("batch_id", pa.string()),
+    ]
+)
+# Columns with a value per row (see parquet_writer).
+RESULTS_UNIQUE_COLUMNS = frozenset({"custom_id", "record_key", "text", "tool_input_json", "error_message"})
+_TOKEN_COLUMNS = (
+    "input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens",
+    "cache_creation_5m_input_tokens", "cache_creation_1h_input_tokens",
+)  # fmt: skip
+
+
+class ShardPositions(Protocol):
+    """Where each custom_id is among a shard's keys (``results._ShardKeys``)."""
+
+    def positions(self, ids: Sequence[str], id_array: pa.Array) -> pa.Array: ...
+
+
+# The fields of a parsed row tuple: RESULTS_SCHEMA without the columns set per row group (the
+# record key, looked up by custom_id; cost, prompt version and batch id).
+_ROW_FIELDS = (
+    "custom_id", "outcome", "text", "tool_input_json", "stop_reason", "model", *_TOKEN_COLUMNS,
+    "error_type", "error_message",
+)  # fmt: skip
+_ROW_TYPES = tuple(pa.int64() if name in _TOKEN_COLUMNS else pa.string() for name in _ROW_FIELDS)
+# The token columns in the order of cost_array's parameters.
+_COST_TOKENS = (
+    "input_tokens", "output_tokens", "cache_creation_5m_input_tokens", "cache_creation_1h_input_tokens",
+    "cache_read_input_tokens",
+)  # fmt: skip
+_NO_USAGE: dict[str, Any] = {}
+
+
+def _content_payloads(content: Iterable[dict[str, Any]]) -> tuple[str | None, str | None]:
+    """(text, tool input as JSON) of a message's content blocks: the texts joined, the first tool input."""
+    texts = []
+    tool_input = None
+    for block in content:
+        kind = block.get("type")
+        if kind == "text":
+            texts.append(block.get("text", ""))
+        elif kind == "tool_use" and tool_input is None:
+            tool_input = orjson.dumps(block.get("input")).decode()
+    return ("".join(texts) if texts else None), tool_input
+
+
+def _unsucceeded_row(custom_id: str, outcome: str, result: dict[str, Any]) -> tuple[Any, ...]:
+    """The row of a request that did not succeed (errored, canceled, expired or unknown)."""
+    error_type = error_message = None
+    if outcome == "errored":
+        # The error object is nested twice: {"error": {"type": "error", "error": {...}}}.
+        error = result.get("error") or {}
+        nested = error.get("error")
+        inner: dict[str, Any] = nested if isinstance(nested, dict) else error
+        error_type, error_message = inner.get("type"), inner.get("message")
+    return (custom_id, outcome, None, None, None, None, 0, 0, 0, 0, 0, 0, error_type, error_message)
+
+
+class ResultRows:
+    """Result lines parsed into Arrow columns, one call's lines at a time, until they become a table.
+
+    A call's rows live as Python tuples only until it returns: a row group held as Python objects
+    would take several times its Arrow size, and leave the heap fragmented after.
+
+    :param keys: the shard's keys; when given, each row's place among them is kept as the column
+        ``position`` (null for an id that is not the shard's).
+    """
+
+    def __init__(self, keys: ShardPositions | None = None) -> None:
+        self.keys = keys
+        self.pieces: list[list[pa.Array]] = []
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add_lines(self, lines: Iterable[bytes]) -> None:
+        """Parse result lines (JSON) into rows.
+
+        Raises ``orjson.JSONDecodeError``, ``KeyError``, ``TypeError``, ``AttributeError`` or
+        ``pyarrow.ArrowException`` at the first line that is not a whole result; the lines before
+        it are kept.
+        """
+        loads = orjson.loads
+        rows: list[tuple[Any, ...]] = []
+        append = rows.append
+        try:
+            for line in lines:
+                record = loads(line)
+                result = record["result"]
+                outcome = result["type"]
+                if outcome != "succeeded":
+                    append(_unsucceeded_row(record["custom_id"], outcome, result))
+                    continue
+                # Inlined, not a function per line: this loop is most of collect's time.
+                message = result["message"]
+                content: Sequence[dict[str, Any]] = message.get("content") or ()
+                if len(content) == 1 and content[0].get("type") == "text":
+                    text = content[0].get("text")
+                    tool_input = None
+                else:
+                    text, tool_input = _content_payloads(content)
+                usage = message.get("usage") or _NO_USAGE
+                written = usage.get("cache_creation_input_tokens") or 0
+                creation = usage.get("cache_creation")
+                if creation:
+                    written_5m = creation.get("ephemeral_5m_input_tokens") or 0
+                    written_1h = creation.get("ephemeral_1h_input_tokens") or 0
+                else:  # no split reported: price the writes as 5-minute writes, the API's default TTL
+                    written_5m, written_1h = written, 0
+                append(
+                    (
+                        record["custom_id"], "succeeded", text, tool_input, message.get("stop_reason"),
+                        message.get("model"), usage.get("input_tokens") or 0,
+                        usage.get("output_tokens") or 0, written, usage.get("cache_read_input_tokens") or 0,
+                        written_5m, written_1h, None, None,
+                    )
+                )  # fmt: skip
+        finally:
+            if rows:
+                self._add_piece(rows)
+
+    def _add_piece(self, rows: list[tuple[Any, ...]]) -> None:
+        columns = list(zip(*rows, strict=True))
+        piece = [pa.array(values, kind) for kind, values in zip(_ROW_TYPES, columns, strict=True)]
+        if self.keys is not None:
+            piece.append(self.keys.positions(columns[0], piece[0]))
+        self.pieces.append(piece)
+        self.size += len(rows)
+
+    def columns(self) -> dict[str, pa.ChunkedArray]:
+        """The rows as one column per field of :data:`_ROW_FIELDS` (and ``position``), one chunk a call."""
+        names: tuple[str, ...] = _ROW_FIELDS
+        kinds: tuple[pa.DataType, ...] = _ROW_TYPES
+        if self.keys is not None:
+            names, kinds = (*names, "position"), (*kinds, pa.int32())
+        return {
+            name: pa.chunked_array([piece[index] for piece in self.pieces], kind)
+            for index, (name, kind) in enumerate(zip(names, kinds, strict=True))
+        }
+
+    def clear(self) -> None:
+        self.pieces.clear()
+        self.size = 0
+
+
+def results_table(
+    fields: dict[str, pa.ChunkedArray],
+    record_keys: pa.Array | pa.ChunkedArray,
+    prompt_version: str | None,
+    batch_id: str,
+    prices: PriceTable,
+) -> pa.Table:
+    """Parsed rows as a :data:`RESULTS_SCHEMA` table, with the columns set per row group.
+
+    :param fields: the rows' fields (:meth:`ResultRows.columns`).
+    :param record_keys: the record key of each row, in row order (null where unknown).
+    :param prompt_version: the run's prompt version.
+    :param batch_id: the batch the rows came from.
+    :param prices: the price table for ``cost_usd``.
+    """
+    size = len(record_keys)
+    columns = {
+        **fields,
+        "record_key": record_keys,
+        "cost_usd": _cost_column(fields["model"], fields, prices),
+        "prompt_version": pa.array([prompt_version] * size, pa.string()),
+        "batch_id": pa.array([batch_id] * size, pa.string()),
+    }
+    return pa.Table.from_arrays([columns[f.name] for f in RESULTS_SCHEMA], schema=RESULTS_SCHEMA)
+
+
+def _cost_column(models: pa.ChunkedArray, tokens: dict[str, pa.ChunkedArray], prices: PriceTable) -> pa.Array:
+    """``cost_usd`` per row: null where the model has no price, 0 for rows without a message.
+
+    Cost is linear in each token count, so each of the row group's few models (None for rows
+    without a message) is priced once per kind of token and the rows are weighed with numpy.
+    """
+    distinct = pc.unique(models)
+    names: list[str | None] = distinct.to_pylist()
+    codes = pc.index_in(models, value_set=distinct).to_numpy()  # a null model finds the null entry
+    cost = np.zeros(len(models), dtype=np.float64)
+    for kind, name in enumerate(_COST_TOKENS):
+        # One token of this kind and none of the others: the price of one such token per model.
+        ones = [np.full(len(names), float(position == kind)) for position in range(len(_COST_TOKENS))]
+        unit_cost = cost_array(names, ones[0], ones[1], ones[2], ones[3], ones[4], prices)
+        cost += unit_cost[codes] * tokens[name].to_numpy()
+    return pa.array(cost, pa.float64(), mask=np.isnan(cost))
+
+
+def parquet_writer(handle: Any, schema: pa.Schema, unique_columns: frozenset[str]) -> pq.ParquetWriter:
+    """A zstd Parquet writer for the data path's parts.
+
+    :param handle: the open file (a store handle).
+    :param schema: the part's columns.
+    :param unique_columns: columns with a value per row, written without a dictionary: for them one
+        would be built and then given up, which costs a fifth of the write.
+    """
+    use_dictionary = [name for name in schema.names if name not in unique_columns]
+    return pq.ParquetWriter(handle, schema, compression="zstd", use_dictionary=use_dictionary)
