@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from claude_batch.batch_queue import DEFAULT_QUEUE_POLL_INTERVAL
 from claude_batch.costs import PriceTable, default_prices
 from claude_batch.preflight import check_model
 from claude_batch.staging import StagingLimits
-from claude_batch.triggers import DEFAULT_BATCH_TIMEOUT
+from claude_batch.waiting import DEFAULT_BATCH_TIMEOUT, DEFAULT_QUEUE_POLL_INTERVAL
 from claude_batch.warehouse import SourceSpec
 from claude_batch.workloads import Workload
 
