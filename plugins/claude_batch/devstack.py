@@ -16,9 +16,9 @@ removed: the emulator and S3 live in memory, so nothing of an old stack would st
 Once every component is healthy and the DAGs are parsed it prints the URL and the logins, and
 (unless ``--no-run``) unpauses ``support_ticket_triage``, whose scheduled run for the latest day
 (the seeded tickets of yesterday) then starts, so that the Claude Batches page has a run to show
-a minute later. The other DAGs stay paused, as Airflow leaves new DAGs, until you toggle them. Each component logs to
-``<home>/logs/<component>.log``. Ctrl-C (or SIGTERM) stops every component (their children too)
-and the emulator and S3 server.
+a minute later. The other DAGs stay paused, as Airflow leaves new DAGs, until you toggle them.
+Each component logs to ``<home>/logs/<component>.log``. Ctrl-C (or SIGTERM) stops every
+component (their children too) and the emulator and S3 server.
 
 SQLite and the LocalExecutor, not PostgreSQL: this must come up on a machine with nothing but
 the clone (``airflow standalone`` makes the same choice); Airflow 3.3 runs the LocalExecutor on
@@ -38,13 +38,19 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
+from claude_batch.airflow_api import (
+    AirflowApi,
+    StackError,
+    wait_for,
+    wait_until_healthy,
+    wait_until_parsed,
+)
 
 AIRFLOW_BIN = Path(sys.executable).parent / "airflow"
 ADMIN_USER, VIEWER_USER = "admin", "viewer"
@@ -53,41 +59,39 @@ POOL_SLOTS = 4
 FIRST_RUN_DAG = "support_ticket_triage"
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 
-
-class StackError(RuntimeError):
-    """A component did not start, stopped by itself, or the stack did not reach a state in time."""
+# The full-stack tests import the REST client and the waits from here (airflow_api.py holds them).
+__all__ = [
+    "ADMIN_USER",
+    "AIRFLOW_BIN",
+    "COMPONENTS",
+    "FIRST_RUN_DAG",
+    "POOL",
+    "POOL_SLOTS",
+    "VIEWER_USER",
+    "AirflowApi",
+    "Component",
+    "DevStack",
+    "StackError",
+    "airflow_components",
+    "check_alive",
+    "free_port",
+    "init_metadata",
+    "main",
+    "parse_args",
+    "run_airflow",
+    "server_settings",
+    "stop_all",
+    "wait_for",
+    "wait_until_healthy",
+    "wait_until_parsed",
+    "write_users",
+]
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def wait_for(
-    what: str,
-    probe: Callable[[], Any],
-    timeout: float,
-    interval: float = 0.5,
-    check: Callable[[], None] | None = None,
-) -> Any:
-    """Call ``probe`` until it returns something truthy; ``check`` raises if the stack died meanwhile."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        if check is not None:
-            check()
-        try:
-            value = probe()
-        except (httpx.HTTPError, OSError, ValueError) as exc:  # not up yet, or not JSON yet
-            last_error, value = exc, None
-        if value:
-            return value
-        time.sleep(interval)
-    raise StackError(
-        f"timed out after {timeout:.0f} s waiting for {what}"
-        + (f" (last error: {last_error})" if last_error else "")
-    )
 
 
 # -- processes ------------------------------------------------------------------------------
@@ -243,8 +247,8 @@ def init_metadata(env: dict[str, str], log_path: Path, cwd: Path | None = None) 
     """What a deployment's init job does: migrate the metadata database, make the submissions' pool."""
     run_airflow(env, "db", "migrate", log_path=log_path, cwd=cwd)
     run_airflow(
-        env, "pools", "set", POOL, str(POOL_SLOTS), "claude-batch submissions (sized for the API's batch queue)",
-        log_path=log_path, cwd=cwd,
+        env, "pools", "set", POOL, str(POOL_SLOTS),
+        "claude-batch submissions (sized for the API's batch queue)", log_path=log_path, cwd=cwd,
     )  # fmt: skip
 
 
@@ -308,122 +312,6 @@ def server_settings(
     }
 
 
-# -- the REST API, as the UI calls it ---------------------------------------------------------
-
-
-class AirflowApi:
-    """A thin client of Airflow's public REST API with a simple-auth-manager JWT."""
-
-    def __init__(self, base_url: str, username: str, password: str) -> None:
-        self.base_url = base_url
-        self.http = httpx.Client(base_url=base_url, timeout=30.0)
-        self.username, self.password = username, password
-
-    def login(self) -> str:
-        """POST /auth/token with the user's credentials, as the UI's login form does."""
-        response = self.http.post("/auth/token", json={"username": self.username, "password": self.password})
-        response.raise_for_status()
-        token = response.json()["access_token"]
-        self.http.headers["Authorization"] = f"Bearer {token}"
-        return token
-
-    def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self.http.request(method, f"/api/v2{path}", **kwargs)
-        if response.is_error:
-            raise StackError(f"{method} {path} -> {response.status_code}: {response.text[:500]}")
-        return response.json() if response.content else None
-
-    def get(self, path: str, **params: Any) -> Any:
-        return self.request("GET", path, params=params or None)
-
-    def health(self) -> dict:
-        return self.http.get("/api/v2/monitor/health").json()
-
-    def unpause(self, dag_id: str) -> None:
-        self.request(
-            "PATCH", f"/dags/{dag_id}", params={"update_mask": "is_paused"}, json={"is_paused": False}
-        )
-
-    def trigger(
-        self, dag_id: str, conf: dict, logical_date: str | None = None, note: str | None = None
-    ) -> dict:
-        body = {"logical_date": logical_date, "conf": conf, "note": note}
-        return self.request("POST", f"/dags/{dag_id}/dagRuns", json=body)
-
-    def dag_run(self, dag_id: str, run_id: str) -> dict:
-        return self.get(f"/dags/{dag_id}/dagRuns/{run_id}")
-
-    def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
-        return self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", limit=100)["task_instances"]
-
-    def task_instance(self, dag_id: str, run_id: str, task_id: str) -> dict:
-        return self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}")
-
-    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
-        value = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}")[
-            "value"
-        ]
-        # The native form is the stored JSON, which some versions hand back as a string.
-        return json.loads(value) if isinstance(value, str) else value
-
-
-def wait_until_healthy(api: AirflowApi, timeout: float, check: Callable[[], None]) -> None:
-    """The API server answers, the user logs in, and the scheduler, triggerer and DAG processor heartbeat."""
-    wait_for("the API server", api.health, timeout, check=check)
-
-    def logged_in() -> bool:
-        # The server answers health checks before its auth manager has read the users' passwords
-        # (seen under load: one 401, then the same login succeeds).
-        try:
-            api.login()
-        except httpx.HTTPStatusError as exc:
-            if exc.response.status_code != 401:
-                raise
-            return False
-        return True
-
-    wait_for("the user's login", logged_in, timeout, check=check)
-    # The execution API's first request is slow (lazy set-up in the server); pay for it now
-    # rather than in the first task's start, whose client times out and backs off meanwhile.
-    # (Without the UI token: the execution API checks its own audience and would log a rejection.)
-    httpx.get(f"{api.base_url}/execution/health", timeout=120)
-
-    def healthy() -> bool:
-        health = api.health()
-        parts = ("metadatabase", "scheduler", "triggerer", "dag_processor")
-        return all(health.get(part, {}).get("status") == "healthy" for part in parts)
-
-    wait_for("scheduler, triggerer and DAG processor heartbeats", healthy, timeout, check=check)
-
-
-def wait_until_parsed(
-    api: AirflowApi,
-    dag_ids: Iterable[str],
-    timeout: float,
-    check: Callable[[], None],
-    *,
-    unpause: bool = True,
-) -> None:
-    """Each DAG parsed (else the import errors, named) and, with ``unpause``, unpaused (a paused DAG's
-    runs stay queued)."""
-    for dag_id in dag_ids:
-        try:
-            wait_for(
-                f"DAG {dag_id} to be parsed",
-                lambda dag_id=dag_id: api.http.get(f"/api/v2/dags/{dag_id}").status_code == 200,
-                timeout,
-                check=check,
-            )
-        except StackError as exc:
-            errors = api.get("/importErrors").get("import_errors", [])
-            details = "; ".join(
-                f"{e['filename']}: {e['stack_trace'].strip().splitlines()[-1]}" for e in errors
-            )
-            raise StackError(f"{exc}; import errors: {details or 'none'}") from exc
-        if unpause:
-            api.unpause(dag_id)
-
-
 # -- make ui ----------------------------------------------------------------------------------
 
 
@@ -446,7 +334,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m claude_batch.devstack", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--port", type=int, default=int(os.environ.get("CLAUDE_BATCH_UI_PORT", "8080")),
-                        help="the API server's port on 127.0.0.1 (default 8080; 0: any free port)")  # fmt: skip
+                        help="the API server's port on 127.0.0.1 "
+                        "(default 8080; 0: any free port)")  # fmt: skip
     parser.add_argument("--home", type=Path, default=None, help="the stack's directory (default .airflow/ui)")
     parser.add_argument("--tickets", type=int, default=3000, help="support tickets to seed (over 3 days)")
     parser.add_argument(
@@ -523,16 +412,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         ready = time.monotonic() - started
         print(
             f"\nAirflow is up after {ready:.0f} s: {stack.url}\n"
-            f"  log in as {ADMIN_USER} / {passwords[ADMIN_USER]}   (or {VIEWER_USER} / {passwords[VIEWER_USER]}: "
-            f"may read, not run or requeue)\n"
-            f'  the Claude Batches page: {stack.url}/plugin/claude-batch   (the navigation\'s "Claude Batches")\n'
+            f"  log in as {ADMIN_USER} / {passwords[ADMIN_USER]}   "
+            f"(or {VIEWER_USER} / {passwords[VIEWER_USER]}: may read, not run or requeue)\n"
+            f"  the Claude Batches page: {stack.url}/plugin/claude-batch   "
+            '(the navigation\'s "Claude Batches")\n'
             f"  component logs: {logs}"
         )
         if not args.no_run:
             stack.api.unpause(FIRST_RUN_DAG)
             print(
-                f"  unpaused {FIRST_RUN_DAG}: its nightly run over the seeded tickets of {end - timedelta(days=1):%Y-%m-%d} "
-                f"starts now; its cost shows on the page when it ends (the other DAGs wait for your toggle)"
+                f"  unpaused {FIRST_RUN_DAG}: its nightly run over the seeded tickets of "
+                f"{end - timedelta(days=1):%Y-%m-%d} starts now; its cost shows on the page when it ends "
+                "(the other DAGs wait for your toggle)"
             )
         if args.exit_when_ready:
             return 0

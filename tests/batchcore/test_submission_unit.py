@@ -92,7 +92,7 @@ def _recorded(shard: StoredShard) -> StoredShard:
 
 
 def test_a_staged_shard_is_scanned_without_parsing_its_lines_and_gives_the_same_scan(tmp_path, monkeypatch):
-    import claude_batch.submission as submission
+    import claude_batch.submission.scan as submission
 
     requests = [_request(f"r{i}", "text " * (i % 7)) for i in range(200)]
     shard = _write_shard(tmp_path, [orjson.dumps(r) for r in requests])

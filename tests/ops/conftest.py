@@ -29,7 +29,10 @@ PG_PASSWORD = "pg-Secret-Passw0rd-never-printed"
 
 
 class ProseResponder:
-    """The emulator's default answers, except prose (not the JSON the schema asks for) for text with the marker."""
+    """The emulator's default answers, except for text with the marker.
+
+    That text gets prose, not the JSON the schema asks for.
+    """
 
     def __init__(self) -> None:
         self.default = DefaultResponder()
@@ -98,7 +101,10 @@ def postgres_connection(dsn: str, **changes: Any) -> dict[str, Any]:
 
 @pytest.fixture(params=["duckdb", "postgres"])
 def ops_stack(request, tmp_path, s3_store, moto_endpoint, anthropic_conn, aws_conn, monkeypatch) -> Stack:
-    """A filled warehouse of either kind, as ``claude_batch_warehouse``; the emulator answers in prose on cue."""
+    """A filled warehouse of either kind, as ``claude_batch_warehouse``.
+
+    The emulator answers in prose on cue.
+    """
     if request.param == "duckdb":
         path = tmp_path / "warehouse.duckdb"
         url = f"duckdb://{path}"
@@ -134,6 +140,7 @@ def cli_json(*argv: str) -> Any:
 def ledger(stack: Stack) -> dict[str, tuple]:
     rows = query(
         stack,
-        "SELECT record_key, status, attempts, requeued_by, requeued_at, run_id, last_error FROM claude_batch_ledger",
+        "SELECT record_key, status, attempts, requeued_by, requeued_at, run_id, last_error "
+        "FROM claude_batch_ledger",
     )
     return {row[0]: row[1:] for row in rows}

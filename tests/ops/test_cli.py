@@ -112,8 +112,8 @@ def test_every_subcommand_then_requeue_and_the_next_run_sends_the_items(ops_stac
     fix_row(stack, CONTROL_KEY, "red alert about my invoice")
     fix_row(stack, PROSE_KEY, "Refund me now, I was charged twice")
     result = cli_json(
-        "requeue", "--workload", WORKLOAD.name, "--key", CONTROL_KEY, "--key", GOOD_KEYS[0], "--key", "no-such-key",
-        "--by", "ops-test",
+        "requeue", "--workload", WORKLOAD.name, "--key", CONTROL_KEY, "--key", GOOD_KEYS[0],
+        "--key", "no-such-key", "--by", "ops-test",
     )  # fmt: skip
     assert (result["selected"], result["requeued"], result["keys"]) == (1, 1, [CONTROL_KEY])
     skipped = {s["record_key"]: s["why"] for s in result["skipped"]}
@@ -198,8 +198,8 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, monkeypatch):
     assert "no workload 'nope' in this warehouse's ledger or run history (known: triage)" in err
     code, _, err = cli("requeue", "--workload", "triage", "--all-dead", "--prompt-version", "pv_nothing")
     assert code == 2 and "has no prompt version 'pv_nothing'" in err
-    assert cli_json("requeue", "--workload", "triage", "--all-dead", "--prompt-version", "pv_0123", "--dry-run")[
-        "keys"] == ["k1"]  # fmt: skip
+    assert cli_json("requeue", "--workload", "triage", "--all-dead", "--prompt-version", "pv_0123",
+                    "--dry-run")["keys"] == ["k1"]  # fmt: skip
     code, _, err = cli("ledger", "--conn-id", "no_such_warehouse")
     assert (
         code == 2

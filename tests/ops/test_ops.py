@@ -1,4 +1,7 @@
-"""The query layer itself (``claude_batch.ops``): ledgers made before requeues, what requeue moves, prompt versions."""
+"""The query layer itself (``claude_batch.ops``).
+
+Ledgers made before requeues, what requeue moves, prompt versions.
+"""
 
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ def add_item(
     execute(
         warehouse,
         "INSERT INTO claude_batch_ledger (workload, record_key, prompt_version, custom_id, status, attempts, "
-        "invalid_answers, last_error, run_id, updated_at, claimed_at, dag_id) VALUES (?, ?, ?, ?, ?, 3, 1, ?, ?, ?, ?, ?)",
+        "invalid_answers, last_error, run_id, updated_at, claimed_at, dag_id) "
+        "VALUES (?, ?, ?, ?, ?, 3, 1, ?, ?, ?, ?, ?)",
         [
             workload,
             key,
@@ -60,7 +64,8 @@ def test_a_ledger_made_before_requeues_gains_the_columns_and_is_read_as_it_is(wa
     execute(
         warehouse,
         """CREATE TABLE claude_batch_ledger (workload TEXT NOT NULL, record_key TEXT NOT NULL,
-        prompt_version TEXT NOT NULL, custom_id TEXT, status TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+        prompt_version TEXT NOT NULL, custom_id TEXT, status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
         invalid_answers INTEGER NOT NULL DEFAULT 0, last_error TEXT, batch_id TEXT, run_id TEXT,
         updated_at TIMESTAMP NOT NULL, claimed_at TIMESTAMP, dag_id TEXT,
         PRIMARY KEY (workload, record_key, prompt_version))""",

@@ -1,4 +1,6 @@
-"""The Claude Batches page (``claude_batch.ui``) over a DuckDB warehouse two real runs fill, with Airflow's own auth.
+"""The Claude Batches page (``claude_batch.ui``), with Airflow's own auth.
+
+It runs over a DuckDB warehouse two real runs fill.
 
 The app is the plugin's, called through FastAPI's TestClient with tokens the simple auth manager
 signs (its JWT validator checks them); users and roles come from
@@ -32,8 +34,10 @@ def ui_client_fixture(airflow_db, monkeypatch):
     from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
     from claude_batch.ui.app import create_app
 
-    monkeypatch.setenv("AIRFLOW__CORE__AUTH_MANAGER",
-                       "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager")  # fmt: skip
+    monkeypatch.setenv(
+        "AIRFLOW__CORE__AUTH_MANAGER",
+        "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+    )
     monkeypatch.setenv(
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS", ",".join(f"{u}:{r}" for u, r in USERS.items())
     )

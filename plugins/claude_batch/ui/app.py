@@ -218,7 +218,8 @@ def _connection_section(conn_id: str, user: Any) -> ConnectionSection:
                 current = next((c for c in status_now.ledger if c.workload == name and c.current), None)
                 workloads.append(
                     WorkloadSummary(
-                        conn_id=conn_id, name=name, dag_ids=dag_ids, ledger=current, last_run=last_runs.get(name),
+                        conn_id=conn_id, name=name, dag_ids=dag_ids, ledger=current,
+                        last_run=last_runs.get(name),
                         in_flight=sum(1 for b in status_now.in_flight if b.workload == name),
                         dead_or_invalid=sum(current.counts.get(s, 0) for s in REQUEUEABLE) if current else 0,
                     )

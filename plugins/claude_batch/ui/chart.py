@@ -60,22 +60,26 @@ def cost_chart_svg(bars: Sequence[DayBar], *, title: str) -> str:
         y = TOP + plot_h * (1 - fraction)
         parts.append(f'<line class="grid" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}"/>')
         parts.append(
-            f'<text class="axis" x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{escape(money(scale * fraction))}</text>'
+            f'<text class="axis" x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">'
+            f"{escape(money(scale * fraction))}</text>"
         )
     for index, bar in enumerate(bars):
         x = LEFT + index * slot + (slot - bar_w) / 2
         tip = escape(
             f"{bar.day.isoformat()}: {bar.runs} run(s), cost {money(bar.cost_usd)}, "
-            f"real-time equivalent {money(bar.realtime_cost_usd)}, saving {money(bar.realtime_cost_usd - bar.cost_usd)}"
+            f"real-time equivalent {money(bar.realtime_cost_usd)}, "
+            f"saving {money(bar.realtime_cost_usd - bar.cost_usd)}"
         )
         parts.append(
-            f'<g class="day" data-day="{bar.day.isoformat()}" data-cost="{bar.cost_usd:.6f}"><title>{tip}</title>'
+            f'<g class="day" data-day="{bar.day.isoformat()}" data-cost="{bar.cost_usd:.6f}">'
+            f"<title>{tip}</title>"
         )
         for css, value in (("realtime", bar.realtime_cost_usd), ("cost", bar.cost_usd)):
             if value > 0 and scale > 0:
                 h = max(plot_h * value / scale, 1.0)
                 parts.append(
-                    f'<rect class="{css}" x="{x:.1f}" y="{TOP + plot_h - h:.1f}" width="{bar_w:.1f}" height="{h:.1f}"/>'
+                    f'<rect class="{css}" x="{x:.1f}" y="{TOP + plot_h - h:.1f}" '
+                    f'width="{bar_w:.1f}" height="{h:.1f}"/>'
                 )
         parts.append("</g>")
         if (len(bars) - 1 - index) % 7 == 0:  # a label a week, the last day's included
