@@ -217,24 +217,41 @@ def main() -> None:
         os.makedirs(replay_dir)
         try:
             with emulator_process(processing_seconds=1, time_scale=3600) as emulator_url:
-                batch_ids = run_isolated("bench.bench_collect", "prepare", emulator_url=emulator_url, root=root,
-                                         count=count)["batch_ids"]  # fmt: skip
-                download = run_isolated("bench.bench_collect", "measure_download", emulator_url=emulator_url,
-                                        batch_ids=batch_ids, replay_dir=replay_dir)  # fmt: skip
+                batch_ids = run_isolated(
+                    "bench.bench_collect", "prepare", emulator_url=emulator_url, root=root, count=count
+                )["batch_ids"]
+                download = run_isolated(
+                    "bench.bench_collect",
+                    "measure_download",
+                    emulator_url=emulator_url,
+                    batch_ids=batch_ids,
+                    replay_dir=replay_dir,
+                )
                 with replay_process(replay_dir) as replay_url:
                     runs = [
-                        run_isolated("bench.bench_collect", "measure_collect", emulator_url=replay_url, root=root,
-                                     batch_ids=batch_ids)
+                        run_isolated(
+                            "bench.bench_collect",
+                            "measure_collect",
+                            emulator_url=replay_url,
+                            root=root,
+                            batch_ids=batch_ids,
+                        )
                         for _ in range(RUNS)
-                    ]  # fmt: skip
+                    ]
                     load_average = os.getloadavg()[0]
-                # Against the emulator itself only at the smaller sizes: it serves a few thousand lines a second.
+                # Against the emulator itself only at the smaller sizes: it serves a few thousand
+                # lines a second.
                 end_to_end = (
-                    run_isolated("bench.bench_collect", "measure_collect", emulator_url=emulator_url, root=root,
-                                 batch_ids=batch_ids)
+                    run_isolated(
+                        "bench.bench_collect",
+                        "measure_collect",
+                        emulator_url=emulator_url,
+                        root=root,
+                        batch_ids=batch_ids,
+                    )
                     if count <= 100_000
                     else None
-                )  # fmt: skip
+                )
         finally:
             shutil.rmtree(root, ignore_errors=True)
         # Rates from the run of median time; memory from the run that used the most.
@@ -272,10 +289,12 @@ def main() -> None:
     markdown = (
         "### Collect and validate: results streamed to JSONL + Parquet, then validated\n\n"
         + markdown_table(rows, [column for column in rows[0] if column != "pool"])
-        + f"\n\nPeak memory (above the RSS after imports) at {rows[-1]['rows']:,} vs {rows[0]['rows']:,} rows: "
-        f"{growth:.2f}x (targets: at most 40 MB above baseline at the smaller size, at most 1.2x that at the "
-        f"larger; 50,000 rows/s or more). Each size is measured {RUNS} times, each in a fresh interpreter: the "
-        "rates are the run of median time, the peaks the largest of the runs (collect's and validate's apart, "
+        + "\n\nPeak memory (above the RSS after imports) at "
+        f"{rows[-1]['rows']:,} vs {rows[0]['rows']:,} rows: "
+        f"{growth:.2f}x (targets: at most 40 MB above baseline at the smaller size, at most 1.2x that at "
+        f"the larger; 50,000 rows/s or more). Each size is measured {RUNS} times, each in a fresh "
+        "interpreter: the rates are the run of median time, the peaks the largest of the runs (collect's "
+        "and validate's apart, "
         "each above the RSS after imports). Arrow's pool in these runs: "
         f"{rows[-1]['pool']}. Load average: the machine's 1-minute load after the runs. The first "
         "columns are against the replay server (the emulator's own results, served again from files); the "

@@ -142,14 +142,26 @@ def prepare(target: str, where: str, root: str, count: int) -> dict:
                 0,
                 "",
                 {spec.model: size},
-            )  # fmt: skip
+            )
         )
     manifest = Manifest(
-        workload=spec.name, prompt_version=spec.prompt_version, dag_id="bench", run_id=RUN_ID, cache_setting="off",
-        key_field="ticket_id", models=[spec.model], extracted_rows=count, staged_requests=count, rejected_rows=0,
-        rejected_by_reason={}, rejects="requests/rejects.jsonl", shards=shards, limits={}, estimate={},
+        workload=spec.name,
+        prompt_version=spec.prompt_version,
+        dag_id="bench",
+        run_id=RUN_ID,
+        cache_setting="off",
+        key_field="ticket_id",
+        models=[spec.model],
+        extracted_rows=count,
+        staged_requests=count,
+        rejected_rows=0,
+        rejected_by_reason={},
+        rejects="requests/rejects.jsonl",
+        shards=shards,
+        limits={},
+        estimate={},
         created_at="2026-01-01T00:00:00+00:00",
-    )  # fmt: skip
+    )
     layout.store.write_json(layout.manifest, manifest.to_dict())
     conn = _connect(target, where)
     warehouse = Warehouse(conn)
@@ -160,7 +172,10 @@ def prepare(target: str, where: str, root: str, count: int) -> dict:
 
 
 def measure_load(target: str, where: str, root: str) -> dict:
-    """``load_run``, ``check_accounting`` and a re-run of the load, timed, with the peak memory above the baseline."""
+    """``load_run``, ``check_accounting`` and a re-run of the load, timed.
+
+    With the peak memory above the baseline.
+    """
     from claude_batch.staging import read_manifest
     from claude_batch.storage import ObjectStore, RunLayout
     from claude_batch.warehouse import Warehouse

@@ -134,7 +134,8 @@ def main() -> None:
         f"### Trigger: {BATCHES:,} in-progress batches on one event loop, {INTERVAL:.0f} s interval, "
         f"{window:.0f} s window\n\n"
         + markdown_table(rows, list(rows[0]))
-        + f"\n\nOfficial / ours CPU per batch status learned: {ratio:.1f}x (targets: at most 5 API calls per round, "
+        + f"\n\nOfficial / ours CPU per batch status learned: {ratio:.1f}x "
+        "(targets: at most 5 API calls per round, "
         "ours at most a tenth of the official CPU per batch, lag p99 under 100 ms)."
     )
     write_results("trigger", rows, markdown)

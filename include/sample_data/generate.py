@@ -269,20 +269,39 @@ def seed_warehouse(
     text, stamp = pa.string(), pa.timestamp("us")
     tables = {
         TICKETS_TABLE: (
-            pa.schema([("ticket_id", text), ("customer_id", text), ("channel", text), ("subject", text),
-                       ("body", text), ("created_at", stamp)]),
+            pa.schema(
+                [
+                    ("ticket_id", text),
+                    ("customer_id", text),
+                    ("channel", text),
+                    ("subject", text),
+                    ("body", text),
+                    ("created_at", stamp),
+                ]
+            ),
             ticket_rows(tickets, end=end, days=days, seed=seed),
         ),
         INVOICES_TABLE: (
-            pa.schema([("invoice_id", text), ("vendor", text), ("received_at", stamp), ("invoice_text", text)]),
+            pa.schema(
+                [("invoice_id", text), ("vendor", text), ("received_at", stamp), ("invoice_text", text)]
+            ),
             invoice_rows(last_day),
         ),
         PRODUCTS_TABLE: (
-            pa.schema([("sku", text), ("name", text), ("category", text), ("materials", text), ("features", text),
-                       ("price_usd", pa.float64()), ("updated_at", stamp)]),
+            pa.schema(
+                [
+                    ("sku", text),
+                    ("name", text),
+                    ("category", text),
+                    ("materials", text),
+                    ("features", text),
+                    ("price_usd", pa.float64()),
+                    ("updated_at", stamp),
+                ]
+            ),
             product_rows(last_day + timedelta(hours=12)),
         ),
-    }  # fmt: skip
+    }
     counts = {}
     for table, (schema, rows) in tables.items():
         # Bulk-load through Arrow (row-by-row inserts take seconds for a few thousand rows).

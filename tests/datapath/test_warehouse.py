@@ -121,9 +121,10 @@ def test_a_source_query_with_percent_signs_and_question_marks(setup):
     warehouse, workload, store = setup
     create_tickets(warehouse.conn, [*ticket_rows(3), {"id": "q", "body": "what?", "created_at": INTERVAL[0]}])
     source = SourceSpec(
-        key_column="id", query="SELECT * FROM tickets WHERE body LIKE '%refund%' OR body = 'what?'",
+        key_column="id",
+        query="SELECT * FROM tickets WHERE body LIKE '%refund%' OR body = 'what?'",
         interval_column="created_at",
-    )  # fmt: skip
+    )
     assert len(list(warehouse.extract(workload, source, "run-1", INTERVAL))) == 4
 
 
@@ -277,8 +278,15 @@ def test_run_history_feeds_the_cache_policy(setup):
 
     def cached(record_key, custom_id):
         read = record_key != "t000000"
-        return succeeded(custom_id, GOOD, usage={**usage, "cache_creation_input_tokens": 0 if read else 4000,
-                                                 "cache_read_input_tokens": 4000 if read else 0})  # fmt: skip
+        return succeeded(
+            custom_id,
+            GOOD,
+            usage={
+                **usage,
+                "cache_creation_input_tokens": 0 if read else 4000,
+                "cache_read_input_tokens": 4000 if read else 0,
+            },
+        )
 
     layout = RunLayout(store, "invoices_dag", "run-1")
     manifest = stage_requests(
@@ -312,8 +320,10 @@ def test_run_history_feeds_the_cache_policy(setup):
     # 75% hits, but over 4 requests only: 1h (break-even 53%) is not sure to pay, so auto does not
     # use it yet; over 400 requests it is.
     assert big.choose_cache_setting(observations) == "off"
-    many = [replace(o, cache_read_tokens=o.cache_read_tokens * 100, cache_write_tokens=o.cache_write_tokens * 100)
-            for o in observations]  # fmt: skip
+    many = [
+        replace(o, cache_read_tokens=o.cache_read_tokens * 100, cache_write_tokens=o.cache_write_tokens * 100)
+        for o in observations
+    ]
     assert big.choose_cache_setting(many) == "1h"
 
 
@@ -438,9 +448,18 @@ def test_duckdb_loads_within_its_memory_budget_and_restores_the_limit(duckdb_con
 
 @pytest.mark.parametrize(
     ("size", "expected"),
-    [("512MiB", 512 * 2**20), ("18.8 GiB", 18.8 * 2**30), ("1GB", 1e9), ("100KB", 1e5), ("123bytes", 123.0),
-     ("16383.9 PiB", 16383.9 * 2**50), ("-1", None), ("lots", None), ("1GB'; SET x=1; --", None)],
-)  # fmt: skip
+    [
+        ("512MiB", 512 * 2**20),
+        ("18.8 GiB", 18.8 * 2**30),
+        ("1GB", 1e9),
+        ("100KB", 1e5),
+        ("123bytes", 123.0),
+        ("16383.9 PiB", 16383.9 * 2**50),
+        ("-1", None),
+        ("lots", None),
+        ("1GB'; SET x=1; --", None),
+    ],
+)
 def test_memory_sizes_are_read_as_duckdb_writes_them(size, expected):
     assert _memory_bytes(size) == expected
 
