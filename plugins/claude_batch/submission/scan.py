@@ -49,7 +49,8 @@ class ShardScan:
     id_hashes: Any = field(default=None, repr=False, compare=False)
 
 
-# How staging (``workloads.RequestEncoder``) opens every line: the custom_id, then the params object.
+# How staging (``staging.wire``: ``RequestEncoder``, ``LineLayout``) opens every line: the
+# custom_id, then the params object.
 # (The custom_id rule is contracts.py's, without its anchors.)
 _STAGED_LINE = re.compile(
     rb'\{"custom_id":"(' + CUSTOM_ID_PATTERN.pattern.strip("^$").encode() + rb')","params":\{'
