@@ -242,7 +242,7 @@ def test_dockerfile_builds_on_the_pinned_airflow_and_installs_the_project():
     assert any("pip install" in run and "-r /opt/claude-batch/requirements.txt" in run for run in runs)
     assert any("pip install" in run and "--no-deps /opt/claude-batch" in run for run in runs)
     assert ["plugins", "/opt/claude-batch/plugins"] in copies
-    # The DAG files read include/ beside dags/; costs.py needs its price table found.
+    # The DAG files read include/ beside dags/; prices.py needs its price table found.
     assert ["dags", "/opt/airflow/dags"] in copies and ["include", "/opt/airflow/include"] in copies
     assert "ENV CLAUDE_BATCH_PRICES=/opt/airflow/include/prices.json" in instructions
     assert (REPO / "include" / "prices.json").exists()
