@@ -54,7 +54,7 @@ def test_a_run_whose_batches_are_all_canceled_accounts_for_every_item(small_corp
 
     def cancel_every_batch() -> None:  # someone cancels each batch in the Console as soon as it appears
         while not stop.is_set():
-            for batch in list(store._batches_by_id.values()):
+            for batch in list(store.batches):
                 if batch.status == "in_progress":
                     store.cancel(batch.id, anthropic_conn.base_url)
             stop.wait(0.01)
