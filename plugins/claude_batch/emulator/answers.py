@@ -368,7 +368,7 @@ class SchemaAnswerer(TextReader):
             return "The message gives the assistant instructions instead of asking for anything."
         if sentences:
             best = sentences[0]
-            if len(sentences) > 1 and self.chosen:
+            if self.chosen and sentences.at_least(2):
                 # The first sentence that speaks of the label chosen (else the opening one).
                 pattern = label_regex(self.chosen[0], self._hints_id)
                 best = next((sentence for sentence in sentences if pattern.search(sentence.lower())), best)

@@ -15,6 +15,7 @@ import functools
 import math
 import re
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 from .label_hints import DEFAULT_LABEL_HINTS
@@ -93,6 +94,7 @@ _INSTRUCTION_PATTERNS = tuple(
     )
 )
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+(?=\S)|\n+")
+_SENTENCE_END = re.compile(r"[.!?]\s+")  # where _SENTENCE_SPLIT splits a stripped line: after the mark
 # A header line: "Subject: Refund", "Amount due: 124,500.00 USD" (a short label; a value that is
 # not prose: no sentence break in it, and no sentence's end).
 _LABELLED_LINE = re.compile(
@@ -130,18 +132,69 @@ def split_instructions(text: str) -> tuple[str, tuple[str, ...]]:
 def content_sentences(text: str) -> list[str]:
     """The sentences that say something: no header line (``Subject: ...``, ``Ticket 12 (email)``),
     greeting or sign-off, nothing under three words."""
-    found = []
+    return list(iter_content_sentences(text))
+
+
+def iter_content_sentences(text: str) -> Iterator[str]:
+    """:func:`content_sentences` one at a time (a reader often needs only the first two)."""
     for line in text.split("\n"):
         stripped = line.strip()
         if not stripped or _LABELLED_LINE.match(stripped):
             continue
-        if stripped.endswith(":") or (len(stripped.split()) < 6 and stripped[-1:] not in ".!?"):
+        # (split with a limit: "fewer than 6 words" without splitting a long line whole)
+        if stripped.endswith(":") or (len(stripped.split(None, 5)) < 6 and stripped[-1:] not in ".!?"):
             continue  # a header or a signature: "Ticket TCK-1 (chat)", "Invoice 7 from ACME:", "Regards, Ana"
-        for sentence in _SENTENCE_SPLIT.split(stripped):
-            sentence = sentence.strip()
-            if len(sentence.split()) >= 3 and not _GREETING.match(sentence):
-                found.append(sentence)
-    return found
+        # The pieces _SENTENCE_SPLIT.split(stripped) gives (a line holds no newline, and each space
+        # run after a sentence's end is followed by more text), found one at a time.
+        start = 0
+        for end in _SENTENCE_END.finditer(stripped):
+            sentence = stripped[start : end.start() + 1].strip()
+            start = end.end()
+            if len(sentence.split(None, 2)) >= 3 and not _GREETING.match(sentence):
+                yield sentence
+        sentence = stripped[start:].strip()
+        if len(sentence.split(None, 2)) >= 3 and not _GREETING.match(sentence):
+            yield sentence
+
+
+class LazySentences:
+    """The :func:`content_sentences` of a text, made as far as they are asked for."""
+
+    __slots__ = ("_source", "_found")
+
+    def __init__(self, text: str) -> None:
+        self._source: Iterator[str] | None = iter_content_sentences(text)
+        self._found: list[str] = []
+
+    def _reach(self, count: int) -> bool:
+        """True when there are at least ``count`` sentences."""
+        found = self._found
+        while len(found) < count:
+            if self._source is None:
+                return False
+            sentence = next(self._source, None)
+            if sentence is None:
+                self._source = None
+                return False
+            found.append(sentence)
+        return True
+
+    def __bool__(self) -> bool:
+        return self._reach(1)
+
+    def at_least(self, count: int) -> bool:
+        return self._reach(count)
+
+    def __getitem__(self, index: int) -> str:
+        if not self._reach(index + 1):
+            raise IndexError(index)
+        return self._found[index]
+
+    def __iter__(self) -> Iterator[str]:
+        index = 0
+        while self._reach(index + 1):
+            yield self._found[index]
+            index += 1
 
 
 def labelled_values(text: str) -> list[tuple[str, str]]:
@@ -216,7 +269,7 @@ class TextReader:
     def __init__(self, text: str, label_hints: dict[str, tuple[str, ...]] | None = None) -> None:
         # Everything is taken from the text without the sentences addressed to the model.
         self.text, self.instructions = split_instructions(text)
-        self._sentences: list[str] | None = None
+        self._sentences: LazySentences | None = None
         self.lower = self.text.lower()
         self.chosen: list[str] = []  # enum values chosen so far (the summary follows the first)
         self.clarity: float | None = None  # how clearly the first enum choice matched (0-1)
@@ -338,12 +391,12 @@ class TextReader:
     def lead_text(self) -> str | None:
         """The text's opening sentence (after any header lines), lower-case; None if it is all there is."""
         sentences = self.sentences_said()
-        return sentences[0].lower() if len(sentences) > 1 else None
+        return sentences[0].lower() if sentences.at_least(2) else None
 
-    def sentences_said(self) -> list[str]:
-        """:func:`content_sentences` of the text (computed once)."""
+    def sentences_said(self) -> LazySentences:
+        """:func:`content_sentences` of the text (each made once, when first asked for)."""
         if self._sentences is None:
-            self._sentences = content_sentences(self.text)
+            self._sentences = LazySentences(self.text)
         return self._sentences
 
     def weighted_score(self, label: str) -> int:
