@@ -250,6 +250,25 @@ def _label_terms(label: str, hints_id: int) -> tuple[str, tuple[str, ...], froze
 
 _HINT_TABLES: dict[int, dict[str, tuple[str, ...]]] = {}
 
+_WordCheck = tuple[str, str, str, re.Pattern | None]  # a word, its plural, its stem and its pattern
+
+
+@functools.lru_cache(maxsize=4096)
+def _label_plan(
+    label: str, hints_id: int
+) -> tuple[str, tuple[_WordCheck, ...], frozenset[str], tuple[tuple[str, re.Pattern], ...]]:
+    """``_label_terms`` made ready for ``TextReader.label_score``: the label's words of 3 letters or
+    more with what ``has_word`` tests, the phrase hints with their patterns."""
+    lowered, parts, single, phrases = _label_terms(label, hints_id)
+    word_checks = []
+    for part in parts:
+        if len(part) >= 3:
+            stem = part[: max(4, len(part) - 3)] if len(part) >= 5 else ""  # no stem under 5 letters
+            word_checks.append((part, part + "s", stem, _word_start_pattern(stem) if stem else None))
+    # Phrase hints are never bare words (isalnum), so has_phrase always takes its substring path.
+    phrase_checks = tuple((hint, _phrase_pattern(hint)) for hint in phrases)
+    return lowered, tuple(word_checks), single, phrase_checks
+
 
 @functools.lru_cache(maxsize=4096)
 def label_regex(label: str, hints_id: int) -> re.Pattern:
@@ -371,16 +390,18 @@ class TextReader:
 
     # ---- enum labels -----------------------------------------------------------------------
     def label_score(self, label: str) -> int:
-        lowered, parts, single_hints, phrase_hints = _label_terms(label, self._hints_id)
-        score = 0
-        if lowered and self.has_phrase(lowered):
-            score += 3
-        for part in parts:
-            if len(part) >= 3 and self.has_word(part):
+        """3 for the label itself, 2 for each of its words (``has_word``) and each hint it has."""
+        lowered, word_checks, single_hints, phrase_checks = _label_plan(label, self._hints_id)
+        score = 3 if lowered and self.has_phrase(lowered) else 0
+        words, lower = self.words, self.lower
+        for word, plural, stem, stem_pattern in word_checks:  # has_word, inline
+            if word in words or plural in words:
                 score += 2
-        score += 2 * len(single_hints & self.words)
-        for hint in phrase_hints:
-            if self.has_phrase(hint):
+            elif stem_pattern is not None and stem in lower and stem_pattern.search(lower):
+                score += 2
+        score += 2 * len(single_hints & words)
+        for hint, pattern in phrase_checks:  # has_phrase of a phrase (not a bare word), inline
+            if hint in lower and pattern.search(lower):
                 score += 2
         return score
 
