@@ -24,6 +24,9 @@ WORD_RE = re.compile(r"[a-z0-9]+")
 # ASCII characters other than letters and digits become spaces, so split() yields the words
 # (str.translate is about twice as fast as WORD_RE.findall on long texts).
 _PUNCTUATION_TO_SPACE = str.maketrans({chr(c): " " for c in range(128) if not chr(c).isalnum()})
+_ASCII_PUNCTUATION_TO_SPACE = bytes(code if chr(code).isalnum() else 32 for code in range(128)) + bytes(
+    range(128, 256)
+)
 # Runs of digits and number punctuation; each is then read as a number, or skipped when it is
 # a date, a time or part of a word.
 _NUMERIC_RUN_RE = re.compile(r"\d[\d,.:\-]*")
@@ -105,6 +108,26 @@ _GREETING = re.compile(
     r"cheers|kind regards|sincerely|greetings)\b",
     re.IGNORECASE,
 )
+
+
+# An ASCII text's digits as b"0", everything else as b" ": its numbers' starts found with bytes.find.
+_DIGIT_MASK = bytes(48 if 48 <= code <= 57 else 32 for code in range(256))
+
+
+def _numeric_runs(text: str) -> Iterator[re.Match]:
+    """``_NUMERIC_RUN_RE.finditer(text)``. In an ASCII text (where \\d is 0-9) each run is matched
+    where the next digit is, found without scanning the text with the regex."""
+    if not text.isascii():
+        yield from _NUMERIC_RUN_RE.finditer(text)
+        return
+    find = text.encode("ascii").translate(_DIGIT_MASK).find
+    position = find(b"0")
+    while position >= 0:
+        run = _NUMERIC_RUN_RE.match(text, position)
+        if run is None:  # cannot happen: a digit starts a run
+            return
+        yield run
+        position = find(b"0", run.end())
 
 
 def split_instructions(text: str) -> tuple[str, tuple[str, ...]]:
@@ -303,7 +326,12 @@ class TextReader:
     def words(self) -> frozenset[str]:
         """The text's lower-case words (computed on first use: many schemas never need them)."""
         if self._words is None:
-            self._words = frozenset(self.lower.translate(_PUNCTUATION_TO_SPACE).split())
+            lower = self.lower
+            if lower.isascii():  # the same table on bytes, without str.translate's lookup per character
+                spaced = lower.encode("ascii").translate(_ASCII_PUNCTUATION_TO_SPACE).decode("ascii")
+            else:
+                spaced = lower.translate(_PUNCTUATION_TO_SPACE)
+            self._words = frozenset(spaced.split())
         return self._words
 
     def has_word(self, word: str) -> bool:
@@ -326,7 +354,7 @@ class TextReader:
         if self._numbers is None:
             found = []
             text = self.text
-            for run in _NUMERIC_RUN_RE.finditer(text):
+            for run in _numeric_runs(text):
                 start, end = run.span()
                 if start and (text[start - 1].isalnum() or text[start - 1] in "_."):
                     continue  # part of a word or an identifier, like v2 or A-113
