@@ -120,8 +120,25 @@ def _with_description_hints(schema: dict) -> dict:
     return hints | schema if hints else schema
 
 
+_RESOLVED_MEMO_ENTRIES = 1024
+
+
 class SchemaAnswerer(TextReader):
-    """Builds values for schemas from one prompt text. Create one per request."""
+    """Builds values for schemas from one prompt text. Create one per request.
+
+    ``resolved``: a dict shared by the answerers of many requests whose schemas are the same
+    objects and never change (a batch's requests share their template's schema), in which each
+    resolved (sub)schema is kept with the objects it came from.
+    """
+
+    def __init__(
+        self,
+        text: str,
+        label_hints: dict[str, tuple[str, ...]] | None = None,
+        resolved: dict[tuple[int, int], tuple[Any, Any, dict]] | None = None,
+    ) -> None:
+        super().__init__(text, label_hints)
+        self._resolved = resolved
 
     # ---- schema walk --------------------------------------------------------------------------
     def answer(self, schema: Any) -> Any:
@@ -162,6 +179,20 @@ class SchemaAnswerer(TextReader):
         return None
 
     def _resolve(self, schema: dict, root: Any) -> dict:
+        memo = self._resolved
+        if memo is None:
+            return self._resolve_now(schema, root)
+        key = (id(schema), id(root))
+        kept = memo.get(key)
+        if kept is not None and kept[0] is schema and kept[1] is root:  # (kept alive: ids not reused)
+            return kept[2]
+        resolved = self._resolve_now(schema, root)
+        if len(memo) >= _RESOLVED_MEMO_ENTRIES:
+            memo.clear()
+        memo[key] = (schema, root, resolved)
+        return resolved
+
+    def _resolve_now(self, schema: dict, root: Any) -> dict:
         for _ in range(MAX_DEPTH):
             ref = schema.get("$ref")
             if isinstance(ref, str) and ref.startswith("#"):

@@ -312,6 +312,8 @@ class TextReader:
         # Everything is taken from the text without the sentences addressed to the model.
         self.text, self.instructions = split_instructions(text)
         self._sentences: LazySentences | None = None
+        self._lead: str | None = None  # lead_text, once computed
+        self._lead_known = False
         self.lower = self.text.lower()
         self.chosen: list[str] = []  # enum values chosen so far (the summary follows the first)
         self.clarity: float | None = None  # how clearly the first enum choice matched (0-1)
@@ -439,8 +441,11 @@ class TextReader:
 
     def lead_text(self) -> str | None:
         """The text's opening sentence (after any header lines), lower-case; None if it is all there is."""
-        sentences = self.sentences_said()
-        return sentences[0].lower() if sentences.at_least(2) else None
+        if not self._lead_known:
+            sentences = self.sentences_said()
+            self._lead = sentences[0].lower() if sentences.at_least(2) else None
+            self._lead_known = True
+        return self._lead
 
     def sentences_said(self) -> LazySentences:
         """:func:`content_sentences` of the text (each made once, when first asked for)."""
