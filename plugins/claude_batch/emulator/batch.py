@@ -386,7 +386,10 @@ class BatchBuilder:
             shape = analyse_prompt({"messages": messages}, template_shape)
             total_tokens, cache_key = shape.total_tokens, shape.cache_key
             prefix_tokens, one_hour_tokens = shape.cache_prefix_tokens, shape.cache_1h_tokens
-        cache_code = CACHE_NONE
+        self.fates.append(fate)
+        self.template_ids.append(template.id)
+        self.messages.append(messages_bytes)
+        self.input_tokens.append(total_tokens)
         if fate == FATE_SUCCEEDED and cache_key is not None and prefix_tokens >= template.min_cacheable:
             warm = cache_key in self.cache_writes or self._prompt_cache.is_warm(cache_key, self.now)
             if warm and cache_roll < self._hit_rate:
@@ -395,9 +398,13 @@ class BatchBuilder:
                 cache_code = CACHE_WRITE
                 ttl = CACHE_TTL_SECONDS["1h" if one_hour_tokens else "5m"]
                 self.cache_writes[cache_key] = max(ttl, self.cache_writes.get(cache_key, 0.0))
-        self._append_outcome(
-            fate, template.id, messages_bytes, total_tokens, cache_code, prefix_tokens, one_hour_tokens
-        )
+            self.cache_codes.append(cache_code)
+            self.cache_tokens.append(prefix_tokens)
+            self.cache_1h_tokens.append(one_hour_tokens)
+        else:  # (_append_outcome, inline: this runs for every request)
+            self.cache_codes.append(CACHE_NONE)
+            self.cache_tokens.append(0)
+            self.cache_1h_tokens.append(0)
 
     def count_extra(self) -> None:
         """One more request past the limit (the rest of the body is still read, to count them)."""
