@@ -120,8 +120,25 @@ def _with_description_hints(schema: dict) -> dict:
     return hints | schema if hints else schema
 
 
+_RESOLVED_MEMO_ENTRIES = 1024
+
+
 class SchemaAnswerer(TextReader):
-    """Builds values for schemas from one prompt text. Create one per request."""
+    """Builds values for schemas from one prompt text. Create one per request.
+
+    ``resolved``: a dict shared by the answerers of many requests whose schemas are the same
+    objects and never change (a batch's requests share their template's schema), in which each
+    resolved (sub)schema is kept with the objects it came from.
+    """
+
+    def __init__(
+        self,
+        text: str,
+        label_hints: dict[str, tuple[str, ...]] | None = None,
+        resolved: dict[tuple[int, int], tuple[Any, Any, dict]] | None = None,
+    ) -> None:
+        super().__init__(text, label_hints)
+        self._resolved = resolved
 
     # ---- schema walk --------------------------------------------------------------------------
     def answer(self, schema: Any) -> Any:
@@ -162,6 +179,20 @@ class SchemaAnswerer(TextReader):
         return None
 
     def _resolve(self, schema: dict, root: Any) -> dict:
+        memo = self._resolved
+        if memo is None:
+            return self._resolve_now(schema, root)
+        key = (id(schema), id(root))
+        kept = memo.get(key)
+        if kept is not None and kept[0] is schema and kept[1] is root:  # (kept alive: ids not reused)
+            return kept[2]
+        resolved = self._resolve_now(schema, root)
+        if len(memo) >= _RESOLVED_MEMO_ENTRIES:
+            memo.clear()
+        memo[key] = (schema, root, resolved)
+        return resolved
+
+    def _resolve_now(self, schema: dict, root: Any) -> dict:
         for _ in range(MAX_DEPTH):
             ref = schema.get("$ref")
             if isinstance(ref, str) and ref.startswith("#"):
@@ -234,9 +265,7 @@ class SchemaAnswerer(TextReader):
         if self._type_of(items) == "string" and not items.get("format") and not items.get("enum"):
             sentences = self.sentences() or [self.text[:80] or "item"]
             return [
-                self._fit_string(
-                    sentences[i % len(sentences)] + ("" if i < len(sentences) else f" ({i})"), items
-                )
+                _fit_string(sentences[i % len(sentences)] + ("" if i < len(sentences) else f" ({i})"), items)
                 for i in range(count)
             ]
         return [self.value(items, root=root, name=name, depth=depth + 1) for _ in range(count)]
@@ -273,7 +302,7 @@ class SchemaAnswerer(TextReader):
                 best = (score, value)
         if best is not None:
             return int(best[1]) if integer else best[1]
-        return self._fallback_number(low, high, exclusive_low, exclusive_high, integer)
+        return _fallback_number(low, high, exclusive_low, exclusive_high, integer)
 
     def _confidence(self, low: Any, high: Any, integer: bool, fits: Any) -> float:
         """How sure the label is, on the field's scale (0-1, or 0-100 for a percentage)."""
@@ -283,24 +312,6 @@ class SchemaAnswerer(TextReader):
         if not fits(value):
             value = max(low, min(high, value)) if low is not None and high is not None else value
         return int(value) if integer else float(value)
-
-    @staticmethod
-    def _fallback_number(low, high, exclusive_low, exclusive_high, integer: bool) -> float:
-        """A value inside the bounds: their middle, else the bound nearest to zero, else zero."""
-        step = 1 if integer else 0.5
-        lower = low if low is not None else exclusive_low + step if exclusive_low is not None else None
-        upper = high if high is not None else exclusive_high - step if exclusive_high is not None else None
-        if lower is not None and upper is not None:
-            value = (lower + upper) / 2
-        elif lower is not None:
-            value = max(lower, 0)
-        elif upper is not None:
-            value = min(upper, 0)
-        else:
-            value = 0
-        if integer:
-            return int(math.ceil(value) if lower is not None else math.floor(value))
-        return float(value)
 
     def _boolean(self, name: str) -> bool:
         words = [word for word in name_words(name) if len(word) >= 3]
@@ -332,7 +343,7 @@ class SchemaAnswerer(TextReader):
         words = name_words(name)
         candidate: str | None = None
         if (_EXCERPT_FIELDS | _HEADLINE_FIELDS).intersection(words) and not schema.get("pattern"):
-            return self._fit_words(
+            return _fit_words(
                 self.written_summary(words, headline=not _EXCERPT_FIELDS.intersection(words)), schema
             )
         pattern = schema.get("pattern")
@@ -344,12 +355,12 @@ class SchemaAnswerer(TextReader):
             if compiled is not None:
                 for token in re.findall(r"[^\s,;]+", self.text):
                     if compiled.search(token.strip(".")):
-                        return self._fit_string(token.strip("."), schema)
+                        return _fit_string(token.strip("."), schema)
         if not _EXCERPT_FIELDS.intersection(words):
             candidate = self.labelled_value(words)
         if candidate is None:
             candidate = self.sentence_with(words) or "n/a"
-        return self._fit_string(candidate, schema)
+        return _fit_string(candidate, schema)
 
     def written_summary(self, words: tuple[str, ...], headline: bool = False) -> str:
         """A summary from the text itself: its most telling sentence, never a header or greeting.
@@ -368,7 +379,7 @@ class SchemaAnswerer(TextReader):
             return "The message gives the assistant instructions instead of asking for anything."
         if sentences:
             best = sentences[0]
-            if len(sentences) > 1 and self.chosen:
+            if self.chosen and sentences.at_least(2):
                 # The first sentence that speaks of the label chosen (else the opening one).
                 pattern = label_regex(self.chosen[0], self._hints_id)
                 best = next((sentence for sentence in sentences if pattern.search(sentence.lower())), best)
@@ -389,22 +400,40 @@ class SchemaAnswerer(TextReader):
                 return value
         return pairs[0][1]
 
-    @staticmethod
-    def _fit_words(text: str, schema: dict) -> str:
-        """``_fit_string``, cutting at a word boundary (a summary never ends mid-word)."""
-        max_length = int(schema.get("maxLength", DEFAULT_MAX_STRING))
-        if len(text) > max_length > 0:
-            cut = text[: max_length + 1].rsplit(" ", 1)[0].rstrip(" ,;:-") if " " in text[:max_length] else ""
-            text = cut if cut and len(cut) <= max_length else text[:max_length].rstrip()
-        return SchemaAnswerer._fit_string(text, schema)
 
-    @staticmethod
-    def _fit_string(text: str, schema: dict) -> str:
-        max_length = int(schema.get("maxLength", DEFAULT_MAX_STRING))
-        min_length = int(schema.get("minLength", 0))
-        if len(text) > max_length:
-            text = text[:max_length].rstrip() if max_length > 0 else ""
-            text = text if len(text) >= min_length else text.ljust(min_length, ".")
-        if len(text) < min_length:
-            text = text.ljust(min_length, ".")
-        return text
+def _fallback_number(low, high, exclusive_low, exclusive_high, integer: bool) -> float:
+    """A value inside the bounds: their middle, else the bound nearest to zero, else zero."""
+    step = 1 if integer else 0.5
+    lower = low if low is not None else exclusive_low + step if exclusive_low is not None else None
+    upper = high if high is not None else exclusive_high - step if exclusive_high is not None else None
+    if lower is not None and upper is not None:
+        value = (lower + upper) / 2
+    elif lower is not None:
+        value = max(lower, 0)
+    elif upper is not None:
+        value = min(upper, 0)
+    else:
+        value = 0
+    if integer:
+        return int(math.ceil(value) if lower is not None else math.floor(value))
+    return float(value)
+
+
+def _fit_words(text: str, schema: dict) -> str:
+    """``_fit_string``, cutting at a word boundary (a summary never ends mid-word)."""
+    max_length = int(schema.get("maxLength", DEFAULT_MAX_STRING))
+    if len(text) > max_length > 0:
+        cut = text[: max_length + 1].rsplit(" ", 1)[0].rstrip(" ,;:-") if " " in text[:max_length] else ""
+        text = cut if cut and len(cut) <= max_length else text[:max_length].rstrip()
+    return _fit_string(text, schema)
+
+
+def _fit_string(text: str, schema: dict) -> str:
+    max_length = int(schema.get("maxLength", DEFAULT_MAX_STRING))
+    min_length = int(schema.get("minLength", 0))
+    if len(text) > max_length:
+        text = text[:max_length].rstrip() if max_length > 0 else ""
+        text = text if len(text) >= min_length else text.ljust(min_length, ".")
+    if len(text) < min_length:
+        text = text.ljust(min_length, ".")
+    return text

@@ -40,7 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .errors import ApiError, error_body
 from .ids import random_id, rfc3339
 from .parser import BodyError, RequestsBodyParser
-from .store import BatchBuilder, BatchStore, TooManyRequests, paused_gc
+from .store import BatchBuilder, BatchStore, paused_gc
 from .validation import ItemError
 
 log = logging.getLogger(__name__)
@@ -357,21 +357,11 @@ def _parse_step(
     """
     try:
         with paused_gc():
-            for item in parser.feed(data):
-                _add(builder, item)
+            for items in parser.feed_lists(data):
+                builder.add_many(items)
             if final:
-                for item in parser.finish():
-                    _add(builder, item)
+                for items in parser.finish_lists():
+                    builder.add_many(items)
     except (BodyError, ItemError) as error:
         return ApiError(400, str(error))
     return None
-
-
-def _add(builder: BatchBuilder, item: object) -> None:
-    if builder.extra_requests:
-        builder.count_extra()
-        return
-    try:
-        builder.add(item)
-    except TooManyRequests:
-        pass  # counted; the create answers 400 once the whole body is read

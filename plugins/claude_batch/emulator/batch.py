@@ -30,7 +30,7 @@ from .config import EmulatorConfig
 from .ids import rfc3339_us
 from .responder import CACHE_NONE, CACHE_READ, CACHE_WRITE
 from .results_file import ResultsFile
-from .tokens import TemplateShape, analyse_prompt, template_shape
+from .tokens import TemplateShape, analyse_prompt, template_shape, uncached_message_tokens
 from .validation import (
     CUSTOM_ID_RE,
     ItemError,
@@ -52,6 +52,7 @@ FATE_ERRORED = 3  # injected: errored with batch.error_types[fate - FATE_ERRORED
 
 CACHE_TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
 _NO_TEMPLATE = -1
+_MISSING: Any = object()  # a request without messages
 
 
 @contextmanager
@@ -320,6 +321,19 @@ class BatchBuilder:
     def size(self) -> int:
         return len(self.custom_ids)
 
+    def add_many(self, items: list) -> None:
+        """``add`` each item; past ``max_requests_per_batch`` they are only counted (the create answers
+        400 once the whole body is read)."""
+        add = self.add
+        for item in items:
+            if self.extra_requests:
+                self.extra_requests += 1
+                continue
+            try:
+                add(item)
+            except TooManyRequests:
+                pass
+
     def add(self, item: Any) -> None:
         index = len(self.custom_ids)
         if index >= self._max_requests:
@@ -348,7 +362,8 @@ class BatchBuilder:
         self.custom_ids.append(custom_id)
         self.completion.append(max(finish_point, 1e-6))
 
-        template, messages_bytes, problem = self._split(params)
+        messages = params.pop("messages", _MISSING)  # params is this item's own, freshly parsed
+        template, messages_bytes, problem = self._split(params, messages)
         if template is None:
             self.invalid[index] = problem or "params: integer or number out of range"
             self._append_outcome(FATE_INVALID, _NO_TEMPLATE, b"", 0, CACHE_NONE, 0, 0)
@@ -361,27 +376,35 @@ class BatchBuilder:
             fate = FATE_EXPIRED
         else:
             fate = FATE_SUCCEEDED
-        shape = analyse_prompt(params, template.shape)
-        cache_code = CACHE_NONE
-        if fate == FATE_SUCCEEDED and shape.cache_key is not None:
-            if shape.cache_prefix_tokens >= template.min_cacheable:
-                key = shape.cache_key
-                warm = key in self.cache_writes or self._prompt_cache.is_warm(key, self.now)
-                if warm and cache_roll < self._hit_rate:
-                    cache_code = CACHE_READ
-                else:
-                    cache_code = CACHE_WRITE
-                    ttl = CACHE_TTL_SECONDS["1h" if shape.cache_1h_tokens else "5m"]
-                    self.cache_writes[key] = max(ttl, self.cache_writes.get(key, 0.0))
-        self._append_outcome(
-            fate,
-            template.id,
-            messages_bytes,
-            shape.total_tokens,
-            cache_code,
-            shape.cache_prefix_tokens,
-            shape.cache_1h_tokens,
-        )
+        template_shape = template.shape
+        message_tokens = uncached_message_tokens(messages)
+        if message_tokens is not None:  # no breakpoint in the messages: the template's prefix is the prefix
+            prefix = template_shape.prefix  # type: ignore[union-attr]
+            total_tokens, cache_key = prefix.total_tokens + message_tokens, prefix.cache_key
+            prefix_tokens, one_hour_tokens = prefix.cache_prefix_tokens, prefix.cache_1h_tokens
+        else:
+            shape = analyse_prompt({"messages": messages}, template_shape)
+            total_tokens, cache_key = shape.total_tokens, shape.cache_key
+            prefix_tokens, one_hour_tokens = shape.cache_prefix_tokens, shape.cache_1h_tokens
+        self.fates.append(fate)
+        self.template_ids.append(template.id)
+        self.messages.append(messages_bytes)
+        self.input_tokens.append(total_tokens)
+        if fate == FATE_SUCCEEDED and cache_key is not None and prefix_tokens >= template.min_cacheable:
+            warm = cache_key in self.cache_writes or self._prompt_cache.is_warm(cache_key, self.now)
+            if warm and cache_roll < self._hit_rate:
+                cache_code = CACHE_READ
+            else:
+                cache_code = CACHE_WRITE
+                ttl = CACHE_TTL_SECONDS["1h" if one_hour_tokens else "5m"]
+                self.cache_writes[cache_key] = max(ttl, self.cache_writes.get(cache_key, 0.0))
+            self.cache_codes.append(cache_code)
+            self.cache_tokens.append(prefix_tokens)
+            self.cache_1h_tokens.append(one_hour_tokens)
+        else:  # (_append_outcome, inline: this runs for every request)
+            self.cache_codes.append(CACHE_NONE)
+            self.cache_tokens.append(0)
+            self.cache_1h_tokens.append(0)
 
     def count_extra(self) -> None:
         """One more request past the limit (the rest of the body is still read, to count them)."""
@@ -391,27 +414,32 @@ class BatchBuilder:
         total = self._max_requests + self.extra_requests
         return f"requests: List should have at most {self._max_requests} items after validation, not {total}"
 
-    def _split(self, params: dict) -> tuple[_Template | None, bytes, str | None]:
+    def _split(self, params: dict, messages: Any) -> tuple[_Template | None, bytes, str | None]:
         """(template, messages as orjson bytes, None), or (None, b"", why the params are invalid).
 
-        The params other than messages are checked once per distinct set (most batches repeat
-        one system prompt, model and schema in every request); the messages of every request.
+        ``params`` comes without its ``messages`` (``_MISSING`` when there were none). The params
+        other than messages are checked once per distinct set (most batches repeat one system
+        prompt, model and schema in every request); the messages of every request.
         """
         try:
-            key = orjson.dumps({name: value for name, value in params.items() if name != "messages"})
+            key = orjson.dumps(params)
         except (TypeError, orjson.JSONEncodeError):
+            if messages is not _MISSING:
+                params["messages"] = messages
             return None, b"", params_error(params, in_batch=True)
         template = self._template_by_bytes.get(key)
         if template is None:
             template = self._new_template(key, params)
         problem = (
-            template.problem_before_messages or messages_error(params) or template.problem_after_messages
+            template.problem_before_messages
+            or (messages_error({} if messages is _MISSING else {"messages": messages}))
+            or template.problem_after_messages
         )
         if problem is not None:
             return None, b"", problem
         try:
             # orjson's result sits in an oversized (8 KB) allocation; an exact copy keeps 100k of them small.
-            messages_bytes = bytes(memoryview(orjson.dumps(params["messages"])))
+            messages_bytes = bytes(memoryview(orjson.dumps(messages)))
         except (TypeError, orjson.JSONEncodeError):
             return None, b"", None
         return template, messages_bytes, None

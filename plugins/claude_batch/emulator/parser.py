@@ -52,6 +52,15 @@ class RequestsBodyParser:
         self.items_seen = 0
 
     def feed(self, chunk: bytes) -> Iterator[Any]:
+        for items in self.feed_lists(chunk):
+            yield from items
+
+    def finish(self) -> Iterator[Any]:
+        for items in self.finish_lists():
+            yield from items
+
+    def feed_lists(self, chunk: bytes) -> Iterator[list]:
+        """``feed``, the items handed out in lists (as many as were decoded at once)."""
         # Keep only the unparsed tail: the buffer never holds more than one pending item plus a chunk.
         self._retry_when_length = max(0, self._retry_when_length - self._pos)
         self._buffer = self._buffer[self._pos :]
@@ -62,7 +71,8 @@ class RequestsBodyParser:
             raise BodyError(f"Request body is not valid UTF-8: {error}") from None
         yield from self._run(final=False)
 
-    def finish(self) -> Iterator[Any]:
+    def finish_lists(self) -> Iterator[list]:
+        """``finish``, the items handed out in lists."""
         try:
             self._buffer += self._utf8.decode(b"", final=True)
         except UnicodeDecodeError as error:
@@ -87,7 +97,13 @@ class RequestsBodyParser:
         if not final and len(self._buffer) < self._retry_when_length:
             return False, None
         try:
-            value, end = self._decoder.raw_decode(self._buffer, self._pos)
+            if final or len(self._buffer) - self._pos > _BULK_MIN_CHARS:
+                value, end = self._decoder.raw_decode(self._buffer, self._pos)
+            else:
+                # A short pending text on its own: the value cut by the chunk boundary fails here once
+                # per chunk, and the error's line count would otherwise run over the whole buffer.
+                value, end = self._decoder.raw_decode(self._buffer[self._pos :])
+                end += self._pos
         except json.JSONDecodeError as error:
             if final:
                 raise BodyError(f"Request body is not valid JSON: {error}") from None
@@ -108,7 +124,12 @@ class RequestsBodyParser:
         buffer, pos = self._buffer, self._pos
         if len(buffer) - pos < _BULK_MIN_CHARS:
             return None
-        cut = max(buffer.rfind(boundary, pos) for boundary in _ITEM_BOUNDARIES)
+        # The last boundary is usually in the last item: look there first (a boundary that never
+        # occurs would otherwise be searched for through the whole buffer).
+        tail = max(pos, len(buffer) - _BULK_MIN_CHARS)
+        cut = max(buffer.rfind(boundary, tail) for boundary in _ITEM_BOUNDARIES)
+        if cut < 0 and tail > pos:
+            cut = max(buffer.rfind(boundary, pos, tail + 16) for boundary in _ITEM_BOUNDARIES)
         if cut <= pos:
             return None
         try:
@@ -127,7 +148,7 @@ class RequestsBodyParser:
             )
         self._pos += 1
 
-    def _run(self, final: bool) -> Iterator[Any]:
+    def _run(self, final: bool) -> Iterator[list]:
         while True:
             if self._state == self._DONE:
                 if self._skip_whitespace():
@@ -186,14 +207,14 @@ class RequestsBodyParser:
                 if bulk is not None:
                     self._state = self._AFTER_ITEM
                     self.items_seen += len(bulk)
-                    yield from bulk
+                    yield bulk
                     continue
                 complete, item = self._decode_value(final)
                 if not complete:
                     return
                 self._state = self._AFTER_ITEM
                 self.items_seen += 1
-                yield item
+                yield [item]
             elif state == self._AFTER_ITEM:
                 if char == "]":
                     self._pos += 1

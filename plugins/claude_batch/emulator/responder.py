@@ -108,12 +108,13 @@ class DefaultResponder:
 
     def __init__(self, label_hints: dict[str, tuple[str, ...]] | None = None) -> None:
         self.label_hints = label_hints
+        self._resolved: dict = {}  # the schemas' resolved parts (params are read-only: see above)
 
     def __call__(self, params: dict, context: ResponseContext) -> dict:
         text = user_text(params)
         tool = forced_tool(params)
         if tool is not None:
-            answer = SchemaAnswerer(text, self.label_hints).answer(
+            answer = SchemaAnswerer(text, self.label_hints, self._resolved).answer(
                 tool.get("input_schema") or {"type": "object"}
             )
             if not isinstance(answer, dict):
@@ -127,7 +128,7 @@ class DefaultResponder:
             return {"content": [block], "stop_reason": "tool_use"}
         schema = output_schema(params)
         if isinstance(schema, dict):
-            answer = SchemaAnswerer(text, self.label_hints).answer(schema)
+            answer = SchemaAnswerer(text, self.label_hints, self._resolved).answer(schema)
             return {"content": [{"type": "text", "text": orjson.dumps(answer).decode()}]}
         return {"content": [{"type": "text", "text": _plain_reply(text)}]}
 

@@ -15,6 +15,7 @@ import functools
 import math
 import re
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 from .label_hints import DEFAULT_LABEL_HINTS
@@ -23,6 +24,9 @@ WORD_RE = re.compile(r"[a-z0-9]+")
 # ASCII characters other than letters and digits become spaces, so split() yields the words
 # (str.translate is about twice as fast as WORD_RE.findall on long texts).
 _PUNCTUATION_TO_SPACE = str.maketrans({chr(c): " " for c in range(128) if not chr(c).isalnum()})
+_ASCII_PUNCTUATION_TO_SPACE = bytes(code if chr(code).isalnum() else 32 for code in range(128)) + bytes(
+    range(128, 256)
+)
 # Runs of digits and number punctuation; each is then read as a number, or skipped when it is
 # a date, a time or part of a word.
 _NUMERIC_RUN_RE = re.compile(r"\d[\d,.:\-]*")
@@ -93,6 +97,7 @@ _INSTRUCTION_PATTERNS = tuple(
     )
 )
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+(?=\S)|\n+")
+_SENTENCE_END = re.compile(r"[.!?]\s+")  # where _SENTENCE_SPLIT splits a stripped line: after the mark
 # A header line: "Subject: Refund", "Amount due: 124,500.00 USD" (a short label; a value that is
 # not prose: no sentence break in it, and no sentence's end).
 _LABELLED_LINE = re.compile(
@@ -103,6 +108,26 @@ _GREETING = re.compile(
     r"cheers|kind regards|sincerely|greetings)\b",
     re.IGNORECASE,
 )
+
+
+# An ASCII text's digits as b"0", everything else as b" ": its numbers' starts found with bytes.find.
+_DIGIT_MASK = bytes(48 if 48 <= code <= 57 else 32 for code in range(256))
+
+
+def _numeric_runs(text: str) -> Iterator[re.Match]:
+    """``_NUMERIC_RUN_RE.finditer(text)``. In an ASCII text (where \\d is 0-9) each run is matched
+    where the next digit is, found without scanning the text with the regex."""
+    if not text.isascii():
+        yield from _NUMERIC_RUN_RE.finditer(text)
+        return
+    find = text.encode("ascii").translate(_DIGIT_MASK).find
+    position = find(b"0")
+    while position >= 0:
+        run = _NUMERIC_RUN_RE.match(text, position)
+        if run is None:  # cannot happen: a digit starts a run
+            return
+        yield run
+        position = find(b"0", run.end())
 
 
 def split_instructions(text: str) -> tuple[str, tuple[str, ...]]:
@@ -130,18 +155,69 @@ def split_instructions(text: str) -> tuple[str, tuple[str, ...]]:
 def content_sentences(text: str) -> list[str]:
     """The sentences that say something: no header line (``Subject: ...``, ``Ticket 12 (email)``),
     greeting or sign-off, nothing under three words."""
-    found = []
+    return list(iter_content_sentences(text))
+
+
+def iter_content_sentences(text: str) -> Iterator[str]:
+    """:func:`content_sentences` one at a time (a reader often needs only the first two)."""
     for line in text.split("\n"):
         stripped = line.strip()
         if not stripped or _LABELLED_LINE.match(stripped):
             continue
-        if stripped.endswith(":") or (len(stripped.split()) < 6 and stripped[-1:] not in ".!?"):
+        # (split with a limit: "fewer than 6 words" without splitting a long line whole)
+        if stripped.endswith(":") or (len(stripped.split(None, 5)) < 6 and stripped[-1:] not in ".!?"):
             continue  # a header or a signature: "Ticket TCK-1 (chat)", "Invoice 7 from ACME:", "Regards, Ana"
-        for sentence in _SENTENCE_SPLIT.split(stripped):
-            sentence = sentence.strip()
-            if len(sentence.split()) >= 3 and not _GREETING.match(sentence):
-                found.append(sentence)
-    return found
+        # The pieces _SENTENCE_SPLIT.split(stripped) gives (a line holds no newline, and each space
+        # run after a sentence's end is followed by more text), found one at a time.
+        start = 0
+        for end in _SENTENCE_END.finditer(stripped):
+            sentence = stripped[start : end.start() + 1].strip()
+            start = end.end()
+            if len(sentence.split(None, 2)) >= 3 and not _GREETING.match(sentence):
+                yield sentence
+        sentence = stripped[start:].strip()
+        if len(sentence.split(None, 2)) >= 3 and not _GREETING.match(sentence):
+            yield sentence
+
+
+class LazySentences:
+    """The :func:`content_sentences` of a text, made as far as they are asked for."""
+
+    __slots__ = ("_source", "_found")
+
+    def __init__(self, text: str) -> None:
+        self._source: Iterator[str] | None = iter_content_sentences(text)
+        self._found: list[str] = []
+
+    def _reach(self, count: int) -> bool:
+        """True when there are at least ``count`` sentences."""
+        found = self._found
+        while len(found) < count:
+            if self._source is None:
+                return False
+            sentence = next(self._source, None)
+            if sentence is None:
+                self._source = None
+                return False
+            found.append(sentence)
+        return True
+
+    def __bool__(self) -> bool:
+        return self._reach(1)
+
+    def at_least(self, count: int) -> bool:
+        return self._reach(count)
+
+    def __getitem__(self, index: int) -> str:
+        if not self._reach(index + 1):
+            raise IndexError(index)
+        return self._found[index]
+
+    def __iter__(self) -> Iterator[str]:
+        index = 0
+        while self._reach(index + 1):
+            yield self._found[index]
+            index += 1
 
 
 def labelled_values(text: str) -> list[tuple[str, str]]:
@@ -197,6 +273,25 @@ def _label_terms(label: str, hints_id: int) -> tuple[str, tuple[str, ...], froze
 
 _HINT_TABLES: dict[int, dict[str, tuple[str, ...]]] = {}
 
+_WordCheck = tuple[str, str, str, re.Pattern | None]  # a word, its plural, its stem and its pattern
+
+
+@functools.lru_cache(maxsize=4096)
+def _label_plan(
+    label: str, hints_id: int
+) -> tuple[str, tuple[_WordCheck, ...], frozenset[str], tuple[tuple[str, re.Pattern], ...]]:
+    """``_label_terms`` made ready for ``TextReader.label_score``: the label's words of 3 letters or
+    more with what ``has_word`` tests, the phrase hints with their patterns."""
+    lowered, parts, single, phrases = _label_terms(label, hints_id)
+    word_checks = []
+    for part in parts:
+        if len(part) >= 3:
+            stem = part[: max(4, len(part) - 3)] if len(part) >= 5 else ""  # no stem under 5 letters
+            word_checks.append((part, part + "s", stem, _word_start_pattern(stem) if stem else None))
+    # Phrase hints are never bare words (isalnum), so has_phrase always takes its substring path.
+    phrase_checks = tuple((hint, _phrase_pattern(hint)) for hint in phrases)
+    return lowered, tuple(word_checks), single, phrase_checks
+
 
 @functools.lru_cache(maxsize=4096)
 def label_regex(label: str, hints_id: int) -> re.Pattern:
@@ -216,7 +311,9 @@ class TextReader:
     def __init__(self, text: str, label_hints: dict[str, tuple[str, ...]] | None = None) -> None:
         # Everything is taken from the text without the sentences addressed to the model.
         self.text, self.instructions = split_instructions(text)
-        self._sentences: list[str] | None = None
+        self._sentences: LazySentences | None = None
+        self._lead: str | None = None  # lead_text, once computed
+        self._lead_known = False
         self.lower = self.text.lower()
         self.chosen: list[str] = []  # enum values chosen so far (the summary follows the first)
         self.clarity: float | None = None  # how clearly the first enum choice matched (0-1)
@@ -231,7 +328,12 @@ class TextReader:
     def words(self) -> frozenset[str]:
         """The text's lower-case words (computed on first use: many schemas never need them)."""
         if self._words is None:
-            self._words = frozenset(self.lower.translate(_PUNCTUATION_TO_SPACE).split())
+            lower = self.lower
+            if lower.isascii():  # the same table on bytes, without str.translate's lookup per character
+                spaced = lower.encode("ascii").translate(_ASCII_PUNCTUATION_TO_SPACE).decode("ascii")
+            else:
+                spaced = lower.translate(_PUNCTUATION_TO_SPACE)
+            self._words = frozenset(spaced.split())
         return self._words
 
     def has_word(self, word: str) -> bool:
@@ -254,7 +356,7 @@ class TextReader:
         if self._numbers is None:
             found = []
             text = self.text
-            for run in _NUMERIC_RUN_RE.finditer(text):
+            for run in _numeric_runs(text):
                 start, end = run.span()
                 if start and (text[start - 1].isalnum() or text[start - 1] in "_."):
                     continue  # part of a word or an identifier, like v2 or A-113
@@ -318,16 +420,18 @@ class TextReader:
 
     # ---- enum labels -----------------------------------------------------------------------
     def label_score(self, label: str) -> int:
-        lowered, parts, single_hints, phrase_hints = _label_terms(label, self._hints_id)
-        score = 0
-        if lowered and self.has_phrase(lowered):
-            score += 3
-        for part in parts:
-            if len(part) >= 3 and self.has_word(part):
+        """3 for the label itself, 2 for each of its words (``has_word``) and each hint it has."""
+        lowered, word_checks, single_hints, phrase_checks = _label_plan(label, self._hints_id)
+        score = 3 if lowered and self.has_phrase(lowered) else 0
+        words, lower = self.words, self.lower
+        for word, plural, stem, stem_pattern in word_checks:  # has_word, inline
+            if word in words or plural in words:
                 score += 2
-        score += 2 * len(single_hints & self.words)
-        for hint in phrase_hints:
-            if self.has_phrase(hint):
+            elif stem_pattern is not None and stem in lower and stem_pattern.search(lower):
+                score += 2
+        score += 2 * len(single_hints & words)
+        for hint, pattern in phrase_checks:  # has_phrase of a phrase (not a bare word), inline
+            if hint in lower and pattern.search(lower):
                 score += 2
         return score
 
@@ -337,13 +441,16 @@ class TextReader:
 
     def lead_text(self) -> str | None:
         """The text's opening sentence (after any header lines), lower-case; None if it is all there is."""
-        sentences = self.sentences_said()
-        return sentences[0].lower() if len(sentences) > 1 else None
+        if not self._lead_known:
+            sentences = self.sentences_said()
+            self._lead = sentences[0].lower() if sentences.at_least(2) else None
+            self._lead_known = True
+        return self._lead
 
-    def sentences_said(self) -> list[str]:
-        """:func:`content_sentences` of the text (computed once)."""
+    def sentences_said(self) -> LazySentences:
+        """:func:`content_sentences` of the text (each made once, when first asked for)."""
         if self._sentences is None:
-            self._sentences = content_sentences(self.text)
+            self._sentences = LazySentences(self.text)
         return self._sentences
 
     def weighted_score(self, label: str) -> int:

@@ -179,7 +179,7 @@ def analyse_prompt(params: dict, template: TemplateShape | None = None) -> Promp
     """
     template = template or template_shape(params)
     messages = params.get("messages")
-    message_tokens = _uncached_message_tokens(messages)
+    message_tokens = uncached_message_tokens(messages)
     if message_tokens is not None:  # no breakpoint in the messages: the template's prefix is the prefix
         prefix = template.prefix
         return PromptShape(
@@ -194,7 +194,7 @@ def analyse_prompt(params: dict, template: TemplateShape | None = None) -> Promp
     )
 
 
-def _uncached_message_tokens(messages: Any) -> int | None:
+def uncached_message_tokens(messages: Any) -> int | None:
     """The messages' tokens (as ``_message_segments`` counts them), or None if a block has cache_control."""
     if not isinstance(messages, list):
         return 0

@@ -107,6 +107,9 @@ def messages_error(params: dict) -> str | None:
     if not messages:
         return "messages: at least one message is required"
     for index, message in enumerate(messages):
+        # The usual message first, checked without building its path.
+        if type(message) is dict and message.get("role") in _ROLES and type(message.get("content")) is str:
+            continue
         path = f"messages.{index}"
         if not isinstance(message, dict):
             return f"{path}: Input should be a valid dictionary"
