@@ -29,6 +29,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+from claude_batch.paging import iter_list_pages, list_params
 
 from tests.fullstack.stack import ARTIFACTS, AirflowStack, StackError, wait_for
 
@@ -87,13 +88,9 @@ def _ensure_dag(stack: AirflowStack) -> None:
 
 
 def _all_batches(client) -> list:
-    batches, after_id = [], None
-    while True:
-        page = client.messages.batches.list(limit=1000, **({"after_id": after_id} if after_id else {}))
-        batches.extend(page.data)
-        if not page.has_more or not page.data:
-            return batches
-        after_id = page.data[-1].id
+    """Every batch the emulator holds, newest first (paged as the package pages ``list``)."""
+    pages = iter_list_pages(lambda after_id: client.messages.batches.list(**list_params(after_id)), 10_000)
+    return [batch for page in pages for batch in page.data]
 
 
 def _moment(value: str | None) -> datetime | None:

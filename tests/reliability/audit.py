@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anthropic
+from claude_batch.paging import iter_list_pages, list_params
 
 from tests.reliability.parts import WORKLOAD, Stack, query
 
@@ -39,13 +40,9 @@ class Audit:
 
 
 def _all_batches(client: anthropic.Anthropic) -> list[Any]:
-    batches, after_id = [], None
-    while True:
-        page = client.messages.batches.list(limit=1000, **({"after_id": after_id} if after_id else {}))
-        batches.extend(page.data)
-        if not page.has_more or not page.data:
-            return batches
-        after_id = page.data[-1].id
+    """Every batch the emulator holds, newest first (paged as the package pages ``list``)."""
+    pages = iter_list_pages(lambda after_id: client.messages.batches.list(**list_params(after_id)), 10_000)
+    return [batch for page in pages for batch in page.data]
 
 
 def billed_custom_ids(emulator: Any, api_key: str) -> tuple[Counter[str], int]:
