@@ -446,6 +446,56 @@ def test_duckdb_loads_within_its_memory_budget_and_restores_the_limit(duckdb_con
     assert limits == ["64.0 MiB", "32.0 MiB"]
 
 
+def _out_of_memory_first(limits, failures):
+    """Warehouse._load_reading_parquet that records each attempt's limit and fails the first ``failures``."""
+    import duckdb
+
+    real = Warehouse._load_reading_parquet
+
+    def loading(self, *args):
+        limits.append(self.conn.execute("SELECT current_setting('memory_limit')").fetchone()[0])
+        if len(limits) <= failures:
+            with self.dialect.transaction(self.conn) as cursor:  # a write the rollback must undo
+                cursor.execute(f"DELETE FROM {self.ledger_table}")
+                raise duckdb.OutOfMemoryException("Out of Memory Error: failed to allocate data")
+        return real(self, *args)
+
+    return loading
+
+
+@pytest.mark.parametrize(
+    ("database_limit", "failures", "attempts", "statuses"),
+    [
+        # Run again with twice the budget; the failed attempts' writes were rolled back.
+        ("2GiB", 2, ["64.0 MiB", "128.0 MiB", "256.0 MiB"], [("succeeded", 3)]),
+        # At the database's own limit it stops, naming it, with nothing loaded.
+        ("100MiB", 99, ["64.0 MiB", "100.0 MiB"], [("pending", 3)]),
+    ],
+)
+def test_a_duckdb_load_out_of_memory_is_rolled_back_and_run_again_with_twice_the_budget(
+    duckdb_conn, local_store, database_limit, failures, attempts, statuses
+):
+    workload = make_workload()
+    warehouse = Warehouse(duckdb_conn, DuckDBDialect(load_memory_limit="64MiB"))
+    warehouse.ensure_tables(workload)
+    create_tickets(duckdb_conn, ticket_rows(3))
+    limits: list[str] = []
+    duckdb_conn.execute(f"SET memory_limit = '{database_limit}'")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Warehouse, "_load_reading_parquet", _out_of_memory_first(limits, failures))
+        if statuses[0][0] == "succeeded":
+            run_once(warehouse, workload, local_store, "run-1", all_valid)
+        else:
+            failure = r"out of memory loading 3 rows .*100\.0 MiB.*nothing was loaded"
+            with pytest.raises(WarehouseError, match=failure):
+                run_once(warehouse, workload, local_store, "run-1", all_valid)
+    assert limits == attempts
+    restored = duckdb_conn.execute("SELECT current_setting('memory_limit')").fetchone()[0]
+    assert restored == {"2GiB": "2.0 GiB", "100MiB": "100.0 MiB"}[database_limit]  # the database's own
+    ledger = f"SELECT status, COUNT(*) FROM {warehouse.ledger_table} GROUP BY status"
+    assert query(duckdb_conn, ledger) == statuses
+
+
 @pytest.mark.parametrize(
     ("size", "expected"),
     [

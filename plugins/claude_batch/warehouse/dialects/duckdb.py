@@ -2,13 +2,15 @@
 
 Within a load DuckDB keeps to a memory budget (:class:`DuckDBDialect`'s ``load_memory_limit``,
 spilling the rest to disk) and restores the database's own limit afterwards; a lower limit the
-user set is kept. DuckDB updates rows one by one in a join's order, and its ``ON CONFLICT``
-costs about twice a plain ``INSERT``: the ledger moves by a join-computed upsert and new results
-go in by an ``INSERT`` of their own.
+user set is kept. A load that runs out of memory within the budget is rolled back and run again
+with twice the budget, up to the database's own limit. DuckDB updates rows one by one in a join's
+order, and its ``ON CONFLICT`` costs about twice a plain ``INSERT``: the ledger moves by a
+join-computed upsert and new results go in by an ``INSERT`` of their own.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from collections.abc import Iterator, Sequence
@@ -27,11 +29,14 @@ if TYPE_CHECKING:
     from claude_batch.storage import ObjectStore
     from claude_batch.warehouse.types import LoadSummary
 
-# Enough for DuckDB to load a run of a million rows at nearly full speed; beyond it DuckDB spills.
+# Enough for DuckDB to load a run of a million rows at full speed: at 256 MiB it spills, costing
+# a 1,000,000-row load about 30% more CPU, and sometimes runs out of memory (bench/RESULTS.md).
 DEFAULT_DUCKDB_LOAD_MEMORY = "512MiB"
-# What a load's transaction keeps in DuckDB memory that cannot spill, per row loaded (measured
-# near 100 bytes: 256MiB failed with "Out of Memory" at 3 million rows); the limit leaves twice that.
+# What a load's transaction keeps in DuckDB memory that cannot spill (the ledger rows' old values,
+# the new rows' index entries), per row loaded: a 3,000,000-row run loaded within 600 MB. Below
+# that a load runs out of memory, and is run again with twice the budget.
 _DUCKDB_UNSPILLED_BYTES_PER_ROW = 200
+log = logging.getLogger(__name__)
 _MEMORY_SIZE = re.compile(r"(\d+(?:\.\d+)?) ?(bytes|B|([KMGTPE])(i?)B)", re.IGNORECASE)
 _MEMORY_POWERS = {prefix: power for power, prefix in enumerate("KMGTPE", start=1)}
 
@@ -45,6 +50,12 @@ def _memory_bytes(size: str) -> float | None:
     if prefix is None:
         return float(number)
     return float(number) * (1024 if binary else 1000) ** _MEMORY_POWERS[prefix.upper()]
+
+
+def _memory_limit(db: duckdb.DuckDBPyConnection) -> str:
+    """The database's memory_limit as DuckDB shows it (``18.8 GiB``)."""
+    setting = db.execute("SELECT current_setting('memory_limit')").fetchone()
+    return str(setting[0] if setting else None)
 
 
 def _fsspec_name(fs: Any) -> str:
@@ -67,9 +78,10 @@ class DuckDBDialect(Dialect):
     """DuckDB: reads the run's Parquet itself and Arrow tables registered on the connection.
 
     :param load_memory_limit: the most memory DuckDB may use while a load runs (it spills the
-        rest to disk), so a load's peak stays flat as runs grow; raised for runs of more than a
-        few million rows (see ``_DUCKDB_UNSPILLED_BYTES_PER_ROW``); a lower limit already set on
-        the database is kept. None leaves DuckDB's own limit (80% of RAM by default).
+        rest to disk), so a load's peak stays at the budget as runs grow; raised by 200 bytes a row
+        for runs of more than 2.7 million rows (see ``_DUCKDB_UNSPILLED_BYTES_PER_ROW``), and
+        doubled for a load that runs out of memory within it; a lower limit already set on the
+        database is kept. None leaves DuckDB's own limit (80% of RAM by default).
     """
 
     name = "duckdb"
@@ -152,16 +164,20 @@ class DuckDBDialect(Dialect):
             if remote:
                 db.unregister_filesystem(_fsspec_name(store.fs))
 
-    @contextmanager
-    def load_memory(self, conn: Connection, rows: int) -> Iterator[None]:
-        """Bound the memory DuckDB may use while it loads ``rows`` rows."""
+    def load_budget(self, rows: int) -> int | None:
+        """The memory budget of a load of ``rows`` rows, in bytes (None: DuckDB's own limit)."""
         if self.load_memory_limit is None:
+            return None
+        return int(max(_memory_bytes(self.load_memory_limit) or 0, rows * _DUCKDB_UNSPILLED_BYTES_PER_ROW))
+
+    @contextmanager
+    def load_memory(self, conn: Connection, limit: int | None) -> Iterator[None]:
+        """Bound the memory DuckDB may use to ``limit`` bytes while a load runs, if that is lower."""
+        if limit is None:
             yield
             return
         db = _duckdb(conn)
-        limit = int(max(_memory_bytes(self.load_memory_limit) or 0, rows * _DUCKDB_UNSPILLED_BYTES_PER_ROW))
-        setting = db.execute("SELECT current_setting('memory_limit')").fetchone()
-        current = str(setting[0] if setting else None)
+        current = _memory_limit(db)
         current_bytes = _memory_bytes(current)
         if current_bytes is None or current_bytes <= limit:
             yield  # a lower limit is kept (and one we cannot read is not touched)
@@ -182,8 +198,28 @@ class DuckDBDialect(Dialect):
 
     def load_run(self, conn: Connection, run: RunLoad) -> LoadSummary:
         # One statement per table over all the parts, read by DuckDB, within the memory budget.
-        with self.load_memory(conn, run.rows()):
-            return run.reading_parquet()
+        import duckdb
+
+        rows, limit = run.rows(), self.load_budget(run.rows())
+        while True:
+            try:
+                with self.load_memory(conn, limit):
+                    return run.reading_parquet()
+            except duckdb.OutOfMemoryException as exc:
+                # The load's transaction was rolled back: nothing of it is left to undo.
+                ceiling = _memory_bytes(_memory_limit(_duckdb(conn)))
+                if limit is None or ceiling is None or limit >= ceiling:
+                    raise WarehouseError(
+                        f"DuckDB ran out of memory loading {rows:,} rows within its memory_limit "
+                        f"({_memory_limit(_duckdb(conn))}); nothing was loaded. Raise the database's "
+                        f"memory_limit. ({exc})"
+                    ) from exc
+                log.warning(
+                    "DuckDB ran out of memory loading %s rows within %s MiB; nothing was loaded, "
+                    "loading again within %s MiB.",
+                    f"{rows:,}", limit >> 20, min(2 * limit, int(ceiling)) >> 20,
+                )  # fmt: skip
+                limit = min(2 * limit, int(ceiling))
 
     def move_ledger_statement(
         self, ledger: str, outcomes: str, *, status: str, invalid_answers: str, last_error: str, which: str
