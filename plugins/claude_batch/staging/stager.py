@@ -212,6 +212,8 @@ class Stager:
         max_requests = self.limits.max_requests_per_shard
         max_bytes = self.limits.max_shard_bytes
         columns = self.lines.columns(chunk.custom_ids, chunk.text, openings)
+        routed = isinstance(openings, list)
+        keys_batch = _keys_batch(chunk, routed)
         start = 0
         while start < len(chunk):
             shard = self.shard
@@ -225,23 +227,9 @@ class Stager:
                 self._next_shard()
                 continue
             end = start + fit
-            models = chunk.models[start:end]
-            custom_ids = pa.array(chunk.custom_ids[start:end], pa.string())
-            keys = (
-                custom_ids if chunk.keys is chunk.custom_ids else pa.array(chunk.keys[start:end], pa.string())
-            )
-            batch = pa.record_batch(
-                [
-                    custom_ids,
-                    keys,
-                    pa.array(chunk.numbers[start:end], pa.int64()),
-                    pa.array(models, pa.string()),
-                ],
-                schema=SHARD_KEYS_SCHEMA,
-            )
-            for model, count in (
-                Counter(models) if isinstance(openings, list) else {models[0]: len(models)}
-            ).items():
+            batch = keys_batch.slice(start, end - start)
+            models = chunk.models[start:end] if routed else [chunk.models[start]]
+            for model, count in (Counter(models) if routed else {models[0]: end - start}).items():
                 shard.models[model] = shard.models.get(model, 0) + count
             # Hand the bytes over in pieces of a few MB: the queue then holds little at a time.
             cumulative = np.cumsum(sizes[start:end])
@@ -345,3 +333,24 @@ class Stager:
             self.io.close()
         finally:
             self.stack.close()
+
+
+def _keys_batch(chunk: Chunk, routed: bool) -> pa.RecordBatch:
+    """The chunk's rows as keys-sidecar columns, built once a chunk (shards take slices).
+
+    Row numbers still in order without a gap (no row of the chunk rejected) and one model for
+    every row come from numpy and one repeated value rather than from a Python object per row.
+    """
+    count = len(chunk)
+    custom_ids = pa.array(chunk.custom_ids, pa.string())
+    keys = custom_ids if chunk.keys is chunk.custom_ids else pa.array(chunk.keys, pa.string())
+    numbers = chunk.numbers
+    if count and numbers[-1] - numbers[0] == count - 1:
+        row_numbers = pa.array(np.arange(numbers[0], numbers[0] + count, dtype=np.int64))
+    else:
+        row_numbers = pa.array(numbers, pa.int64())
+    if routed or not count:
+        models = pa.array(chunk.models, pa.string())
+    else:
+        models = pa.repeat(pa.scalar(chunk.models[0], pa.string()), count)
+    return pa.record_batch([custom_ids, keys, row_numbers, models], schema=SHARD_KEYS_SCHEMA)
