@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 # What staging reads: rows as mappings, or Arrow record batches of rows.
 Rows = Iterable[Mapping[str, Any]] | Iterable[pa.RecordBatch]
 
+_NO_ROW = object()  # the end of rows that yield none (a row itself is never this)
 _WRITE_PIECE_BYTES = 2 * 1024 * 1024
 # Rows per chunk adapt so a chunk renders to about this many bytes of requests.
 _CHUNK_TARGET_BYTES = 4 * 1024 * 1024
@@ -125,8 +126,8 @@ def _chunks(rows: Rows, sizes: Iterator[int]) -> Iterator[Sequence[Mapping[str, 
     the same shards and rejects (in the same order) whichever way they arrive.
     """
     iterator = iter(rows)
-    first = next(iterator, None)
-    if first is None:
+    first = next(iterator, _NO_ROW)
+    if first is _NO_ROW:
         return
     if not isinstance(first, pa.RecordBatch):
         mappings = cast(Iterator[Mapping[str, Any]], chain([first], iterator))
