@@ -96,6 +96,19 @@ def test_keys_sidecar_maps_every_custom_id_back_to_its_record(layout):
     assert [k["row_number"] for k in keys] == [1, 2, 3, 4, 5, 6]
 
 
+def test_keys_sidecar_numbers_rows_and_names_models_across_rejected_rows_and_shards(layout):
+    rows = [{"id": f"r{i}", "body": "   " if i % 4 == 2 else f"body {i}"} for i in range(30)]
+    manifest = stage(rows, layout, limits=StagingLimits(max_requests_per_shard=9), chunk_rows=8)
+    keys = [k for shard in manifest.shards for k in read_shard_keys(layout, shard).to_pylist()]
+    sent = [i for i in range(30) if i % 4 != 2]
+    assert [k["row_number"] for k in keys] == [i + 1 for i in sent]
+    assert [k["record_key"] for k in keys] == [k["custom_id"] for k in keys] == [f"r{i}" for i in sent]
+    assert {k["model"] for k in keys} == {"claude-haiku-4-5"}
+    assert [shard.models for shard in manifest.shards] == [
+        {"claude-haiku-4-5": shard.count} for shard in manifest.shards
+    ]
+
+
 def test_the_fast_custom_id_check_agrees_with_the_contract():
     rng = random.Random(3)
     alphabet = string.ascii_letters + string.digits + "_-. /é"
@@ -155,6 +168,18 @@ def test_a_checked_column_names_each_bad_value_and_where_it_goes_wrong():
         5: ("control_character", "control character U+001B at character 4"),
     }
     assert _inspect_text_column([]).escaped == []
+
+
+@pytest.mark.parametrize("length", [3, 200])
+def test_a_checked_column_counts_the_characters_of_short_and_long_ascii_values(length):
+    values = [("x" * (i % length + 1)) for i in range(50)]
+    column = _inspect_text_column(values)
+    assert column.char_lengths.tolist() == column.byte_lengths.tolist() == [len(v) for v in values]
+    # A NUL inside a short ASCII value is bad, and does not shift the other values' lengths.
+    values[7] = "a\x00b"
+    column = _inspect_text_column(values)
+    assert column.bad_rows == {7: ("control_character", "control character U+0000 at character 1")}
+    assert column.char_lengths.tolist() == [len(v) for v in values]
 
 
 BAD_ROWS = [
@@ -355,6 +380,17 @@ def test_duplicate_detection_remembers_keys_across_many_chunks(monkeypatch):
     assert 1 <= len(seen._runs) <= _SeenKeys._MERGE_ABOVE_RUNS + 2
     assert all((np.diff(run) > 0).all() for run in seen._runs)
     assert sum(map(len, seen._runs)) + len(seen._open) == len(known)
+
+
+def test_duplicate_detection_in_chunks_without_repeats_then_with_them():
+    from claude_batch.staging import _SeenKeys
+
+    seen = _SeenKeys()
+    assert seen.repeated([f"a{i}" for i in range(100)]) == []
+    assert seen.repeated([f"b{i}" for i in range(100)]) == []
+    assert seen.repeated(["c", "a5", "d", "c", "b99", "e"]) == [1, 3, 4]
+    assert seen.repeated(["c", "d", "e", "f"]) == [0, 1, 2]
+    assert len(seen._open) == 204 and (np.diff(seen._open) > 0).all()
 
 
 @pytest.mark.parametrize("cache_setting", ["off", "1h"])

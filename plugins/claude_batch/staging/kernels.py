@@ -21,6 +21,8 @@ BAD_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _SURROGATES = re.compile(r"[\ud800-\udfff]")
 # What JSON needs escaped once other control characters are rejected; backslash goes first.
+# Up to this mean length, a column's lengths are read off its separators (see below).
+_SHORT_VALUE_BYTES = 48
 _JSON_ESCAPES = (("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\t", "\\t"), ("\r", "\\r"))
 
 
@@ -113,9 +115,14 @@ def inspect_text_column(values: list[str]) -> TextColumn:
         empty = np.empty(0, dtype=np.int64)
         return TextColumn([], empty, empty, {})
     joined = "\x00".join(values)
-    char_lengths = np.fromiter(map(len, values), dtype=np.int64, count=count)
     ascii_only = joined.isascii()
     data = np.frombuffer(joined.encode("utf-8", "surrogatepass"), dtype=np.uint8)
+    # A value holding a NUL itself (bad, found below) spoils the separators' count.
+    separators = np.flatnonzero(data == 0) if ascii_only and len(data) <= _SHORT_VALUE_BYTES * count else None
+    if separators is not None and len(separators) == count - 1:
+        char_lengths = _lengths_between(separators, len(data))
+    else:
+        char_lengths = np.fromiter(map(len, values), dtype=np.int64, count=count)
     controls = int(np.count_nonzero(data < 32)) - (count - 1)  # less the separators
     escapable = controls and sum(int(np.count_nonzero(data == allowed)) for allowed in (9, 10, 13))
     bad_rows: dict[int, tuple[str, str]] = {}
@@ -137,10 +144,20 @@ def inspect_text_column(values: list[str]) -> TextColumn:
     else:
         escaped = escaped_joined.split("\x00")
         escaped_chars = np.fromiter(map(len, escaped), dtype=np.int64, count=count)
-    if ascii_only:
-        byte_lengths = escaped_chars
-    else:  # bytes between the separators of the encoded column
+    byte_lengths = escaped_chars
+    if not ascii_only:  # bytes between the separators of the encoded column (no value holds a NUL)
         encoded = np.frombuffer(escaped_joined.encode("utf-8"), dtype=np.uint8)
-        bounds = np.concatenate(([-1], np.flatnonzero(encoded == 0), [len(encoded)]))
-        byte_lengths = np.diff(bounds) - 1
+        byte_lengths = _lengths_between(np.flatnonzero(encoded == 0), len(encoded))
     return TextColumn(escaped, char_lengths, byte_lengths, {})
+
+
+def _lengths_between(separators: np.ndarray, total: int) -> np.ndarray:
+    """Bytes of each value of a column joined by NUL, from the separators' positions.
+
+    On ASCII text these are the values' characters too. For short values (ids, names) numpy
+    finds the separators in less time than a ``len`` a value takes; locating the few
+    separators in long text costs more than that.
+    """
+    bounds = np.empty(len(separators) + 2, dtype=np.int64)
+    bounds[0], bounds[1:-1], bounds[-1] = -1, separators, total
+    return np.diff(bounds) - 1

@@ -186,7 +186,10 @@ class RowScreen:
         if self.workload.route is None:
             chunk.models = [self.workload.model] * len(chunk)
         else:
-            models = [self._route(chunk.numbers[i], chunk.keys[i], chunk.rows[i]) for i in range(len(chunk))]
+            models = [
+                self._route(number, key, row)
+                for number, key, row in zip(chunk.numbers, chunk.keys, chunk.rows, strict=True)
+            ]
             drop.update(index for index, model in enumerate(models) if model is None)
             chunk.models = [model or "" for model in models]
         lengths = self.content_chars(chunk).tolist()

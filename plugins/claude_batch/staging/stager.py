@@ -14,12 +14,12 @@ row is either staged or rejected with a reason: the manifest's counts prove it.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict
 from datetime import UTC, datetime
-from itertools import islice
-from typing import TYPE_CHECKING, Any
+from itertools import chain, islice
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +33,7 @@ from claude_batch.costs import (
     PriceTable,
     default_prices,
 )
-from claude_batch.staging.chunks import Chunk
+from claude_batch.staging.chunks import BatchRows, Chunk
 from claude_batch.staging.manifest import (
     SHARD_KEYS_SCHEMA,
     Manifest,
@@ -52,13 +52,17 @@ if TYPE_CHECKING:
     from claude_batch.storage import RunLayout
     from claude_batch.workloads import Workload
 
+# What staging reads: rows as mappings, or Arrow record batches of rows.
+Rows = Iterable[Mapping[str, Any]] | Iterable[pa.RecordBatch]
+
+_NO_ROW = object()  # the end of rows that yield none (a row itself is never this)
 _WRITE_PIECE_BYTES = 2 * 1024 * 1024
 # Rows per chunk adapt so a chunk renders to about this many bytes of requests.
 _CHUNK_TARGET_BYTES = 4 * 1024 * 1024
 
 
 def stage_requests(
-    rows: Iterable[Mapping[str, Any]],
+    rows: Rows,
     workload: Workload,
     layout: RunLayout,
     *,
@@ -74,7 +78,8 @@ def stage_requests(
 
     Re-running for the same run overwrites the same keys (and removes parts it no longer needs).
 
-    :param rows: the extracted rows, streamed (e.g. ``Warehouse.extract``).
+    :param rows: the extracted rows, streamed (e.g. ``Warehouse.extract``): mappings, or Arrow
+        record batches (whose columns are read without building a dict per row).
     :param workload: the task spec rendering each row.
     :param layout: the run's S3 layout.
     :param key_field: the row field holding the record key.
@@ -97,17 +102,54 @@ def stage_requests(
     )
     with bulk_processing():
         try:
-            iterator = iter(rows)
-            size = min(chunk_rows, 1_000)
-            while chunk := list(islice(iterator, size)):
+            for chunk in _chunks(rows, _chunk_sizes(stager, chunk_rows)):
                 stager.add_chunk(chunk)
-                # Long prompts make long lines: fewer rows a chunk keep its bytes (and memory) bounded.
-                per_row = stager.bytes_staged / max(stager.rows_seen, 1)
-                size = max(256, min(chunk_rows, int(_CHUNK_TARGET_BYTES / max(per_row, 1.0))))
         except BaseException:
             stager.abort()
             raise
         return stager.finish()
+
+
+def _chunk_sizes(stager: Stager, chunk_rows: int) -> Iterator[int]:
+    """Rows of each next chunk: 1,000 at first, then about 4 MB of requests (at most ``chunk_rows``)."""
+    yield min(chunk_rows, 1_000)
+    while True:
+        # Long prompts make long lines: fewer rows a chunk keep its bytes (and memory) bounded.
+        per_row = stager.bytes_staged / max(stager.rows_seen, 1)
+        yield max(256, min(chunk_rows, int(_CHUNK_TARGET_BYTES / max(per_row, 1.0))))
+
+
+def _chunks(rows: Rows, sizes: Iterator[int]) -> Iterator[Sequence[Mapping[str, Any]]]:
+    """The rows in chunks of the next size each: lists of mappings, or record batches' rows.
+
+    Batches are sliced and joined to the same chunk sizes as mappings, so the same rows give
+    the same shards and rejects (in the same order) whichever way they arrive.
+    """
+    iterator = iter(rows)
+    first = next(iterator, _NO_ROW)
+    if first is _NO_ROW:
+        return
+    if not isinstance(first, pa.RecordBatch):
+        mappings = cast(Iterator[Mapping[str, Any]], chain([first], iterator))
+        size = next(sizes)
+        while chunk := list(islice(mappings, size)):
+            yield chunk
+            size = next(sizes)
+        return
+    size, held, parts = next(sizes), 0, []
+    for batch in chain([first], iterator):
+        if not isinstance(batch, pa.RecordBatch):
+            raise StagingError(f"rows mix record batches with {type(batch).__name__} values")
+        offset = 0
+        while offset < batch.num_rows:
+            taken = min(size - held, batch.num_rows - offset)
+            parts.append(batch.slice(offset, taken))
+            held, offset = held + taken, offset + taken
+            if held == size:
+                yield BatchRows(parts[0] if len(parts) == 1 else pa.concat_batches(parts))
+                size, held, parts = next(sizes), 0, []
+    if held:
+        yield BatchRows(parts[0] if len(parts) == 1 else pa.concat_batches(parts))
 
 
 class Stager:
@@ -154,7 +196,7 @@ class Stager:
 
     # -- per chunk ------------------------------------------------------------------------
 
-    def add_chunk(self, rows: list[Mapping[str, Any]]) -> None:
+    def add_chunk(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Check, render and encode a chunk of rows, then hand the lines to the shards.
 
         Every step runs over whole columns (C-level maps, numpy, pyarrow); rows with bad input
@@ -212,6 +254,8 @@ class Stager:
         max_requests = self.limits.max_requests_per_shard
         max_bytes = self.limits.max_shard_bytes
         columns = self.lines.columns(chunk.custom_ids, chunk.text, openings)
+        routed = isinstance(openings, list)
+        keys_batch = _keys_batch(chunk, routed)
         start = 0
         while start < len(chunk):
             shard = self.shard
@@ -225,23 +269,9 @@ class Stager:
                 self._next_shard()
                 continue
             end = start + fit
-            models = chunk.models[start:end]
-            custom_ids = pa.array(chunk.custom_ids[start:end], pa.string())
-            keys = (
-                custom_ids if chunk.keys is chunk.custom_ids else pa.array(chunk.keys[start:end], pa.string())
-            )
-            batch = pa.record_batch(
-                [
-                    custom_ids,
-                    keys,
-                    pa.array(chunk.numbers[start:end], pa.int64()),
-                    pa.array(models, pa.string()),
-                ],
-                schema=SHARD_KEYS_SCHEMA,
-            )
-            for model, count in (
-                Counter(models) if isinstance(openings, list) else {models[0]: len(models)}
-            ).items():
+            batch = keys_batch.slice(start, end - start)
+            models = chunk.models[start:end] if routed else [chunk.models[start]]
+            for model, count in (Counter(models) if routed else {models[0]: end - start}).items():
                 shard.models[model] = shard.models.get(model, 0) + count
             # Hand the bytes over in pieces of a few MB: the queue then holds little at a time.
             cumulative = np.cumsum(sizes[start:end])
@@ -345,3 +375,24 @@ class Stager:
             self.io.close()
         finally:
             self.stack.close()
+
+
+def _keys_batch(chunk: Chunk, routed: bool) -> pa.RecordBatch:
+    """The chunk's rows as keys-sidecar columns, built once a chunk (shards take slices).
+
+    Row numbers still in order without a gap (no row of the chunk rejected) and one model for
+    every row come from numpy and one repeated value rather than from a Python object per row.
+    """
+    count = len(chunk)
+    custom_ids = pa.array(chunk.custom_ids, pa.string())
+    keys = custom_ids if chunk.keys is chunk.custom_ids else pa.array(chunk.keys, pa.string())
+    numbers = chunk.numbers
+    if count and numbers[-1] - numbers[0] == count - 1:
+        row_numbers = pa.array(np.arange(numbers[0], numbers[0] + count, dtype=np.int64))
+    else:
+        row_numbers = pa.array(numbers, pa.int64())
+    if routed or not count:
+        models = pa.array(chunk.models, pa.string())
+    else:
+        models = pa.repeat(pa.scalar(chunk.models[0], pa.string()), count)
+    return pa.record_batch([custom_ids, keys, row_numbers, models], schema=SHARD_KEYS_SCHEMA)
