@@ -7,8 +7,8 @@ import hashlib
 import orjson
 import pytest
 from claude_batch.storage import ObjectStore
-from claude_batch.submission import BatchBody, Limits, ShardRejected, StoredShard, scan_requests
-from claude_batch.submission.sources import _line_blocks, _read_once, _split_lines
+from claude_batch.submission import BatchBody, Limits, ShardRejected, StoredShard, scan_requests, sources
+from claude_batch.submission.sources import _line_blocks, _line_views, _read_once, _split_lines
 
 from tests.batchcore.test_submission_unit import _request
 
@@ -91,6 +91,18 @@ def test_blocks_end_at_line_ends_and_a_long_line_is_gathered_once():
     assert list(_line_blocks(chunks)) == [b"abc\n", b"defg\nh\n", b"i"]
     assert list(_line_blocks([b"a\n", b"b\n"])) == [b"a\n", b"b\n"]
     assert list(_split_lines(_line_blocks(chunks))) == [b"abc", b"defg", b"h", b"i"]
+
+
+@pytest.mark.parametrize("buffer_bytes", [8, 1 << 20])
+def test_line_views_cover_the_file_at_line_ends_through_one_reused_buffer(monkeypatch, buffer_bytes):
+    import io
+
+    monkeypatch.setattr(sources, "_READ_BYTES", buffer_bytes)
+    data = b"a" * 10 + b"\nb\n" + b"c" * (3 << 20) + b"\n\nd\ne"  # a line longer than the buffer
+    views = [bytes(view) for view in _line_views(io.BytesIO(data))]
+    assert b"".join(views) == data
+    assert all(view.endswith(b"\n") for view in views[:-1]) and views[-1] == b"e"
+    assert [bytes(view) for view in _line_views(io.BytesIO(b""))] == []
 
 
 def test_a_staged_shard_in_s3_is_downloaded_in_one_read_and_sent_whole(s3_store, monkeypatch):

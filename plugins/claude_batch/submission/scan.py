@@ -99,7 +99,8 @@ def _scan_staged_blocks(source: Any, limits: Limits) -> tuple[int, int, str, byt
     blank or padded, and the file's digest is the line-by-line one). Each block (whole lines,
     ~1 MiB) is checked and hashed at once instead of line by line.
 
-    :param source: a source with ``blocks()`` (:class:`~claude_batch.submission.sources.StoredShard`).
+    :param source: a source with ``blocks()``: its bytes cut at line ends, each block bytes or a
+        view valid until the next (:class:`~claude_batch.submission.sources.StoredShard`).
     :param limits: the API's per-batch limits.
     :returns: ``(count, body_bytes, sha256 hex, 8-byte id hashes)``, or ``None`` when a block is
         not in that form or a limit is passed (the line-by-line scan then names the line).
@@ -115,7 +116,7 @@ def _scan_staged_blocks(source: Any, limits: Limits) -> tuple[int, int, str, byt
         opening = _STAGED_LINE.match(block)
         later_ids = _STAGED_BOUNDARY.findall(block)
         lines = int(np.count_nonzero(np.frombuffer(block, dtype=np.uint8) == 0x0A))
-        if opening is None or not block.endswith(b"}\n") or len(later_ids) != lines - 1:
+        if opening is None or block[-2:] != b"}\n" or len(later_ids) != lines - 1:
             return None
         count += lines
         body_bytes += len(block)
