@@ -127,7 +127,7 @@ def test_a_shard_that_differs_from_its_recorded_digest_is_scanned_in_full(tmp_pa
         scan_requests(recorded)
 
 
-def test_a_submit_reads_the_shard_from_the_store_once(tmp_path):
+def test_a_submit_reads_the_shard_from_the_store_once(tmp_path, monkeypatch):
     from claude_batch.submission import BatchSubmitter
 
     shard = _recorded(_write_shard(tmp_path, [orjson.dumps(_request(f"r{i}")) for i in range(300)]))
@@ -137,6 +137,15 @@ def test_a_submit_reads_the_shard_from_the_store_once(tmp_path):
         reads.append((path, mode)),
         real_open(path, mode, **kw),
     )[1]
+    real_get_file = shard.store.fs.get_file
+    monkeypatch.setattr(
+        shard.store.fs,
+        "get_file",
+        lambda remote, local, **kw: (
+            reads.append((shard.relpath if remote == shard.description else remote, "rb")),
+            real_get_file(remote, local, **kw),
+        )[1],
+    )
     sent = []
 
     class Api:
