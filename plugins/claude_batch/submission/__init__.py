@@ -5,12 +5,14 @@ Plain Python, no Airflow: the operator is a thin shell over :class:`BatchSubmitt
 - A shard (JSONL of ``{"custom_id", "params"}`` lines) is checked in one streaming pass
   before any paid call: request count, body size, custom_id syntax and uniqueness, and
   that every line is a request object. Errors name the line. A shard staging wrote (its
-  manifest records the shard's sha256) is not parsed as JSON line by line: its lines are
-  orjson's output, so the scan reads each custom_id off the line's fixed opening and, if the
-  digest at the end is not the recorded one, scans again in full before anything is sent.
-- The shard is read from the store once: the scan keeps a local copy (a temporary file) that
-  the request body streams from (``{"requests": [`` + lines + ``]}``), so memory does not grow
-  with the shard; the lines are sent as staged, never re-serialised.
+  manifest records the shard's sha256) is not parsed as JSON line by line: it is checked a
+  block of whole lines at a time (the digest over the raw bytes, each custom_id found by one
+  pattern over the block), and a shard not in staging's exact form, over a limit or with
+  another digest is scanned again line by line before anything is sent.
+- The shard is read from the store once, in one streaming download, into a local copy (a
+  temporary file) that the request body streams from (``{"requests": [`` + lines + ``]}``;
+  for a shard in staging's form, the copy's bytes with each newline made a comma), so memory
+  does not grow with the shard; the lines are sent as staged, never re-serialised.
 - Submission state is written in two phases with a fingerprint of the shard: the *intent*
   before the paid call, the *batch id* after it. A crash between the two is recovered by
   listing the batches created since the intent, never by paying again: one unclaimed batch of
