@@ -225,7 +225,9 @@ def _line_views(handle: Any) -> Iterator[memoryview]:
             kept = filled
             continue
         yield view[:end]
-        buffer[: filled - end] = view[end:filled]  # same length: no resize under a held view
+        # Copied out first (the two ranges may overlap: bytearray assignment uses memcpy); the
+        # same length, so no resize under a held view. It is at most one partial line.
+        buffer[: filled - end] = bytes(view[end:filled])
         kept = filled - end
 
 
