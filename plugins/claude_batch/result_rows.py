@@ -9,14 +9,16 @@ Parquet writer's handle.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Sequence
+from typing import Annotated, Any, Protocol
 
+import msgspec
 import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from msgspec import UNSET, UnsetType
 
 from claude_batch.costs import PriceTable, cost_array
 
@@ -96,6 +98,158 @@ def _unsucceeded_row(custom_id: str, outcome: str, result: dict[str, Any]) -> tu
     return (custom_id, outcome, None, None, None, None, 0, 0, 0, 0, 0, 0, error_type, error_message)
 
 
+def _line_row(line: bytes) -> tuple[Any, ...]:
+    """The row of one result line, parsed as a whole: the reference for :func:`_typed_rows`.
+
+    Used for the lines the typed decoder refuses; raises ``orjson.JSONDecodeError``,
+    ``KeyError``, ``TypeError`` or ``AttributeError`` at a line that is not a whole result.
+    """
+    record = orjson.loads(line)
+    result = record["result"]
+    outcome = result["type"]
+    if outcome != "succeeded":
+        return _unsucceeded_row(record["custom_id"], outcome, result)
+    message = result["message"]
+    content: Sequence[dict[str, Any]] = message.get("content") or ()
+    if len(content) == 1 and content[0].get("type") == "text":
+        text, tool_input = content[0].get("text"), None
+    else:
+        text, tool_input = _content_payloads(content)
+    usage = message.get("usage") or _NO_USAGE
+    written = usage.get("cache_creation_input_tokens") or 0
+    creation = usage.get("cache_creation")
+    if creation:
+        written_5m = creation.get("ephemeral_5m_input_tokens") or 0
+        written_1h = creation.get("ephemeral_1h_input_tokens") or 0
+    else:  # no split reported: price the writes as 5-minute writes, the API's default TTL
+        written_5m, written_1h = written, 0
+    return (
+        record["custom_id"], "succeeded", text, tool_input, message.get("stop_reason"), message.get("model"),
+        usage.get("input_tokens") or 0, usage.get("output_tokens") or 0, written,
+        usage.get("cache_read_input_tokens") or 0, written_5m, written_1h, None, None,
+    )  # fmt: skip
+
+
+# The typed decoder's view of a result line: only the fields a row takes. Each field is typed as
+# strictly as the rows need (ints in int64, strings as strings); a line it refuses, or one that
+# makes the row fail, goes through _line_row, so every row and every error is that function's.
+_Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+
+
+class _Block(msgspec.Struct):
+    type: str | None = None
+    text: str | UnsetType = UNSET
+    input: msgspec.Raw | UnsetType = UNSET
+
+
+class _Usage(msgspec.Struct):
+    input_tokens: _Int64 | None = None
+    output_tokens: _Int64 | None = None
+    cache_creation_input_tokens: _Int64 | None = None
+    cache_read_input_tokens: _Int64 | None = None
+    cache_creation: dict[str, _Int64 | None] | None = None
+
+
+class _Message(msgspec.Struct):
+    content: list[_Block] | None = None
+    stop_reason: str | None = None
+    model: str | None = None
+    usage: _Usage | None = None
+
+
+class _Result(msgspec.Struct):
+    type: str
+    message: _Message | None = None
+    error: dict[str, Any] | None = None
+
+
+class _Record(msgspec.Struct):
+    custom_id: str
+    result: _Result
+
+
+_RECORD_DECODER = msgspec.json.Decoder(_Record)
+_NO_BLOCKS: list[_Block] = []
+_NO_TYPED_USAGE = _Usage()
+
+
+def _all_utf8(lines: list[bytes]) -> bool:
+    """Whether the lines are UTF-8: orjson refuses any line that is not, msgspec only the fields it reads."""
+    joined = b"".join(lines)
+    if joined.isascii():
+        return True
+    try:
+        joined.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _typed_payloads(content: list[_Block]) -> tuple[str | None, str | None]:
+    """:func:`_content_payloads` of typed blocks."""
+    texts = []
+    tool_input = None
+    for block in content:
+        kind = block.type
+        if kind == "text":
+            texts.append("" if block.text is UNSET else block.text)
+        elif kind == "tool_use" and tool_input is None:
+            # Parsed as _line_row parses it (orjson, floats for ints past 64 bits), then dumped.
+            value = None if block.input is UNSET else orjson.loads(memoryview(block.input))
+            tool_input = orjson.dumps(value).decode()
+    return ("".join(texts) if texts else None), tool_input
+
+
+def _parse_lines(lines: list[bytes], append: Callable[[tuple[Any, ...]], None]) -> None:
+    """Append each line's row, as :func:`_line_row` makes it (and raise where it raises)."""
+    if _all_utf8(lines):
+        _typed_rows(lines, append)
+    else:  # the typed decoder does not check the UTF-8 of the fields it skips
+        for line in lines:
+            append(_line_row(line))
+
+
+def _typed_rows(lines: list[bytes], append: Callable[[tuple[Any, ...]], None]) -> None:
+    """Append each line's row (:func:`_line_row`'s), decoded typed where the line allows."""
+    decode = _RECORD_DECODER.decode
+    for line in lines:
+        try:
+            record = decode(line)
+            result = record.result
+            outcome = result.type
+            if outcome != "succeeded":
+                append(_unsucceeded_row(record.custom_id, outcome, {"error": result.error}))
+                continue
+            message = result.message
+            if message is None:  # missing or null: the reference parse raises as it should
+                append(_line_row(line))
+                continue
+            # Inlined, not a function per line: this loop is most of collect's time.
+            content = message.content or _NO_BLOCKS
+            if len(content) == 1 and content[0].type == "text":
+                only_text = content[0].text
+                text, tool_input = (only_text if isinstance(only_text, str) else None), None
+            else:
+                text, tool_input = _typed_payloads(content)
+            usage = message.usage or _NO_TYPED_USAGE
+            written = usage.cache_creation_input_tokens or 0
+            creation = usage.cache_creation
+            if creation:
+                written_5m = creation.get("ephemeral_5m_input_tokens") or 0
+                written_1h = creation.get("ephemeral_1h_input_tokens") or 0
+            else:
+                written_5m, written_1h = written, 0
+            append(
+                (
+                    record.custom_id, "succeeded", text, tool_input, message.stop_reason, message.model,
+                    usage.input_tokens or 0, usage.output_tokens or 0, written,
+                    usage.cache_read_input_tokens or 0, written_5m, written_1h, None, None,
+                )
+            )  # fmt: skip
+        except Exception:  # refused, or the row fails: the reference parse decides (and raises)
+            append(_line_row(line))
+
+
 class ResultRows:
     """Result lines parsed into Arrow columns, one call's lines at a time, until they become a table.
 
@@ -121,41 +275,10 @@ class ResultRows:
         ``pyarrow.ArrowException`` at the first line that is not a whole result; the lines before
         it are kept.
         """
-        loads = orjson.loads
+        lines = lines if isinstance(lines, list) else list(lines)
         rows: list[tuple[Any, ...]] = []
-        append = rows.append
         try:
-            for line in lines:
-                record = loads(line)
-                result = record["result"]
-                outcome = result["type"]
-                if outcome != "succeeded":
-                    append(_unsucceeded_row(record["custom_id"], outcome, result))
-                    continue
-                # Inlined, not a function per line: this loop is most of collect's time.
-                message = result["message"]
-                content: Sequence[dict[str, Any]] = message.get("content") or ()
-                if len(content) == 1 and content[0].get("type") == "text":
-                    text = content[0].get("text")
-                    tool_input = None
-                else:
-                    text, tool_input = _content_payloads(content)
-                usage = message.get("usage") or _NO_USAGE
-                written = usage.get("cache_creation_input_tokens") or 0
-                creation = usage.get("cache_creation")
-                if creation:
-                    written_5m = creation.get("ephemeral_5m_input_tokens") or 0
-                    written_1h = creation.get("ephemeral_1h_input_tokens") or 0
-                else:  # no split reported: price the writes as 5-minute writes, the API's default TTL
-                    written_5m, written_1h = written, 0
-                append(
-                    (
-                        record["custom_id"], "succeeded", text, tool_input, message.get("stop_reason"),
-                        message.get("model"), usage.get("input_tokens") or 0,
-                        usage.get("output_tokens") or 0, written, usage.get("cache_read_input_tokens") or 0,
-                        written_5m, written_1h, None, None,
-                    )
-                )  # fmt: skip
+            _parse_lines(lines, rows.append)
         finally:
             if rows:
                 self._add_piece(rows)
