@@ -171,18 +171,81 @@ class _Record(msgspec.Struct):
 _RECORD_DECODER = msgspec.json.Decoder(_Record)
 _NO_BLOCKS: list[_Block] = []
 _NO_TYPED_USAGE = _Usage()
+_OPEN, _CLOSE, _NEWLINE = b"{}\n"
 
 
-def _all_utf8(lines: list[bytes]) -> bool:
-    """Whether the lines are UTF-8: orjson refuses any line that is not, msgspec only the fields it reads."""
-    joined = b"".join(lines)
-    if joined.isascii():
+def _is_utf8(data: bytes) -> bool:
+    """Whether ``data`` is UTF-8: orjson refuses any line that is not, msgspec only the fields it reads."""
+    if data.isascii():
         return True
     try:
-        joined.decode()
+        data.decode()
     except UnicodeDecodeError:
         return False
     return True
+
+
+def _split_lines(block: bytes) -> list[bytes]:
+    """The non-empty lines of a block (as collect has always read a stream's lines)."""
+    return [line for line in block.split(b"\n") if line]
+
+
+def _decoded_or_none(line: bytes) -> _Record | None:
+    """The line's typed record, or None where the typed decoder refuses it."""
+    try:
+        return _RECORD_DECODER.decode(line)
+    except Exception:  # refused: the reference parse decides
+        return None
+
+
+def _block_records(block: bytes) -> list[_Record] | None:
+    """A block's typed records, one a line, or None unless each line is one whole record.
+
+    ``decode_lines`` reads values one after another, whatever the lines: the block is taken only
+    when each line starts with ``{`` and ends with ``}`` (no value can then run past a line's end,
+    since ``{`` cannot follow ``}`` inside one) and there are as many values as lines. The bytes
+    are checked with numpy: Python's own byte counts cost as much as splitting the lines.
+    """
+    data = np.frombuffer(block, dtype=np.uint8)
+    ends = np.flatnonzero(data == _NEWLINE)
+    if not (
+        len(ends)
+        and ends[-1] == len(data) - 1
+        and data[0] == _OPEN
+        and bool((data[ends - 1] == _CLOSE).all())
+        and bool((data[ends[:-1] + 1] == _OPEN).all())
+    ):
+        return None
+    try:
+        records = _RECORD_DECODER.decode_lines(block)
+    except Exception:  # some line refused: line by line
+        return None
+    return records if len(records) == len(ends) else None
+
+
+def _parse_lines(lines: list[bytes], append: Callable[[tuple[Any, ...]], None]) -> None:
+    """Append each line's row, as :func:`_line_row` makes it (and raise where it raises)."""
+    if not _is_utf8(b"".join(lines)):  # the typed decoder does not check the UTF-8 of what it skips
+        for line in lines:
+            append(_line_row(line))
+        return
+    _typed_rows(list(map(_decoded_or_none, lines)), lines.__getitem__, append)
+
+
+def _parse_block(block: bytes, append: Callable[[tuple[Any, ...]], None]) -> None:
+    """Append the row of each non-empty line of ``block``, as :func:`_parse_lines` would."""
+    records = _block_records(block) if _is_utf8(block) else None
+    if records is None:
+        _parse_lines(_split_lines(block), append)
+        return
+    lines: list[bytes] = []
+
+    def line_at(place: int) -> bytes:  # split only where a line needs the reference parse
+        if not lines:
+            lines.extend(_split_lines(block))
+        return lines[place]
+
+    _typed_rows(records, line_at, append)
 
 
 def _typed_payloads(content: list[_Block]) -> tuple[str | None, str | None]:
@@ -200,21 +263,21 @@ def _typed_payloads(content: list[_Block]) -> tuple[str | None, str | None]:
     return ("".join(texts) if texts else None), tool_input
 
 
-def _parse_lines(lines: list[bytes], append: Callable[[tuple[Any, ...]], None]) -> None:
-    """Append each line's row, as :func:`_line_row` makes it (and raise where it raises)."""
-    if _all_utf8(lines):
-        _typed_rows(lines, append)
-    else:  # the typed decoder does not check the UTF-8 of the fields it skips
-        for line in lines:
-            append(_line_row(line))
+def _typed_rows(
+    records: Sequence[_Record | None],
+    line_at: Callable[[int], bytes],
+    append: Callable[[tuple[Any, ...]], None],
+) -> None:
+    """Append each record's row (:func:`_line_row`'s of its line, which decides where it is None).
 
-
-def _typed_rows(lines: list[bytes], append: Callable[[tuple[Any, ...]], None]) -> None:
-    """Append each line's row (:func:`_line_row`'s), decoded typed where the line allows."""
-    decode = _RECORD_DECODER.decode
-    for line in lines:
+    :param records: the typed record of each line (None: refused).
+    :param line_at: the line at a place (for the reference parse).
+    :param append: takes each row.
+    """
+    for place, record in enumerate(records):
         try:
-            record = decode(line)
+            if record is None:
+                raise ValueError("refused by the typed decoder")
             result = record.result
             outcome = result.type
             if outcome != "succeeded":
@@ -222,8 +285,7 @@ def _typed_rows(lines: list[bytes], append: Callable[[tuple[Any, ...]], None]) -
                 continue
             message = result.message
             if message is None:  # missing or null: the reference parse raises as it should
-                append(_line_row(line))
-                continue
+                raise ValueError("no message")
             # Inlined, not a function per line: this loop is most of collect's time.
             content = message.content or _NO_BLOCKS
             if len(content) == 1 and content[0].type == "text":
@@ -247,7 +309,7 @@ def _typed_rows(lines: list[bytes], append: Callable[[tuple[Any, ...]], None]) -
                 )
             )  # fmt: skip
         except Exception:  # refused, or the row fails: the reference parse decides (and raises)
-            append(_line_row(line))
+            append(_line_row(line_at(place)))
 
 
 class ResultRows:
@@ -275,10 +337,19 @@ class ResultRows:
         ``pyarrow.ArrowException`` at the first line that is not a whole result; the lines before
         it are kept.
         """
-        lines = lines if isinstance(lines, list) else list(lines)
+        self._add(_parse_lines, lines if isinstance(lines, list) else list(lines))
+
+    def add_block(self, block: bytes) -> None:
+        """Parse the non-empty lines of ``block`` (lines ended by newlines, the last maybe not), as
+        :meth:`add_lines` would parse them, without a Python object per line where they are whole.
+        """
+        self._add(_parse_block, block)
+
+    def _add(self, parse: Callable[[Any, Callable[[tuple[Any, ...]], None]], None], data: Any) -> None:
+        """Parse ``data`` into rows; the rows made before an error are kept, then it is raised."""
         rows: list[tuple[Any, ...]] = []
         try:
-            _parse_lines(lines, rows.append)
+            parse(data, rows.append)
         finally:
             if rows:
                 self._add_piece(rows)

@@ -138,8 +138,9 @@ def test_the_typed_decoder_reads_an_api_line_itself(monkeypatch):
     ]
     lines.append(orjson.dumps({"custom_id": "T2", "result": {"type": "errored", "error": {"type": "x"}}}))
     rows: list = []
-    result_rows._typed_rows(lines, rows.append)
-    assert [row[1] for row in rows] == ["succeeded", "succeeded", "errored"]
+    result_rows._parse_lines(lines, rows.append)
+    result_rows._parse_block(b"\n".join(lines) + b"\n", rows.append)
+    assert [row[1] for row in rows] == ["succeeded", "succeeded", "errored"] * 2
     assert rows[0][6:12] == (339, 34, 12, 7, 4, 8) and rows[1][3] == "{}"
 
 
@@ -155,3 +156,57 @@ def test_rows_that_arrow_refuses_raise_as_before():
     rows = ResultRows()
     with pytest.raises(pa.ArrowException):
         rows.add_lines([orjson.dumps({"custom_id": 5, "result": {"type": "expired"}})])
+
+
+def _reference_rows(block: bytes) -> tuple[list, str | None]:
+    """The rows of a block's non-empty lines as the reference parse makes them, to its first error."""
+    rows = []
+    for line in block.split(b"\n"):
+        if line:
+            try:
+                rows.append(result_rows._line_row(line))
+            except Exception as exc:
+                return rows, type(exc).__name__
+    return rows, None
+
+
+def _block_rows(block: bytes) -> tuple[list, str | None]:
+    rows: list = []
+    try:
+        result_rows._parse_block(block, rows.append)
+    except Exception as exc:
+        return rows, type(exc).__name__
+    return rows, None
+
+
+_GOOD = orjson.dumps(_succeeded())
+_ERRORED = orjson.dumps({"custom_id": "T2", "result": {"type": "errored", "error": {"type": "x"}}})
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        _GOOD + b"\n" + _ERRORED + b"\n" + _GOOD + b"\n",
+        _GOOD + b"\n" + _GOOD,  # the last line unended
+        _GOOD,
+        b"",
+        b"\n" + _GOOD + b"\n\n" + _GOOD + b"\n",  # empty lines
+        _GOOD + b"\r\n" + _GOOD + b"\r\n",
+        _GOOD + b" \n" + _GOOD + b"\n",
+        _GOOD + b"\n \n" + _GOOD + b"\n",  # a line of blanks
+        _GOOD + _GOOD + b"\n" + _GOOD[:-4] + b"\n" + _GOOD[-4:] + b"\n",  # two values a line, one on two
+        _GOOD + b"\n" + _GOOD[:40] + b"\n" + _GOOD[40:] + b"\n",
+        b"\n".join(_lines()) + b"\n",
+        b"\n".join(line for line in _lines() if b"\xff" not in line) + b"\n",
+        b"\n".join(reversed(_lines())) + b"\n",
+    ],
+)
+def test_a_block_gets_the_rows_and_error_of_its_lines_parsed_one_by_one(block):
+    assert _block_rows(block) == _reference_rows(block)
+
+
+def test_a_block_of_whole_lines_is_decoded_at_once(monkeypatch):
+    monkeypatch.setattr(result_rows, "_split_lines", lambda block: pytest.fail("split the block"))
+    rows = ResultRows()
+    rows.add_block(b"\n".join([_GOOD, _ERRORED] * 50) + b"\n")
+    assert len(rows) == 100
