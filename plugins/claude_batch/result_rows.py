@@ -1,10 +1,12 @@
 """Result lines into rows: parse the API's JSONL into Arrow columns, then a results table.
 
 The results' columns (:data:`RESULTS_SCHEMA`) are defined here, once: collect writes them,
-validation and the load read them. Parsing is the hot loop of collect, so a call's lines live as
-Python tuples only until the call returns, then as Arrow arrays. Cost is computed per row group
-from the price table (null where the model has no price). Airflow-free, and no I/O but the
-Parquet writer's handle.
+validation and the load read them. Parsing is the hot loop of collect: a chunk's lines are
+decoded at once by a typed msgspec decoder that reads only the fields a row takes, and every line
+it refuses is parsed whole with orjson (the reference, whose rows and errors the decoder's must
+match). A call's lines live as Python tuples only until the call returns, then as Arrow arrays.
+Cost is computed per row group from the price table (null where the model has no price).
+Airflow-free, and no I/O but the Parquet writer's handle.
 """
 
 from __future__ import annotations
