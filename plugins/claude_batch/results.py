@@ -138,19 +138,26 @@ def _read_shard_keys(layout: RunLayout, shard: ShardManifest) -> _ShardKeys:
         return _ShardKeys(pq.ParquetFile(handle).read(columns=["custom_id", "record_key"], use_threads=False))
 
 
-def _iter_chunks_of_lines(chunks: Iterator[bytes]) -> Iterator[tuple[bytes, list[bytes], bool]]:
-    """(raw chunk, its complete lines, False) per chunk, then (b"", [rest], True) for an unended last line."""
+def _iter_chunks_of_lines(chunks: Iterator[bytes]) -> Iterator[tuple[bytes, bytes, bool]]:
+    """(raw chunk, its complete lines, False) per chunk, then (b"", rest, True) for an unended last line.
+
+    The complete lines come as one block (a line begun in the chunk before, to the chunk's last
+    newline), for :meth:`ResultRows.add_block`: one copy of the chunk, not an object per line.
+    """
     pending = b""
     for chunk in chunks:
         if not chunk:
             continue
-        lines = chunk.split(b"\n")
-        if pending:  # joined to the first line only: copying the whole chunk costs as much as the split
-            lines[0] = pending + lines[0]
-        pending = lines.pop()
-        yield chunk, [line for line in lines if line], False
+        end = chunk.rfind(b"\n") + 1
+        if not end:  # no line ends in this chunk
+            pending += chunk
+            yield chunk, b"", False
+            continue
+        block = b"".join((pending, memoryview(chunk)[:end]))
+        pending = chunk[end:]
+        yield chunk, block, False
     if pending:
-        yield b"", [pending], True
+        yield b"", pending, True
 
 
 class _Download:
@@ -188,9 +195,9 @@ class _Download:
             # For the whole download: collections would walk each call's row tuples again and
             # again (nothing here makes cycles), and each chunk's buffers would be mapped afresh.
             with bulk_processing():
-                for chunk, lines, unended in _iter_chunks_of_lines(chunks):
+                for chunk, block, unended in _iter_chunks_of_lines(chunks):
                     try:
-                        rows.add_lines(lines)
+                        rows.add_block(block)
                     except (
                         orjson.JSONDecodeError,
                         KeyError,
@@ -202,8 +209,8 @@ class _Download:
                         self.problems.append(f"{where} is not a complete result ({type(exc).__name__})")
                         break
                     # The stream's own bytes are the audit copy; a broken download is never kept.
-                    raw.write(chunk or lines[0])
-                    self.bytes += len(chunk or lines[0])
+                    raw.write(chunk or block)
+                    self.bytes += len(chunk or block)
                     if len(rows) >= self.row_group_rows:
                         self._flush(writer, rows, prompt_version, prices)
                 if len(rows):

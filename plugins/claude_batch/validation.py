@@ -292,18 +292,24 @@ class _Judged:
         # The schema's compiled validator, without model_validate_json's wrapper.
         validate_json = workload.output_schema.__pydantic_validator__.validate_json
         failures = self.failures
-        rows_append = self.rows.append
-        outputs_append = self.outputs.append
-        for row, payload in enumerate(self.payloads):
-            if row in failures:
-                continue
+        rows = [row for row in range(len(self.payloads)) if row not in failures]
+        outputs: list[Any] = []
+        failed = 0
+        answers = iter([self.payloads[row] for row in rows] if failures else self.payloads)
+        while True:
             try:
-                outputs_append(validate_json(payload))
+                # map, not a loop of Python calls; extend keeps the outputs before an answer that
+                # fails, and map has taken that answer, so the next pass starts after it.
+                outputs.extend(map(validate_json, answers))
+                break
             except ValidationError as exc:
+                place = len(outputs) + failed  # among ``rows``
+                failed += 1
                 code, reason = _describe_errors(exc)
-                failures[row] = Verdict("invalid", code, reason)
-                continue
-            rows_append(row)
+                failures[rows[place]] = Verdict("invalid", code, reason)
+        if failed:
+            rows = [row for row in rows if row not in failures]
+        self.rows, self.outputs = rows, outputs
 
     def _drop(self, failures: dict[int, Verdict]) -> None:
         """Take rows out of the valid ones (a rule failed on them)."""
@@ -339,8 +345,9 @@ def validate_batch(workload: Workload, batch: pa.RecordBatch | pa.Table) -> pa.R
             return array if spread is None else array.take(spread)
 
         arrays: dict[str, pa.Array] = {name: batch.column(name) for name in _PASSED_THROUGH}
+        # Arrow takes the serializer's UTF-8 bytes as they are: no Python string per output.
         to_json = workload.output_schema.__pydantic_serializer__.to_json
-        arrays["output_json"] = column([to_json(output).decode() for output in judged.outputs], pa.string())
+        arrays["output_json"] = column(list(map(to_json, judged.outputs)), pa.string())
         for output_column in workload.output_columns:
             values = list(map(attrgetter(output_column.name), judged.outputs))
             convert = _converter(workload, output_column)

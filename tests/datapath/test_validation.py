@@ -248,6 +248,36 @@ def test_judge_and_validate_batch_agree_on_every_kind_of_answer():
         )
 
 
+@pytest.mark.parametrize("with_unparsed", [False, True])
+def test_answers_failing_anywhere_in_a_batch_get_their_own_verdicts_and_the_rest_their_outputs(
+    with_unparsed,
+):
+    workload = make_workload()
+    bad = ("{", '{"category": "bug"}')
+    # Failures first, last, side by side and alone; valid answers between them.
+    payloads = [bad[0], bad[1], GOOD, bad[0], GOOD, GOOD, bad[1], bad[0], GOOD, bad[1]]
+    lines = [succeeded(f"r{i}", payload) for i, payload in enumerate(payloads)]
+    if with_unparsed:  # rows judged before parsing, between the answers to parse
+        lines[2:2] = [errored("e1"), succeeded("cut", GOOD, stop_reason="max_tokens")]
+        payloads[2:2] = [None, None]
+    rows = validate_batch(workload, results_batch(lines)).to_pylist()
+    to_json = workload.output_schema.__pydantic_serializer__.to_json
+    for row, line, payload in zip(rows, lines, payloads, strict=True):
+        assert row["custom_id"] == line["custom_id"]
+        if payload is None:
+            assert row["status"] in ("errored", "invalid") and row["output_json"] is None
+            continue
+        verdict = judge(workload, payload, "end_turn")
+        assert (row["status"], row["reason_code"], row["reason"]) == (
+            verdict.status,
+            verdict.reason_code,
+            verdict.reason,
+        )
+        expected = to_json(verdict.output).decode() if verdict.status == "valid" else None
+        assert row["output_json"] == expected
+        assert row["raw_text"] == (None if verdict.status == "valid" else payload)
+
+
 def test_validated_parts_are_the_same_whatever_the_slice_and_row_group_sizes(tmp_path, monkeypatch):
     import pyarrow.parquet as pq
     from claude_batch import validation
