@@ -27,7 +27,8 @@ gives its wall time, create calls, queue-full 429s, deferrals and the peak queue
 every 50 ms.
 
 BENCH_SCALE=full: 100,000 and 1,000,000 rows; small: 10,000 and 100,000 (with a queue of 30,000
-and 10,000-request shards, so the queue still fills). Run: ``python -m bench.bench_end_to_end``.
+and 10,000-request shards, so the queue still fills). Run: ``python -m bench.bench_end_to_end``
+(``--night duckdb 1000000``: that night alone; ``--dag-only``: the DAG run alone).
 """
 
 from __future__ import annotations
@@ -430,11 +431,21 @@ DAG_COLUMNS = [
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Both parts; ``--dag-only``: only the DAG run (its table is written alone)."""
+    """Both parts; ``--dag-only``: only the DAG run; ``--night WAREHOUSE ROWS``: one stage-by-stage night.
+
+    The parts run alone write their tables apart (``end_to_end_dag``, ``end_to_end_<warehouse>_<rows>``).
+    """
+    argv = argv or []
     counts, queue, shard_size = sizes()
-    if "--dag-only" in (argv or []):
+    if "--dag-only" in argv:
         dag_run = measure_dag_run(max(counts), queue, shard_size)
         write_results("end_to_end_dag", [dag_run], markdown_table([dag_run], DAG_COLUMNS))
+        return
+    if "--night" in argv:
+        warehouse, count = argv[argv.index("--night") + 1], int(argv[argv.index("--night") + 2])
+        rows, total = measure_night(warehouse, count, queue, shard_size)
+        tables = markdown_table(rows, STAGE_COLUMNS) + "\n\n" + markdown_table([total], TOTAL_COLUMNS)
+        write_results(f"end_to_end_{warehouse}_{count}", [*rows, total], tables)
         return
     warehouses = ["duckdb"] + (
         ["postgres"] if postgres_up() or os.environ.get("REQUIRE_SERVICES") == "1" else []
