@@ -29,7 +29,8 @@ import math
 import random
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from itertools import chain
+from typing import Any, cast, overload
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -87,6 +88,8 @@ class RowSample:
 
     :meth:`wrap` passes every row through and keeps ``size`` of them (Vitter's reservoir, algorithm
     L: a random number only where a row is taken, so the rows that pass cost a comparison each).
+    Rows may come as mappings or as Arrow record batches; of a batch, only the rows taken become
+    mappings, and the same rows are taken either way.
 
     :param seed: makes the sample the same on a re-run of the same run.
     """
@@ -100,17 +103,32 @@ class RowSample:
     def _unit(self) -> float:
         return self._rng.random() or 0.5
 
-    def wrap(self, rows: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
-        size, sample = self.size, self.rows
+    @overload
+    def wrap(self, rows: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]: ...
+    @overload
+    def wrap(self, rows: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]: ...
+    def wrap(self, rows: Iterable[Any]) -> Iterator[Any]:
+        """``rows`` passed through as they are (mappings, or record batches), sampled on the way."""
         iterator = iter(rows)
+        first = next(iterator, _NO_ROWS)
+        if first is _NO_ROWS:
+            self.seen = 0
+            return
+        if isinstance(first, pa.RecordBatch):
+            yield from self._wrap_batches(chain([first], iterator))
+        else:
+            yield from self._wrap_mappings(chain([cast(Mapping[str, Any], first)], iterator))
+
+    def _wrap_mappings(self, rows: Iterator[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
+        size, sample = self.size, self.rows
         seen = 0
         try:
             if size <= 0:
-                for row in iterator:
+                for row in rows:
                     seen += 1
                     yield row
                 return
-            for row in iterator:
+            for row in rows:
                 sample.append(row)
                 seen += 1
                 yield row
@@ -120,7 +138,7 @@ class RowSample:
                 return
             weight = math.exp(math.log(self._unit()) / size)
             take = seen + math.floor(math.log(self._unit()) / math.log(1 - weight))
-            for row in iterator:
+            for row in rows:
                 if seen == take:
                     sample[self._rng.randrange(size)] = row
                     weight *= math.exp(math.log(self._unit()) / size)
@@ -129,6 +147,32 @@ class RowSample:
                 yield row
         finally:
             self.seen = seen
+
+    def _wrap_batches(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        # The mapping path's draws, in its order: ``take`` is the index (from the first row) of
+        # the next row to take, so each batch costs a comparison unless a row of it is taken.
+        size, sample = self.size, self.rows
+        seen, take, weight = 0, -1, 0.0
+        try:
+            for batch in batches:
+                count = batch.num_rows
+                if 0 < size and len(sample) < size:
+                    filled = min(size - len(sample), count)
+                    sample.extend(batch.slice(0, filled).to_pylist())
+                    if len(sample) >= size:
+                        weight = math.exp(math.log(self._unit()) / size)
+                        take = seen + filled + math.floor(math.log(self._unit()) / math.log(1 - weight))
+                while seen <= take < seen + count:
+                    sample[self._rng.randrange(size)] = batch.slice(take - seen, 1).to_pylist()[0]
+                    weight *= math.exp(math.log(self._unit()) / size)
+                    take += math.floor(math.log(self._unit()) / math.log(1 - weight)) + 1
+                seen += count
+                yield batch
+        finally:
+            self.seen = seen
+
+
+_NO_ROWS = object()  # what an empty iterator of rows gives (a row itself is never this)
 
 
 # --- output tokens -------------------------------------------------------------------------------

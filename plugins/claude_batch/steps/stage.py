@@ -10,8 +10,10 @@ section 1).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, cast
+
+import pyarrow as pa
 
 from claude_batch.caching import decide as decide_caching
 from claude_batch.estimates import RowSample, estimate_run
@@ -22,6 +24,7 @@ from claude_batch.steps.config import PipelineConfig, RunOptions, effective_work
 from claude_batch.steps.manifests import estimate_band, estimated_cost
 from claude_batch.storage import RunLayout
 from claude_batch.warehouse import RECORD_KEY_COLUMN, Warehouse
+from claude_batch.warehouse.dialects.base import StreamedRows
 
 
 def run_stage(
@@ -66,9 +69,12 @@ def run_stage(
     observations = warehouse.recent_cache_observations(workload)
     decision = decide_caching(workload, observations, config.prices)
     rate = decision.hit_rate(decision.setting)
-    rows = warehouse.extract(workload, config.source, layout.run_id, interval)
+    # Record batches where the warehouse gives them (DuckDB): staging and the sample read them
+    # without a dict per row.
+    statement = warehouse.extract_query(workload, config.source, layout.run_id, interval)
+    rows = warehouse.extract_batches(statement)
     if options.row_limit:
-        rows = itertools.islice(rows, options.row_limit)
+        rows = first_rows(rows, options.row_limit)
     sample = RowSample(seed=f"{layout.dag_id}/{layout.run_id}")
     manifest = stage_requests(
         sample.wrap(rows),
@@ -86,6 +92,30 @@ def run_stage(
                                 sample=sample, client=client, key_column=RECORD_KEY_COLUMN,
                                 log=log)  # fmt: skip
     return stage_summary(manifest)
+
+
+def first_rows(rows: StreamedRows, limit: int) -> StreamedRows:
+    """The first ``limit`` rows of ``rows``, counted in rows whether they come as dicts or as batches.
+
+    :param rows: dicts, or Arrow record batches (the last one kept is cut to the limit).
+    :param limit: how many rows to keep.
+    """
+    iterator = iter(rows)
+    first = next(iterator, None)
+    if first is None:
+        return iter(())
+    if not isinstance(first, pa.RecordBatch):
+        return itertools.islice(itertools.chain([first], cast(Iterator[dict[str, Any]], iterator)), limit)
+    return _first_batch_rows(itertools.chain([first], cast(Iterator[pa.RecordBatch], iterator)), limit)
+
+
+def _first_batch_rows(batches: Iterator[pa.RecordBatch], limit: int) -> Iterator[pa.RecordBatch]:
+    left = limit
+    for batch in batches:
+        if left <= 0:
+            return
+        yield batch if batch.num_rows <= left else batch.slice(0, left)
+        left -= batch.num_rows
 
 
 def run_recover(

@@ -15,6 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from claude_batch.warehouse.dialects.base import StreamedRows
 from claude_batch.warehouse.ledger import (
     DONE_STATUSES,
     DUE_STATUSES,
@@ -114,6 +115,18 @@ class ExtractMixin(WarehouseTables):
         sql, params = self.extract_query(workload, source, run_id, interval)
         for chunk in self.dialect.stream(self.conn, sql, params, chunk_rows):
             yield from chunk
+
+    def extract_batches(self, statement: tuple[str, list[Any]], *, chunk_rows: int = 10_000) -> StreamedRows:
+        """The rows of an extract statement, as Arrow record batches where the dialect gives them so.
+
+        What staging reads (:meth:`Dialect.stream_batches`): DuckDB's batches as they come,
+        without a dict per row; other warehouses' rows as dicts.
+
+        :param statement: the SQL and its parameters (:meth:`extract_query`: :meth:`extract`'s rows).
+        :param chunk_rows: the most rows a batch (or a round trip) holds.
+        """
+        sql, params = statement
+        return self.dialect.stream_batches(self.conn, sql, params, chunk_rows)
 
     def extract_held(
         self, workload: Workload, source: SourceSpec, run_id: str, *, chunk_rows: int = 10_000

@@ -19,6 +19,9 @@ import pyarrow as pa
 from claude_batch.warehouse.dbapi import Connection, Cursor, Params, Row
 from claude_batch.warehouse.types import WarehouseError, validate_identifier
 
+# What :meth:`Dialect.stream_batches` yields: a query's rows as dicts, or as Arrow record batches.
+StreamedRows = Iterator[dict[str, Any]] | Iterator[pa.RecordBatch]
+
 if TYPE_CHECKING:
     from claude_batch.storage import ObjectStore
     from claude_batch.warehouse.types import LoadSummary
@@ -109,6 +112,16 @@ class Dialect:
                 yield [dict(zip(names, row, strict=True)) for row in rows]
         finally:
             cursor.close()
+
+    def stream_batches(self, conn: Connection, sql: str, params: Params, chunk_rows: int) -> StreamedRows:
+        """The query's rows as Arrow record batches where the engine gives them so, else as dicts.
+
+        Staging reads either (:func:`claude_batch.staging.stage_requests`). The default yields
+        :meth:`stream`'s dicts one by one: building batches from a driver's Python rows would
+        cost more than staging saves on them, and would guess each column's type from its values.
+        A dialect whose driver hands out Arrow (DuckDB) yields its batches as they come.
+        """
+        return (row for chunk in self.stream(conn, sql, params, chunk_rows) for row in chunk)
 
     @contextmanager
     def rows_relation(

@@ -13,14 +13,14 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Generator, Iterator, Sequence
+from contextlib import closing, contextmanager
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import pyarrow as pa
 
 from claude_batch.warehouse.dbapi import Connection, Cursor, Params
-from claude_batch.warehouse.dialects.base import Dialect, RunLoad
+from claude_batch.warehouse.dialects.base import Dialect, RunLoad, StreamedRows
 from claude_batch.warehouse.types import WarehouseError, validate_identifier
 
 if TYPE_CHECKING:
@@ -118,6 +118,18 @@ class DuckDBDialect(Dialect):
     def stream(
         self, conn: Connection, sql: str, params: Params, chunk_rows: int
     ) -> Iterator[list[dict[str, Any]]]:
+        with closing(self._batches(conn, sql, params, chunk_rows)) as batches:
+            for batch in batches:
+                yield batch.to_pylist()
+
+    def stream_batches(self, conn: Connection, sql: str, params: Params, chunk_rows: int) -> StreamedRows:
+        # DuckDB hands out Arrow: staging reads its batches' columns without a dict per row.
+        return self._batches(conn, sql, params, chunk_rows)
+
+    def _batches(
+        self, conn: Connection, sql: str, params: Params, chunk_rows: int
+    ) -> Generator[pa.RecordBatch]:
+        """The query's non-empty record batches of at most ``chunk_rows`` rows, as DuckDB reads them."""
         db = _duckdb(conn)
         relation = db.sql(sql, params=list(params))
         reader = relation.to_arrow_reader(chunk_rows) if hasattr(relation, "to_arrow_reader") else None
@@ -126,7 +138,7 @@ class DuckDBDialect(Dialect):
         try:
             for batch in reader:
                 if batch.num_rows:
-                    yield batch.to_pylist()
+                    yield batch
         finally:
             # A consumer that stops early (a failed staging) must not leave the result pending
             # on the connection: the next statement would wait on it.
