@@ -29,8 +29,7 @@ import math
 import random
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from itertools import chain
-from typing import Any, cast, overload
+from typing import Any, overload
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -48,6 +47,7 @@ from claude_batch.input_tokens import (
     measure_tokens,
 )
 from claude_batch.staging import Manifest, read_shard_keys
+from claude_batch.staging.chunks import peek_rows
 from claude_batch.storage import RunLayout
 from claude_batch.workloads import CacheObservation, Workload
 
@@ -109,15 +109,14 @@ class RowSample:
     def wrap(self, rows: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]: ...
     def wrap(self, rows: Iterable[Any]) -> Iterator[Any]:
         """``rows`` passed through as they are (mappings, or record batches), sampled on the way."""
-        iterator = iter(rows)
-        first = next(iterator, _NO_ROWS)
-        if first is _NO_ROWS:
+        as_batches, iterator = peek_rows(rows)
+        if as_batches is None:
             self.seen = 0
             return
-        if isinstance(first, pa.RecordBatch):
-            yield from self._wrap_batches(chain([first], iterator))
+        if as_batches:
+            yield from self._wrap_batches(iterator)
         else:
-            yield from self._wrap_mappings(chain([cast(Mapping[str, Any], first)], iterator))
+            yield from self._wrap_mappings(iterator)
 
     def _wrap_mappings(self, rows: Iterator[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
         size, sample = self.size, self.rows
@@ -170,9 +169,6 @@ class RowSample:
                 yield batch
         finally:
             self.seen = seen
-
-
-_NO_ROWS = object()  # what an empty iterator of rows gives (a row itself is never this)
 
 
 # --- output tokens -------------------------------------------------------------------------------

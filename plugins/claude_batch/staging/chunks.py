@@ -9,7 +9,8 @@ a routing rule).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from itertools import chain
 from operator import itemgetter
 from typing import Any, overload
 
@@ -49,6 +50,18 @@ class Chunk:
                 setattr(self, name, [column[index] for index in keep])
         self.fields = {name: [column[index] for index in keep] for name, column in self.fields.items()}
         self.text = {name: column.take(keep) for name, column in self.text.items()}
+
+
+def peek_rows(rows: Iterable[Any]) -> tuple[bool | None, Iterator[Any]]:
+    """Whether ``rows`` come as Arrow record batches (None: there are none), and the same rows.
+
+    Rows come either as mappings or as record batches, never mixed; the first item tells which,
+    and is put back in front of the rest.
+    """
+    iterator = iter(rows)
+    for first in iterator:
+        return isinstance(first, pa.RecordBatch), chain([first], iterator)
+    return None, iterator
 
 
 class BatchRows(Sequence[Mapping[str, Any]]):

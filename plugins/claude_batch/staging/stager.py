@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict
 from datetime import UTC, datetime
-from itertools import chain, islice
+from itertools import islice
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -33,7 +33,7 @@ from claude_batch.costs import (
     PriceTable,
     default_prices,
 )
-from claude_batch.staging.chunks import BatchRows, Chunk
+from claude_batch.staging.chunks import BatchRows, Chunk, peek_rows
 from claude_batch.staging.manifest import (
     SHARD_KEYS_SCHEMA,
     Manifest,
@@ -55,7 +55,6 @@ if TYPE_CHECKING:
 # What staging reads: rows as mappings, or Arrow record batches of rows.
 Rows = Iterable[Mapping[str, Any]] | Iterable[pa.RecordBatch]
 
-_NO_ROW = object()  # the end of rows that yield none (a row itself is never this)
 _WRITE_PIECE_BYTES = 2 * 1024 * 1024
 # Rows per chunk adapt so a chunk renders to about this many bytes of requests.
 _CHUNK_TARGET_BYTES = 4 * 1024 * 1024
@@ -125,19 +124,18 @@ def _chunks(rows: Rows, sizes: Iterator[int]) -> Iterator[Sequence[Mapping[str, 
     Batches are sliced and joined to the same chunk sizes as mappings, so the same rows give
     the same shards and rejects (in the same order) whichever way they arrive.
     """
-    iterator = iter(rows)
-    first = next(iterator, _NO_ROW)
-    if first is _NO_ROW:
+    as_batches, iterator = peek_rows(rows)
+    if as_batches is None:
         return
-    if not isinstance(first, pa.RecordBatch):
-        mappings = cast(Iterator[Mapping[str, Any]], chain([first], iterator))
+    if not as_batches:
+        mappings = cast(Iterator[Mapping[str, Any]], iterator)
         size = next(sizes)
         while chunk := list(islice(mappings, size)):
             yield chunk
             size = next(sizes)
         return
     size, held, parts = next(sizes), 0, []
-    for batch in chain([first], iterator):
+    for batch in iterator:
         if not isinstance(batch, pa.RecordBatch):
             raise StagingError(f"rows mix record batches with {type(batch).__name__} values")
         offset = 0

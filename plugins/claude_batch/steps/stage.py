@@ -20,6 +20,7 @@ from claude_batch.estimates import RowSample, estimate_run
 from claude_batch.preflight import check_workload_source
 from claude_batch.recovery import RecoveryReport, recover_stranded
 from claude_batch.staging import Manifest, read_manifest, stage_requests
+from claude_batch.staging.chunks import peek_rows
 from claude_batch.steps.config import PipelineConfig, RunOptions, effective_workload, task_log
 from claude_batch.steps.manifests import estimate_band, estimated_cost
 from claude_batch.storage import RunLayout
@@ -100,13 +101,10 @@ def first_rows(rows: StreamedRows, limit: int) -> StreamedRows:
     :param rows: dicts, or Arrow record batches (the last one kept is cut to the limit).
     :param limit: how many rows to keep.
     """
-    iterator = iter(rows)
-    first = next(iterator, None)
-    if first is None:
-        return iter(())
-    if not isinstance(first, pa.RecordBatch):
-        return itertools.islice(itertools.chain([first], cast(Iterator[dict[str, Any]], iterator)), limit)
-    return _first_batch_rows(itertools.chain([first], cast(Iterator[pa.RecordBatch], iterator)), limit)
+    as_batches, iterator = peek_rows(rows)
+    if not as_batches:
+        return itertools.islice(cast(Iterator[dict[str, Any]], iterator), limit)
+    return _first_batch_rows(cast(Iterator[pa.RecordBatch], iterator), limit)
 
 
 def _first_batch_rows(batches: Iterator[pa.RecordBatch], limit: int) -> Iterator[pa.RecordBatch]:

@@ -212,18 +212,20 @@ class DuckDBDialect(Dialect):
         # One statement per table over all the parts, read by DuckDB, within the memory budget.
         import duckdb
 
-        rows, limit = run.rows(), self.load_budget(run.rows())
+        rows = run.rows()
+        limit = self.load_budget(rows)
         while True:
             try:
                 with self.load_memory(conn, limit):
                     return run.reading_parquet()
             except duckdb.OutOfMemoryException as exc:
                 # The load's transaction was rolled back: nothing of it is left to undo.
-                ceiling = _memory_bytes(_memory_limit(_duckdb(conn)))
+                database_limit = _memory_limit(_duckdb(conn))
+                ceiling = _memory_bytes(database_limit)
                 if limit is None or ceiling is None or limit >= ceiling:
                     raise WarehouseError(
                         f"DuckDB ran out of memory loading {rows:,} rows within its memory_limit "
-                        f"({_memory_limit(_duckdb(conn))}); nothing was loaded. Raise the database's "
+                        f"({database_limit}); nothing was loaded. Raise the database's "
                         f"memory_limit. ({exc})"
                     ) from exc
                 log.warning(
